@@ -1,0 +1,74 @@
+// Causal attention in one call. Layout (FlashAttention's, DESIGN.md §1):
+//   q   (batch, seqlen_q, heads,    head_dim)
+//   k,v (batch, seqlen_k, kv_heads, head_dim)
+//   out (batch, seqlen_q, heads,    head_dim)  float32
+//   lse (batch, heads, seqlen_q)               float32, natural log
+// Scores (DESIGN.md §3):
+//   s_ij = scale * dot(q_i, k_j); softcap c > 0: s_ij = c * tanh(s_ij / c);
+//   ALiBi slope m_h: s_ij += -m_h * |p(i) - j|; masked by lookback::Mask.
+// A row with no visible key outputs zeros and lse = -inf, never NaN.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lookback/context.hpp"
+#include "lookback/dtype.hpp"
+#include "lookback/mask.hpp"
+#include "lookback/tensor.hpp"
+
+namespace lookback {
+
+inline constexpr std::int64_t kMaxHeadDim = 256;
+
+struct AttentionParams {
+  TensorView q;  // (batch, seqlen_q, heads, head_dim); f32, f16, bf16 or f64
+  TensorView k;  // (batch, seqlen_k, kv_heads, head_dim)
+  TensorView v;  // (batch, seqlen_k, kv_heads, head_dim)
+  MutableTensorView out;  // (batch, seqlen_q, heads, head_dim), f32
+
+  MutableTensorView maybe_lse;           // (batch, heads, seqlen_q), f32; optional
+  const float* maybe_alibi_slopes = nullptr;  // (heads,); optional
+
+  std::optional<float> scale;  // default 1 / sqrt(head_dim)
+  float softcap = 0.0f;        // 0 disables; must be >= 0
+  MaskSpec mask;
+  DType storage = DType::kF32;  // what the kernel holds Q/K/V in
+};
+
+// Shapes read off a validated AttentionParams.
+struct AttentionShape {
+  std::int64_t batch = 0;
+  std::int64_t seqlen_q = 0;
+  std::int64_t seqlen_k = 0;
+  std::int64_t heads = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t head_dim = 0;
+};
+
+// Checks every argument (ranks, shapes, dtypes, head counts, head_dim limits,
+// softcap, window, slopes) and returns the shape. Throws lookback::Error whose
+// message names the argument and the expected value.
+AttentionShape validate(const AttentionParams& params);
+
+// Prefill: all of Q against all of K/V in one call, on the fastest SIMD path
+// this CPU supports, spread over the context's threads. Output is bitwise
+// identical for any thread count.
+void attend(const AttentionParams& params, Context& context);
+
+// The SIMD target the kernels dispatch to on this CPU, e.g. "AVX3".
+std::string simd_target_name();
+
+// The SIMD targets lookback was built for that this CPU can run, best first,
+// e.g. {"AVX3", "AVX2", "SSE4", "EMU128"}.
+std::vector<std::string> simd_targets();
+
+// Restricts dispatch to one of simd_targets(), so that every path can be
+// tested and compared on one machine; "" restores the best. Process-wide: call
+// it while no attention call is running.
+void force_simd_target(std::string_view name);
+
+}  // namespace lookback

@@ -1,0 +1,76 @@
+/* lookback C API: causal attention for use from C and other languages.
+ * Every function returns a lookback_status; on failure lookback_last_error()
+ * gives a message naming the argument and the expected value (valid until the
+ * next lookback call on the same thread). Layout and semantics as in the C++
+ * API (lookback/attention.hpp, docs/semantics.md). */
+#ifndef LOOKBACK_LOOKBACK_H_
+#define LOOKBACK_LOOKBACK_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum lookback_status {
+  LOOKBACK_OK = 0,
+  LOOKBACK_ERROR_INVALID_ARGUMENT = 1,
+  LOOKBACK_ERROR_IO = 2,
+  LOOKBACK_ERROR_FORMAT = 3,
+  LOOKBACK_ERROR_CAPACITY = 4,
+  LOOKBACK_ERROR_INTERNAL = 5
+} lookback_status;
+
+typedef enum lookback_dtype {
+  LOOKBACK_F32 = 0,
+  LOOKBACK_F16 = 1,
+  LOOKBACK_BF16 = 2,
+  LOOKBACK_F64 = 3
+} lookback_dtype;
+
+typedef enum lookback_causal {
+  LOOKBACK_CAUSAL_BOTTOM_RIGHT = 0,
+  LOOKBACK_CAUSAL_TOP_LEFT = 1,
+  LOOKBACK_CAUSAL_NONE = 2
+} lookback_causal;
+
+/* A 4-d view. strides are in elements; all zero means contiguous (C order). */
+typedef struct lookback_tensor {
+  const void* data;
+  lookback_dtype dtype;
+  int64_t shape[4];
+  int64_t strides[4];
+} lookback_tensor;
+
+typedef struct lookback_attention_params {
+  lookback_tensor q; /* (batch, seqlen_q, heads, head_dim) */
+  lookback_tensor k; /* (batch, seqlen_k, kv_heads, head_dim) */
+  lookback_tensor v; /* (batch, seqlen_k, kv_heads, head_dim) */
+  float* out;        /* (batch, seqlen_q, heads, head_dim), contiguous f32 */
+  float* maybe_lse;  /* (batch, heads, seqlen_q), contiguous f32, or NULL */
+  const float* maybe_alibi_slopes; /* (heads,), or NULL */
+  int has_scale;     /* 0: scale = 1/sqrt(head_dim) */
+  float scale;
+  float softcap;     /* 0 disables */
+  lookback_causal causal;
+  int64_t window_left; /* -1: no window; W >= 0: keys p-W..p */
+  lookback_dtype storage; /* F32, F16 or BF16 */
+} lookback_attention_params;
+
+typedef struct lookback_context lookback_context;
+
+/* threads == 0: all cores. */
+lookback_status lookback_context_create(int threads, lookback_context** context);
+void lookback_context_destroy(lookback_context* context);
+
+lookback_status lookback_attend(lookback_context* context,
+                                const lookback_attention_params* params);
+
+const char* lookback_last_error(void);
+const char* lookback_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LOOKBACK_LOOKBACK_H_ */

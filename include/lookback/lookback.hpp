@@ -1,0 +1,12 @@
+// lookback: causal self-attention and KV caches for autoregressive models.
+#pragma once
+
+#include "lookback/attention.hpp"
+#include "lookback/context.hpp"
+#include "lookback/dtype.hpp"
+#include "lookback/error.hpp"
+#include "lookback/mask.hpp"
+#include "lookback/npy.hpp"
+#include "lookback/reference.hpp"
+#include "lookback/tensor.hpp"
+#include "lookback/version.hpp"

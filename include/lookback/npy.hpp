@@ -1,0 +1,43 @@
+// NumPy .npy files: format versions 1.0, 2.0 and 3.0, C order, little-endian
+// <f4, <f2 or <f8. Headers are untrusted: every malformed, truncated or
+// oversized file is a lookback::Error (code kFormat or kIo), never a crash or
+// an allocation larger than the file.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lookback/dtype.hpp"
+#include "lookback/tensor.hpp"
+
+namespace lookback {
+
+struct NpyArray {
+  DType dtype = DType::kF32;        // kF32, kF16 or kF64
+  std::vector<std::int64_t> shape;  // C order; empty for a 0-d array
+  std::vector<std::byte> data;      // numel * dtype_size bytes, little-endian
+
+  std::int64_t numel() const noexcept;
+  // Contiguous view of the data; requires 1 <= rank <= 4.
+  TensorView view(std::string_view argument = "array") const;
+};
+
+// Parses a whole .npy file held in memory.
+NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name = "npy");
+NpyArray read_npy(const std::string& path);
+
+// Serialises as format 1.0 (2.0 when the header needs it).
+std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
+                                     const void* data);
+// Writes atomically: a temporary file in the same folder, then rename, so the
+// path holds either the old file or the complete new one, never half of it.
+void write_npy(const std::string& path, DType dtype,
+               std::span<const std::int64_t> shape, const void* data);
+
+// Writes bytes to path atomically (temporary + fsync + rename).
+void write_file_atomically(const std::string& path, std::span<const std::byte> bytes);
+
+}  // namespace lookback

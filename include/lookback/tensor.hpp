@@ -1,0 +1,66 @@
+// Non-owning tensor views: a pointer, an element type, a shape and element
+// strides (any order, so transposed or sliced tensors need no copy).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "lookback/dtype.hpp"
+
+namespace lookback {
+
+inline constexpr int kMaxRank = 4;
+
+template <typename Pointer>
+struct BasicTensorView {
+  Pointer data = nullptr;
+  DType dtype = DType::kF32;
+  int rank = 0;
+  std::array<std::int64_t, kMaxRank> shape{};    // extent of each dimension
+  std::array<std::int64_t, kMaxRank> strides{};  // in elements, not bytes
+
+  bool empty() const noexcept { return data == nullptr; }
+  std::int64_t dim(int axis) const noexcept { return shape[axis]; }
+  std::int64_t stride(int axis) const noexcept { return strides[axis]; }
+  std::int64_t numel() const noexcept {
+    std::int64_t n = 1;
+    for (int a = 0; a < rank; ++a) n *= shape[a];
+    return n;
+  }
+  // Element offset of a multi-index (no bounds check).
+  std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+                      std::int64_t i3 = 0) const noexcept {
+    return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
+  }
+};
+
+using TensorView = BasicTensorView<const void*>;   // read-only input
+using MutableTensorView = BasicTensorView<void*>;  // output
+
+// Row-major (C order) strides for a shape.
+std::array<std::int64_t, kMaxRank> contiguous_strides(
+    const std::array<std::int64_t, kMaxRank>& shape, int rank) noexcept;
+
+// Builds a contiguous view; throws lookback::Error naming `argument` when a
+// dimension is negative, the rank is outside 1..4 or the byte count overflows.
+TensorView make_view(const void* data, DType dtype,
+                     std::initializer_list<std::int64_t> shape,
+                     std::string_view argument = "tensor");
+MutableTensorView make_mutable_view(void* data, DType dtype,
+                                    std::initializer_list<std::int64_t> shape,
+                                    std::string_view argument = "tensor");
+
+// Checks a view: non-null data, the expected rank, non-negative extents,
+// strides that keep every element addressable without int64 overflow.
+// Throws lookback::Error whose message starts with `argument`.
+template <typename Pointer>
+void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
+                   std::string_view argument);
+
+// "(2, 7, 4, 64)"
+template <typename Pointer>
+std::string shape_string(const BasicTensorView<Pointer>& view);
+
+}  // namespace lookback

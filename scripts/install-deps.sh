@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages lookback needs to build, test and benchmark.
+# Idempotent: when everything is present it prints nothing and touches nothing;
+# `apt-get update` runs only when a package is missing.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config
+  libhwy-dev            # Google Highway: SIMD with runtime dispatch
+  libgtest-dev          # GoogleTest
+  libbenchmark-dev      # Google Benchmark
+  libcli11-dev          # CLI11: command-line parsing
+  libfmt-dev            # fmt: formatting
+  nlohmann-json3-dev    # JSON output
+  libopenblas-dev       # the materialised baseline in benchmarks
+  python3-numpy         # writes and reads .npy fixtures in CLI tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

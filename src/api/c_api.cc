@@ -1,0 +1,127 @@
+// The C API: a thin shell over the C++ API that turns exceptions into status
+// codes and a thread-local message.
+#include "lookback/lookback.h"
+
+#include <exception>
+#include <string>
+
+#include "lookback/attention.hpp"
+#include "lookback/error.hpp"
+#include "lookback/version.hpp"
+
+struct lookback_context {
+  lookback::Context context;
+  explicit lookback_context(int threads) : context(threads) {}
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+lookback_status fail(lookback_status status, const char* message) {
+  last_error = message;
+  return status;
+}
+
+template <typename Body>
+lookback_status guarded(Body&& body) {
+  try {
+    body();
+    last_error.clear();
+    return LOOKBACK_OK;
+  } catch (const lookback::Error& e) {
+    return fail(static_cast<lookback_status>(static_cast<int>(e.code())), e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(LOOKBACK_ERROR_CAPACITY, "out of memory");
+  } catch (const std::exception& e) {
+    return fail(LOOKBACK_ERROR_INTERNAL, e.what());
+  }
+}
+
+lookback::DType to_dtype(lookback_dtype dtype, const char* argument) {
+  switch (dtype) {
+    case LOOKBACK_F32: return lookback::DType::kF32;
+    case LOOKBACK_F16: return lookback::DType::kF16;
+    case LOOKBACK_BF16: return lookback::DType::kBF16;
+    case LOOKBACK_F64: return lookback::DType::kF64;
+  }
+  throw lookback::Error(std::string(argument) + ": unknown dtype value (expected LOOKBACK_F32, "
+                        "LOOKBACK_F16, LOOKBACK_BF16 or LOOKBACK_F64)");
+}
+
+lookback::TensorView to_view(const lookback_tensor& tensor, const char* argument) {
+  lookback::TensorView view;
+  view.data = tensor.data;
+  view.dtype = to_dtype(tensor.dtype, argument);
+  view.rank = 4;
+  bool contiguous = true;
+  for (int axis = 0; axis < 4; ++axis) {
+    view.shape[axis] = tensor.shape[axis];
+    contiguous = contiguous && tensor.strides[axis] == 0;
+  }
+  if (contiguous) {
+    view.strides = lookback::contiguous_strides(view.shape, 4);
+  } else {
+    for (int axis = 0; axis < 4; ++axis) view.strides[axis] = tensor.strides[axis];
+  }
+  return view;
+}
+
+}  // namespace
+
+extern "C" {
+
+lookback_status lookback_context_create(int threads, lookback_context** context) {
+  if (context == nullptr) return fail(LOOKBACK_ERROR_INVALID_ARGUMENT, "context: NULL (expected a pointer to receive the context)");
+  return guarded([&] { *context = new lookback_context(threads); });
+}
+
+void lookback_context_destroy(lookback_context* context) { delete context; }
+
+lookback_status lookback_attend(lookback_context* context,
+                                const lookback_attention_params* params) {
+  if (context == nullptr) return fail(LOOKBACK_ERROR_INVALID_ARGUMENT, "context: NULL (expected one from lookback_context_create)");
+  if (params == nullptr) return fail(LOOKBACK_ERROR_INVALID_ARGUMENT, "params: NULL (expected attention parameters)");
+  return guarded([&] {
+    lookback::AttentionParams p;
+    p.q = to_view(params->q, "q");
+    p.k = to_view(params->k, "k");
+    p.v = to_view(params->v, "v");
+    p.out.data = params->out;
+    p.out.dtype = lookback::DType::kF32;
+    p.out.rank = 4;
+    p.out.shape = p.q.shape;
+    p.out.strides = lookback::contiguous_strides(p.out.shape, 4);
+    if (params->maybe_lse != nullptr) {
+      p.maybe_lse.data = params->maybe_lse;
+      p.maybe_lse.dtype = lookback::DType::kF32;
+      p.maybe_lse.rank = 3;
+      p.maybe_lse.shape = {p.q.shape[0], p.q.shape[2], p.q.shape[1], 0};
+      p.maybe_lse.strides = lookback::contiguous_strides(p.maybe_lse.shape, 3);
+    }
+    p.maybe_alibi_slopes = params->maybe_alibi_slopes;
+    if (params->has_scale) p.scale = params->scale;
+    p.softcap = params->softcap;
+    switch (params->causal) {
+      case LOOKBACK_CAUSAL_BOTTOM_RIGHT: p.mask.causal = lookback::Causal::kBottomRight; break;
+      case LOOKBACK_CAUSAL_TOP_LEFT: p.mask.causal = lookback::Causal::kTopLeft; break;
+      case LOOKBACK_CAUSAL_NONE: p.mask.causal = lookback::Causal::kNone; break;
+      default:
+        throw lookback::Error("causal: unknown value (expected LOOKBACK_CAUSAL_BOTTOM_RIGHT, "
+                              "LOOKBACK_CAUSAL_TOP_LEFT or LOOKBACK_CAUSAL_NONE)");
+    }
+    if (params->window_left < -1) {
+      throw lookback::Error("window_left: " + std::to_string(params->window_left) +
+                            " (expected -1 for no window, or >= 0)");
+    }
+    if (params->window_left >= 0) p.mask.window_left = params->window_left;
+    p.storage = to_dtype(params->storage, "storage");
+    lookback::attend(p, context->context);
+  });
+}
+
+const char* lookback_last_error(void) { return last_error.c_str(); }
+
+const char* lookback_version(void) { return lookback::kVersion; }
+
+}  // extern "C"

@@ -1,0 +1,611 @@
+// NumPy .npy reading and writing (format versions 1.0, 2.0 and 3.0).
+//
+// File layout: the magic "\x93NUMPY", a major and a minor version byte, the
+// header length (2 bytes little-endian in 1.0, 4 bytes in 2.0 and 3.0), the
+// header (a Python dict literal, latin-1 in 1.0/2.0 and utf-8 in 3.0, padded
+// with spaces and ended by '\n'), then the raw array data.
+//
+// Every header is untrusted input: each field is checked, each size is
+// computed with overflow checks and compared with the bytes actually present
+// before anything is allocated, so a hostile header costs at most the size of
+// the file it came in.
+#include "lookback/npy.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <string_view>
+
+#include "lookback/error.hpp"
+
+namespace lookback {
+
+// .npy data is little-endian and is copied as raw bytes, so the host must be
+// little-endian too (x86-64 and ARM64 are). A big-endian port would byte-swap
+// in parse_npy and serialize_npy.
+static_assert(std::endian::native == std::endian::little,
+              "lookback's .npy I/O assumes a little-endian host");
+
+namespace {
+
+constexpr char kMagic[] = "\x93NUMPY";
+constexpr std::size_t kMagicSize = 6;
+// Larger than any header NumPy writes for a sane array (NumPy itself refuses
+// headers over 10 KB unless told otherwise); a bigger claim is a bad file.
+constexpr std::size_t kMaxHeaderBytes = std::size_t{1} << 20;
+// NumPy 2's NPY_MAXDIMS. Bounds the shape vector a header can make us build.
+constexpr std::size_t kMaxNpyRank = 64;
+// NumPy aligns the start of the data to 64 bytes (numpy.lib.format.ARRAY_ALIGN).
+constexpr std::size_t kArrayAlign = 64;
+// NumPy leaves room in the header for the leading axis to grow to this many
+// digits (GROWTH_AXIS_MAX_DIGITS) so a file can be appended to in place;
+// matching it makes our files byte-identical to NumPy's.
+constexpr std::size_t kGrowthAxisMaxDigits = 21;
+constexpr std::string_view kExpectedDtypes = "'<f4', '<f2' or '<f8'";
+
+[[noreturn]] void throw_format(std::string_view name, const std::string& what) {
+  throw Error(ErrorCode::kFormat, std::string(name) + ": " + what);
+}
+
+[[noreturn]] void throw_io(std::string_view path, const std::string& what, int err) {
+  std::string message = std::string(path) + ": " + what;
+  if (err != 0) message += std::string(": ") + std::strerror(err);
+  throw Error(ErrorCode::kIo, message);
+}
+
+// Python tuple spelling, as in the header: "()", "(5,)", "(2, 3)".
+std::string tuple_string(std::span<const std::int64_t> shape) {
+  std::string text = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) text += ",";
+  return text + ")";
+}
+
+// Header text for error messages: printable, single-line, bounded length.
+std::string quote_for_message(std::string_view text) {
+  constexpr std::size_t kMaxShown = 80;
+  while (!text.empty() && (text.back() == ' ' || text.back() == '\n')) text.remove_suffix(1);
+  std::string quoted = "\"";
+  for (std::size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+      quoted += static_cast<char>(c);
+    } else {
+      char escaped[8];
+      std::snprintf(escaped, sizeof escaped, "\\x%02x", c);
+      quoted += escaped;
+    }
+  }
+  if (text.size() > kMaxShown) quoted += "...";
+  return quoted + "\"";
+}
+
+struct DtypeSpelling {
+  DType dtype;
+  std::string_view descr;
+};
+constexpr DtypeSpelling kDtypeSpellings[] = {
+    {DType::kF32, "<f4"}, {DType::kF16, "<f2"}, {DType::kF64, "<f8"}};
+
+std::optional<DType> dtype_from_descr(std::string_view descr) {
+  for (const auto& spelling : kDtypeSpellings)
+    if (spelling.descr == descr) return spelling.dtype;
+  return std::nullopt;
+}
+
+std::optional<std::string_view> descr_from_dtype(DType dtype) {
+  for (const auto& spelling : kDtypeSpellings)
+    if (spelling.dtype == dtype) return spelling.descr;
+  return std::nullopt;
+}
+
+// Bytes needed by `shape` of `itemsize`-byte elements, or nullopt when that
+// overflows int64. Zero extents count as one, so a shape accepted here also
+// has overflow-free contiguous strides even when it holds no elements.
+std::optional<std::int64_t> checked_byte_count(std::span<const std::int64_t> shape,
+                                               std::int64_t itemsize) {
+  std::int64_t bound = itemsize;
+  std::int64_t bytes = itemsize;
+  for (std::int64_t extent : shape) {
+    if (__builtin_mul_overflow(bound, std::max<std::int64_t>(extent, 1), &bound))
+      return std::nullopt;
+    bytes *= extent;  // |bytes| <= bound, so this cannot overflow
+  }
+  return bytes;
+}
+
+// The three keys NumPy writes, once each; anything else is an error.
+struct NpyHeader {
+  std::optional<std::string> descr;
+  std::optional<bool> fortran_order;
+  std::optional<std::vector<std::int64_t>> shape;
+};
+
+// A hand-written parser for the subset of Python literals a .npy header
+// uses: a dict of string keys, a string, True/False and a tuple of ints.
+// Keys may come in any order; whitespace and trailing commas are allowed as
+// in Python. NumPy uses ast.literal_eval; we need no more than this.
+class HeaderParser {
+ public:
+  HeaderParser(std::string_view text, std::string_view name) : text_(text), name_(name) {}
+
+  NpyHeader parse() {
+    NpyHeader header;
+    skip_space();
+    expect('{', "'{' starting the header dict");
+    while (true) {
+      skip_space();
+      if (peek() == '}') break;
+      const std::size_t key_position = position_;
+      const std::string key = parse_string("a quoted key");
+      skip_space();
+      expect(':', "':' after the key");
+      skip_space();
+      if (key == "descr") {
+        if (header.descr) fail_at(key_position, "duplicate key 'descr'");
+        if (peek() == '[' || peek() == '(' || peek() == '{') {
+          throw_format(name_, "structured dtypes are not supported (expected descr " +
+                                  std::string(kExpectedDtypes) + ")");
+        }
+        header.descr = parse_string("a quoted dtype string for 'descr'");
+      } else if (key == "fortran_order") {
+        if (header.fortran_order) fail_at(key_position, "duplicate key 'fortran_order'");
+        header.fortran_order = parse_bool();
+      } else if (key == "shape") {
+        if (header.shape) fail_at(key_position, "duplicate key 'shape'");
+        header.shape = parse_shape();
+      } else {
+        fail_at(key_position, "unexpected key '" + key +
+                                  "' (expected only 'descr', 'fortran_order' and 'shape')");
+      }
+      skip_space();
+      if (peek() == ',') {
+        ++position_;
+        continue;
+      }
+      if (peek() != '}') fail("expected ',' or '}' after the value of '" + key + "'");
+    }
+    ++position_;  // the '}'
+    skip_space();
+    if (position_ != text_.size()) fail("unexpected text after the header dict");
+    return header;
+  }
+
+ private:
+  static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+  static bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+  // '\0' past the end never matches anything the grammar expects.
+  char peek() const { return position_ < text_.size() ? text_[position_] : '\0'; }
+  void skip_space() {
+    while (position_ < text_.size() && is_space(text_[position_])) ++position_;
+  }
+
+  [[noreturn]] void fail_at(std::size_t position, const std::string& what) const {
+    throw_format(name_, "malformed .npy header: " + what + " at character " +
+                            std::to_string(position) + " of " + quote_for_message(text_));
+  }
+  [[noreturn]] void fail(const std::string& what) const { fail_at(position_, what); }
+
+  void expect(char c, const char* what) {
+    if (peek() != c) fail(std::string("expected ") + what);
+    ++position_;
+  }
+
+  std::string parse_string(const char* what) {
+    const char quote = peek();
+    if (quote != '\'' && quote != '"') fail(std::string("expected ") + what);
+    const std::size_t start = ++position_;
+    while (position_ < text_.size() && text_[position_] != quote) {
+      // No key or dtype NumPy writes needs an escape; refusing them keeps
+      // the parser small and the comparison exact.
+      if (text_[position_] == '\\') fail("escape sequences in strings are not supported");
+      ++position_;
+    }
+    if (position_ == text_.size()) fail_at(start - 1, "unterminated string");
+    return std::string(text_.substr(start, position_++ - start));
+  }
+
+  bool parse_word(std::string_view word) {
+    if (text_.substr(position_, word.size()) != word) return false;
+    const std::size_t end = position_ + word.size();
+    if (end < text_.size()) {
+      const char next = text_[end];
+      const char lower = static_cast<char>(next | 0x20);
+      if (next == '_' || is_digit(next) || (lower >= 'a' && lower <= 'z')) return false;
+    }
+    position_ = end;
+    return true;
+  }
+
+  bool parse_bool() {
+    if (parse_word("True")) return true;
+    if (parse_word("False")) return false;
+    fail("expected True or False for 'fortran_order'");
+  }
+
+  std::int64_t parse_extent() {
+    const std::size_t start = position_;
+    if (peek() == '-') {
+      throw_format(name_, "shape has a negative dimension at character " +
+                              std::to_string(start) + " of the header " +
+                              quote_for_message(text_) + " (expected sizes >= 0)");
+    }
+    if (!is_digit(peek())) fail("expected a non-negative integer in 'shape'");
+    std::int64_t value = 0;
+    while (is_digit(peek())) {
+      if (__builtin_mul_overflow(value, 10, &value) ||
+          __builtin_add_overflow(value, peek() - '0', &value)) {
+        fail_at(start, "dimension does not fit in a 64-bit integer");
+      }
+      ++position_;
+    }
+    if (peek() == 'L' || peek() == 'l') ++position_;  // Python 2 longs, e.g. (3L, 4L)
+    return value;
+  }
+
+  std::vector<std::int64_t> parse_shape() {
+    expect('(', "a tuple such as (2, 3) for 'shape'");
+    std::vector<std::int64_t> shape;
+    skip_space();
+    bool had_comma = false;
+    while (peek() != ')') {
+      if (shape.size() == kMaxNpyRank) {
+        fail("'shape' has more than " + std::to_string(kMaxNpyRank) + " dimensions");
+      }
+      shape.push_back(parse_extent());
+      skip_space();
+      had_comma = peek() == ',';
+      if (had_comma) {
+        ++position_;
+        skip_space();
+      } else if (peek() != ')') {
+        fail("expected ',' or ')' in 'shape'");
+      }
+    }
+    // In Python "(5)" is the integer 5, not a tuple.
+    if (shape.size() == 1 && !had_comma) fail("expected a 1-tuple such as (5,) for 'shape'");
+    ++position_;  // the ')'
+    return shape;
+  }
+
+  std::string_view text_;
+  std::string_view name_;
+  std::size_t position_ = 0;
+};
+
+// What the header says about the array, with the data's place in the file.
+struct NpyLayout {
+  DType dtype;
+  std::vector<std::int64_t> shape;
+  std::size_t data_offset;
+  std::size_t data_bytes;
+};
+
+std::uint32_t read_le(std::span<const std::byte> bytes, std::size_t offset, int width) {
+  std::uint32_t value = 0;
+  for (int i = width - 1; i >= 0; --i)
+    value = (value << 8) | std::to_integer<std::uint32_t>(bytes[offset + i]);
+  return value;
+}
+
+NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+  if (bytes.empty()) {
+    throw_format(name, "file is empty (expected a .npy file starting with \\x93NUMPY)");
+  }
+  if (bytes.size() < kMagicSize ||
+      std::memcmp(bytes.data(), kMagic, kMagicSize) != 0) {
+    throw_format(name, "not a .npy file: bad magic string (expected \\x93NUMPY)");
+  }
+  if (bytes.size() < kMagicSize + 2) {
+    throw_format(name, "file ends inside the .npy preamble (" +
+                           std::to_string(bytes.size()) + " bytes)");
+  }
+  const int major = std::to_integer<int>(bytes[kMagicSize]);
+  const int minor = std::to_integer<int>(bytes[kMagicSize + 1]);
+  if (major < 1 || major > 3 || minor != 0) {
+    throw_format(name, "unsupported .npy format version " + std::to_string(major) + "." +
+                           std::to_string(minor) + " (expected 1.0, 2.0 or 3.0)");
+  }
+  const int length_width = major == 1 ? 2 : 4;
+  const std::size_t header_offset = kMagicSize + 2 + length_width;
+  if (bytes.size() < header_offset) {
+    throw_format(name, "file ends inside the .npy preamble (" +
+                           std::to_string(bytes.size()) + " bytes)");
+  }
+  const std::size_t header_bytes = read_le(bytes, kMagicSize + 2, length_width);
+  if (header_bytes > kMaxHeaderBytes) {
+    throw_format(name, "header length " + std::to_string(header_bytes) +
+                           " is absurd (expected at most " +
+                           std::to_string(kMaxHeaderBytes) + " bytes)");
+  }
+  if (header_bytes > bytes.size() - header_offset) {
+    throw_format(name, "header length " + std::to_string(header_bytes) +
+                           " runs past the end of the file (" +
+                           std::to_string(bytes.size()) + " bytes in all)");
+  }
+  // Latin-1 (1.0, 2.0) and utf-8 (3.0) agree on the ASCII that matters; any
+  // other byte can only appear inside a string and then fails the dtype check.
+  const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + header_offset,
+                              header_bytes);
+  NpyHeader header = HeaderParser(text, name).parse();
+
+  if (!header.descr || !header.fortran_order || !header.shape) {
+    const char* missing = !header.descr ? "descr" : !header.fortran_order ? "fortran_order"
+                                                                          : "shape";
+    throw_format(name, std::string("header has no '") + missing +
+                           "' key (expected 'descr', 'fortran_order' and 'shape')");
+  }
+  const std::string& descr = *header.descr;
+  const std::optional<DType> dtype = dtype_from_descr(descr);
+  if (!dtype) {
+    if (descr.size() == 3 && descr[0] == '>' && dtype_from_descr("<" + descr.substr(1))) {
+      throw_format(name, "big-endian dtype '" + descr +
+                             "' is not supported (expected little-endian " +
+                             std::string(kExpectedDtypes) + "; convert with a.astype('<" +
+                             descr.substr(1) + "'))");
+    }
+    throw_format(name, "unsupported dtype '" + descr + "' (expected " +
+                           std::string(kExpectedDtypes) + ")");
+  }
+  if (*header.fortran_order) {
+    throw_format(name, "Fortran-order arrays are not supported (expected fortran_order "
+                       "False; save numpy.ascontiguousarray(a) instead)");
+  }
+  std::vector<std::int64_t>& shape = *header.shape;
+  const auto itemsize = static_cast<std::int64_t>(dtype_size(*dtype));
+  const std::optional<std::int64_t> needed = checked_byte_count(shape, itemsize);
+  if (!needed) {
+    throw_format(name, "shape " + tuple_string(shape) + " of '" + descr +
+                           "' overflows a 64-bit byte count");
+  }
+  const std::size_t data_offset = header_offset + header_bytes;
+  const std::size_t present = bytes.size() - data_offset;
+  const auto needed_bytes = static_cast<std::uint64_t>(*needed);
+  if (present < needed_bytes) {
+    throw_format(name, "data is truncated: shape " + tuple_string(shape) + " of '" + descr +
+                           "' needs " + std::to_string(needed_bytes) +
+                           " bytes but the file holds " + std::to_string(present) +
+                           " after the header");
+  }
+  if (present > needed_bytes) {
+    throw_format(name, "file has " + std::to_string(present - needed_bytes) +
+                           " bytes of trailing data after the array (shape " +
+                           tuple_string(shape) + " of '" + descr + "' needs " +
+                           std::to_string(needed_bytes) + " bytes)");
+  }
+  return {*dtype, std::move(shape), data_offset, static_cast<std::size_t>(needed_bytes)};
+}
+
+// The process umask, without changing it (umask() both reads and sets, which
+// would race with other threads creating files). Linux reports it in
+// /proc/self/status; elsewhere assume the common 022.
+mode_t current_umask() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Umask:", 0) == 0)
+      return static_cast<mode_t>(std::strtoul(line.c_str() + 6, nullptr, 8));
+  }
+  return 022;
+}
+
+}  // namespace
+
+std::int64_t NpyArray::numel() const noexcept {
+  std::int64_t count = 1;
+  for (std::int64_t extent : shape) count *= extent;
+  return count;
+}
+
+TensorView NpyArray::view(std::string_view argument) const {
+  const int rank = static_cast<int>(shape.size());
+  if (rank < 1 || rank > kMaxRank) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string(argument) + ": expected 1 to " + std::to_string(kMaxRank) +
+                    " dimensions, got " + std::to_string(rank) + " (shape " +
+                    tuple_string(shape) + ")");
+  }
+  // An NpyArray may be built by hand, so check that the data covers the
+  // shape rather than trusting it: a view must never read out of bounds.
+  const std::optional<std::int64_t> needed =
+      std::any_of(shape.begin(), shape.end(), [](std::int64_t e) { return e < 0; })
+          ? std::nullopt
+          : checked_byte_count(shape, static_cast<std::int64_t>(dtype_size(dtype)));
+  if (!needed || static_cast<std::uint64_t>(*needed) != data.size()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string(argument) + ": shape " + tuple_string(shape) + " of " +
+                    std::string(dtype_name(dtype)) + " does not match its " +
+                    std::to_string(data.size()) + " data bytes");
+  }
+  TensorView result;
+  result.data = data.data();
+  result.dtype = dtype;
+  result.rank = rank;
+  for (int axis = 0; axis < rank; ++axis) result.shape[axis] = shape[axis];
+  result.strides = contiguous_strides(result.shape, rank);
+  return result;
+}
+
+NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name) {
+  NpyLayout layout = parse_layout(bytes, name);
+  NpyArray array;
+  array.dtype = layout.dtype;
+  array.shape = std::move(layout.shape);
+  const auto data = bytes.subspan(layout.data_offset, layout.data_bytes);
+  array.data.assign(data.begin(), data.end());
+  return array;
+}
+
+NpyArray read_npy(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_io(path, "cannot open for reading", errno);
+  std::vector<std::byte> bytes;
+  try {
+    struct stat info;
+    if (::fstat(fd, &info) != 0) throw_io(path, "cannot stat", errno);
+    if (!S_ISREG(info.st_mode)) throw_io(path, "not a regular file", 0);
+    // The allocation is what the file system says the file holds, never a
+    // size the header claims.
+    bytes.resize(static_cast<std::size_t>(info.st_size));
+    std::size_t filled = 0;
+    while (filled < bytes.size()) {
+      const ssize_t got = ::read(fd, bytes.data() + filled, bytes.size() - filled);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) throw_io(path, "read failed", errno);
+      if (got == 0) break;  // the file shrank while we read it
+      filled += static_cast<std::size_t>(got);
+    }
+    bytes.resize(filled);
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+
+  // Parse in place and keep the buffer: dropping the header with erase()
+  // avoids holding two copies of a large array.
+  NpyLayout layout = parse_layout(bytes, path);
+  bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(layout.data_offset));
+  NpyArray array;
+  array.dtype = layout.dtype;
+  array.shape = std::move(layout.shape);
+  array.data = std::move(bytes);
+  return array;
+}
+
+std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
+                                     const void* data) {
+  const std::optional<std::string_view> descr = descr_from_dtype(dtype);
+  if (!descr) {
+    // Only bfloat16 gets here: NumPy has no such type.
+    throw Error(ErrorCode::kInvalidArgument,
+                "dtype: .npy has no bfloat16 type (expected f32, f16 or f64; got " +
+                    std::string(dtype_name(dtype)) + ", convert before writing)");
+  }
+  if (shape.size() > kMaxNpyRank) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "shape: " + std::to_string(shape.size()) + " dimensions (expected at most " +
+                    std::to_string(kMaxNpyRank) + ")");
+  }
+  for (std::int64_t extent : shape) {
+    if (extent < 0) {
+      throw Error(ErrorCode::kInvalidArgument, "shape: " + tuple_string(shape) +
+                                                   " has a negative dimension (expected >= 0)");
+    }
+  }
+  const std::optional<std::int64_t> data_bytes =
+      checked_byte_count(shape, static_cast<std::int64_t>(dtype_size(dtype)));
+  if (!data_bytes) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "shape: " + tuple_string(shape) + " overflows a 64-bit byte count");
+  }
+  if (data == nullptr && *data_bytes > 0) {
+    throw Error(ErrorCode::kInvalidArgument, "data: null pointer for a non-empty array");
+  }
+
+  // Same text, key order and padding as numpy.lib.format.write_array, so
+  // the files are byte-identical to NumPy's.
+  std::string header = "{'descr': '" + std::string(*descr) +
+                       "', 'fortran_order': False, 'shape': " + tuple_string(shape) + ", }";
+  if (!shape.empty()) {
+    const std::size_t digits = std::to_string(shape[0]).size();
+    header.append(kGrowthAxisMaxDigits - std::min(digits, kGrowthAxisMaxDigits), ' ');
+  }
+  // Version 1.0 stores the header length in 2 bytes; 2.0 only when it must.
+  // (With at most 64 dimensions the header stays far below 64 KiB.)
+  int length_width = 2;
+  std::size_t padded = 0;
+  for (int major : {1, 2}) {
+    length_width = major == 1 ? 2 : 4;
+    const std::size_t unpadded = header.size() + 1;  // + '\n'
+    const std::size_t padding =
+        kArrayAlign - (kMagicSize + 2 + length_width + unpadded) % kArrayAlign;
+    padded = unpadded + padding;
+    if (major == 2 || padded <= 0xffff) break;
+  }
+  header.append(padded - header.size() - 1, ' ');
+  header += '\n';
+
+  std::vector<std::byte> bytes;
+  bytes.reserve(kMagicSize + 2 + length_width + header.size() +
+                static_cast<std::size_t>(*data_bytes));
+  for (std::size_t i = 0; i < kMagicSize; ++i) bytes.push_back(static_cast<std::byte>(kMagic[i]));
+  bytes.push_back(static_cast<std::byte>(length_width == 2 ? 1 : 2));
+  bytes.push_back(std::byte{0});
+  for (int i = 0; i < length_width; ++i)
+    bytes.push_back(static_cast<std::byte>((header.size() >> (8 * i)) & 0xff));
+  for (char c : header) bytes.push_back(static_cast<std::byte>(c));
+  const auto* first = static_cast<const std::byte*>(data);
+  if (*data_bytes > 0) bytes.insert(bytes.end(), first, first + *data_bytes);
+  return bytes;
+}
+
+void write_npy(const std::string& path, DType dtype, std::span<const std::int64_t> shape,
+               const void* data) {
+  write_file_atomically(path, serialize_npy(dtype, shape, data));
+}
+
+void write_file_atomically(const std::string& path, std::span<const std::byte> bytes) {
+  // The temporary lives in the destination's folder so that rename() is
+  // atomic (same file system) and a failure never leaves a half-written path.
+  std::string temp_path = path + ".tmp.XXXXXX";
+  const int fd = ::mkstemp(temp_path.data());
+  if (fd < 0) throw_io(path, "cannot create a temporary file next to it", errno);
+
+  // For failures while fd is still open.
+  auto fail = [&](const char* what, int err) {
+    ::close(fd);
+    ::unlink(temp_path.c_str());
+    throw_io(path, what, err);
+  };
+
+  // mkstemp makes the file 0600; give it the mode a plain open() would
+  // (0666 less the umask), or keep the mode of the file being replaced.
+  struct stat existing;
+  const mode_t mode = ::stat(path.c_str(), &existing) == 0 ? (existing.st_mode & 07777)
+                                                           : (0666 & ~current_umask());
+  if (::fchmod(fd, mode) != 0) fail("cannot set the permissions of the temporary file", errno);
+
+  std::size_t written = 0;
+  while (written < bytes.size()) {
+    const ssize_t put = ::write(fd, bytes.data() + written, bytes.size() - written);
+    if (put < 0 && errno == EINTR) continue;
+    if (put < 0) fail("write failed", errno);
+    written += static_cast<std::size_t>(put);
+  }
+  if (::fsync(fd) != 0) fail("fsync failed", errno);
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(temp_path.c_str());
+    throw_io(path, "close failed", err);
+  }
+  if (::rename(temp_path.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(temp_path.c_str());
+    throw_io(path, "cannot rename the temporary file over it", err);
+  }
+  // Make the rename itself durable. Not every file system supports fsync on
+  // a directory, and the data is already safe, so failures are ignored.
+  const std::size_t slash = path.find_last_of('/');
+  const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (folder_fd >= 0) {
+    ::fsync(folder_fd);
+    ::close(folder_fd);
+  }
+}
+
+}  // namespace lookback

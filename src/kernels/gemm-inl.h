@@ -1,0 +1,121 @@
+// Register-blocked micro-kernels shared by the attention kernels:
+//   C[rows x n] (op)= A[rows x depth] * B[depth x n]
+// with A row-major (each element broadcast), B row-major (whole vectors),
+// C row-major. Q*K^T uses it with B = K transposed per tile; P*V with B = V.
+// n must be a multiple of the vector length (packed buffers guarantee it).
+//
+// Per-target: included from kernel .cc files after hwy/highway.h, inside their
+// foreach_target loop.
+
+#if defined(LOOKBACK_KERNELS_GEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOOKBACK_KERNELS_GEMM_INL_H_
+#undef LOOKBACK_KERNELS_GEMM_INL_H_
+#else
+#define LOOKBACK_KERNELS_GEMM_INL_H_
+#endif
+
+#include <cstddef>
+
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// What happens to C.
+enum class Accumulate {
+  kOverwrite,  // C = A * B
+  kAdd,        // C += A * B
+  kScaleAdd,   // C = C * alpha[row] + A * B  (online-softmax rescale folded in)
+};
+
+// Register block: kRows rows of A times kVectors vectors of B per step. With
+// 32 vector registers (AVX-512) 4 x 4 = 16 accumulators leave room for the
+// 4 B vectors and a broadcast; with 16 registers (AVX2, SSE4, NEON) 4 x 2.
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+inline constexpr std::size_t kBlockRows = 4;
+inline constexpr std::size_t kBlockVectors = 4;
+#else
+inline constexpr std::size_t kBlockRows = 4;
+inline constexpr std::size_t kBlockVectors = 2;
+#endif
+
+template <std::size_t kRows, std::size_t kVectors, Accumulate kMode>
+HWY_INLINE void MicroKernel(const float* HWY_RESTRICT a, std::size_t lda,
+                            const float* HWY_RESTRICT b, std::size_t ldb,
+                            std::size_t depth, float* HWY_RESTRICT c, std::size_t ldc,
+                            const float* HWY_RESTRICT alpha) {
+  const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
+  const std::size_t lanes = hn::Lanes(d);
+  V acc[kRows][kVectors];
+  for (std::size_t r = 0; r < kRows; ++r) {
+    const V scale = kMode == Accumulate::kScaleAdd ? hn::Set(d, alpha[r]) : hn::Zero(d);
+    for (std::size_t v = 0; v < kVectors; ++v) {
+      if constexpr (kMode == Accumulate::kOverwrite) {
+        acc[r][v] = hn::Zero(d);
+      } else if constexpr (kMode == Accumulate::kAdd) {
+        acc[r][v] = hn::Load(d, c + r * ldc + v * lanes);
+      } else {
+        acc[r][v] = hn::Mul(hn::Load(d, c + r * ldc + v * lanes), scale);
+      }
+    }
+  }
+  for (std::size_t k = 0; k < depth; ++k) {
+    V bv[kVectors];
+    for (std::size_t v = 0; v < kVectors; ++v) bv[v] = hn::Load(d, b + k * ldb + v * lanes);
+    for (std::size_t r = 0; r < kRows; ++r) {
+      const V av = hn::Set(d, a[r * lda + k]);
+      for (std::size_t v = 0; v < kVectors; ++v) acc[r][v] = hn::MulAdd(av, bv[v], acc[r][v]);
+    }
+  }
+  for (std::size_t r = 0; r < kRows; ++r) {
+    for (std::size_t v = 0; v < kVectors; ++v) hn::Store(acc[r][v], d, c + r * ldc + v * lanes);
+  }
+}
+
+// All column blocks of kRows rows.
+template <std::size_t kRows, Accumulate kMode>
+HWY_INLINE void RowBlock(const float* HWY_RESTRICT a, std::size_t lda,
+                         const float* HWY_RESTRICT b, std::size_t ldb, std::size_t depth,
+                         std::size_t n, float* HWY_RESTRICT c, std::size_t ldc,
+                         const float* HWY_RESTRICT alpha) {
+  const hn::ScalableTag<float> d;
+  const std::size_t lanes = hn::Lanes(d);
+  std::size_t col = 0;
+  for (; col + kBlockVectors * lanes <= n; col += kBlockVectors * lanes) {
+    MicroKernel<kRows, kBlockVectors, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
+  }
+  for (; col < n; col += lanes) {
+    MicroKernel<kRows, 1, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
+  }
+}
+
+// C[rows x n] (op)= A[rows x depth] * B[depth x n]. alpha: one factor per row
+// (kScaleAdd only).
+template <Accumulate kMode>
+HWY_NOINLINE void Gemm(std::size_t rows, std::size_t n, std::size_t depth,
+                       const float* HWY_RESTRICT a, std::size_t lda,
+                       const float* HWY_RESTRICT b, std::size_t ldb,
+                       float* HWY_RESTRICT c, std::size_t ldc,
+                       const float* HWY_RESTRICT alpha = nullptr) {
+  std::size_t row = 0;
+  for (; row + kBlockRows <= rows; row += kBlockRows) {
+    RowBlock<kBlockRows, kMode>(a + row * lda, lda, b, ldb, depth, n, c + row * ldc, ldc,
+                                alpha ? alpha + row : nullptr);
+  }
+  const float* a_rest = a + row * lda;
+  float* c_rest = c + row * ldc;
+  const float* alpha_rest = alpha ? alpha + row : nullptr;
+  switch (rows - row) {
+    case 3: RowBlock<3, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
+    case 2: RowBlock<2, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
+    case 1: RowBlock<1, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
+    default: break;
+  }
+}
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // LOOKBACK_KERNELS_GEMM_INL_H_

@@ -1,0 +1,65 @@
+// The online-softmax state of one query row (FlashAttention-2; FlashInfer's
+// state.cuh): running max, running sum of exp(score - max), and the output
+// accumulator that the caller keeps beside it. The empty state is
+// (max = -inf, sum = 0, acc = 0); merging two empty states gives the empty
+// state, never NaN. Prefill, decode and split-KV all go through it.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <limits>
+
+namespace lookback::kernels {
+
+inline constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+struct OnlineSoftmaxState {
+  float max = kMinusInf;  // largest score folded in so far
+  float sum = 0.0f;       // sum of exp(score - max) over those scores
+
+  bool empty() const noexcept { return sum == 0.0f; }
+
+  // Raises the running max to cover a tile whose largest visible score is
+  // tile_max, rescaling `sum`. Returns the factor alpha by which the caller
+  // must scale its accumulator (1 when the max does not move, 0 when the state
+  // was empty).
+  float update_max(float tile_max) noexcept {
+    if (!(tile_max > max)) return 1.0f;
+    const float alpha = max == kMinusInf ? 0.0f : std::exp(max - tile_max);
+    max = tile_max;
+    sum *= alpha;
+    return alpha;
+  }
+
+  // Adds sum_j exp(score_j - max) of a tile, after update_max.
+  void update_sum(float tile_sum) noexcept { sum += tile_sum; }
+
+  // Scale that turns the accumulator into the output row: 1 / sum, or 0 for
+  // an empty row (its output is zeros, never NaN).
+  float normalizer() const noexcept { return empty() ? 0.0f : 1.0f / sum; }
+
+  // Natural-log sum-exp of every score folded in; -inf for an empty row.
+  float lse() const noexcept { return empty() ? kMinusInf : max + std::log(sum); }
+
+  // Merges another state into this one; acc and other_acc (length `dim`) are
+  // the unnormalised accumulators that go with each state.
+  void merge(const OnlineSoftmaxState& other, float* acc, const float* other_acc,
+             std::size_t dim) noexcept {
+    if (other.empty()) return;
+    if (empty()) {
+      *this = other;
+      for (std::size_t e = 0; e < dim; ++e) acc[e] = other_acc[e];
+      return;
+    }
+    const float new_max = max > other.max ? max : other.max;
+    const float self_scale = std::exp(max - new_max);
+    const float other_scale = std::exp(other.max - new_max);
+    for (std::size_t e = 0; e < dim; ++e) {
+      acc[e] = acc[e] * self_scale + other_acc[e] * other_scale;
+    }
+    sum = sum * self_scale + other.sum * other_scale;
+    max = new_max;
+  }
+};
+
+}  // namespace lookback::kernels

@@ -1,0 +1,65 @@
+#include "kernels/pack.hpp"
+
+#include <cstring>
+
+namespace lookback::kernels {
+
+float round_to_storage(float value, DType storage) noexcept {
+  switch (storage) {
+    case DType::kBF16: return bf16_to_f32(f32_to_bf16(value));
+    case DType::kF16: return f16_to_f32(f32_to_f16(value));
+    default: return value;
+  }
+}
+
+namespace {
+
+// Reads element `offset` of a view as float rounded to the storage dtype.
+inline float load(const TensorView& view, std::int64_t offset, DType storage) noexcept {
+  const float value = view.dtype == DType::kF32
+                          ? static_cast<const float*>(view.data)[offset]
+                          : load_as_float(view.data, view.dtype, offset);
+  return storage == DType::kF32 ? value : round_to_storage(value, storage);
+}
+
+}  // namespace
+
+PackedKV pack_kv(const PrefillParams& params, Context& context) {
+  const AttentionShape& shape = params.shape;
+  PackedKV packed;
+  packed.key_tiles = tiles_for(shape.seqlen_k, kKeyTile);
+  packed.padded_dim = padded_head_dim(shape.head_dim);
+  const std::int64_t per_head = packed.key_tiles * kKeyTile * packed.padded_dim;
+  const std::int64_t floats = shape.batch * shape.kv_heads * per_head;
+  auto* base = static_cast<float*>(
+      context.shared_scratch(static_cast<std::size_t>(2 * floats) * sizeof(float)));
+  packed.k_transposed = base;
+  packed.v = base + floats;
+
+  const std::int64_t tasks = shape.batch * shape.kv_heads * packed.key_tiles;
+  const std::int64_t dim = shape.head_dim, padded = packed.padded_dim;
+  context.parallel_for(tasks, [&](std::int64_t task, int) {
+    const std::int64_t tile = task % packed.key_tiles;
+    const std::int64_t kv_head = (task / packed.key_tiles) % shape.kv_heads;
+    const std::int64_t b = task / (packed.key_tiles * shape.kv_heads);
+    float* k_out = const_cast<float*>(packed.k_tile(b, kv_head, shape.kv_heads, tile));
+    float* v_out = const_cast<float*>(packed.v_rows(b, kv_head, shape.kv_heads, tile * kKeyTile));
+    // Zero first: padded dims and keys past seqlen_k must read as 0, never
+    // as stale memory (they are multiplied, though never by a visible weight).
+    std::memset(k_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+    std::memset(v_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+    const std::int64_t key_end = std::min(shape.seqlen_k, (tile + 1) * kKeyTile);
+    for (std::int64_t key = tile * kKeyTile; key < key_end; ++key) {
+      const std::int64_t column = key - tile * kKeyTile;
+      const std::int64_t k_base = params.k.offset(b, key, kv_head, 0);
+      const std::int64_t v_base = params.v.offset(b, key, kv_head, 0);
+      for (std::int64_t e = 0; e < dim; ++e) {
+        k_out[e * kKeyTile + column] = load(params.k, k_base + e * params.k.strides[3], params.storage);
+        v_out[column * padded + e] = load(params.v, v_base + e * params.v.strides[3], params.storage);
+      }
+    }
+  });
+  return packed;
+}
+
+}  // namespace lookback::kernels

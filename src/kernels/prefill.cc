@@ -1,0 +1,381 @@
+// Causal prefill (FlashAttention-2 on a CPU). One task is (batch, kv head,
+// query tile): the query heads that share the kv head walk the key tiles the
+// mask leaves visible, so each K/V tile is loaded once for the whole group.
+// Per key tile and head: S = Q K^T (micro-kernel), online-softmax update,
+// O = alpha O + P V (micro-kernel). Empty tiles are skipped, full tiles are
+// not masked, only diagonal and window-edge tiles test the mask.
+//
+// Masked scores are never multiplied by zero: their S entries are replaced
+// by -inf before the max, their P entries are never used, and P V runs only
+// over each row's visible keys, so a NaN in a hidden key or value cannot
+// reach a visible output.
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/prefill.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/gemm-inl.h"
+#include "kernels/online_softmax.hpp"
+#include "kernels/pack.hpp"
+#include "kernels/prefill.hpp"
+#include "kernels/tiles.hpp"
+#include "lookback/error.hpp"
+#include "lookback/mask.hpp"
+
+#ifndef LOOKBACK_KERNELS_PREFILL_TASK_DEFINED
+#define LOOKBACK_KERNELS_PREFILL_TASK_DEFINED
+namespace lookback::kernels {
+// One unit of parallel work.
+struct PrefillTask {
+  std::int64_t batch;
+  std::int64_t kv_head;
+  std::int64_t query_tile;
+};
+}  // namespace lookback::kernels
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace {
+
+// The visible keys of one row inside the current key tile, in tile-local
+// columns [begin, end).
+struct LocalRange {
+  std::int64_t begin = 0;
+  std::int64_t end = 0;
+  bool empty() const { return end <= begin; }
+};
+
+// Scores of one row -> probabilities, in place. Applies softcap and ALiBi,
+// hides columns outside `range` (only when kMasked), updates the row state.
+// Returns alpha, the factor for the row's accumulator.
+template <bool kMasked>
+HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
+                            float alibi_slope, float position, float first_key,
+                            OnlineSoftmaxState& state) {
+  const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
+  const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const V minus_inf = hn::Set(d, kMinusInf);
+  const V lane_index = hn::Iota(d, 0.0f);
+  // Full tiles cover whole vectors [range.begin, range.end) = [0, width) with
+  // width a multiple of the vector; masked ones test every column.
+  const std::int64_t begin = kMasked ? 0 : range.begin;
+  const std::int64_t end = kMasked ? kKeyTile : range.end;
+  const V range_begin = hn::Set(d, static_cast<float>(range.begin));
+  const V range_end = hn::Set(d, static_cast<float>(range.end));
+
+  V running_max = minus_inf;
+  for (std::int64_t col = begin; col < end; col += lanes) {
+    V s = hn::Load(d, scores + col);
+    if (softcap > 0.0f) {
+      s = hn::Mul(hn::Set(d, softcap), hn::Tanh(d, hn::Mul(s, hn::Set(d, 1.0f / softcap))));
+    }
+    const V column = hn::Add(lane_index, hn::Set(d, static_cast<float>(col)));
+    if (alibi_slope != 0.0f) {
+      const V distance =
+          hn::Abs(hn::Sub(hn::Set(d, position), hn::Add(column, hn::Set(d, first_key))));
+      s = hn::NegMulAdd(hn::Set(d, alibi_slope), distance, s);
+    }
+    if constexpr (kMasked) {
+      s = hn::IfThenElse(hn::And(hn::Ge(column, range_begin), hn::Lt(column, range_end)), s,
+                         minus_inf);
+    }
+    hn::Store(s, d, scores + col);
+    running_max = hn::Max(running_max, s);
+  }
+  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max));
+  const float alpha = state.update_max(tile_max);
+  const V row_max = hn::Set(d, state.max);
+  V sum = hn::Zero(d);
+  for (std::int64_t col = begin; col < end; col += lanes) {
+    const V s = hn::Load(d, scores + col);
+    V p = hn::Exp(d, hn::Sub(s, row_max));
+    // exp(-inf) must be exactly 0 whatever Exp does outside its domain.
+    p = hn::IfThenElseZero(hn::Ne(s, minus_inf), p);
+    hn::Store(p, d, scores + col);
+    sum = hn::Add(sum, p);
+  }
+  state.update_sum(hn::GetLane(hn::SumOfLanes(d, sum)));
+  return alpha;
+}
+
+struct Scratch {
+  float* q;       // (group, kQueryTile, padded_dim): scaled, storage-rounded
+  float* acc;     // (group, kQueryTile, padded_dim): unnormalised output
+  float* scores;  // (kQueryTile, kKeyTile)
+  float* alpha;   // (kQueryTile)
+  OnlineSoftmaxState* state;  // (group, kQueryTile)
+  LocalRange* ranges;         // (kQueryTile)
+};
+
+void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& mask,
+             const PrefillTask& task, Scratch scratch) {
+  const AttentionShape& shape = params.shape;
+  const std::int64_t group = shape.heads / shape.kv_heads;
+  const std::int64_t dim = shape.head_dim;
+  const std::int64_t padded = packed.padded_dim;
+  const std::int64_t row_begin = task.query_tile * kQueryTile;
+  const std::int64_t row_end = std::min(shape.seqlen_q, row_begin + kQueryTile);
+  const std::int64_t rows = row_end - row_begin;
+  const std::int64_t b = task.batch;
+
+  // Q rows of every head in the group, scaled and rounded to storage.
+  for (std::int64_t g = 0; g < group; ++g) {
+    const std::int64_t head = task.kv_head * group + g;
+    float* q_tile = scratch.q + g * kQueryTile * padded;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      float* q_row = q_tile + r * padded;
+      const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
+      for (std::int64_t e = 0; e < dim; ++e) {
+        const std::int64_t offset = base + e * params.q.strides[3];
+        const float value = params.q.dtype == DType::kF32
+                                ? static_cast<const float*>(params.q.data)[offset]
+                                : load_as_float(params.q.data, params.q.dtype, offset);
+        q_row[e] = round_to_storage(value, params.storage) * params.scale;
+      }
+      for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
+    }
+    std::fill(scratch.acc + g * kQueryTile * padded,
+              scratch.acc + (g * kQueryTile + rows) * padded, 0.0f);
+    std::fill(scratch.state + g * kQueryTile, scratch.state + (g + 1) * kQueryTile,
+              OnlineSoftmaxState{});
+  }
+
+  const KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
+  if (!keys.empty()) {
+    const std::int64_t first_tile = keys.begin / kKeyTile;
+    const std::int64_t last_tile = (keys.end - 1) / kKeyTile;
+    for (std::int64_t tile = first_tile; tile <= last_tile; ++tile) {
+      const std::int64_t key_begin = tile * kKeyTile;
+      const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
+      const TileVisibility visibility =
+          mask.tile_visibility(row_begin, row_end, key_begin, key_end);
+      if (visibility == TileVisibility::kEmpty) continue;
+      // A full tile narrower than kKeyTile (the last one) still needs the
+      // padded columns hidden, so it takes the masked path.
+      const bool masked =
+          visibility == TileVisibility::kPartial || key_end - key_begin != kKeyTile;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        if (masked) {
+          const KeyRange row_keys = mask.key_range(row_begin + r);
+          scratch.ranges[r] = {std::max(row_keys.begin, key_begin) - key_begin,
+                               std::min(row_keys.end, key_end) - key_begin};
+        } else {
+          scratch.ranges[r] = {0, kKeyTile};
+        }
+      }
+      const float* k_tile = packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
+      const float* v_rows = packed.v_rows(b, task.kv_head, shape.kv_heads, key_begin);
+
+      for (std::int64_t g = 0; g < group; ++g) {
+        const std::int64_t head = task.kv_head * group + g;
+        const float slope =
+            params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
+        const float* q_tile = scratch.q + g * kQueryTile * padded;
+        float* acc = scratch.acc + g * kQueryTile * padded;
+        OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
+
+        // S = Q K^T over the whole tile width (padded keys read zeros).
+        Gemm<Accumulate::kOverwrite>(rows, kKeyTile, padded, q_tile, padded, k_tile, kKeyTile,
+                                     scratch.scores, kKeyTile);
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const LocalRange range = scratch.ranges[r];
+          if (range.empty()) {
+            scratch.alpha[r] = 1.0f;
+            continue;
+          }
+          float* scores = scratch.scores + r * kKeyTile;
+          const float position = static_cast<float>(mask.position(row_begin + r));
+          const float first_key = static_cast<float>(key_begin);
+          scratch.alpha[r] =
+              masked ? SoftmaxRow<true>(scores, range, params.softcap, slope, position,
+                                        first_key, state[r])
+                     : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
+                                         first_key, state[r]);
+        }
+
+        // O = alpha O + P V, over each row's visible keys only.
+        if (!masked) {
+          Gemm<Accumulate::kScaleAdd>(rows, padded, kKeyTile, scratch.scores, kKeyTile, v_rows,
+                                      padded, acc, padded, scratch.alpha);
+          continue;
+        }
+        for (std::int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+          const std::int64_t r1 = std::min(rows, r0 + static_cast<std::int64_t>(kBlockRows));
+          LocalRange common{0, kKeyTile};
+          for (std::int64_t r = r0; r < r1; ++r) {
+            common.begin = std::max(common.begin, scratch.ranges[r].begin);
+            common.end = std::min(common.end, scratch.ranges[r].end);
+          }
+          if (!common.empty()) {
+            // The shared keys for the whole row block, then each row's rest.
+            Gemm<Accumulate::kScaleAdd>(
+                static_cast<std::size_t>(r1 - r0), padded, common.end - common.begin,
+                scratch.scores + r0 * kKeyTile + common.begin, kKeyTile,
+                v_rows + common.begin * padded, padded, acc + r0 * padded, padded,
+                scratch.alpha + r0);
+            for (std::int64_t r = r0; r < r1; ++r) {
+              const LocalRange range = scratch.ranges[r];
+              const float* p_row = scratch.scores + r * kKeyTile;
+              if (range.begin < common.begin) {
+                Gemm<Accumulate::kAdd>(1, padded, common.begin - range.begin,
+                                       p_row + range.begin, kKeyTile,
+                                       v_rows + range.begin * padded, padded,
+                                       acc + r * padded, padded);
+              }
+              if (common.end < range.end) {
+                Gemm<Accumulate::kAdd>(1, padded, range.end - common.end, p_row + common.end,
+                                       kKeyTile, v_rows + common.end * padded, padded,
+                                       acc + r * padded, padded);
+              }
+            }
+          } else {
+            for (std::int64_t r = r0; r < r1; ++r) {
+              const LocalRange range = scratch.ranges[r];
+              if (range.empty()) continue;  // alpha is 1: nothing changes
+              Gemm<Accumulate::kScaleAdd>(1, padded, range.end - range.begin,
+                                          scratch.scores + r * kKeyTile + range.begin, kKeyTile,
+                                          v_rows + range.begin * padded, padded,
+                                          acc + r * padded, padded, scratch.alpha + r);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
+  for (std::int64_t g = 0; g < group; ++g) {
+    const std::int64_t head = task.kv_head * group + g;
+    const float* acc = scratch.acc + g * kQueryTile * padded;
+    const OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
+    float* out = static_cast<float*>(params.out.data);
+    float* lse = static_cast<float*>(params.maybe_lse.data);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float normalizer = state[r].normalizer();
+      const std::int64_t base = params.out.offset(b, row_begin + r, head, 0);
+      for (std::int64_t e = 0; e < dim; ++e) {
+        out[base + e * params.out.strides[3]] = acc[r * padded + e] * normalizer;
+      }
+      if (lse != nullptr) lse[params.maybe_lse.offset(b, head, row_begin + r)] = state[r].lse();
+    }
+  }
+}
+
+}  // namespace
+
+void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
+                  const std::vector<PrefillTask>& tasks, Context& context) {
+  const Mask mask(params.shape.seqlen_q, params.shape.seqlen_k, params.mask);
+  const std::int64_t group = params.shape.heads / params.shape.kv_heads;
+  const std::int64_t padded = packed.padded_dim;
+  const std::size_t q_floats = static_cast<std::size_t>(group * kQueryTile * padded);
+  const std::size_t score_floats = static_cast<std::size_t>(kQueryTile * kKeyTile);
+  const std::size_t bytes = (2 * q_floats + score_floats + kQueryTile) * sizeof(float) +
+                            static_cast<std::size_t>(group * kQueryTile) * sizeof(OnlineSoftmaxState) +
+                            kQueryTile * sizeof(LocalRange) + 256;
+  context.parallel_for(static_cast<std::int64_t>(tasks.size()), [&](std::int64_t index, int worker) {
+    auto* base = static_cast<float*>(context.scratch(worker, bytes));
+    Scratch scratch;
+    scratch.q = base;
+    scratch.acc = scratch.q + q_floats;
+    scratch.scores = scratch.acc + q_floats;
+    scratch.alpha = scratch.scores + score_floats;
+    scratch.state = reinterpret_cast<OnlineSoftmaxState*>(scratch.alpha + kQueryTile);
+    scratch.ranges = reinterpret_cast<LocalRange*>(scratch.state + group * kQueryTile);
+    RunTask(params, packed, mask, tasks[static_cast<std::size_t>(index)], scratch);
+  });
+}
+
+const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lookback::kernels {
+
+HWY_EXPORT(PrefillTiles);
+HWY_EXPORT(TargetName);
+
+void prefill(const PrefillParams& params, Context& context) {
+  const AttentionShape& shape = params.shape;
+  if (shape.batch == 0 || shape.seqlen_q == 0) return;
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
+
+  // Heaviest tasks first (longest-processing-time order): under a causal mask
+  // the last query tile sees up to seqlen/kQueryTile times the keys of the
+  // first. The order depends only on shapes, so results do not depend on
+  // which thread runs which task.
+  std::vector<PrefillTask> tasks;
+  std::vector<std::int64_t> cost;
+  tasks.reserve(static_cast<std::size_t>(shape.batch * shape.kv_heads * query_tiles));
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    for (std::int64_t kv_head = 0; kv_head < shape.kv_heads; ++kv_head) {
+      for (std::int64_t tile = 0; tile < query_tiles; ++tile) {
+        tasks.push_back({b, kv_head, tile});
+      }
+    }
+  }
+  auto task_cost = [&](const PrefillTask& task) {
+    const std::int64_t row_begin = task.query_tile * kQueryTile;
+    return mask.visible_in_tile(row_begin, row_begin + kQueryTile, 0, shape.seqlen_k);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const PrefillTask& x, const PrefillTask& y) {
+    return task_cost(x) > task_cost(y);
+  });
+
+  const PackedKV packed = pack_kv(params, context);
+  HWY_DYNAMIC_DISPATCH(PrefillTiles)(params, packed, tasks, context);
+}
+
+std::string dispatched_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+
+namespace {
+
+std::vector<std::int64_t> compiled_and_supported() {
+  static const std::vector<std::int64_t> targets = [] {
+    hwy::SetSupportedTargetsForTest(0);
+    return hwy::SupportedAndGeneratedTargets();
+  }();
+  return targets;
+}
+
+}  // namespace
+
+std::vector<std::string> available_targets() {
+  std::vector<std::string> names;
+  for (std::int64_t target : compiled_and_supported()) names.emplace_back(hwy::TargetName(target));
+  return names;
+}
+
+void force_target(std::string_view name) {
+  const std::vector<std::int64_t> targets = compiled_and_supported();
+  if (name.empty()) {
+    hwy::SetSupportedTargetsForTest(0);
+    return;
+  }
+  std::string known;
+  for (std::int64_t target : targets) {
+    if (name == hwy::TargetName(target)) {
+      hwy::SetSupportedTargetsForTest(target);
+      return;
+    }
+    known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
+  }
+  throw Error("simd target: '" + std::string(name) + "' is not available (expected one of " +
+              known + ")");
+}
+
+}  // namespace lookback::kernels
+#endif  // HWY_ONCE

@@ -1,0 +1,38 @@
+// Causal prefill, FlashAttention-2 style: query tiles against streamed key
+// tiles with an online softmax, never materialising the score matrix.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lookback/attention.hpp"
+#include "lookback/context.hpp"
+
+namespace lookback::kernels {
+
+// Everything a prefill kernel needs, already validated by lookback::validate;
+// kernels trust it.
+struct PrefillParams {
+  TensorView q;  // (batch, seqlen_q, heads, head_dim)
+  TensorView k;  // (batch, seqlen_k, kv_heads, head_dim)
+  TensorView v;  // (batch, seqlen_k, kv_heads, head_dim)
+  MutableTensorView out;        // (batch, seqlen_q, heads, head_dim), f32
+  MutableTensorView maybe_lse;  // (batch, heads, seqlen_q), f32; optional
+  const float* maybe_alibi_slopes = nullptr;  // (heads,); optional
+  AttentionShape shape;
+  float scale = 1.0f;
+  float softcap = 0.0f;  // 0 disables
+  MaskSpec mask;
+  DType storage = DType::kF32;
+};
+
+void prefill(const PrefillParams& params, Context& context);
+
+// Name of the Highway target HWY_DYNAMIC_DISPATCH picks on this CPU.
+std::string dispatched_target_name();
+
+std::vector<std::string> available_targets();
+void force_target(std::string_view name);
+
+}  // namespace lookback::kernels

@@ -1,0 +1,256 @@
+// The prefill kernel against the float64 reference, on every SIMD target this
+// CPU supports, across the sweep of shapes and options in the prefill issue.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "lookback/attention.hpp"
+#include "lookback/error.hpp"
+#include "testing/testing.hpp"
+
+namespace lookback {
+namespace {
+
+using testing::ProblemSpec;
+
+// Runs `body` once per SIMD target, with dispatch forced to it.
+template <typename Body>
+void for_each_target(Body&& body) {
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    SCOPED_TRACE("simd target " + target);
+    body(target);
+  }
+  force_simd_target("");
+}
+
+std::vector<ProblemSpec> sweep() {
+  struct Shape {
+    std::int64_t seqlen_q, seqlen_k;
+    Causal causal;
+  };
+  const Shape shapes[] = {
+      {1, 1, Causal::kBottomRight},       {7, 7, Causal::kBottomRight},
+      {113, 203, Causal::kBottomRight},   {128, 217, Causal::kBottomRight},
+      {239, 239, Causal::kBottomRight},   {1, 1024, Causal::kBottomRight},
+      {256, 512, Causal::kBottomRight},   {1023, 1024, Causal::kBottomRight},
+      {1024, 1024, Causal::kBottomRight}, {33, 17, Causal::kTopLeft},
+      {17, 33, Causal::kTopLeft},         {40, 30, Causal::kBottomRight},
+      {65, 65, Causal::kNone},
+  };
+  const std::int64_t head_dims[] = {8, 40, 59, 64, 80, 96, 111, 128, 256};
+  const std::int64_t groups[] = {1, 2, 4, 8};
+  const std::optional<std::int64_t> windows[] = {std::nullopt, 0, 37, 64};
+  std::vector<ProblemSpec> specs;
+  int n = 0;
+  for (const Shape& shape : shapes) {
+    // Two variants per shape, rotating through the options so that every
+    // head_dim, group size, window, softcap, ALiBi, batch > 1 and strided
+    // layout meets several shapes.
+    for (int variant = 0; variant < 2; ++variant, ++n) {
+      ProblemSpec spec;
+      spec.seqlen_q = shape.seqlen_q;
+      spec.seqlen_k = shape.seqlen_k;
+      spec.mask.causal = shape.causal;
+      const bool big = shape.seqlen_q * shape.seqlen_k > 100000;
+      spec.head_dim = head_dims[(n * 5) % 9];
+      if (big) spec.head_dim = std::min<std::int64_t>(spec.head_dim, 64);
+      spec.kv_heads = big ? 1 : 2;
+      spec.heads = spec.kv_heads * groups[n % 4];
+      if (big) spec.heads = std::min<std::int64_t>(spec.heads, 2);
+      if (shape.causal != Causal::kNone) spec.mask.window_left = windows[(n / 2 + variant) % 4];
+      spec.softcap = n % 3 == 1 ? 5.0f : 0.0f;
+      spec.alibi = n % 4 == 2;
+      spec.batch = n % 5 == 3 ? 2 : 1;
+      spec.strided = n % 2 == 1;
+      specs.push_back(spec);
+    }
+  }
+  // Every head_dim, including the specialised ones, on one odd shape.
+  for (std::int64_t head_dim : head_dims) {
+    ProblemSpec spec;
+    spec.seqlen_q = 113;
+    spec.seqlen_k = 203;
+    spec.head_dim = head_dim;
+    spec.heads = 4;
+    spec.kv_heads = 2;
+    specs.push_back(spec);
+  }
+  // Every GQA ratio with every window on a short odd shape.
+  for (std::int64_t group : groups) {
+    for (const auto& window : windows) {
+      ProblemSpec spec;
+      spec.seqlen_q = 70;
+      spec.seqlen_k = 133;
+      spec.head_dim = 24;
+      spec.kv_heads = 2;
+      spec.heads = 2 * group;
+      spec.mask.window_left = window;
+      specs.push_back(spec);
+    }
+  }
+  return specs;
+}
+
+class PrefillSweep : public ::testing::TestWithParam<ProblemSpec> {};
+
+TEST_P(PrefillSweep, MatchesReferenceOnEveryTarget) {
+  const ProblemSpec& spec = GetParam();
+  SCOPED_TRACE(spec.describe());
+  testing::Problem problem = testing::make_problem(spec, 1234 + spec.seqlen_q * 7 + spec.head_dim);
+  const ReferenceResult reference = reference_attention(problem.params());
+  Context context(2);
+  for_each_target([&](const std::string&) {
+    problem.poison_outputs();
+    attend(problem.params(), context);
+    const testing::Comparison result = testing::compare(problem, reference);
+    EXPECT_TRUE(result.finite) << result.describe();
+    EXPECT_TRUE(result.empty_rows_exact) << result.describe();
+    EXPECT_LE(result.relative_l2, testing::tolerance_for(spec.storage)) << result.describe();
+    EXPECT_LE(result.max_lse_error, testing::kLseTolerance) << result.describe();
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, PrefillSweep, ::testing::ValuesIn(sweep()),
+                         [](const ::testing::TestParamInfo<ProblemSpec>& info) {
+                           const ProblemSpec& s = info.param;
+                           return "case" + std::to_string(info.index) + "_q" +
+                                  std::to_string(s.seqlen_q) + "_k" + std::to_string(s.seqlen_k) +
+                                  "_d" + std::to_string(s.head_dim);
+                         });
+
+TEST(Prefill, HalfStorageWithinHalfTolerance) {
+  for (DType storage : {DType::kBF16, DType::kF16}) {
+    ProblemSpec spec;
+    spec.seqlen_q = spec.seqlen_k = 150;
+    spec.head_dim = 64;
+    spec.heads = 4;
+    spec.kv_heads = 2;
+    spec.storage = storage;
+    testing::Problem problem = testing::make_problem(spec, 99);
+    Context context(2);
+    attend(problem.params(), context);
+    const testing::Comparison result = testing::check_against_reference(problem);
+    EXPECT_TRUE(result.finite);
+    EXPECT_LE(result.relative_l2, testing::kHalfTolerance) << dtype_name(storage);
+    // bf16 rounding is visible: the result must not be bit-equal to f32.
+    EXPECT_GT(result.relative_l2, 0.0);
+  }
+}
+
+TEST(Prefill, BitwiseIdenticalForAnyThreadCount) {
+  ProblemSpec spec;
+  spec.seqlen_q = spec.seqlen_k = 300;
+  spec.head_dim = 80;
+  spec.heads = 8;
+  spec.kv_heads = 2;
+  spec.batch = 2;
+  spec.mask.window_left = 100;
+  testing::Problem problem = testing::make_problem(spec, 7);
+  std::vector<float> first_out, first_lse;
+  for (int threads : {1, 2, 3}) {
+    Context context(threads);
+    problem.poison_outputs();
+    attend(problem.params(), context);
+    if (threads == 1) {
+      first_out = problem.out;
+      first_lse = problem.lse;
+      continue;
+    }
+    EXPECT_EQ(std::memcmp(first_out.data(), problem.out.data(), first_out.size() * 4), 0) << threads;
+    EXPECT_EQ(std::memcmp(first_lse.data(), problem.lse.data(), first_lse.size() * 4), 0) << threads;
+  }
+}
+
+TEST(Prefill, NonFiniteHiddenKeysDoNotReachVisibleOutputs) {
+  // NaN and Inf in keys/values that the mask hides (the future, and keys left
+  // of a window) must be skipped, not multiplied by zero.
+  ProblemSpec spec;
+  spec.seqlen_q = spec.seqlen_k = 100;
+  spec.head_dim = 32;
+  spec.mask.window_left = 10;
+  const testing::Problem clean_problem = testing::make_problem(spec, 5);
+  testing::Problem problem = clean_problem;
+  Context context(2);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Key 70 is hidden from rows < 70 (future) and rows > 80 (window).
+  for (std::int64_t e = 0; e < spec.head_dim; ++e) {
+    problem.k[static_cast<std::size_t>(problem.kv_offset(0, 70, 0) + e)] = nan;
+    problem.v[static_cast<std::size_t>(problem.kv_offset(0, 70, 0) + e)] =
+        std::numeric_limits<float>::infinity();
+  }
+  for_each_target([&](const std::string&) {
+    testing::Problem clean_run = clean_problem;
+    attend(clean_run.params(), context);
+    const std::vector<float>& clean = clean_run.out;
+    attend(problem.params(), context);
+    for (std::int64_t row = 0; row < 100; ++row) {
+      const bool sees_70 = row >= 70 && row <= 80;
+      for (std::int64_t e = 0; e < spec.head_dim; ++e) {
+        const auto index = static_cast<std::size_t>(row * spec.head_dim + e);
+        if (sees_70) {
+          EXPECT_TRUE(std::isnan(problem.out[index]));
+        } else {
+          ASSERT_EQ(problem.out[index], clean[index]) << "row " << row;
+        }
+      }
+    }
+  });
+}
+
+TEST(Prefill, EmptyRowsAndEmptyKeys) {
+  // seqlen_k = 0: every row is empty.
+  ProblemSpec spec;
+  spec.seqlen_q = 5;
+  spec.seqlen_k = 0;
+  testing::Problem problem = testing::make_problem(spec, 1);
+  Context context(1);
+  problem.poison_outputs();
+  attend(problem.params(), context);
+  for (float value : problem.out) EXPECT_EQ(value, 0.0f);
+  for (float value : problem.lse) EXPECT_TRUE(std::isinf(value) && value < 0);
+}
+
+TEST(Prefill, LargeMagnitudesDoNotOverflow) {
+  ProblemSpec spec;
+  spec.seqlen_q = spec.seqlen_k = 64;
+  spec.head_dim = 16;
+  spec.magnitude = 100.0f;  // scores up to ~1e4 * sqrt(d)
+  testing::Problem problem = testing::make_problem(spec, 11);
+  Context context(1);
+  attend(problem.params(), context);
+  const testing::Comparison result = testing::check_against_reference(problem);
+  EXPECT_TRUE(result.finite);
+  EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
+}
+
+TEST(Prefill, RejectsBadArguments) {
+  ProblemSpec spec;
+  spec.heads = 3;
+  spec.kv_heads = 2;
+  testing::Problem problem = testing::make_problem(spec, 1);
+  Context context(1);
+  try {
+    attend(problem.params(), context);
+    FAIL() << "heads 3 with kv_heads 2 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kv_heads 2 does not divide heads 3"), std::string::npos)
+        << e.what();
+  }
+  spec.heads = spec.kv_heads = 1;
+  spec.head_dim = 300;
+  testing::Problem wide = testing::make_problem(spec, 1);
+  EXPECT_THROW(attend(wide.params(), context), Error);
+  EXPECT_THROW(force_simd_target("NOT_A_TARGET"), Error);
+}
+
+TEST(Prefill, ReportsSimdTargets) {
+  const std::vector<std::string> targets = simd_targets();
+  ASSERT_FALSE(targets.empty());
+  EXPECT_EQ(simd_target_name(), targets.front());
+}
+
+}  // namespace
+}  // namespace lookback

@@ -1,0 +1,70 @@
+// Causality is a guarantee: perturbing any input after position i (queries
+// after i, keys and values no row <= i can see) leaves output rows <= i
+// bit-identical, on every SIMD target.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "lookback/attention.hpp"
+#include "testing/testing.hpp"
+
+namespace lookback {
+namespace {
+
+using testing::ProblemSpec;
+
+void expect_prefix_unchanged(const testing::Problem& before, const testing::Problem& after,
+                             std::int64_t last_row) {
+  const ProblemSpec& s = before.spec;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t i = 0; i <= last_row; ++i) {
+      const auto offset = static_cast<std::size_t>((b * s.seqlen_q + i) * s.heads * s.head_dim);
+      ASSERT_EQ(std::memcmp(before.out.data() + offset, after.out.data() + offset,
+                            static_cast<std::size_t>(s.heads * s.head_dim) * sizeof(float)),
+                0)
+          << "row " << i << " changed when the future after " << last_row << " changed";
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const auto l = static_cast<std::size_t>((b * s.heads + h) * s.seqlen_q + i);
+        ASSERT_EQ(std::memcmp(&before.lse[l], &after.lse[l], sizeof(float)), 0) << "lse row " << i;
+      }
+    }
+  }
+}
+
+TEST(Causality, PrefillFutureNeverChangesThePast) {
+  ProblemSpec specs[3];
+  specs[0].seqlen_q = specs[0].seqlen_k = 239;
+  specs[0].head_dim = 40;
+  specs[0].heads = 4;
+  specs[0].kv_heads = 2;
+  specs[1].seqlen_q = 113;
+  specs[1].seqlen_k = 203;  // queries appended after cached keys
+  specs[1].head_dim = 64;
+  specs[1].mask.window_left = 37;
+  specs[1].alibi = true;
+  specs[2].seqlen_q = specs[2].seqlen_k = 130;
+  specs[2].head_dim = 59;
+  specs[2].softcap = 3.0f;
+  specs[2].batch = 2;
+  specs[2].strided = true;
+  Context context(2);
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    for (const ProblemSpec& spec : specs) {
+      SCOPED_TRACE(target + " " + spec.describe());
+      testing::Problem base = testing::make_problem(spec, 42);
+      attend(base.params(), context);
+      for (std::int64_t row : {std::int64_t{0}, spec.seqlen_q / 3, spec.seqlen_q / 2 + 1,
+                               spec.seqlen_q - 2}) {
+        testing::Problem changed = base;
+        testing::perturb_future(changed, row, 1000 + static_cast<std::uint64_t>(row));
+        attend(changed.params(), context);
+        expect_prefix_unchanged(base, changed, row);
+      }
+    }
+  }
+  force_simd_target("");
+}
+
+}  // namespace
+}  // namespace lookback

@@ -1,0 +1,90 @@
+// The one shared testing module: random problems, the tolerances, and the
+// comparison against the float64 reference. No test file re-derives the mask
+// or re-implements the reference.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lookback/attention.hpp"
+#include "lookback/reference.hpp"
+
+namespace lookback::testing {
+
+// Relative L2 error against the float64 reference (DESIGN.md §4).
+inline constexpr double kF32Tolerance = 1e-5;
+inline constexpr double kHalfTolerance = 1e-2;  // bf16 / f16 storage
+// Absolute error of the natural-log LSE.
+inline constexpr double kLseTolerance = 1e-4;
+
+inline double tolerance_for(DType storage) {
+  return storage == DType::kF32 ? kF32Tolerance : kHalfTolerance;
+}
+
+struct ProblemSpec {
+  std::int64_t batch = 1;
+  std::int64_t seqlen_q = 7;
+  std::int64_t seqlen_k = 7;
+  std::int64_t heads = 1;
+  std::int64_t kv_heads = 1;
+  std::int64_t head_dim = 16;
+  MaskSpec mask;
+  float softcap = 0.0f;
+  bool alibi = false;
+  std::optional<float> scale;
+  DType storage = DType::kF32;
+  // Store Q/K/V as (batch, heads, seqlen, head_dim + 3) and view them through
+  // strides, as a transposed, padded PyTorch tensor would be.
+  bool strided = false;
+  float magnitude = 1.0f;  // inputs are magnitude * N(0, 1)
+
+  std::string describe() const;
+};
+
+// Lets GoogleTest print a spec readably in parameterised test names/failures.
+void PrintTo(const ProblemSpec& spec, std::ostream* os);
+
+// Owns the inputs and outputs of one attention call.
+struct Problem {
+  ProblemSpec spec;
+  std::vector<float> q, k, v;  // physical storage (see ProblemSpec::strided)
+  std::vector<float> slopes;   // (heads,) when spec.alibi
+  std::vector<float> out;      // (batch, seqlen_q, heads, head_dim)
+  std::vector<float> lse;      // (batch, heads, seqlen_q)
+
+  // Views onto the members above; valid while the Problem lives and is not moved.
+  AttentionParams params();
+  // Element offsets of (b, pos, head, 0) in q and in k/v storage.
+  std::int64_t q_offset(std::int64_t b, std::int64_t pos, std::int64_t head) const;
+  std::int64_t kv_offset(std::int64_t b, std::int64_t pos, std::int64_t kv_head) const;
+  // Fills out and lse with a sentinel that no kernel would produce.
+  void poison_outputs();
+};
+
+Problem make_problem(const ProblemSpec& spec, std::uint64_t seed);
+
+// Overwrites with fresh random values the q rows at positions > query_position
+// and the k/v rows at key positions not visible to any query <= query_position.
+// (All of them when the mask is bottom-right and seqlen_q == seqlen_k.)
+void perturb_future(Problem& problem, std::int64_t query_position, std::uint64_t seed);
+
+struct Comparison {
+  double relative_l2 = 0.0;       // of out against the reference
+  double max_lse_error = 0.0;     // over rows with a visible key
+  bool finite = true;             // no NaN or Inf anywhere in out or lse
+  bool empty_rows_exact = true;   // rows without keys: out == 0, lse == -inf
+  std::string describe() const;
+};
+
+Comparison compare(const Problem& problem, const ReferenceResult& reference);
+
+// Runs the reference and returns the comparison for problem.out / problem.lse.
+Comparison check_against_reference(Problem& problem);
+
+double relative_l2(const std::vector<float>& actual, const std::vector<double>& expected);
+
+}  // namespace lookback::testing
