@@ -1,0 +1,132 @@
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ceilings.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "ceilings.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::bench::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// 16 independent FMA chains: enough to cover FMA latency (4 cycles) on two
+// ports. Returns the number of FLOPs done; `sink` defeats dead-code removal.
+std::uint64_t FmaLoop(std::uint64_t iterations, float* sink) {
+  const hn::ScalableTag<float> d;
+  const auto b = hn::Set(d, 0.999999f);
+  const auto c = hn::Set(d, 1e-7f);
+  auto a0 = hn::Set(d, 0.1f), a1 = hn::Set(d, 0.2f), a2 = hn::Set(d, 0.3f), a3 = hn::Set(d, 0.4f);
+  auto a4 = hn::Set(d, 0.5f), a5 = hn::Set(d, 0.6f), a6 = hn::Set(d, 0.7f), a7 = hn::Set(d, 0.8f);
+  auto a8 = hn::Set(d, 0.9f), a9 = hn::Set(d, 1.0f), a10 = hn::Set(d, 1.1f), a11 = hn::Set(d, 1.2f);
+  auto a12 = hn::Set(d, 1.3f), a13 = hn::Set(d, 1.4f), a14 = hn::Set(d, 1.5f), a15 = hn::Set(d, 1.6f);
+  for (std::uint64_t i = 0; i < iterations; ++i) {
+    a0 = hn::MulAdd(a0, b, c); a1 = hn::MulAdd(a1, b, c); a2 = hn::MulAdd(a2, b, c);
+    a3 = hn::MulAdd(a3, b, c); a4 = hn::MulAdd(a4, b, c); a5 = hn::MulAdd(a5, b, c);
+    a6 = hn::MulAdd(a6, b, c); a7 = hn::MulAdd(a7, b, c); a8 = hn::MulAdd(a8, b, c);
+    a9 = hn::MulAdd(a9, b, c); a10 = hn::MulAdd(a10, b, c); a11 = hn::MulAdd(a11, b, c);
+    a12 = hn::MulAdd(a12, b, c); a13 = hn::MulAdd(a13, b, c); a14 = hn::MulAdd(a14, b, c);
+    a15 = hn::MulAdd(a15, b, c);
+  }
+  auto total = hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)), hn::Add(hn::Add(a4, a5), hn::Add(a6, a7)));
+  total = hn::Add(total, hn::Add(hn::Add(hn::Add(a8, a9), hn::Add(a10, a11)),
+                                 hn::Add(hn::Add(a12, a13), hn::Add(a14, a15))));
+  *sink = hn::GetLane(hn::SumOfLanes(d, total));
+  return iterations * 16 * hn::Lanes(d) * 2;
+}
+
+// Sums `count` floats with four accumulators (vector loads only).
+float SumArray(const float* data, std::size_t count) {
+  const hn::ScalableTag<float> d;
+  const std::size_t lanes = hn::Lanes(d);
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d), s2 = hn::Zero(d), s3 = hn::Zero(d);
+  std::size_t i = 0;
+  for (; i + 4 * lanes <= count; i += 4 * lanes) {
+    s0 = hn::Add(s0, hn::LoadU(d, data + i));
+    s1 = hn::Add(s1, hn::LoadU(d, data + i + lanes));
+    s2 = hn::Add(s2, hn::LoadU(d, data + i + 2 * lanes));
+    s3 = hn::Add(s3, hn::LoadU(d, data + i + 3 * lanes));
+  }
+  float total = hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(s0, s1), hn::Add(s2, s3))));
+  for (; i < count; ++i) total += data[i];
+  return total;
+}
+
+const char* Name() { return hwy::TargetName(HWY_TARGET); }
+
+}  // namespace lookback::bench::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lookback::bench {
+
+HWY_EXPORT(FmaLoop);
+HWY_EXPORT(SumArray);
+HWY_EXPORT(Name);
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+double measure_fma_peak_gflops(int threads) {
+  // Best of a few runs of ~0.2 s each, all threads at once.
+  const std::uint64_t iterations = 20'000'000;
+  double best = 0.0;
+  for (int run = 0; run < 3; ++run) {
+    std::vector<std::uint64_t> flops(static_cast<std::size_t>(threads));
+    std::vector<float> sinks(static_cast<std::size_t>(threads));
+    const auto start = Clock::now();
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        flops[static_cast<std::size_t>(t)] =
+            HWY_DYNAMIC_DISPATCH(FmaLoop)(iterations, &sinks[static_cast<std::size_t>(t)]);
+      });
+    }
+    for (auto& worker : workers) worker.join();
+    const double elapsed = seconds_since(start);
+    double total = 0;
+    for (auto f : flops) total += static_cast<double>(f);
+    best = std::max(best, total / elapsed * 1e-9);
+  }
+  return best;
+}
+
+double measure_read_bandwidth_gbs(int threads, std::size_t bytes) {
+  const std::size_t count = bytes / sizeof(float);
+  std::vector<float> data(count, 1.0f);  // touched: pages are resident
+  const std::size_t chunk = count / static_cast<std::size_t>(threads);
+  double best = 0.0;
+  for (int run = 0; run < 4; ++run) {
+    std::vector<float> sinks(static_cast<std::size_t>(threads));
+    const auto start = Clock::now();
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        sinks[static_cast<std::size_t>(t)] =
+            HWY_DYNAMIC_DISPATCH(SumArray)(data.data() + static_cast<std::size_t>(t) * chunk, chunk);
+      });
+    }
+    for (auto& worker : workers) worker.join();
+    const double elapsed = seconds_since(start);
+    best = std::max(best, static_cast<double>(chunk * static_cast<std::size_t>(threads) * sizeof(float)) / elapsed * 1e-9);
+  }
+  return best;
+}
+
+std::string ceiling_target_name() { return HWY_DYNAMIC_DISPATCH(Name)(); }
+
+}  // namespace lookback::bench
+#endif

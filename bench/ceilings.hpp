@@ -1,0 +1,21 @@
+// The machine's measured ceilings (DESIGN.md §6): what a benchmark's rates
+// are divided by. Measured in the same run, at the same thread count.
+#pragma once
+
+#include <string>
+
+namespace lookback::bench {
+
+// Peak float32 FMA rate in GFLOP/s: a register-only loop of independent
+// fused multiply-adds on the widest vector unit the dispatcher picks, run on
+// `threads` threads at once.
+double measure_fma_peak_gflops(int threads);
+
+// Read bandwidth in GB/s: `threads` threads summing arrays far larger than the
+// last-level cache.
+double measure_read_bandwidth_gbs(int threads, std::size_t bytes = std::size_t{1} << 30);
+
+// The Highway target the ceilings loop ran on.
+std::string ceiling_target_name();
+
+}  // namespace lookback::bench

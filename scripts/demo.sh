@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The demo `make demo` runs: what lookback is, and the query-key pattern of a
+# causal sequence of 7 tokens.
+set -euo pipefail
+LOOKBACK=${1:-build/bin/lookback}
+
+cat <<'TEXT'
+lookback: causal self-attention for autoregressive models
+---------------------------------------------------------
+In a causal model the output at position i may depend only on positions 0..i:
+query q_i is scored against keys k_0..k_i and nothing later. lookback computes
+exactly those scores (a tiled, multi-threaded SIMD kernel that skips the masked
+half of the square), keeps past keys and values in a KV cache, and checks any
+attention implementation for leaks from the future.
+
+TEXT
+echo "\$ lookback --version"
+"$LOOKBACK" --version
+echo
+echo "\$ lookback pattern --len 7      # which keys each query is scored against"
+"$LOOKBACK" pattern --len 7
+echo
+echo "\$ lookback pattern --len 7 --format matrix"
+"$LOOKBACK" pattern --len 7 --format matrix
+echo
+echo "More: lookback --help, README.md, docs/semantics.md."

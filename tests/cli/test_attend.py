@@ -1,0 +1,216 @@
+"""`lookback attend`: attention on .npy files, checked against a float64
+NumPy computation written here, and every error case a user can hit."""
+
+import os
+import unittest
+
+import numpy as np
+
+from clitest import CliTestCase, fixture, run
+
+
+def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
+                    softcap=0.0, slopes=None):
+    """DESIGN.md §3 in float64, written independently of the C++ reference."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    batch, sq, heads, dim = q.shape
+    sk, kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(dim) if scale is None else scale
+    out = np.zeros_like(q)
+    lse = np.full((batch, heads, sq), -np.inf)
+    offset = 0 if causal == "top-left" else sk - sq
+    for b in range(batch):
+        for h in range(heads):
+            kh = h // (heads // kv_heads)
+            s = scale * q[b, :, h, :] @ k[b, :, kh, :].T
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
+            pos = np.arange(sq)[:, None] + offset
+            keys = np.arange(sk)[None, :]
+            if slopes is not None:
+                s = s - slopes[h] * np.abs(pos - keys)
+            visible = np.ones((sq, sk), dtype=bool)
+            if causal != "none":
+                visible = keys <= pos
+                if window is not None:
+                    visible &= keys >= pos - window
+            for i in range(sq):
+                row = s[i][visible[i]]
+                if row.size == 0:
+                    continue
+                m = row.max()
+                p = np.exp(row - m)
+                out[b, i, h] = (p / p.sum()) @ v[b, visible[i], kh, :]
+                lse[b, h, i] = m + np.log(p.sum())
+    return out, lse
+
+
+def rel_l2(actual, expected):
+    return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+class AttendTest(CliTestCase):
+    def save(self, name, array):
+        path = self.path(name)
+        np.save(path, array)
+        return path
+
+    def random_inputs(self, batch=2, sq=9, sk=13, heads=4, kv_heads=2, dim=24, dtype=np.float32):
+        rng = np.random.default_rng(7)
+        q = rng.standard_normal((batch, sq, heads, dim)).astype(dtype)
+        k = rng.standard_normal((batch, sk, kv_heads, dim)).astype(dtype)
+        v = rng.standard_normal((batch, sk, kv_heads, dim)).astype(dtype)
+        return q, k, v
+
+    def attend(self, q, k, v, *extra):
+        paths = [self.save(n, x) for n, x in (("q.npy", q), ("k.npy", k), ("v.npy", v))]
+        out, lse = self.path("o.npy"), self.path("lse.npy")
+        result = run("attend", "--q", paths[0], "--k", paths[1], "--v", paths[2],
+                     "--out", out, "--lse", lse, *extra)
+        return result, out, lse
+
+    def test_fixture_matches_numpy(self):
+        q, k, v = (np.load(fixture(n)) for n in
+                   ("q_1x7x2x8.npy", "k_1x7x1x8.npy", "v_1x7x1x8.npy"))
+        out = self.path("o.npy")
+        result = run("attend", "--q", fixture("q_1x7x2x8.npy"), "--k", fixture("k_1x7x1x8.npy"),
+                     "--v", fixture("v_1x7x1x8.npy"), "--out", out)
+        self.assert_ok(result)
+        self.assertEqual(result.stdout, "")
+        o = np.load(out)
+        self.assertEqual(o.dtype, np.dtype("<f4"))
+        self.assertEqual(o.shape, (1, 7, 2, 8))
+        expected, _ = numpy_attention(q, k, v)
+        self.assertLess(rel_l2(o, expected), 1e-5)
+
+    def test_options_match_numpy(self):
+        q, k, v = self.random_inputs()
+        slopes = np.array([0.5, 0.25, 0.125, 0.0625], dtype=np.float32)
+        alibi = self.save("slopes.npy", slopes)
+        cases = [
+            ([], {}),
+            (["--causal", "top-left"], {"causal": "top-left"}),
+            (["--causal", "none"], {"causal": "none"}),
+            (["--window", "3"], {"window": 3}),
+            (["--window", "0"], {"window": 0}),
+            (["--softcap", "2.5"], {"softcap": 2.5}),
+            (["--scale", "0.3"], {"scale": 0.3}),
+            (["--alibi", alibi], {"slopes": slopes.astype(np.float64)}),
+        ]
+        for args, kwargs in cases:
+            with self.subTest(args=args):
+                result, out, lse = self.attend(q, k, v, *args)
+                self.assert_ok(result)
+                expected_out, expected_lse = numpy_attention(q, k, v, **kwargs)
+                self.assertLess(rel_l2(np.load(out), expected_out), 1e-5)
+                got_lse = np.load(lse)
+                self.assertEqual(got_lse.shape, (2, 4, 9))
+                finite = np.isfinite(expected_lse)
+                np.testing.assert_array_equal(np.isneginf(got_lse), ~finite)
+                np.testing.assert_allclose(got_lse[finite], expected_lse[finite], atol=1e-4)
+
+    def test_empty_rows_are_zero_with_minus_inf_lse(self):
+        q, k, v = self.random_inputs(batch=1, sq=6, sk=3)
+        result, out, lse = self.attend(q, k, v)
+        self.assert_ok(result)
+        o, l = np.load(out), np.load(lse)
+        # seqlen_q 6 > seqlen_k 3, bottom-right: rows 0..2 see no key.
+        self.assertTrue(np.all(o[0, :3] == 0))
+        self.assertTrue(np.all(np.isneginf(l[0, :, :3])))
+        self.assertFalse(np.isnan(o).any())
+
+    def test_half_and_double_inputs(self):
+        for dtype in (np.float16, np.float64):
+            with self.subTest(dtype=dtype):
+                q, k, v = self.random_inputs(dtype=dtype)
+                result, out, _ = self.attend(q, k, v)
+                self.assert_ok(result)
+                expected, _ = numpy_attention(q, k, v)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+
+    def test_half_storage(self):
+        q, k, v = self.random_inputs()
+        for dtype in ("bf16", "f16"):
+            with self.subTest(dtype=dtype):
+                result, out, _ = self.attend(q, k, v, "--dtype", dtype)
+                self.assert_ok(result)
+                expected, _ = numpy_attention(q, k, v)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-2)
+
+    def test_reference_flag_and_threads_agree(self):
+        q, k, v = self.random_inputs(sq=70, sk=70, dim=40)
+        outputs = []
+        for extra in (["--threads", "1"], ["--threads", "3"], ["--reference"]):
+            result, out, _ = self.attend(q, k, v, *extra)
+            self.assert_ok(result)
+            outputs.append(np.load(out))
+        np.testing.assert_array_equal(outputs[0], outputs[1])  # bitwise, any thread count
+        self.assertLess(rel_l2(outputs[0], outputs[2].astype(np.float64)), 1e-5)
+
+    def test_nan_input_does_not_crash(self):
+        q, k, v = self.random_inputs(batch=1)
+        q[0, 5, 0, 0] = np.nan
+        result, out, _ = self.attend(q, k, v)
+        self.assert_ok(result)
+        o = np.load(out)
+        self.assertTrue(np.isnan(o[0, 5, 0]).all())
+        self.assertFalse(np.isnan(o[0, :5]).any())
+
+    def test_errors_are_one_line_and_leave_output_untouched(self):
+        q, k, v = self.random_inputs()
+        good = {n: self.save(n + ".npy", x) for n, x in (("q", q), ("k", k), ("v", v))}
+        bad_dim = self.save("k_dim.npy", k[..., :20])
+        short_v = self.save("v_short.npy", v[:, :5])
+        three_kv = self.save("k3.npy", np.zeros((2, 13, 3, 24), np.float32))
+        rank3 = self.save("rank3.npy", q[0])
+        ints = self.save("ints.npy", np.zeros((2, 9, 4, 24), np.int32))
+        slopes = self.save("slopes.npy", np.ones(3, np.float32))
+        garbage = self.path("garbage.npy")
+        with open(garbage, "wb") as f:
+            f.write(b"\x93NUMPY\x01\x00\x10\x00{'descr': 'xx'" + b"\n" * 3)
+        out = self.path("out.npy")
+        with open(out, "wb") as f:
+            f.write(b"previous contents")
+        base = ["attend", "--q", good["q"], "--k", good["k"], "--v", good["v"], "--out", out]
+
+        def with_(**changes):
+            args = list(base)
+            for flag, value in changes.items():
+                flag = "--" + flag.replace("_", "-")
+                if flag in args:
+                    args[args.index(flag) + 1] = value
+                else:
+                    args += [flag, value]
+            return args
+
+        cases = [
+            (with_(k=bad_dim), "head_dim"),
+            (with_(v=short_v), "v"),
+            (with_(k=three_kv, v=three_kv), "kv_heads"),
+            (with_(q=rank3), "4"),
+            (with_(q=ints), "dtype"),
+            (with_(q=garbage), "garbage.npy"),
+            (with_(q=self.path("missing.npy")), "missing.npy"),
+            (with_(alibi=slopes), "--alibi"),
+            (with_(window="-1"), "--window"),
+            (with_(causal="diagonal"), "--causal"),
+            (with_(dtype="int8"), "--dtype"),
+            (with_(threads="0"), "--threads"),
+            (with_(softcap="-1"), "--softcap"),
+            (with_(mode="bogus"), "--mode"),
+            (with_(window="3", causal="none"), "window"),
+            (with_(out=self.path("no/such/folder/o.npy")), "folder"),
+            (["attend", "--q", good["q"]], None),
+        ]
+        for args, mention in cases:
+            with self.subTest(args=args[1:]):
+                result = run(*args)
+                self.assert_usage_error(result, mention)
+                with open(out, "rb") as f:
+                    self.assertEqual(f.read(), b"previous contents")
+        leftovers = [n for n in os.listdir(self.tmp) if ".tmp" in n]
+        self.assertEqual(leftovers, [])
+
+
+if __name__ == "__main__":
+    unittest.main()
