@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "baseline.hpp"
 #include "ceilings.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/mask.hpp"
@@ -70,48 +71,6 @@ Timing time_it(int reps, Body&& body) {
   }
   std::sort(seconds.begin(), seconds.end());
   return {seconds[seconds.size() / 2], seconds.front(), seconds.back()};
-}
-
-// The materialised baseline: heads split across threads, one OpenBLAS thread
-// each, full n x n scores per head.
-void materialised_attention(const std::vector<float>& q, const std::vector<float>& k,
-                            const std::vector<float>& v, std::vector<float>& out, std::int64_t n,
-                            std::int64_t heads, std::int64_t kv_heads, std::int64_t dim,
-                            int threads, std::vector<std::vector<float>>& scores) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const std::int64_t group = heads / kv_heads;
-  auto run_heads = [&](int worker) {
-    std::vector<float>& s = scores[static_cast<std::size_t>(worker)];
-    for (std::int64_t h = worker; h < heads; h += threads) {
-      const float* qh = q.data() + h * dim;
-      const float* kh = k.data() + (h / group) * dim;
-      const float* vh = v.data() + (h / group) * dim;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
-                  static_cast<int>(dim), scale, qh, static_cast<int>(heads * dim), kh,
-                  static_cast<int>(kv_heads * dim), 0.0f, s.data(), static_cast<int>(n));
-      for (std::int64_t i = 0; i < n; ++i) {
-        float* row = s.data() + i * n;
-        for (std::int64_t j = i + 1; j < n; ++j) row[j] = -INFINITY;
-        float max = -INFINITY;
-        for (std::int64_t j = 0; j < n; ++j) max = std::max(max, row[j]);
-        float sum = 0;
-        for (std::int64_t j = 0; j < n; ++j) {
-          row[j] = std::exp(row[j] - max);
-          sum += row[j];
-        }
-        const float inv = 1.0f / sum;
-        for (std::int64_t j = 0; j < n; ++j) row[j] *= inv;
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n),
-                  static_cast<int>(dim), static_cast<int>(n), 1.0f, s.data(), static_cast<int>(n),
-                  vh, static_cast<int>(kv_heads * dim), 0.0f, out.data() + h * dim,
-                  static_cast<int>(heads * dim));
-    }
-  };
-  std::vector<std::thread> workers;
-  for (int t = 1; t < threads; ++t) workers.emplace_back(run_heads, t);
-  run_heads(0);
-  for (auto& worker : workers) worker.join();
 }
 
 }  // namespace
@@ -205,7 +164,7 @@ int main(int argc, char** argv) {
                                                std::vector<float>(static_cast<std::size_t>(n * n)));
         std::vector<float> reference_out(out.size());
         const Timing base = time_it(options.reps, [&] {
-          materialised_attention(q, k, v, reference_out, n, options.heads, options.kv_heads,
+          bench::materialised_attention(q, k, v, reference_out, n, options.heads, options.kv_heads,
                                  options.dim, threads, scores);
         });
         baseline_ms = fmt::format("{:.1f} ({:.1f}-{:.1f})", base.median * 1e3, base.min * 1e3,

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/gemm-inl.h"
@@ -74,6 +75,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   const V range_end = hn::Set(d, static_cast<float>(range.end));
 
   V running_max = minus_inf;
+  auto nan_seen = hn::IsNaN(running_max);  // all false
   for (std::int64_t col = begin; col < end; col += lanes) {
     V s = hn::Load(d, scores + col);
     if (softcap > 0.0f) {
@@ -91,6 +93,15 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     }
     hn::Store(s, d, scores + col);
     running_max = hn::Max(running_max, s);
+    nan_seen = hn::Or(nan_seen, hn::IsNaN(s));
+  }
+  if (!hn::AllFalse(d, nan_seen)) {
+    // A NaN score (NaN or Inf - Inf in a visible input) poisons the row: its
+    // output and LSE become NaN, never a silently finite value. (Max and Exp
+    // would otherwise drop it.)
+    state.max = std::numeric_limits<float>::quiet_NaN();
+    state.sum = std::numeric_limits<float>::quiet_NaN();
+    return std::numeric_limits<float>::quiet_NaN();
   }
   const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max));
   const float alpha = state.update_max(tile_max);

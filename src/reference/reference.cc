@@ -45,6 +45,7 @@ ReferenceResult reference_attention(const AttentionParams& params) {
           params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[h] : 0.0;
       for (std::int64_t i = 0; i < seqlen_q; ++i) {
         double row_max = minus_inf;
+        bool nan_seen = false;
         for (std::int64_t j = 0; j < seqlen_k; ++j) {
           if (!mask.visible(i, j)) continue;
           double dot = 0.0;
@@ -53,20 +54,27 @@ ReferenceResult reference_attention(const AttentionParams& params) {
           if (softcap > 0.0) score = softcap * std::tanh(score / softcap);
           score -= slope * std::fabs(static_cast<double>(mask.position(i) - j));
           scores[static_cast<std::size_t>(j)] = score;
+          nan_seen = nan_seen || std::isnan(score);
           row_max = std::fmax(row_max, score);
+        }
+        double* out = &result.out[static_cast<std::size_t>(((b * seqlen_q + i) * heads + h) * head_dim)];
+        double& lse = result.lse[static_cast<std::size_t>((b * heads + h) * seqlen_q + i)];
+        if (nan_seen) {  // a NaN score poisons its row, never vanishes
+          for (std::int64_t e = 0; e < head_dim; ++e) out[e] = std::nan("");
+          lse = std::nan("");
+          continue;
         }
         if (row_max == minus_inf) continue;  // no visible key: zeros, lse = -inf
         double sum = 0.0;
         for (std::int64_t j = 0; j < seqlen_k; ++j) {
           if (mask.visible(i, j)) sum += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
         }
-        double* out = &result.out[static_cast<std::size_t>(((b * seqlen_q + i) * heads + h) * head_dim)];
         for (std::int64_t j = 0; j < seqlen_k; ++j) {
           if (!mask.visible(i, j)) continue;
           const double weight = std::exp(scores[static_cast<std::size_t>(j)] - row_max) / sum;
           for (std::int64_t e = 0; e < head_dim; ++e) out[e] += weight * v_at(b, j, kv_head, e);
         }
-        result.lse[static_cast<std::size_t>((b * heads + h) * seqlen_q + i)] = row_max + std::log(sum);
+        lse = row_max + std::log(sum);
       }
     }
   }

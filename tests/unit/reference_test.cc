@@ -98,3 +98,17 @@ TEST(Reference, ValidatesArguments) {
 
 }  // namespace
 }  // namespace lookback
+
+namespace lookback {
+namespace {
+
+TEST(Reference, NanScorePoisonsItsRowOnly) {
+  Tiny t{.q = {1, std::nanf("")}, .k = {1, 3}, .v = {10, 20}};
+  const ReferenceResult r = reference_attention(t.params(2, 2, 1, 1, 1));
+  EXPECT_DOUBLE_EQ(r.out[0], 10.0);
+  EXPECT_TRUE(std::isnan(r.out[1]));
+  EXPECT_TRUE(std::isnan(r.lse[1]));
+}
+
+}  // namespace
+}  // namespace lookback

@@ -1,0 +1,33 @@
+// Shared pieces of the lookback command-line tool. Each subcommand lives in
+// its own file and registers itself through one function declared here.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+namespace lookback::cli {
+
+// Exit codes shared by every subcommand.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;  // e.g. a leak was found, a check failed
+inline constexpr int kExitUsage = 2;    // bad arguments, bad input files, errors
+
+// A subcommand's body; returns the process exit code. Errors are thrown as
+// lookback::Error (or CLI::Error) and turned into one stderr line by main().
+using Runner = std::function<int()>;
+
+// Each subcommand adds itself to `app` and sets `runner` to run when chosen.
+void add_pattern_command(CLI::App& app, Runner& runner);
+void add_attend_command(CLI::App& app, Runner& runner);
+
+// Writes `text` to `path` atomically, or to stdout when path is empty or "-".
+void write_output(const std::string& path, const std::string& text);
+
+// Validator for options that must be >= 1.
+extern const CLI::Validator kPositive;
+// Validator for options that must be >= 0.
+extern const CLI::Validator kNonNegative;
+
+}  // namespace lookback::cli

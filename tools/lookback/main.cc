@@ -1,0 +1,53 @@
+// lookback: causal attention on NumPy files, from the command line.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <iostream>
+
+#include "common.hpp"
+#include "lookback/attention.hpp"
+#include "lookback/error.hpp"
+#include "lookback/version.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "lookback: causal self-attention for autoregressive models.\n"
+      "Query i is scored against keys 0..i only; this tool computes such attention on\n"
+      "NumPy .npy files and shows which query-key pairs a mask lets through."};
+  app.name("lookback");
+  app.require_subcommand(1);
+  app.set_version_flag("--version",
+                       fmt::format("lookback {} (SIMD path on this CPU: {})", lookback::kVersion,
+                                   lookback::simd_target_name()));
+  app.footer("Run 'lookback COMMAND --help' for a command's options. Exit codes: 0 ok, 1 check "
+             "failed, 2 usage or input error.");
+
+  lookback::cli::Runner runner;
+  lookback::cli::add_pattern_command(app, runner);
+  lookback::cli::add_attend_command(app, runner);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "lookback: " << e.what() << "\n";
+    return lookback::cli::kExitUsage;
+  }
+  try {
+    return runner ? runner() : lookback::cli::kExitUsage;
+  } catch (const lookback::Error& e) {
+    std::cerr << "lookback: " << e.what() << "\n";
+    return lookback::cli::kExitUsage;
+  } catch (const CLI::Error& e) {
+    std::cerr << "lookback: " << e.what() << "\n";
+    return lookback::cli::kExitUsage;
+  } catch (const std::exception& e) {
+    std::cerr << "lookback: " << e.what() << "\n";
+    return lookback::cli::kExitUsage;
+  }
+}

@@ -1,0 +1,444 @@
+// `lookback pattern`: shows which keys each query is scored against.
+//
+// Every visibility decision below comes from lookback::Mask (key_range,
+// visible, visible_in_tile, position), the same code the kernels and the cost
+// counts use, so what this command prints is what the engine computes.
+// Conventions (alignment, inclusive window): docs/semantics.md.
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "common.hpp"
+#include "lookback/error.hpp"
+#include "lookback/mask.hpp"
+
+namespace lookback::cli {
+namespace {
+
+// Lengths and windows above this are refused: it keeps every position
+// (i + seqlen_k - seqlen_q, minus a window) far from int64 overflow, and no
+// real sequence comes near it.
+constexpr std::int64_t kMaxLength = std::int64_t{1} << 40;
+// text, matrix and json list every cell or pair they show; past ~4M cells the
+// output runs to tens of megabytes, which nobody reads. --query shows one row.
+constexpr std::int64_t kMaxListedCells = std::int64_t{1} << 22;
+// svg draws one rectangle per row, so its size grows with the rows only;
+// 16384 rows is about a megabyte.
+constexpr std::int64_t kMaxSvgRows = std::int64_t{1} << 14;
+
+enum class Format { kText, kMatrix, kJson, kSvg };
+
+Format parse_format(const std::string& text) {
+  if (text == "text") return Format::kText;
+  if (text == "matrix") return Format::kMatrix;
+  if (text == "json") return Format::kJson;
+  if (text == "svg") return Format::kSvg;
+  throw Error(fmt::format("--format: unknown format '{}' (expected text, matrix, json or svg)",
+                          text));
+}
+
+struct PatternOptions {
+  std::int64_t seqlen_q = 0;
+  std::int64_t seqlen_k = 0;     // only read when --seqlen-k was given
+  std::int64_t query = 0;        // only read when --query was given
+  std::int64_t window_left = 0;  // only read when --window was given
+  std::string causal = "bottom-right";
+  std::string format = "text";
+  std::string out;
+  CLI::Option* seqlen_k_option = nullptr;
+  CLI::Option* query_option = nullptr;
+  CLI::Option* window_option = nullptr;
+};
+
+// What one invocation shows: the mask and the query rows [row_begin, row_end).
+struct Pattern {
+  Mask mask;
+  std::int64_t row_begin = 0;
+  std::int64_t row_end = 0;
+  std::optional<std::int64_t> query;  // set when --query picked one row
+
+  std::int64_t rows() const noexcept { return row_end - row_begin; }
+  // Computed scores among the rows shown, and the cells those rows span.
+  std::int64_t interactions() const noexcept {
+    return mask.visible_in_tile(row_begin, row_end, 0, mask.seqlen_k());
+  }
+  std::int64_t cells() const noexcept { return rows() * mask.seqlen_k(); }
+};
+
+void check_at_most(const char* argument, std::int64_t value, std::int64_t limit) {
+  if (value > limit) {
+    throw Error(fmt::format("{}: {} (expected at most {})", argument, value, limit));
+  }
+}
+
+// Validates the options and builds the pattern; nothing is written before
+// this returns, so a bad argument never leaves an output file behind.
+Pattern make_pattern(const PatternOptions& options, Format format) {
+  check_at_most("--len", options.seqlen_q, kMaxLength);
+  const std::int64_t seqlen_k = *options.seqlen_k_option ? options.seqlen_k : options.seqlen_q;
+  check_at_most("--seqlen-k", seqlen_k, kMaxLength);
+  MaskSpec spec{.causal = parse_causal(options.causal, "--causal"), .window_left = {}};
+  if (*options.window_option) {
+    check_at_most("--window", options.window_left, kMaxLength);
+    spec.window_left = options.window_left;
+  }
+  // The Mask checks the window against the alignment (none takes no window).
+  Pattern pattern{.mask = Mask(options.seqlen_q, seqlen_k, spec),
+                  .row_begin = 0,
+                  .row_end = options.seqlen_q,
+                  .query = {}};
+  if (*options.query_option) {
+    if (options.query < 0 || options.query >= options.seqlen_q) {
+      throw Error(fmt::format("--query: {} (expected a query row from 0 to {}, below --len {})",
+                              options.query, options.seqlen_q - 1, options.seqlen_q));
+    }
+    pattern.query = options.query;
+    pattern.row_begin = options.query;
+    pattern.row_end = options.query + 1;
+  }
+  if (format == Format::kSvg) {
+    if (pattern.rows() > kMaxSvgRows) {
+      throw Error(fmt::format(
+          "--len: {} rows are too many to draw (expected at most {}; use --query to draw one row)",
+          pattern.rows(), kMaxSvgRows));
+    }
+  } else if (pattern.query && seqlen_k > kMaxListedCells) {
+    throw Error(fmt::format(
+        "--seqlen-k: {} keys are too many to list in one row (expected at most {})", seqlen_k,
+        kMaxListedCells));
+  } else if (pattern.rows() > kMaxListedCells / seqlen_k) {
+    throw Error(fmt::format(
+        "--len x --seqlen-k: {} x {} cells are too many to list (expected at most {}; use --query "
+        "to list one row)",
+        pattern.rows(), seqlen_k, kMaxListedCells));
+  }
+  return pattern;
+}
+
+std::string summary_line(const Pattern& pattern) {
+  const std::int64_t interactions = pattern.interactions();
+  const std::int64_t cells = pattern.cells();
+  return fmt::format("{} query-key interaction{} of {} ({:.1f}%)", interactions,
+                     interactions == 1 ? "" : "s", cells,
+                     100.0 * static_cast<double>(interactions) / static_cast<double>(cells));
+}
+
+// The notes' notation: q3: q3·k0ᵀ, q3·k1ᵀ, ... (U+00B7 middle dot, U+1D40 ᵀ).
+std::string render_text(const Pattern& pattern) {
+  std::string text;
+  auto out = std::back_inserter(text);
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const KeyRange keys = pattern.mask.key_range(row);
+    fmt::format_to(out, "q{}:", row);
+    if (keys.empty()) fmt::format_to(out, " (no visible keys)");
+    for (std::int64_t key = keys.begin; key < keys.end; ++key) {
+      fmt::format_to(out, "{} q{}\u00b7k{}\u1d40", key == keys.begin ? "" : ",", row, key);
+    }
+    text += '\n';
+  }
+  text += summary_line(pattern);
+  text += '\n';
+  return text;
+}
+
+// One line per query row, one token per key: S = score computed, 0 = masked.
+std::string render_matrix(const Pattern& pattern) {
+  std::string text;
+  const std::int64_t seqlen_k = pattern.mask.seqlen_k();
+  text.reserve(static_cast<std::size_t>(pattern.cells() * 2));
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    for (std::int64_t key = 0; key < seqlen_k; ++key) {
+      if (key > 0) text += ' ';
+      text += pattern.mask.visible(row, key) ? 'S' : '0';
+    }
+    text += '\n';
+  }
+  return text;
+}
+
+std::string render_json(const Pattern& pattern) {
+  const Mask& mask = pattern.mask;
+  // ordered_json keeps the fields in the order a reader expects them.
+  nlohmann::ordered_json doc;
+  doc["seqlen_q"] = mask.seqlen_q();
+  doc["seqlen_k"] = mask.seqlen_k();
+  doc["causal"] = std::string(causal_name(mask.spec().causal));
+  doc["window"] = mask.spec().window_left ? nlohmann::ordered_json(*mask.spec().window_left)
+                                          : nlohmann::ordered_json(nullptr);
+  doc["query"] = pattern.query ? nlohmann::ordered_json(*pattern.query)
+                               : nlohmann::ordered_json(nullptr);
+  doc["interactions"] = pattern.interactions();
+  doc["full"] = pattern.cells();
+  auto& rows = doc["rows"] = nlohmann::ordered_json::array();
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const KeyRange keys = mask.key_range(row);
+    nlohmann::ordered_json keys_json = nlohmann::ordered_json::array();
+    for (std::int64_t key = keys.begin; key < keys.end; ++key) keys_json.push_back(key);
+    rows.push_back({{"query", row}, {"keys", std::move(keys_json)}});
+  }
+  return doc.dump() + "\n";
+}
+
+// ---- svg -------------------------------------------------------------------
+
+// Sizes in px. Long sequences shrink the cells so the plot stays about
+// kPlotSide across; short ones keep kMaxCell so q0..q6 stay readable.
+constexpr double kPlotSide = 640;
+constexpr double kMaxCell = 40;
+constexpr double kLabelCell = 24;   // a label on every row/column from here up
+constexpr double kTickSpacing = 40;  // otherwise at least this far apart
+constexpr double kGridCell = 4;     // grid lines and per-cell diagonal from here up
+constexpr double kLeft = 84;        // room for "q16383" and the rotated axis name
+constexpr double kTop = 96;         // title, subtitle, axis name, key labels
+constexpr double kMinWidth = 420;   // the title and legend need this much
+
+constexpr const char* kMaskedColour = "#e8e8e8";
+constexpr const char* kVisibleColour = "#3b6ea8";
+constexpr const char* kDiagonalColour = "#e8743b";
+
+// Coordinates with at most two decimals and no trailing zeros.
+std::string px(double value) {
+  std::string text = fmt::format("{:.2f}", value);
+  while (text.back() == '0') text.pop_back();
+  if (text.back() == '.') text.pop_back();
+  return text == "-0" ? "0" : text;
+}
+
+// Smallest step of the form 1, 2, 5, 10, 20, 50, ... whose labels, `cell` px
+// per index apart, are at least kTickSpacing px apart.
+std::int64_t tick_step(double cell) {
+  if (cell >= kLabelCell) return 1;
+  for (std::int64_t decade = 1;; decade *= 10) {
+    for (std::int64_t factor : {1, 2, 5}) {
+      if (static_cast<double>(decade * factor) * cell >= kTickSpacing) return decade * factor;
+    }
+  }
+}
+
+std::string render_svg(const Pattern& pattern) {
+  const Mask& mask = pattern.mask;
+  const std::int64_t rows = pattern.rows();
+  const std::int64_t seqlen_k = mask.seqlen_k();
+  const double cell_w = std::min(kMaxCell, kPlotSide / static_cast<double>(seqlen_k));
+  const double cell_h = std::min(kMaxCell, kPlotSide / static_cast<double>(rows));
+  const double plot_w = cell_w * static_cast<double>(seqlen_k);
+  const double plot_h = cell_h * static_cast<double>(rows);
+  const double width = kLeft + std::max(plot_w, kMinWidth) + 24;
+  const double height = kTop + plot_h + 48;
+
+  const std::string window_text =
+      mask.spec().window_left
+          ? fmt::format("window {} ({} keys at most)", *mask.spec().window_left,
+                        *mask.spec().window_left + 1)
+          : std::string("no window");
+  const std::string subtitle =
+      fmt::format("seqlen_q {}, seqlen_k {}, {}, {}", mask.seqlen_q(), seqlen_k,
+                  causal_name(mask.spec().causal), window_text);
+  const std::string summary = summary_line(pattern);
+
+  std::string svg;
+  auto out = std::back_inserter(svg);
+  fmt::format_to(out,
+                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+                 "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" "
+                 "viewBox=\"0 0 {0} {1}\" font-family=\"sans-serif\">\n"
+                 "<title>Attention mask: {2} ({3})</title>\n"
+                 "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+                 "<text x=\"{4}\" y=\"24\" font-size=\"16\" font-weight=\"bold\">{2}</text>\n"
+                 "<text x=\"{4}\" y=\"44\" font-size=\"12\" fill=\"#444\">{3}</text>\n"
+                 "<text x=\"{5}\" y=\"66\" font-size=\"12\" text-anchor=\"middle\">"
+                 "keys k_j</text>\n"
+                 "<text transform=\"translate(16 {6}) rotate(-90)\" font-size=\"12\" "
+                 "text-anchor=\"middle\">queries q_i</text>\n",
+                 px(width), px(height), summary, subtitle, px(kLeft), px(kLeft + plot_w / 2),
+                 px(kTop + plot_h / 2));
+
+  // The cells, in cell units (scaled group): masked background, then one
+  // rectangle per row for its visible keys. key_range is one interval per row,
+  // so this is exact and the file grows with the rows, not with rows x keys.
+  // The rectangles are sub-paths of one path: a renderer fills a path in one
+  // pass, so rows under a pixel tall leave no anti-aliased seams between them.
+  fmt::format_to(out,
+                 "<g transform=\"translate({} {}) scale({} {})\">\n"
+                 "<rect width=\"{}\" height=\"{}\" fill=\"{}\"/>\n"
+                 "<path fill=\"{}\" d=\"",
+                 px(kLeft), px(kTop), cell_w, cell_h, seqlen_k, rows, kMaskedColour,
+                 kVisibleColour);
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const KeyRange keys = mask.key_range(row);
+    if (keys.empty()) continue;
+    fmt::format_to(out, "M{} {}h{}v1h-{}z", keys.begin, row - pattern.row_begin, keys.size(),
+                   keys.size());
+  }
+  svg += "\"/>\n";
+
+  // The diagonal: the key at the query's own position p(i). It is a straight
+  // line (p grows by one per row); big cells get a square each, small ones a
+  // line, which stays visible when a cell is under a pixel.
+  const bool big_cells = cell_w >= kGridCell && cell_h >= kGridCell;
+  std::optional<std::int64_t> first_diagonal;
+  std::optional<std::int64_t> last_diagonal;
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const std::int64_t position = mask.position(row);
+    if (!mask.visible(row, position)) continue;  // off the key axis
+    if (!first_diagonal) first_diagonal = row;
+    last_diagonal = row;
+    if (big_cells) {
+      fmt::format_to(out,
+                     "<rect x=\"{}\" y=\"{}\" width=\"1\" height=\"1\" fill=\"{}\"/>\n",
+                     position, row - pattern.row_begin, kDiagonalColour);
+    }
+  }
+  svg += "</g>\n";
+
+  // Strokes are drawn in px, outside the scaled group, so their width does not
+  // grow with the cells (vector-effect="non-scaling-stroke" is not honoured by
+  // every renderer, librsvg among them).
+  const auto cell_x = [&](double key) { return px(kLeft + key * cell_w); };
+  const auto cell_y = [&](double shown_row) { return px(kTop + shown_row * cell_h); };
+  if (!big_cells && first_diagonal) {
+    fmt::format_to(out,
+                   "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" "
+                   "stroke-width=\"1.5\" stroke-linecap=\"square\"/>\n",
+                   cell_x(static_cast<double>(mask.position(*first_diagonal)) + 0.5),
+                   cell_y(static_cast<double>(*first_diagonal - pattern.row_begin) + 0.5),
+                   cell_x(static_cast<double>(mask.position(*last_diagonal)) + 0.5),
+                   cell_y(static_cast<double>(*last_diagonal - pattern.row_begin) + 0.5),
+                   kDiagonalColour);
+  }
+  if (big_cells) {
+    // White grid lines between cells, as one path.
+    svg += "<path fill=\"none\" stroke=\"white\" stroke-width=\"1\" d=\"";
+    for (std::int64_t key = 1; key < seqlen_k; ++key) {
+      fmt::format_to(out, "M{} {}V{}", cell_x(static_cast<double>(key)), cell_y(0),
+                     cell_y(static_cast<double>(rows)));
+    }
+    for (std::int64_t row = 1; row < rows; ++row) {
+      fmt::format_to(out, "M{} {}H{}", cell_x(0), cell_y(static_cast<double>(row)),
+                     cell_x(static_cast<double>(seqlen_k)));
+    }
+    svg += "\"/>\n";
+  }
+
+  // Labels: every row and key when the cells are big enough, else ticks.
+  svg += "<g font-size=\"11\" fill=\"#222\">\n";
+  const std::int64_t key_step = tick_step(cell_w);
+  for (std::int64_t key = 0; key < seqlen_k; key += key_step) {
+    fmt::format_to(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">k{}</text>\n",
+                   px(kLeft + (static_cast<double>(key) + 0.5) * cell_w), px(kTop - 8), key);
+  }
+  const std::int64_t row_step = tick_step(cell_h);
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const std::int64_t shown = row - pattern.row_begin;
+    if (row % row_step != 0 && shown != 0) continue;
+    fmt::format_to(out,
+                   "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" dominant-baseline=\"middle\">"
+                   "q{}</text>\n",
+                   px(kLeft - 6), px(kTop + (static_cast<double>(shown) + 0.5) * cell_h), row);
+  }
+  svg += "</g>\n";
+
+  // Legend.
+  const double legend_y = kTop + plot_h + 20;
+  struct Swatch {
+    const char* colour;
+    const char* label;
+  };
+  double legend_x = kLeft;
+  for (const Swatch& swatch : {Swatch{kVisibleColour, "score computed"},
+                               Swatch{kDiagonalColour, "own position j = p(i)"},
+                               Swatch{kMaskedColour, "masked"}}) {
+    fmt::format_to(out,
+                   "<rect x=\"{0}\" y=\"{1}\" width=\"12\" height=\"12\" fill=\"{2}\"/>\n"
+                   "<text x=\"{3}\" y=\"{4}\" font-size=\"12\">{5}</text>\n",
+                   px(legend_x), px(legend_y), swatch.colour, px(legend_x + 17),
+                   px(legend_y + 10.5), swatch.label);
+    // About 6.5 px per character at font-size 12, plus the swatch and a gap.
+    legend_x += 17 + 6.5 * static_cast<double>(std::string_view(swatch.label).size()) + 20;
+  }
+  svg += "</svg>\n";
+  return svg;
+}
+
+}  // namespace
+
+void add_pattern_command(CLI::App& app, Runner& runner) {
+  auto options = std::make_shared<PatternOptions>();
+  // The description is also the one line `lookback --help` lists; the rest
+  // goes after the options in `lookback pattern --help`.
+  CLI::App* command = app.add_subcommand(
+      "pattern", "Show which keys each query is scored against under a causal mask.");
+  command->footer(
+      std::string(
+          "In an autoregressive model a token may look only at itself and earlier tokens, so\n"
+          "only those query-key scores (q_i·k_jᵀ) are computed; the rest are masked.\n"
+          "Query i sits at position p(i) = i + seqlen_k - seqlen_q (bottom-right, the default)\n"
+          "or p(i) = i (top-left) and is scored against keys 0..p(i) only; with --window W\n"
+          "only against keys p(i)-W..p(i), W+1 keys at most. --causal none lets every query\n"
+          "see every key.\n"
+          "\n"
+          "Formats:\n"
+          "  text    each query with its dot products (q3: q3·k0ᵀ, ...), then a count such as\n"
+          "          '28 query-key interactions of 49 (57.1%)'\n"
+          "  matrix  one line per query, one token per key: S = score computed, 0 = masked\n"
+          "  json    {seqlen_q, seqlen_k, causal, window, query, interactions, full,\n"
+          "           rows: [{query, keys: [...]}]}\n"
+          "  svg     a picture of the mask (own position j = p(i) in orange)\n"
+          "With --query I only row I is shown, and the count (text, json 'interactions' and\n"
+          "'full') is of that row's seqlen_k keys.") +
+      fmt::format(" text, matrix and json list at most {} cells\n"
+                  "(--len x --seqlen-k) and svg draws at most {} rows; use --query for one row\n"
+                  "of a longer sequence.\n",
+                  kMaxListedCells, kMaxSvgRows) +
+      "\n"
+      "Examples:\n"
+      "  lookback pattern --len 7\n"
+      "  lookback pattern --len 8 --query 5 --format json\n"
+      "  lookback pattern --len 3 --seqlen-k 5 --causal top-left --format matrix\n"
+      "  lookback pattern --len 512 --window 127 --format svg --out mask.svg\n"
+      "Conventions: docs/semantics.md.");
+  command->add_option("--len", options->seqlen_q, "number of queries, seqlen_q (>= 1)")
+      ->required()
+      ->check(kPositive);
+  options->seqlen_k_option =
+      command->add_option("--seqlen-k", options->seqlen_k,
+                          "number of keys, seqlen_k (>= 1; default: --len)")
+          ->check(kPositive);
+  options->query_option =
+      command->add_option("--query", options->query, "show only query row I (0 <= I < --len)")
+          ->check(kNonNegative);
+  options->window_option =
+      command
+          ->add_option("--window", options->window_left,
+                       "left window W >= 0: a query sees its own key and the W before it")
+          ->check(kNonNegative);
+  command->add_option("--causal", options->causal,
+                      "alignment: bottom-right (default), top-left, or none (every key visible)");
+  command->add_option("--format", options->format, "text (default), matrix, json or svg");
+  command->add_option("--out", options->out, "write to this file (atomically) instead of stdout");
+
+  command->callback([options, &runner] {
+    runner = [options] {
+      const Format format = parse_format(options->format);
+      const Pattern pattern = make_pattern(*options, format);
+      std::string output;
+      switch (format) {
+        case Format::kText: output = render_text(pattern); break;
+        case Format::kMatrix: output = render_matrix(pattern); break;
+        case Format::kJson: output = render_json(pattern); break;
+        case Format::kSvg: output = render_svg(pattern); break;
+      }
+      write_output(options->out, output);
+      return kExitOk;
+    };
+  });
+}
+
+}  // namespace lookback::cli
