@@ -6,6 +6,7 @@
 #include "lookback/dtype.hpp"
 #include "lookback/error.hpp"
 #include "lookback/mask.hpp"
+#include "lookback/modes.hpp"
 #include "lookback/npy.hpp"
 #include "lookback/reference.hpp"
 #include "lookback/tensor.hpp"

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cstdint>
 #include <cstdlib>
 
 #include "lookback/error.hpp"
@@ -14,7 +15,8 @@ std::array<std::int64_t, kMaxRank> contiguous_strides(
   std::int64_t stride = 1;
   for (int axis = rank - 1; axis >= 0; --axis) {
     strides[axis] = stride;
-    stride *= shape[axis];
+    // Saturate instead of overflowing: validate_view rejects such shapes.
+    if (__builtin_mul_overflow(stride, shape[axis], &stride)) stride = INT64_MAX;
   }
   return strides;
 }

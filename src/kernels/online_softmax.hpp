@@ -62,4 +62,17 @@ struct OnlineSoftmaxState {
   }
 };
 
+// Merges a normalised partial result (other_out, other_lse) into (out, lse),
+// both over `dim` values: the states (lse, sum 1, acc = out) merged exactly.
+// An empty partial (lse = -inf) changes nothing.
+inline void merge_normalized(float* out, float& lse, const float* other_out, float other_lse,
+                             std::size_t dim) noexcept {
+  OnlineSoftmaxState self{lse, lse == kMinusInf ? 0.0f : 1.0f};
+  const OnlineSoftmaxState other{other_lse, other_lse == kMinusInf ? 0.0f : 1.0f};
+  self.merge(other, out, other_out, dim);
+  const float normalizer = self.normalizer();
+  for (std::size_t e = 0; e < dim; ++e) out[e] *= normalizer;
+  lse = self.lse();
+}
+
 }  // namespace lookback::kernels

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels/gemm-inl.h"
+#include "kernels/softmax-inl.h"
 #include "kernels/online_softmax.hpp"
 #include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
@@ -46,78 +47,6 @@ namespace lookback::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 namespace {
-
-// The visible keys of one row inside the current key tile, in tile-local
-// columns [begin, end).
-struct LocalRange {
-  std::int64_t begin = 0;
-  std::int64_t end = 0;
-  bool empty() const { return end <= begin; }
-};
-
-// Scores of one row -> probabilities, in place. Applies softcap and ALiBi,
-// hides columns outside `range` (only when kMasked), updates the row state.
-// Returns alpha, the factor for the row's accumulator.
-template <bool kMasked>
-HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
-                            float alibi_slope, float position, float first_key,
-                            OnlineSoftmaxState& state) {
-  const hn::ScalableTag<float> d;
-  using V = hn::Vec<decltype(d)>;
-  const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  const V minus_inf = hn::Set(d, kMinusInf);
-  const V lane_index = hn::Iota(d, 0.0f);
-  // Full tiles cover whole vectors [range.begin, range.end) = [0, width) with
-  // width a multiple of the vector; masked ones test every column.
-  const std::int64_t begin = kMasked ? 0 : range.begin;
-  const std::int64_t end = kMasked ? kKeyTile : range.end;
-  const V range_begin = hn::Set(d, static_cast<float>(range.begin));
-  const V range_end = hn::Set(d, static_cast<float>(range.end));
-
-  V running_max = minus_inf;
-  auto nan_seen = hn::IsNaN(running_max);  // all false
-  for (std::int64_t col = begin; col < end; col += lanes) {
-    V s = hn::Load(d, scores + col);
-    if (softcap > 0.0f) {
-      s = hn::Mul(hn::Set(d, softcap), hn::Tanh(d, hn::Mul(s, hn::Set(d, 1.0f / softcap))));
-    }
-    const V column = hn::Add(lane_index, hn::Set(d, static_cast<float>(col)));
-    if (alibi_slope != 0.0f) {
-      const V distance =
-          hn::Abs(hn::Sub(hn::Set(d, position), hn::Add(column, hn::Set(d, first_key))));
-      s = hn::NegMulAdd(hn::Set(d, alibi_slope), distance, s);
-    }
-    if constexpr (kMasked) {
-      s = hn::IfThenElse(hn::And(hn::Ge(column, range_begin), hn::Lt(column, range_end)), s,
-                         minus_inf);
-    }
-    hn::Store(s, d, scores + col);
-    running_max = hn::Max(running_max, s);
-    nan_seen = hn::Or(nan_seen, hn::IsNaN(s));
-  }
-  if (!hn::AllFalse(d, nan_seen)) {
-    // A NaN score (NaN or Inf - Inf in a visible input) poisons the row: its
-    // output and LSE become NaN, never a silently finite value. (Max and Exp
-    // would otherwise drop it.)
-    state.max = std::numeric_limits<float>::quiet_NaN();
-    state.sum = std::numeric_limits<float>::quiet_NaN();
-    return std::numeric_limits<float>::quiet_NaN();
-  }
-  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max));
-  const float alpha = state.update_max(tile_max);
-  const V row_max = hn::Set(d, state.max);
-  V sum = hn::Zero(d);
-  for (std::int64_t col = begin; col < end; col += lanes) {
-    const V s = hn::Load(d, scores + col);
-    V p = hn::Exp(d, hn::Sub(s, row_max));
-    // exp(-inf) must be exactly 0 whatever Exp does outside its domain.
-    p = hn::IfThenElseZero(hn::Ne(s, minus_inf), p);
-    hn::Store(p, d, scores + col);
-    sum = hn::Add(sum, p);
-  }
-  state.update_sum(hn::GetLane(hn::SumOfLanes(d, sum)));
-  return alpha;
-}
 
 struct Scratch {
   float* q;       // (group, kQueryTile, padded_dim): scaled, storage-rounded
@@ -161,25 +90,30 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
               OnlineSoftmaxState{});
   }
 
-  const KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
+  KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
+  keys.begin = std::max(keys.begin, params.keys.begin);
+  keys.end = std::min(keys.end, params.keys.end);
   if (!keys.empty()) {
     const std::int64_t first_tile = keys.begin / kKeyTile;
     const std::int64_t last_tile = (keys.end - 1) / kKeyTile;
     for (std::int64_t tile = first_tile; tile <= last_tile; ++tile) {
       const std::int64_t key_begin = tile * kKeyTile;
       const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
+      // The tile's columns that lie in the key range this call covers.
+      const std::int64_t used_begin = std::max(key_begin, params.keys.begin);
+      const std::int64_t used_end = std::min(key_end, params.keys.end);
       const TileVisibility visibility =
-          mask.tile_visibility(row_begin, row_end, key_begin, key_end);
+          mask.tile_visibility(row_begin, row_end, used_begin, used_end);
       if (visibility == TileVisibility::kEmpty) continue;
-      // A full tile narrower than kKeyTile (the last one) still needs the
-      // padded columns hidden, so it takes the masked path.
-      const bool masked =
-          visibility == TileVisibility::kPartial || key_end - key_begin != kKeyTile;
+      // A full tile narrower than kKeyTile (the last one, or one cut by the
+      // key range) still needs the other columns hidden: the masked path.
+      const bool masked = visibility == TileVisibility::kPartial ||
+                          used_begin != key_begin || used_end - key_begin != kKeyTile;
       for (std::int64_t r = 0; r < rows; ++r) {
         if (masked) {
           const KeyRange row_keys = mask.key_range(row_begin + r);
-          scratch.ranges[r] = {std::max(row_keys.begin, key_begin) - key_begin,
-                               std::min(row_keys.end, key_end) - key_begin};
+          scratch.ranges[r] = {std::max(row_keys.begin, used_begin) - key_begin,
+                               std::min(row_keys.end, used_end) - key_begin};
         } else {
           scratch.ranges[r] = {0, kKeyTile};
         }

@@ -2,6 +2,7 @@
 // tiles with an online softmax, never materialising the score matrix.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -25,6 +26,9 @@ struct PrefillParams {
   float softcap = 0.0f;  // 0 disables
   MaskSpec mask;
   DType storage = DType::kF32;
+  // Only keys in this range take part (split-KV: one part of the key range;
+  // rows with no key in it get zeros and LSE -inf, to be merged).
+  KeyRange keys{0, INT64_MAX};
 };
 
 void prefill(const PrefillParams& params, Context& context);

@@ -1,0 +1,149 @@
+// KV caches for autoregressive decoding. The keys and values of past tokens
+// never change, so they are computed once, stored, and reused: token i costs
+// i + 1 dot products (or W + 1 with a window) instead of recomputing the
+// prefix. Queries attend bottom-right aligned (DESIGN.md §2): the t new
+// tokens of a step sit at positions length - t .. length - 1.
+//
+//   KvCache      one sequence, contiguous storage of a fixed capacity
+//   PagedKvPool  many sequences in a pool of fixed-size blocks with a block
+//                table per sequence (vLLM style), fork with copy-on-write
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "lookback/attention.hpp"
+#include "lookback/context.hpp"
+#include "lookback/dtype.hpp"
+#include "lookback/tensor.hpp"
+
+namespace lookback {
+
+// Rotary position embedding applied on the way in: K rotated by its absolute
+// position at append, Q at attend, so a model can hand raw projections to the
+// cache.
+struct RopeSpec {
+  float theta = 10000.0f;    // base
+  bool interleaved = false;  // false: NeoX half rotation (e, e + d/2); true: pairs (2e, 2e + 1)
+};
+
+struct CacheConfig {
+  std::int64_t kv_heads = 1;
+  std::int64_t head_dim = 64;  // 1 .. kMaxHeadDim
+  DType storage = DType::kF32;  // f32, f16 or bf16
+  std::optional<RopeSpec> rope;
+};
+
+// How queries attend to a cache (the mask is always bottom-right).
+struct DecodeOptions {
+  std::optional<float> scale;                 // default 1 / sqrt(head_dim)
+  float softcap = 0.0f;                       // 0 disables
+  std::optional<std::int64_t> window_left;    // keys p - W .. p
+  const float* maybe_alibi_slopes = nullptr;  // (heads,)
+  // Split each sequence's key range into this many parts computed in
+  // parallel and merged exactly through their LSEs (flash-decoding). 0 picks
+  // a number from the context length and thread count; 1 disables.
+  std::int64_t splits = 0;
+};
+
+// One sequence's step in a batched call: q holds the `tokens` newest tokens
+// of the sequence (already appended), out and maybe_lse receive the result.
+struct DecodeStep {
+  TensorView q;                 // (tokens, heads, head_dim)
+  MutableTensorView out;        // (tokens, heads, head_dim), f32
+  MutableTensorView maybe_lse;  // (heads, tokens), f32; optional
+};
+
+class KvCache {
+ public:
+  KvCache(const CacheConfig& config, std::int64_t capacity);
+  ~KvCache();
+  KvCache(KvCache&&) noexcept;
+  KvCache& operator=(KvCache&&) noexcept;
+
+  const CacheConfig& config() const noexcept;
+  std::int64_t length() const noexcept;    // tokens appended so far
+  std::int64_t capacity() const noexcept;
+
+  // Appends 1 or more tokens: k and v are (tokens, kv_heads, head_dim), any
+  // input dtype. Throws lookback::Error (kCapacity) past the capacity, in
+  // which case nothing is appended.
+  void append(const TensorView& k, const TensorView& v);
+
+  // Attends the step's q to every visible cached key (see DecodeStep).
+  void attend(const DecodeStep& step, const DecodeOptions& options, Context& context) const;
+
+  // Forgets every token (capacity unchanged).
+  void clear() noexcept;
+
+ private:
+  friend void attend_batch(std::span<const KvCache* const> caches,
+                           std::span<const DecodeStep> steps, const DecodeOptions& options,
+                           Context& context);
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+using SequenceId = std::int64_t;
+
+class PagedKvPool {
+ public:
+  // A pool of `num_blocks` blocks of `block_size` tokens (K and V for every kv
+  // head). block_size >= 1: any size works.
+  PagedKvPool(const CacheConfig& config, std::int64_t block_size, std::int64_t num_blocks);
+  ~PagedKvPool();
+  PagedKvPool(PagedKvPool&&) noexcept;
+  PagedKvPool& operator=(PagedKvPool&&) noexcept;
+
+  const CacheConfig& config() const noexcept;
+  std::int64_t block_size() const noexcept;
+  std::int64_t num_blocks() const noexcept;
+  std::int64_t free_blocks() const noexcept;
+
+  SequenceId create();
+  // A new sequence sharing every block of `parent` (no copy). Appending to a
+  // shared, partly filled last block copies it first (copy-on-write).
+  SequenceId fork(SequenceId parent);
+  // Returns the sequence's blocks to the pool (shared ones when their last
+  // user lets go). Unknown ids are an error.
+  void release(SequenceId sequence);
+
+  std::int64_t length(SequenceId sequence) const;
+  std::vector<std::int64_t> block_table(SequenceId sequence) const;
+  std::vector<SequenceId> sequences() const;
+
+  // Appends tokens (k, v: (tokens, kv_heads, head_dim)). All or nothing: when
+  // the pool has too few free blocks it throws lookback::Error (kCapacity) and
+  // every sequence is left as it was.
+  void append(SequenceId sequence, const TensorView& k, const TensorView& v);
+
+  void attend(SequenceId sequence, const DecodeStep& step, const DecodeOptions& options,
+              Context& context) const;
+
+  // Batched decode: one step for each of many sequences of different lengths,
+  // in one call (work spread over sequences, heads and key splits).
+  void attend_batch(std::span<const SequenceId> sequences, std::span<const DecodeStep> steps,
+                    const DecodeOptions& options, Context& context) const;
+
+  // For tests and tools: replaces the block ids of the pool with a random
+  // permutation, moving the data, so that block tables are not the identity.
+  void shuffle_blocks(std::uint64_t seed);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Batched decode over contiguous caches: steps[i] attends caches[i].
+void attend_batch(std::span<const KvCache* const> caches, std::span<const DecodeStep> steps,
+                  const DecodeOptions& options, Context& context);
+
+// Rotates x (tokens, heads, head_dim) in place, token t at position
+// first_position + t (used by the caches; exposed for tests and users).
+void apply_rope(float* x, std::int64_t tokens, std::int64_t heads, std::int64_t head_dim,
+                std::int64_t first_position, const RopeSpec& rope);
+
+}  // namespace lookback

@@ -1,0 +1,235 @@
+#include "lookback/modes.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "kernels/prefill.hpp"
+#include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
+#include "lookback/merge.hpp"
+
+namespace lookback {
+
+std::string_view mode_name(Mode mode) noexcept {
+  switch (mode) {
+    case Mode::kPrefill: return "prefill";
+    case Mode::kDecode: return "decode";
+    case Mode::kChunked: return "chunked";
+    case Mode::kPaged: return "paged";
+    case Mode::kSplit: return "split";
+  }
+  return "?";
+}
+
+Mode parse_mode(std::string_view text, std::string_view argument) {
+  for (Mode mode : all_modes()) {
+    if (text == mode_name(mode)) return mode;
+  }
+  throw Error(fmt::format("{}: unknown mode '{}' (expected prefill, decode, chunked, paged or split)",
+                          argument, text));
+}
+
+std::vector<Mode> all_modes() {
+  return {Mode::kPrefill, Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit};
+}
+
+namespace {
+
+// Element offset arithmetic on views: a slice of rows of one batch element.
+TensorView rows_of(const TensorView& view, std::int64_t b, std::int64_t begin, std::int64_t count) {
+  TensorView slice;
+  slice.data = static_cast<const std::byte*>(view.data) +
+               (b * view.strides[0] + begin * view.strides[1]) *
+                   static_cast<std::int64_t>(dtype_size(view.dtype));
+  slice.dtype = view.dtype;
+  slice.rank = 3;
+  slice.shape = {count, view.shape[2], view.shape[3], 0};
+  slice.strides = {view.strides[1], view.strides[2], view.strides[3], 0};
+  return slice;
+}
+
+MutableTensorView rows_of(const MutableTensorView& view, std::int64_t b, std::int64_t begin,
+                          std::int64_t count) {
+  MutableTensorView slice;
+  slice.data = static_cast<float*>(view.data) + b * view.strides[0] + begin * view.strides[1];
+  slice.dtype = view.dtype;
+  slice.rank = 3;
+  slice.shape = {count, view.shape[2], view.shape[3], 0};
+  slice.strides = {view.strides[1], view.strides[2], view.strides[3], 0};
+  return slice;
+}
+
+// (heads, count) of the LSE (batch, heads, seqlen_q), or empty.
+MutableTensorView lse_of(const MutableTensorView& lse, std::int64_t b, std::int64_t begin,
+                         std::int64_t count) {
+  if (lse.empty()) return {};
+  MutableTensorView slice;
+  slice.data = static_cast<float*>(lse.data) + b * lse.strides[0] + begin * lse.strides[2];
+  slice.dtype = DType::kF32;
+  slice.rank = 2;
+  slice.shape = {lse.shape[1], count, 0, 0};
+  slice.strides = {lse.strides[1], lse.strides[2], 0, 0};
+  return slice;
+}
+
+// decode / chunked / paged: fill a cache per batch element with the first
+// seqlen_k - seqlen_q tokens, then append and attend `chunk` tokens at a time.
+void run_through_cache(const AttentionParams& params, const AttentionShape& shape,
+                       std::int64_t chunk, bool paged, std::int64_t block_size, Context& context) {
+  const CacheConfig config{.kv_heads = shape.kv_heads,
+                           .head_dim = shape.head_dim,
+                           .storage = params.storage};
+  const DecodeOptions options{.scale = params.scale,
+                              .softcap = params.softcap,
+                              .window_left = params.mask.window_left,
+                              .maybe_alibi_slopes = params.maybe_alibi_slopes};
+  const std::int64_t prompt = shape.seqlen_k - shape.seqlen_q;
+  std::vector<KvCache> caches;
+  std::optional<PagedKvPool> pool;
+  std::vector<SequenceId> ids;
+  if (paged) {
+    const std::int64_t blocks_per_sequence = (shape.seqlen_k + block_size - 1) / block_size;
+    pool.emplace(config, block_size, shape.batch * blocks_per_sequence);
+    // Allocation order follows the block ids: shuffle them so that block
+    // tables are never the identity.
+    pool->shuffle_blocks(0x5eed);
+    for (std::int64_t b = 0; b < shape.batch; ++b) ids.push_back(pool->create());
+  } else {
+    for (std::int64_t b = 0; b < shape.batch; ++b) caches.emplace_back(config, shape.seqlen_k);
+  }
+  auto append = [&](std::int64_t b, std::int64_t begin, std::int64_t count) {
+    if (count == 0) return;
+    const TensorView k = rows_of(params.k, b, begin, count);
+    const TensorView v = rows_of(params.v, b, begin, count);
+    if (paged) {
+      pool->append(ids[static_cast<std::size_t>(b)], k, v);
+    } else {
+      caches[static_cast<std::size_t>(b)].append(k, v);
+    }
+  };
+  for (std::int64_t b = 0; b < shape.batch; ++b) append(b, 0, prompt);
+  std::vector<DecodeStep> steps(static_cast<std::size_t>(shape.batch));
+  std::vector<const KvCache*> cache_pointers;
+  for (const KvCache& cache : caches) cache_pointers.push_back(&cache);
+  for (std::int64_t t = 0; t < shape.seqlen_q; t += chunk) {
+    const std::int64_t count = std::min(chunk, shape.seqlen_q - t);
+    for (std::int64_t b = 0; b < shape.batch; ++b) {
+      append(b, prompt + t, count);
+      steps[static_cast<std::size_t>(b)] = {.q = rows_of(params.q, b, t, count),
+                                            .out = rows_of(params.out, b, t, count),
+                                            .maybe_lse = lse_of(params.maybe_lse, b, t, count)};
+    }
+    if (paged) {
+      pool->attend_batch(ids, steps, options, context);
+    } else {
+      attend_batch(cache_pointers, steps, options, context);
+    }
+  }
+}
+
+// split: prefill over `splits` parts of the key range, merged through LSEs.
+void run_split(const AttentionParams& params, const AttentionShape& shape, std::int64_t splits,
+               Context& context) {
+  const std::int64_t rows = shape.batch * shape.seqlen_q * shape.heads;
+  const std::int64_t dim = shape.head_dim;
+  std::vector<float> out(static_cast<std::size_t>(rows * dim)), lse(static_cast<std::size_t>(rows));
+  std::vector<float> part_out(out.size()), part_lse(lse.size());
+  kernels::PrefillParams prefill{
+      .q = params.q,
+      .k = params.k,
+      .v = params.v,
+      .out = {},
+      .maybe_lse = {},
+      .maybe_alibi_slopes = params.maybe_alibi_slopes,
+      .shape = shape,
+      .scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(dim))),
+      .softcap = params.softcap,
+      .mask = params.mask,
+      .storage = params.storage,
+  };
+  // Row r = (b, i, h) in both buffers, so LSE is (batch, seqlen_q, heads) here.
+  auto bind = [&](std::vector<float>& o, std::vector<float>& l) {
+    prefill.out = make_mutable_view(o.data(), DType::kF32,
+                                    {shape.batch, shape.seqlen_q, shape.heads, dim}, "out");
+    MutableTensorView lse_view;
+    lse_view.data = l.data();
+    lse_view.dtype = DType::kF32;
+    lse_view.rank = 3;
+    lse_view.shape = {shape.batch, shape.heads, shape.seqlen_q, 0};
+    lse_view.strides = {shape.seqlen_q * shape.heads, 1, shape.heads, 0};
+    prefill.maybe_lse = lse_view;
+  };
+  for (std::int64_t part = 0; part < splits; ++part) {
+    prefill.keys = {shape.seqlen_k * part / splits, shape.seqlen_k * (part + 1) / splits};
+    if (part == 0) {
+      bind(out, lse);
+      kernels::prefill(prefill, context);
+    } else {
+      bind(part_out, part_lse);
+      kernels::prefill(prefill, context);
+      merge_attention(out.data(), lse.data(), part_out.data(), part_lse.data(), rows, dim);
+    }
+  }
+  if (shape.seqlen_k == 0) {  // no part ran
+    std::fill(out.begin(), out.end(), 0.0f);
+    std::fill(lse.begin(), lse.end(), -std::numeric_limits<float>::infinity());
+  }
+  auto* destination = static_cast<float*>(params.out.data);
+  auto* lse_destination = static_cast<float*>(params.maybe_lse.data);
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    for (std::int64_t i = 0; i < shape.seqlen_q; ++i) {
+      for (std::int64_t h = 0; h < shape.heads; ++h) {
+        const std::int64_t row = (b * shape.seqlen_q + i) * shape.heads + h;
+        const std::int64_t base = params.out.offset(b, i, h, 0);
+        for (std::int64_t e = 0; e < dim; ++e) {
+          destination[base + e * params.out.strides[3]] = out[static_cast<std::size_t>(row * dim + e)];
+        }
+        if (lse_destination != nullptr) {
+          lse_destination[params.maybe_lse.offset(b, h, i)] = lse[static_cast<std::size_t>(row)];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
+                      Context& context) {
+  const AttentionShape shape = validate(params);
+  if (options.chunk < 1) throw Error(fmt::format("chunk: {} (expected >= 1)", options.chunk));
+  if (options.block_size < 1) {
+    throw Error(fmt::format("block_size: {} (expected >= 1)", options.block_size));
+  }
+  if (options.splits < 1) throw Error(fmt::format("splits: {} (expected >= 1)", options.splits));
+  const bool uses_cache = options.mode == Mode::kDecode || options.mode == Mode::kChunked ||
+                          options.mode == Mode::kPaged;
+  if (uses_cache) {
+    if (params.mask.causal != Causal::kBottomRight) {
+      throw Error(fmt::format("causal: {} (mode {} keeps a KV cache, which needs bottom-right "
+                              "alignment: new tokens come after the cached ones)",
+                              causal_name(params.mask.causal), mode_name(options.mode)));
+    }
+    if (shape.seqlen_q > shape.seqlen_k) {
+      throw Error(fmt::format("q: seqlen_q {} > seqlen_k {} (mode {} appends each query's own "
+                              "key, so expected seqlen_q <= seqlen_k)",
+                              shape.seqlen_q, shape.seqlen_k, mode_name(options.mode)));
+    }
+  }
+  if (shape.batch == 0 || shape.seqlen_q == 0) return;
+  switch (options.mode) {
+    case Mode::kPrefill: attend(params, context); return;
+    case Mode::kDecode: run_through_cache(params, shape, 1, false, 0, context); return;
+    case Mode::kChunked: run_through_cache(params, shape, options.chunk, false, 0, context); return;
+    case Mode::kPaged:
+      run_through_cache(params, shape, options.chunk, true, options.block_size, context);
+      return;
+    case Mode::kSplit: run_split(params, shape, options.splits, context); return;
+  }
+}
+
+}  // namespace lookback

@@ -1,0 +1,343 @@
+#include "diagnostics/leakcheck.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "lookback/attention.hpp"
+#include "lookback/context.hpp"
+#include "lookback/error.hpp"
+#include "lookback/tensor.hpp"
+
+namespace lookback::diagnostics {
+namespace {
+
+// Each input tensor holds at most this many elements (1 GiB of f32): every
+// run copies the inputs, so `jobs` runs in flight hold several copies.
+constexpr std::int64_t kMaxTensorElements = std::int64_t{1} << 28;
+// The per-(batch, head) dependency matrices take one byte per cell.
+constexpr std::int64_t kMaxMatrixCells = std::int64_t{1} << 28;
+
+// splitmix64's finaliser: a stateless hash, so that the value of an element
+// depends only on (seed, stream, index), never on which thread drew it or in
+// which order. That is what makes the report the same for any --jobs.
+std::uint64_t mix(std::uint64_t x) noexcept {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [0, 1).
+double uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t index) noexcept {
+  const std::uint64_t bits = mix(mix(seed) ^ mix(stream * 0x100000001b3ULL + index));
+  return static_cast<double>(bits >> 11) * 0x1.0p-53;
+}
+
+// Streams: 0..2 the base q, k, v; 3 + 3j + t the perturbation of tensor t at
+// position j.
+enum Tensor : std::uint64_t { kQ = 0, kK = 1, kV = 2 };
+
+// Multiplies sizes that are each >= 1, refusing past `limit`.
+std::int64_t checked_product(std::initializer_list<std::int64_t> sizes, std::int64_t limit,
+                             const char* what) {
+  std::int64_t product = 1;
+  for (std::int64_t size : sizes) {
+    if (size > limit / product) {
+      throw Error(fmt::format("{}: more than {} elements (expected a smaller problem)", what,
+                              limit));
+    }
+    product *= size;
+  }
+  return product;
+}
+
+std::int64_t q_elements(const LeakShape& s) {
+  return s.batch * s.seqlen * s.heads * s.head_dim;
+}
+std::int64_t kv_elements(const LeakShape& s) {
+  return s.batch * s.seqlen * s.kv_heads * s.head_dim;
+}
+
+LeakInputs make_base_inputs(const LeakShape& shape, std::uint64_t seed) {
+  LeakInputs inputs{.shape = shape, .q = {}, .k = {}, .v = {}};
+  const auto fill = [&](std::vector<float>& data, std::int64_t count, Tensor tensor) {
+    data.resize(static_cast<std::size_t>(count));
+    for (std::int64_t e = 0; e < count; ++e) {
+      // [-1.5, 1.5): scores stay moderate, so no softmax weight underflows to
+      // exactly 0 and hides a dependency.
+      data[static_cast<std::size_t>(e)] =
+          static_cast<float>(3.0 * uniform(seed, tensor, static_cast<std::uint64_t>(e)) - 1.5);
+    }
+  };
+  fill(inputs.q, q_elements(shape), kQ);
+  fill(inputs.k, kv_elements(shape), kK);
+  fill(inputs.v, kv_elements(shape), kV);
+  return inputs;
+}
+
+// Moves every element of the rows at `position` (all batch elements, all
+// heads) by 0.5 to 1.5 in a random direction. Not an epsilon: the change must
+// survive rounding to bf16/f16 storage (spacing <= 2^-5 below 4) and move the
+// output by far more than rounding noise, so every real dependency shows.
+void perturb(std::vector<float>& data, std::int64_t seqlen, std::int64_t heads,
+             std::int64_t head_dim, std::int64_t position, Tensor tensor, std::uint64_t seed) {
+  const std::int64_t row = heads * head_dim;  // elements of one (batch, position)
+  const std::int64_t batch = static_cast<std::int64_t>(data.size()) / (seqlen * row);
+  const std::uint64_t stream = 3 + 3 * static_cast<std::uint64_t>(position) + tensor;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t begin = (b * seqlen + position) * row;
+    for (std::int64_t e = 0; e < row; ++e) {
+      const std::uint64_t index = static_cast<std::uint64_t>(b * row + e);
+      const double magnitude = 0.5 + uniform(seed, stream, 2 * index);
+      const double sign = uniform(seed, stream, 2 * index + 1) < 0.5 ? -1.0 : 1.0;
+      float& value = data[static_cast<std::size_t>(begin + e)];
+      value = static_cast<float>(value + sign * magnitude);
+    }
+  }
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string text = "(";
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    text += (d ? ", " : "") + std::to_string(shape[d]);
+  }
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
+void check_output(const NpyArray& out, const LeakShape& s, const RunInfo& run) {
+  const std::vector<std::int64_t> expected{s.batch, s.seqlen, s.heads, s.head_dim};
+  if (out.shape != expected) {
+    throw Error(fmt::format(
+        "output of {}: shape {} (expected (batch, seqlen, heads, head_dim) = {})", run_name(run),
+        shape_text(out.shape), shape_text(expected)));
+  }
+  if (out.dtype != DType::kF32 && out.dtype != DType::kF64) {
+    throw Error(fmt::format("output of {}: dtype {} (expected f32 <f4 or f64 <f8)",
+                            run_name(run), dtype_name(out.dtype)));
+  }
+}
+
+}  // namespace
+
+std::string run_name(const RunInfo& run) {
+  return run.position < 0
+             ? std::string("the base run")
+             : fmt::format("run {} of {} (position {} perturbed)", run.run + 1, run.total,
+                           run.position);
+}
+
+void validate(const LeakShape& shape) {
+  const std::pair<const char*, std::int64_t> sizes[] = {
+      {"batch", shape.batch},
+      {"seqlen", shape.seqlen},
+      {"heads", shape.heads},
+      {"kv_heads", shape.kv_heads},
+      {"head_dim", shape.head_dim}};
+  for (const auto& [name, size] : sizes) {
+    if (size < 1) throw Error(fmt::format("{}: {} (expected >= 1)", name, size));
+  }
+  if (shape.heads % shape.kv_heads != 0) {
+    throw Error(fmt::format("heads: {} (expected a multiple of kv_heads {})", shape.heads,
+                            shape.kv_heads));
+  }
+  checked_product({shape.batch, shape.seqlen, shape.heads, shape.head_dim}, kMaxTensorElements,
+                  "q (batch x seqlen x heads x head_dim)");
+  checked_product({shape.batch, shape.heads, shape.seqlen, shape.seqlen}, kMaxMatrixCells,
+                  "dependency matrices (batch x heads x seqlen x seqlen)");
+}
+
+Cell classify_cell(const Mask& mask, std::int64_t row, std::int64_t position, bool observed) {
+  if (mask.visible(row, position)) return observed ? Cell::kObserved : Cell::kMissing;
+  return observed ? Cell::kLeak : Cell::kMasked;
+}
+
+char cell_symbol(Cell cell) noexcept {
+  switch (cell) {
+    case Cell::kObserved: return 'S';
+    case Cell::kMissing: return '.';
+    case Cell::kLeak: return 'X';
+    case Cell::kMasked: return ' ';
+  }
+  return '?';
+}
+
+Classification classify(const Mask& mask, const std::vector<std::uint8_t>& dependency) {
+  const std::int64_t n = mask.seqlen_q();
+  Classification result;
+  for (std::int64_t i = 0; i < n; ++i) {
+    for (std::int64_t j = 0; j < n; ++j) {
+      const bool observed = dependency[static_cast<std::size_t>(i * n + j)] != 0;
+      switch (classify_cell(mask, i, j, observed)) {
+        case Cell::kLeak: result.leaks.emplace_back(i, j); break;
+        case Cell::kMissing: result.missing.emplace_back(i, j); break;
+        default: break;
+      }
+    }
+  }
+  return result;
+}
+
+bool LeakReport::observed(std::int64_t row, std::int64_t position) const noexcept {
+  return dependency[static_cast<std::size_t>(row * shape.seqlen + position)] != 0;
+}
+
+std::vector<std::uint8_t> LeakReport::head_dependency(std::int64_t head) const {
+  const std::int64_t cells = shape.seqlen * shape.seqlen;
+  std::vector<std::uint8_t> matrix(static_cast<std::size_t>(cells), 0);
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    const std::uint8_t* source = per_batch_head.data() + (b * shape.heads + head) * cells;
+    for (std::int64_t c = 0; c < cells; ++c) matrix[static_cast<std::size_t>(c)] |= source[c];
+  }
+  return matrix;
+}
+
+std::vector<Pair> LeakReport::where_observed(std::int64_t row, std::int64_t position) const {
+  const std::int64_t n = shape.seqlen;
+  std::vector<Pair> found;
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    for (std::int64_t h = 0; h < shape.heads; ++h) {
+      if (per_batch_head[static_cast<std::size_t>(((b * shape.heads + h) * n + row) * n +
+                                                  position)]) {
+        found.emplace_back(b, h);
+      }
+    }
+  }
+  return found;
+}
+
+LeakReport check_leaks(const Implementation& implementation, const LeakCheckOptions& options) {
+  const LeakShape& s = options.shape;
+  validate(s);
+  const Mask mask(s.seqlen, s.seqlen, options.mask);  // validates the window
+  if (options.jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", options.jobs));
+
+  LeakReport report;
+  report.shape = s;
+  report.mask_spec = options.mask;
+  report.runs = s.seqlen + 1;
+  report.per_batch_head.assign(static_cast<std::size_t>(s.batch * s.heads * s.seqlen * s.seqlen),
+                               0);
+
+  const LeakInputs base = make_base_inputs(s, options.seed);
+  const RunInfo base_run{.run = 0, .total = report.runs, .worker = 0, .position = -1};
+  const NpyArray base_out = implementation(base, base_run);
+  check_output(base_out, s, base_run);
+
+  std::mutex mutex;  // guards done, first_error and the progress callback
+  std::int64_t done = 1;
+  if (options.progress) options.progress(done, report.runs);
+  std::exception_ptr first_error;
+  std::atomic<std::int64_t> next_position{0};
+  std::atomic<bool> stop{false};
+
+  const auto work = [&](int worker) {
+    while (!stop.load(std::memory_order_relaxed)) {
+      const std::int64_t j = next_position.fetch_add(1);
+      if (j >= s.seqlen) return;
+      try {
+        LeakInputs inputs = base;
+        perturb(inputs.q, s.seqlen, s.heads, s.head_dim, j, kQ, options.seed);
+        perturb(inputs.k, s.seqlen, s.kv_heads, s.head_dim, j, kK, options.seed);
+        perturb(inputs.v, s.seqlen, s.kv_heads, s.head_dim, j, kV, options.seed);
+        const RunInfo run{.run = j + 1, .total = report.runs, .worker = worker, .position = j};
+        const NpyArray out = implementation(inputs, run);
+        check_output(out, s, run);
+        if (out.dtype != base_out.dtype) {
+          // Comparing f32 with f64 bits would flag every row as changed.
+          throw Error(fmt::format("output of {}: dtype {} (expected {}, as in the base run)",
+                                  run_name(run), dtype_name(out.dtype),
+                                  dtype_name(base_out.dtype)));
+        }
+        // Compare each (batch, row, head) slice bit for bit: any change counts,
+        // and a NaN differs from every number.
+        const std::size_t element_size = dtype_size(out.dtype);
+        const std::size_t slice = static_cast<std::size_t>(s.head_dim) * element_size;
+        for (std::int64_t b = 0; b < s.batch; ++b) {
+          for (std::int64_t i = 0; i < s.seqlen; ++i) {
+            for (std::int64_t h = 0; h < s.heads; ++h) {
+              const std::size_t element = static_cast<std::size_t>(
+                  ((b * s.seqlen + i) * s.heads + h) * s.head_dim);
+              const bool changed = std::memcmp(base_out.data.data() + element * element_size,
+                                               out.data.data() + element * element_size,
+                                               slice) != 0;
+              // Each run writes only its own column j: no two threads share a byte.
+              if (changed) {
+                report.per_batch_head[static_cast<std::size_t>(
+                    ((b * s.heads + h) * s.seqlen + i) * s.seqlen + j)] = 1;
+              }
+            }
+          }
+        }
+        const std::lock_guard lock(mutex);
+        ++done;
+        if (options.progress) options.progress(done, report.runs);
+      } catch (...) {
+        const std::lock_guard lock(mutex);
+        if (!first_error) first_error = std::current_exception();
+        stop.store(true);
+        return;
+      }
+    }
+  };
+
+  const int threads =
+      static_cast<int>(std::min<std::int64_t>(options.jobs, std::max<std::int64_t>(s.seqlen, 1)));
+  std::vector<std::thread> helpers;
+  helpers.reserve(static_cast<std::size_t>(threads - 1));
+  for (int worker = 1; worker < threads; ++worker) helpers.emplace_back(work, worker);
+  work(0);
+  for (std::thread& helper : helpers) helper.join();
+  if (first_error) std::rethrow_exception(first_error);
+
+  const std::int64_t cells = s.seqlen * s.seqlen;
+  report.dependency.assign(static_cast<std::size_t>(cells), 0);
+  for (std::int64_t bh = 0; bh < s.batch * s.heads; ++bh) {
+    const std::uint8_t* source = report.per_batch_head.data() + bh * cells;
+    for (std::int64_t c = 0; c < cells; ++c) {
+      report.dependency[static_cast<std::size_t>(c)] |= source[c];
+    }
+  }
+  report.result = classify(mask, report.dependency);
+  return report;
+}
+
+Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
+                                   int jobs) {
+  if (jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", jobs));
+  // A Context runs one call at a time; one per worker lets `jobs` runs overlap.
+  auto contexts = std::make_shared<std::vector<std::unique_ptr<Context>>>();
+  for (int worker = 0; worker < jobs; ++worker) {
+    contexts->push_back(std::make_unique<Context>(1));
+  }
+  return [mode, storage, mask, contexts](const LeakInputs& inputs, const RunInfo& run) {
+    const LeakShape& s = inputs.shape;
+    AttentionParams params;
+    params.q = make_view(inputs.q.data(), DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
+                         "q");
+    params.k = make_view(inputs.k.data(), DType::kF32,
+                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "k");
+    params.v = make_view(inputs.v.data(), DType::kF32,
+                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "v");
+    NpyArray out;
+    out.dtype = DType::kF32;
+    out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
+    std::vector<float> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
+    params.out = make_mutable_view(values.data(), DType::kF32,
+                                   {s.batch, s.seqlen, s.heads, s.head_dim}, "out");
+    params.mask = mask;
+    params.storage = storage;
+    attend_with_mode(params, mode, *contexts->at(static_cast<std::size_t>(run.worker)));
+    out.data.resize(values.size() * sizeof(float));
+    std::memcpy(out.data.data(), values.data(), out.data.size());
+    return out;
+  };
+}
+
+}  // namespace lookback::diagnostics

@@ -1,0 +1,126 @@
+// Leak check: which output rows of an attention implementation depend on which
+// input positions, found by experiment, and whether that dependency stays
+// inside the mask (DESIGN.md §2, §4).
+//
+// The implementation is a black box: a callback from Q, K, V to O. It runs
+// once on random base inputs, then once per position j with the q, k and v
+// rows at j (every head, every batch element) replaced by clearly different
+// values. Output row i "depends on" j when any bit of it changed. A dependency
+// on a key the mask hides from row i is a leak; a visible key whose change was
+// never seen is "missing" (a warning: e.g. an output that ignores its own
+// token). seqlen_q == seqlen_k == seqlen, so position j is both query j and
+// key j. Total runs: seqlen + 1, independent of each other after the base.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lookback/dtype.hpp"
+#include "lookback/mask.hpp"
+#include "lookback/modes.hpp"
+#include "lookback/npy.hpp"
+
+namespace lookback::diagnostics {
+
+struct LeakShape {
+  std::int64_t batch = 1;
+  std::int64_t seqlen = 1;
+  std::int64_t heads = 1;
+  std::int64_t kv_heads = 1;
+  std::int64_t head_dim = 1;
+};
+
+// Throws lookback::Error naming the field when a size is < 1, heads is not a
+// multiple of kv_heads, or a tensor or the dependency matrices would be too
+// large to hold.
+void validate(const LeakShape& shape);
+
+// One run's inputs, float32, C order.
+struct LeakInputs {
+  LeakShape shape;
+  std::vector<float> q;  // (batch, seqlen, heads,    head_dim)
+  std::vector<float> k;  // (batch, seqlen, kv_heads, head_dim)
+  std::vector<float> v;  // (batch, seqlen, kv_heads, head_dim)
+};
+
+struct RunInfo {
+  std::int64_t run = 0;       // 0 is the base run; run r perturbs position r - 1
+  std::int64_t total = 0;     // seqlen + 1
+  int worker = 0;             // 0 <= worker < jobs; no two runs share one at a time
+  std::int64_t position = -1; // the perturbed position, -1 for the base run
+};
+
+// "the base run" or "run 3 of 9 (position 1 perturbed)", for messages.
+std::string run_name(const RunInfo& run);
+
+// Computes O (batch, seqlen, heads, head_dim) as f32 or f64. Called from
+// `jobs` threads at once (never twice with the same worker index at a time).
+// Throws lookback::Error to stop the check.
+using Implementation = std::function<NpyArray(const LeakInputs& inputs, const RunInfo& run)>;
+
+struct LeakCheckOptions {
+  LeakShape shape;
+  MaskSpec mask;           // what may depend on what
+  std::uint64_t seed = 1;  // same seed, same inputs, same report, for any jobs
+  int jobs = 1;            // runs in parallel (>= 1)
+  // Called after each finished run with (runs done, total runs), from one
+  // thread at a time; optional.
+  std::function<void(std::int64_t done, std::int64_t total)> progress;
+};
+
+using Pair = std::pair<std::int64_t, std::int64_t>;  // (output row i, position j)
+
+// A dependency matrix checked against the mask.
+struct Classification {
+  std::vector<Pair> leaks;    // observed, but j is not visible to i; row-major order
+  std::vector<Pair> missing;  // j is visible to i, but no change was observed
+  bool causal() const noexcept { return leaks.empty(); }
+};
+
+// How one cell of a dependency matrix reads against the mask.
+enum class Cell : std::uint8_t {
+  kObserved,  // visible and observed            'S'
+  kMissing,   // visible, never observed         '.'
+  kLeak,      // not visible, observed           'X'
+  kMasked,    // not visible, not observed       ' '
+};
+Cell classify_cell(const Mask& mask, std::int64_t row, std::int64_t position, bool observed);
+char cell_symbol(Cell cell) noexcept;
+
+// `dependency` is (seqlen, seqlen), 1 where row i changed with position j.
+Classification classify(const Mask& mask, const std::vector<std::uint8_t>& dependency);
+
+struct LeakReport {
+  LeakShape shape;
+  MaskSpec mask_spec;
+  std::int64_t runs = 0;  // seqlen + 1
+  // (batch, heads, seqlen, seqlen): 1 where output row i of that batch element
+  // and head changed when position j was perturbed.
+  std::vector<std::uint8_t> per_batch_head;
+  // (seqlen, seqlen): the OR of per_batch_head over batch elements and heads.
+  std::vector<std::uint8_t> dependency;
+  Classification result;  // of `dependency`
+
+  Mask mask() const { return Mask(shape.seqlen, shape.seqlen, mask_spec); }
+  bool observed(std::int64_t row, std::int64_t position) const noexcept;
+  // (seqlen, seqlen) for one head, OR over batch elements.
+  std::vector<std::uint8_t> head_dependency(std::int64_t head) const;
+  // The (batch, head) pairs in which row i was seen to depend on position j.
+  std::vector<Pair> where_observed(std::int64_t row, std::int64_t position) const;
+};
+
+// Runs `implementation` seqlen + 1 times (the base run first and alone, so a
+// command that fails at once fails once) and builds the report. Rethrows the
+// first error of a run, after the runs in flight have finished.
+LeakReport check_leaks(const Implementation& implementation, const LeakCheckOptions& options);
+
+// lookback's own attention through one path (attend_with_mode), as an
+// Implementation for check_leaks: storage dtype `storage`, mask `mask`, one
+// single-threaded Context per worker (so `jobs` runs can share it).
+Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
+                                   int jobs);
+
+}  // namespace lookback::diagnostics

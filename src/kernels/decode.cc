@@ -1,0 +1,210 @@
+// The decode kernel. One call handles one kv head: its query heads (a GQA
+// group) times the step's tokens are the rows; keys stream in tiles of
+// kKeyTile straight from the cache (contiguous runs or paged blocks), in the
+// storage dtype, converted to f32 in registers. Per tile: one dot product
+// per (row, visible key), the shared online-softmax step, then O += P V over
+// each row's visible keys only (hidden slots are never read).
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/decode.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/decode.hpp"
+#include "kernels/online_softmax.hpp"
+#include "kernels/softmax-inl.h"
+#include "kernels/tiles.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace {
+
+// Loads `lanes` elements of a stored row at `offset` as f32.
+template <typename T, class D>
+HWY_INLINE hn::Vec<D> LoadAsFloat(D d, const T* HWY_RESTRICT row, std::size_t offset) {
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(d, row + offset);
+  } else {
+    const hn::Rebind<T, D> narrow;
+    return hn::PromoteTo(d, hn::LoadU(narrow, row + offset));
+  }
+}
+
+template <typename T>
+HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::size_t dim) {
+  const hn::ScalableTag<float> d;
+  const std::size_t lanes = hn::Lanes(d);
+  auto sum0 = hn::Zero(d), sum1 = hn::Zero(d);
+  std::size_t e = 0;
+  for (; e + 2 * lanes <= dim; e += 2 * lanes) {
+    sum0 = hn::MulAdd(hn::LoadU(d, q + e), LoadAsFloat(d, k, e), sum0);
+    sum1 = hn::MulAdd(hn::LoadU(d, q + e + lanes), LoadAsFloat(d, k, e + lanes), sum1);
+  }
+  for (; e < dim; e += lanes) sum0 = hn::MulAdd(hn::LoadU(d, q + e), LoadAsFloat(d, k, e), sum0);
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
+}
+
+// acc = alpha * acc + sum_j p[j] * v_rows[j], over j in [begin, end).
+template <typename T>
+HWY_INLINE void AccumulateRow(float* HWY_RESTRICT acc, float alpha, const float* HWY_RESTRICT p,
+                              const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
+                              std::int64_t end, std::size_t dim) {
+  const hn::ScalableTag<float> d;
+  const std::size_t lanes = hn::Lanes(d);
+  const auto scale = hn::Set(d, alpha);
+  std::size_t e = 0;
+  // Four vectors of the row stay in registers while the keys stream past.
+  for (; e + 4 * lanes <= dim; e += 4 * lanes) {
+    auto a0 = hn::Mul(hn::Load(d, acc + e), scale);
+    auto a1 = hn::Mul(hn::Load(d, acc + e + lanes), scale);
+    auto a2 = hn::Mul(hn::Load(d, acc + e + 2 * lanes), scale);
+    auto a3 = hn::Mul(hn::Load(d, acc + e + 3 * lanes), scale);
+    for (std::int64_t j = begin; j < end; ++j) {
+      const auto weight = hn::Set(d, p[j]);
+      const T* v = v_rows[j];
+      a0 = hn::MulAdd(weight, LoadAsFloat(d, v, e), a0);
+      a1 = hn::MulAdd(weight, LoadAsFloat(d, v, e + lanes), a1);
+      a2 = hn::MulAdd(weight, LoadAsFloat(d, v, e + 2 * lanes), a2);
+      a3 = hn::MulAdd(weight, LoadAsFloat(d, v, e + 3 * lanes), a3);
+    }
+    hn::Store(a0, d, acc + e);
+    hn::Store(a1, d, acc + e + lanes);
+    hn::Store(a2, d, acc + e + 2 * lanes);
+    hn::Store(a3, d, acc + e + 3 * lanes);
+  }
+  for (; e < dim; e += lanes) {
+    auto a = hn::Mul(hn::Load(d, acc + e), scale);
+    for (std::int64_t j = begin; j < end; ++j) {
+      a = hn::MulAdd(hn::Set(d, p[j]), LoadAsFloat(d, v_rows[j], e), a);
+    }
+    hn::Store(a, d, acc + e);
+  }
+}
+
+struct DecodeScratch {
+  float* q;                   // (rows, padded_dim): scaled queries of the group
+  float* acc;                 // (rows, padded_dim)
+  float* scores;              // (rows, kKeyTile)
+  OnlineSoftmaxState* state;  // (rows)
+  LocalRange* ranges;         // (rows)
+  const void** k_rows;        // (kKeyTile)
+  const void** v_rows;        // (kKeyTile)
+};
+
+template <typename T>
+void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch s) {
+  const std::int64_t group = params.heads / params.kv_heads;
+  const std::int64_t rows = params.tokens * group;  // row = token * group + g
+  const std::int64_t padded = params.padded_dim;
+  const auto dim = static_cast<std::size_t>(padded);
+  const Mask mask(params.tokens, params.seqlen_k,
+                  {.causal = Causal::kBottomRight, .window_left = params.window_left});
+
+  for (std::int64_t token = 0; token < params.tokens; ++token) {
+    for (std::int64_t g = 0; g < group; ++g) {
+      const std::int64_t row = token * group + g;
+      const float* q = params.q + (token * params.heads + kv_head * group + g) * padded;
+      for (std::int64_t e = 0; e < padded; ++e) s.q[row * padded + e] = q[e] * params.scale;
+      std::fill(s.acc + row * padded, s.acc + (row + 1) * padded, 0.0f);
+      s.state[row] = OnlineSoftmaxState{};
+    }
+  }
+
+  KeyRange keys = mask.key_range_of_rows(0, params.tokens);
+  keys.begin = std::max(keys.begin, params.keys.begin);
+  keys.end = std::min(keys.end, params.keys.end);
+  std::int64_t run = 0;
+  for (std::int64_t tile_begin = keys.begin; tile_begin < keys.end; tile_begin += kKeyTile) {
+    const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
+    // Row pointers of the tile's keys, from whichever runs hold them.
+    for (std::int64_t key = tile_begin; key < tile_end; ++key) {
+      while (key >= params.runs[run].first_key + params.runs[run].count) ++run;
+      const KvRun& r = params.runs[run];
+      const std::int64_t offset = ((key - r.first_key) * params.kv_heads + kv_head) * padded;
+      s.k_rows[key - tile_begin] = static_cast<const T*>(r.k) + offset;
+      s.v_rows[key - tile_begin] = static_cast<const T*>(r.v) + offset;
+    }
+    for (std::int64_t token = 0; token < params.tokens; ++token) {
+      const KeyRange visible = mask.key_range(token);
+      const LocalRange range{std::max(visible.begin, tile_begin) - tile_begin,
+                             std::min(visible.end, tile_end) - tile_begin};
+      for (std::int64_t g = 0; g < group; ++g) s.ranges[token * group + g] = range;
+    }
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const LocalRange range = s.ranges[row];
+      if (range.empty()) continue;
+      float* scores = s.scores + row * kKeyTile;
+      const float* q = s.q + row * padded;
+      for (std::int64_t j = range.begin; j < range.end; ++j) {
+        scores[j] = Dot(q, static_cast<const T*>(s.k_rows[j]), dim);
+      }
+      const std::int64_t token = row / group;
+      const std::int64_t head = kv_head * group + row % group;
+      const float slope =
+          params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
+      const float alpha = SoftmaxRow<true>(scores, range, params.softcap, slope,
+                                           static_cast<float>(mask.position(token)),
+                                           static_cast<float>(tile_begin), s.state[row]);
+      AccumulateRow(s.acc + row * padded, alpha, scores,
+                    reinterpret_cast<const T* const*>(s.v_rows), range.begin, range.end, dim);
+    }
+  }
+
+  for (std::int64_t row = 0; row < rows; ++row) {
+    const std::int64_t token = row / group;
+    const std::int64_t head = kv_head * group + row % group;
+    const float normalizer = s.state[row].normalizer();
+    float* out = params.out + (token * params.heads + head) * padded;
+    for (std::int64_t e = 0; e < padded; ++e) out[e] = s.acc[row * padded + e] * normalizer;
+    params.lse[head * params.tokens + token] = s.state[row].lse();
+  }
+}
+
+}  // namespace
+
+void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
+  const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
+  const std::int64_t padded = params.padded_dim;
+  DecodeScratch s;
+  auto* base = static_cast<float*>(scratch);
+  s.q = base;
+  s.acc = s.q + rows * padded;
+  s.scores = s.acc + rows * padded;
+  s.state = reinterpret_cast<OnlineSoftmaxState*>(s.scores + rows * kKeyTile);
+  s.ranges = reinterpret_cast<LocalRange*>(s.state + rows);
+  s.k_rows = reinterpret_cast<const void**>(s.ranges + rows);
+  s.v_rows = s.k_rows + kKeyTile;
+  switch (params.storage) {
+    case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
+    case DType::kF16: DecodeTyped<hwy::float16_t>(params, kv_head, s); break;
+    default: DecodeTyped<float>(params, kv_head, s); break;
+  }
+}
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lookback::kernels {
+
+HWY_EXPORT(DecodeKvHead);
+
+std::size_t decode_scratch_bytes(const DecodeParams& params) {
+  const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
+  return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
+         static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
+         2 * kKeyTile * sizeof(void*) + 256;
+}
+
+void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
+  HWY_DYNAMIC_DISPATCH(DecodeKvHead)(params, kv_head, scratch);
+}
+
+}  // namespace lookback::kernels
+#endif  // HWY_ONCE

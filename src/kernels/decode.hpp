@@ -1,0 +1,51 @@
+// Decode: a few query tokens (the newest of a sequence) against keys and
+// values held in a cache, contiguous or paged. Memory-bound: each K and V row
+// is read once per kv head and used by every query head of its group.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+#include "lookback/dtype.hpp"
+#include "lookback/mask.hpp"
+
+namespace lookback::kernels {
+
+// Consecutive keys stored together: key first_key + t, kv head h is at
+// k + (t * kv_heads + h) * padded_dim elements of the storage dtype (same for v).
+struct KvRun {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  std::int64_t first_key = 0;
+  std::int64_t count = 0;
+};
+
+struct DecodeParams {
+  const float* q = nullptr;  // (tokens, heads, padded_dim), f32, rotated, zero-padded, unscaled
+  std::int64_t tokens = 0;   // the last `tokens` keys of the sequence are these queries' own
+  std::int64_t heads = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t head_dim = 0;
+  std::int64_t padded_dim = 0;  // head_dim rounded up to kDimAlign
+  std::int64_t seqlen_k = 0;    // keys in the sequence, the new tokens included
+  DType storage = DType::kF32;
+  const KvRun* runs = nullptr;  // cover keys [0, seqlen_k) in order
+  std::int64_t run_count = 0;
+  float scale = 1.0f;
+  float softcap = 0.0f;
+  std::optional<std::int64_t> window_left;
+  const float* maybe_alibi_slopes = nullptr;  // (heads,)
+  KeyRange keys;  // the part of the key range this call covers (split-KV)
+  float* out = nullptr;  // (tokens, heads, padded_dim): normalised partial output
+  float* lse = nullptr;  // (heads, tokens): its natural-log LSE (-inf: no key)
+};
+
+// Scratch one decode_kv_head call needs.
+std::size_t decode_scratch_bytes(const DecodeParams& params);
+
+// Computes the rows of every query head that reads `kv_head`, over
+// params.keys, into params.out and params.lse.
+void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch);
+
+}  // namespace lookback::kernels

@@ -1,0 +1,43 @@
+// What the contiguous cache and the paged pool share: the stored row layout,
+// conversion and RoPE on the way in, validation, and the decode driver that
+// runs the decode kernel over (sequence, kv head, key part) tasks and merges
+// the parts.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/decode.hpp"
+#include "lookback/kv_cache.hpp"
+
+namespace lookback::detail {
+
+// A stored token is (kv_heads, padded_dim) elements of the storage dtype,
+// head_dim padded with zeros to kernels::kDimAlign so rows are whole vectors.
+std::int64_t stored_padded_dim(const CacheConfig& config);
+std::int64_t stored_token_bytes(const CacheConfig& config);
+
+// Throws lookback::Error naming the argument for a bad config.
+void validate_config(const CacheConfig& config);
+
+// Checks k and v (tokens, kv_heads, head_dim) against the config; returns tokens.
+std::int64_t validate_kv(const CacheConfig& config, const TensorView& k, const TensorView& v);
+
+// Converts tokens [begin, end) of k or v into stored rows at `destination`
+// (contiguous stored tokens), rotating by RoPE at first_position + t when
+// `rotate` (keys only).
+void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
+                  std::int64_t end, std::int64_t first_position, bool rotate, void* destination);
+
+// One sequence as the decode driver sees it.
+struct SequenceKv {
+  std::vector<kernels::KvRun> runs;  // cover [0, length) in order
+  std::int64_t length = 0;
+};
+
+// Validates every step and runs them (batched): steps[i] against sequences[i].
+void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences,
+                std::span<const DecodeStep> steps, const DecodeOptions& options, Context& context);
+
+}  // namespace lookback::detail

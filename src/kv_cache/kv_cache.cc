@@ -1,0 +1,88 @@
+// The contiguous cache: one sequence, `capacity` stored tokens in one buffer.
+#include <fmt/format.h>
+
+#include <vector>
+
+#include "kv_cache/cache_common.hpp"
+#include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
+
+namespace lookback {
+
+struct KvCache::Impl {
+  CacheConfig config;
+  std::int64_t capacity = 0;
+  std::int64_t length = 0;
+  std::vector<std::byte> k;  // (capacity, kv_heads, padded_dim) of storage
+  std::vector<std::byte> v;
+
+  detail::SequenceKv sequence() const {
+    detail::SequenceKv view;
+    view.length = length;
+    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length});
+    return view;
+  }
+};
+
+KvCache::KvCache(const CacheConfig& config, std::int64_t capacity) : impl_(std::make_unique<Impl>()) {
+  detail::validate_config(config);
+  if (capacity < 0) throw Error(fmt::format("capacity: {} (expected >= 0 tokens)", capacity));
+  std::int64_t bytes;
+  if (__builtin_mul_overflow(capacity, detail::stored_token_bytes(config), &bytes)) {
+    throw Error(ErrorCode::kCapacity, fmt::format("capacity: {} tokens overflow a byte count", capacity));
+  }
+  impl_->config = config;
+  impl_->capacity = capacity;
+  impl_->k.resize(static_cast<std::size_t>(bytes));
+  impl_->v.resize(static_cast<std::size_t>(bytes));
+}
+
+KvCache::~KvCache() = default;
+KvCache::KvCache(KvCache&&) noexcept = default;
+KvCache& KvCache::operator=(KvCache&&) noexcept = default;
+
+const CacheConfig& KvCache::config() const noexcept { return impl_->config; }
+std::int64_t KvCache::length() const noexcept { return impl_->length; }
+std::int64_t KvCache::capacity() const noexcept { return impl_->capacity; }
+void KvCache::clear() noexcept { impl_->length = 0; }
+
+void KvCache::append(const TensorView& k, const TensorView& v) {
+  const std::int64_t tokens = detail::validate_kv(impl_->config, k, v);
+  if (impl_->length + tokens > impl_->capacity) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("k: appending {} tokens to a cache holding {} of {} (expected at most "
+                            "{} more)",
+                            tokens, impl_->length, impl_->capacity, impl_->capacity - impl_->length));
+  }
+  const std::int64_t token_bytes = detail::stored_token_bytes(impl_->config);
+  const std::size_t offset = static_cast<std::size_t>(impl_->length * token_bytes);
+  detail::store_tokens(impl_->config, k, 0, tokens, impl_->length, true, impl_->k.data() + offset);
+  detail::store_tokens(impl_->config, v, 0, tokens, impl_->length, false, impl_->v.data() + offset);
+  impl_->length += tokens;
+}
+
+void KvCache::attend(const DecodeStep& step, const DecodeOptions& options, Context& context) const {
+  const detail::SequenceKv sequence = impl_->sequence();
+  detail::run_decode(impl_->config, std::span(&sequence, 1), std::span(&step, 1), options, context);
+}
+
+void attend_batch(std::span<const KvCache* const> caches, std::span<const DecodeStep> steps,
+                  const DecodeOptions& options, Context& context) {
+  if (caches.empty()) return;
+  std::vector<detail::SequenceKv> sequences;
+  for (std::size_t i = 0; i < caches.size(); ++i) {
+    if (caches[i] == nullptr) throw Error(fmt::format("caches[{}]: null (expected a cache)", i));
+    const CacheConfig& a = caches[i]->config();
+    const CacheConfig& b = caches[0]->config();
+    if (a.kv_heads != b.kv_heads || a.head_dim != b.head_dim || a.storage != b.storage ||
+        a.rope.has_value() != b.rope.has_value()) {
+      throw Error(fmt::format("caches[{}]: a different configuration from caches[0] (expected "
+                              "one kv_heads, head_dim, storage and RoPE setting for the batch)",
+                              i));
+    }
+    sequences.push_back(caches[i]->impl_->sequence());
+  }
+  detail::run_decode(caches[0]->config(), sequences, steps, options, context);
+}
+
+}  // namespace lookback

@@ -1,0 +1,232 @@
+// The paged pool: fixed-size blocks, a block table per sequence, reference
+// counts for blocks shared by forks, copy-on-write of a shared partial block.
+// Every append is all or nothing: blocks are counted and reserved before any
+// sequence or block changes.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kv_cache/cache_common.hpp"
+#include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
+
+namespace lookback {
+
+struct PagedKvPool::Impl {
+  struct Sequence {
+    std::vector<std::int64_t> blocks;  // block table
+    std::int64_t length = 0;
+  };
+
+  CacheConfig config;
+  std::int64_t block_size = 0;
+  std::int64_t num_blocks = 0;
+  std::int64_t block_bytes = 0;
+  std::vector<std::byte> k;  // (num_blocks, block_size, kv_heads, padded_dim)
+  std::vector<std::byte> v;
+  std::vector<std::int32_t> references;  // per block
+  std::vector<std::int64_t> free_list;   // taken from the back
+  std::map<SequenceId, Sequence> sequences;
+  SequenceId next_id = 0;
+
+  std::byte* k_block(std::int64_t block) { return k.data() + block * block_bytes; }
+  std::byte* v_block(std::int64_t block) { return v.data() + block * block_bytes; }
+
+  Sequence& find(SequenceId id, const char* argument) {
+    const auto it = sequences.find(id);
+    if (it == sequences.end()) {
+      throw Error(fmt::format("{}: unknown sequence {} (expected an id from create or fork, not "
+                              "yet released)",
+                              argument, id));
+    }
+    return it->second;
+  }
+  const Sequence& find(SequenceId id, const char* argument) const {
+    return const_cast<Impl*>(this)->find(id, argument);
+  }
+
+  std::int64_t take_block() {
+    const std::int64_t block = free_list.back();
+    free_list.pop_back();
+    references[static_cast<std::size_t>(block)] = 1;
+    return block;
+  }
+  void drop_block(std::int64_t block) {
+    if (--references[static_cast<std::size_t>(block)] == 0) free_list.push_back(block);
+  }
+
+  detail::SequenceKv view(const Sequence& sequence) const {
+    detail::SequenceKv kv;
+    kv.length = sequence.length;
+    for (std::size_t b = 0; b < sequence.blocks.size(); ++b) {
+      const std::int64_t first = static_cast<std::int64_t>(b) * block_size;
+      const std::int64_t count = std::min(block_size, sequence.length - first);
+      if (count <= 0) break;  // never hand out slots past the sequence's length
+      const std::int64_t block = sequence.blocks[b];
+      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count});
+    }
+    return kv;
+  }
+};
+
+PagedKvPool::PagedKvPool(const CacheConfig& config, std::int64_t block_size,
+                         std::int64_t num_blocks)
+    : impl_(std::make_unique<Impl>()) {
+  detail::validate_config(config);
+  if (block_size < 1) throw Error(fmt::format("block_size: {} (expected >= 1)", block_size));
+  if (num_blocks < 0) throw Error(fmt::format("num_blocks: {} (expected >= 0)", num_blocks));
+  std::int64_t block_bytes, total;
+  if (__builtin_mul_overflow(block_size, detail::stored_token_bytes(config), &block_bytes) ||
+      __builtin_mul_overflow(block_bytes, num_blocks, &total)) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("num_blocks: {} blocks of {} tokens overflow a byte count", num_blocks,
+                            block_size));
+  }
+  Impl& pool = *impl_;
+  pool.config = config;
+  pool.block_size = block_size;
+  pool.num_blocks = num_blocks;
+  pool.block_bytes = block_bytes;
+  pool.k.resize(static_cast<std::size_t>(total));
+  pool.v.resize(static_cast<std::size_t>(total));
+  pool.references.assign(static_cast<std::size_t>(num_blocks), 0);
+  // Hand out block 0 first.
+  pool.free_list.resize(static_cast<std::size_t>(num_blocks));
+  std::iota(pool.free_list.rbegin(), pool.free_list.rend(), 0);
+}
+
+PagedKvPool::~PagedKvPool() = default;
+PagedKvPool::PagedKvPool(PagedKvPool&&) noexcept = default;
+PagedKvPool& PagedKvPool::operator=(PagedKvPool&&) noexcept = default;
+
+const CacheConfig& PagedKvPool::config() const noexcept { return impl_->config; }
+std::int64_t PagedKvPool::block_size() const noexcept { return impl_->block_size; }
+std::int64_t PagedKvPool::num_blocks() const noexcept { return impl_->num_blocks; }
+std::int64_t PagedKvPool::free_blocks() const noexcept {
+  return static_cast<std::int64_t>(impl_->free_list.size());
+}
+
+SequenceId PagedKvPool::create() {
+  const SequenceId id = impl_->next_id++;
+  impl_->sequences[id] = {};
+  return id;
+}
+
+SequenceId PagedKvPool::fork(SequenceId parent) {
+  const Impl::Sequence copy = impl_->find(parent, "parent");
+  for (std::int64_t block : copy.blocks) ++impl_->references[static_cast<std::size_t>(block)];
+  const SequenceId id = impl_->next_id++;
+  impl_->sequences[id] = copy;
+  return id;
+}
+
+void PagedKvPool::release(SequenceId sequence) {
+  Impl::Sequence& seq = impl_->find(sequence, "sequence");
+  for (std::int64_t block : seq.blocks) impl_->drop_block(block);
+  impl_->sequences.erase(sequence);
+}
+
+std::int64_t PagedKvPool::length(SequenceId sequence) const {
+  return impl_->find(sequence, "sequence").length;
+}
+
+std::vector<std::int64_t> PagedKvPool::block_table(SequenceId sequence) const {
+  return impl_->find(sequence, "sequence").blocks;
+}
+
+std::vector<SequenceId> PagedKvPool::sequences() const {
+  std::vector<SequenceId> ids;
+  for (const auto& [id, seq] : impl_->sequences) ids.push_back(id);
+  return ids;
+}
+
+void PagedKvPool::append(SequenceId sequence, const TensorView& k, const TensorView& v) {
+  Impl& pool = *impl_;
+  Impl::Sequence& seq = pool.find(sequence, "sequence");
+  const std::int64_t tokens = detail::validate_kv(pool.config, k, v);
+  if (tokens == 0) return;
+  const std::int64_t bs = pool.block_size;
+  const std::int64_t filled_in_last = seq.length % bs;
+  // A shared, partly filled last block is copied before it is written.
+  const bool copy_last = filled_in_last != 0 &&
+                         pool.references[static_cast<std::size_t>(seq.blocks.back())] > 1;
+  const std::int64_t blocks_after = (seq.length + tokens + bs - 1) / bs;
+  const std::int64_t new_blocks = blocks_after - static_cast<std::int64_t>(seq.blocks.size());
+  const std::int64_t needed = new_blocks + (copy_last ? 1 : 0);
+  if (needed > static_cast<std::int64_t>(pool.free_list.size())) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("k: appending {} tokens needs {} free blocks, the pool has {} of {} "
+                            "(expected a larger pool, or release sequences first); nothing was "
+                            "appended",
+                            tokens, needed, static_cast<std::int64_t>(pool.free_list.size()), pool.num_blocks));
+  }
+  if (copy_last) {
+    const std::int64_t shared = seq.blocks.back();
+    const std::int64_t copy = pool.take_block();
+    const auto bytes = static_cast<std::size_t>(filled_in_last * detail::stored_token_bytes(pool.config));
+    std::memcpy(pool.k_block(copy), pool.k_block(shared), bytes);
+    std::memcpy(pool.v_block(copy), pool.v_block(shared), bytes);
+    pool.drop_block(shared);
+    seq.blocks.back() = copy;
+  }
+  for (std::int64_t b = 0; b < new_blocks; ++b) seq.blocks.push_back(pool.take_block());
+  // Write the tokens block by block.
+  const std::int64_t token_bytes = detail::stored_token_bytes(pool.config);
+  std::int64_t written = 0;
+  while (written < tokens) {
+    const std::int64_t position = seq.length + written;
+    const std::int64_t block = seq.blocks[static_cast<std::size_t>(position / bs)];
+    const std::int64_t slot = position % bs;
+    const std::int64_t count = std::min(tokens - written, bs - slot);
+    detail::store_tokens(pool.config, k, written, written + count, position, true,
+                         pool.k_block(block) + slot * token_bytes);
+    detail::store_tokens(pool.config, v, written, written + count, position, false,
+                         pool.v_block(block) + slot * token_bytes);
+    written += count;
+  }
+  seq.length += tokens;
+}
+
+void PagedKvPool::attend(SequenceId sequence, const DecodeStep& step, const DecodeOptions& options,
+                         Context& context) const {
+  attend_batch(std::span(&sequence, 1), std::span(&step, 1), options, context);
+}
+
+void PagedKvPool::attend_batch(std::span<const SequenceId> sequences,
+                               std::span<const DecodeStep> steps, const DecodeOptions& options,
+                               Context& context) const {
+  std::vector<detail::SequenceKv> views;
+  views.reserve(sequences.size());
+  for (SequenceId id : sequences) views.push_back(impl_->view(impl_->find(id, "sequence")));
+  detail::run_decode(impl_->config, views, steps, options, context);
+}
+
+void PagedKvPool::shuffle_blocks(std::uint64_t seed) {
+  Impl& pool = *impl_;
+  std::vector<std::int64_t> new_id(static_cast<std::size_t>(pool.num_blocks));
+  std::iota(new_id.begin(), new_id.end(), 0);
+  std::shuffle(new_id.begin(), new_id.end(), std::mt19937_64(seed));
+  std::vector<std::byte> k(pool.k.size()), v(pool.v.size());
+  std::vector<std::int32_t> references(pool.references.size());
+  for (std::int64_t old = 0; old < pool.num_blocks; ++old) {
+    const std::int64_t now = new_id[static_cast<std::size_t>(old)];
+    const auto bytes = static_cast<std::size_t>(pool.block_bytes);
+    std::memcpy(k.data() + now * pool.block_bytes, pool.k.data() + old * pool.block_bytes, bytes);
+    std::memcpy(v.data() + now * pool.block_bytes, pool.v.data() + old * pool.block_bytes, bytes);
+    references[static_cast<std::size_t>(now)] = pool.references[static_cast<std::size_t>(old)];
+  }
+  pool.k = std::move(k);
+  pool.v = std::move(v);
+  pool.references = std::move(references);
+  for (auto& block : pool.free_list) block = new_id[static_cast<std::size_t>(block)];
+  for (auto& [id, seq] : pool.sequences) {
+    for (auto& block : seq.blocks) block = new_id[static_cast<std::size_t>(block)];
+  }
+}
+
+}  // namespace lookback
