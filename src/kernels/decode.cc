@@ -126,7 +126,7 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     for (std::int64_t key = tile_begin; key < tile_end; ++key) {
       while (key >= params.runs[run].first_key + params.runs[run].count) ++run;
       const KvRun& r = params.runs[run];
-      const std::int64_t offset = ((key - r.first_key) * params.kv_heads + kv_head) * padded;
+      const std::int64_t offset = kv_head * r.head_stride + (key - r.first_key) * padded;
       s.k_rows[key - tile_begin] = static_cast<const T*>(r.k) + offset;
       s.v_rows[key - tile_begin] = static_cast<const T*>(r.v) + offset;
     }

@@ -12,13 +12,16 @@
 
 namespace lookback::kernels {
 
-// Consecutive keys stored together: key first_key + t, kv head h is at
-// k + (t * kv_heads + h) * padded_dim elements of the storage dtype (same for v).
+// Consecutive keys stored together, head-major: key first_key + t of kv head
+// h is at k + h * head_stride + t * padded_dim elements of the storage dtype
+// (same for v). One head's keys are contiguous, so they stream through the
+// hardware prefetchers.
 struct KvRun {
   const void* k = nullptr;
   const void* v = nullptr;
   std::int64_t first_key = 0;
   std::int64_t count = 0;
+  std::int64_t head_stride = 0;  // elements between kv heads
 };
 
 struct DecodeParams {

@@ -75,12 +75,13 @@ void store_row(DType storage, const float* row, std::int64_t count, void* destin
 }  // namespace
 
 void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
-                  std::int64_t end, std::int64_t first_position, bool rotate, void* destination) {
+                  std::int64_t end, std::int64_t first_position, bool rotate, void* destination,
+                  std::int64_t head_stride) {
   const std::int64_t padded = stored_padded_dim(config);
   const std::int64_t row_floats = config.kv_heads * padded;
   std::vector<float> row(static_cast<std::size_t>(row_floats), 0.0f);  // zero padding
   auto* out = static_cast<std::byte*>(destination);
-  const auto token_bytes = static_cast<std::size_t>(stored_token_bytes(config));
+  const auto element = static_cast<std::int64_t>(dtype_size(config.storage));
   for (std::int64_t t = begin; t < end; ++t) {
     for (std::int64_t h = 0; h < config.kv_heads; ++h) {
       const std::int64_t base = source.offset(t, h, 0);
@@ -96,7 +97,10 @@ void store_tokens(const CacheConfig& config, const TensorView& source, std::int6
                    *config.rope);
       }
     }
-    store_row(config.storage, row.data(), row_floats, out + static_cast<std::size_t>(t - begin) * token_bytes);
+    for (std::int64_t h = 0; h < config.kv_heads; ++h) {
+      store_row(config.storage, row.data() + h * padded, padded,
+                out + (h * head_stride + (t - begin) * padded) * element);
+    }
   }
 }
 

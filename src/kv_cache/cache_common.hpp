@@ -24,11 +24,13 @@ void validate_config(const CacheConfig& config);
 // Checks k and v (tokens, kv_heads, head_dim) against the config; returns tokens.
 std::int64_t validate_kv(const CacheConfig& config, const TensorView& k, const TensorView& v);
 
-// Converts tokens [begin, end) of k or v into stored rows at `destination`
-// (contiguous stored tokens), rotating by RoPE at first_position + t when
+// Converts tokens [begin, end) of k or v into stored rows, head-major: token
+// t of kv head h goes to destination + h * head_stride + (t - begin) *
+// padded_dim elements. Rotates by RoPE at first_position + (t - begin) when
 // `rotate` (keys only).
 void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
-                  std::int64_t end, std::int64_t first_position, bool rotate, void* destination);
+                  std::int64_t end, std::int64_t first_position, bool rotate, void* destination,
+                  std::int64_t head_stride);
 
 // One sequence as the decode driver sees it.
 struct SequenceKv {

@@ -13,13 +13,15 @@ struct KvCache::Impl {
   CacheConfig config;
   std::int64_t capacity = 0;
   std::int64_t length = 0;
-  std::vector<std::byte> k;  // (capacity, kv_heads, padded_dim) of storage
+  std::vector<std::byte> k;  // (kv_heads, capacity, padded_dim) of storage
   std::vector<std::byte> v;
+
+  std::int64_t head_stride() const { return capacity * detail::stored_padded_dim(config); }
 
   detail::SequenceKv sequence() const {
     detail::SequenceKv view;
     view.length = length;
-    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length});
+    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length, head_stride()});
     return view;
   }
 };
@@ -54,10 +56,12 @@ void KvCache::append(const TensorView& k, const TensorView& v) {
                             "{} more)",
                             tokens, impl_->length, impl_->capacity, impl_->capacity - impl_->length));
   }
-  const std::int64_t token_bytes = detail::stored_token_bytes(impl_->config);
-  const std::size_t offset = static_cast<std::size_t>(impl_->length * token_bytes);
-  detail::store_tokens(impl_->config, k, 0, tokens, impl_->length, true, impl_->k.data() + offset);
-  detail::store_tokens(impl_->config, v, 0, tokens, impl_->length, false, impl_->v.data() + offset);
+  const std::int64_t offset = impl_->length * detail::stored_padded_dim(impl_->config) *
+                             static_cast<std::int64_t>(dtype_size(impl_->config.storage));
+  detail::store_tokens(impl_->config, k, 0, tokens, impl_->length, true, impl_->k.data() + offset,
+                       impl_->head_stride());
+  detail::store_tokens(impl_->config, v, 0, tokens, impl_->length, false, impl_->v.data() + offset,
+                       impl_->head_stride());
   impl_->length += tokens;
 }
 

@@ -27,13 +27,14 @@ struct PagedKvPool::Impl {
   std::int64_t block_size = 0;
   std::int64_t num_blocks = 0;
   std::int64_t block_bytes = 0;
-  std::vector<std::byte> k;  // (num_blocks, block_size, kv_heads, padded_dim)
+  std::vector<std::byte> k;  // (num_blocks, kv_heads, block_size, padded_dim)
   std::vector<std::byte> v;
   std::vector<std::int32_t> references;  // per block
   std::vector<std::int64_t> free_list;   // taken from the back
   std::map<SequenceId, Sequence> sequences;
   SequenceId next_id = 0;
 
+  std::int64_t head_stride() const { return block_size * detail::stored_padded_dim(config); }
   std::byte* k_block(std::int64_t block) { return k.data() + block * block_bytes; }
   std::byte* v_block(std::int64_t block) { return v.data() + block * block_bytes; }
 
@@ -68,7 +69,8 @@ struct PagedKvPool::Impl {
       const std::int64_t count = std::min(block_size, sequence.length - first);
       if (count <= 0) break;  // never hand out slots past the sequence's length
       const std::int64_t block = sequence.blocks[b];
-      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count});
+      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count,
+                         head_stride()});
     }
     return kv;
   }
@@ -168,7 +170,7 @@ void PagedKvPool::append(SequenceId sequence, const TensorView& k, const TensorV
   if (copy_last) {
     const std::int64_t shared = seq.blocks.back();
     const std::int64_t copy = pool.take_block();
-    const auto bytes = static_cast<std::size_t>(filled_in_last * detail::stored_token_bytes(pool.config));
+    const auto bytes = static_cast<std::size_t>(pool.block_bytes);
     std::memcpy(pool.k_block(copy), pool.k_block(shared), bytes);
     std::memcpy(pool.v_block(copy), pool.v_block(shared), bytes);
     pool.drop_block(shared);
@@ -176,7 +178,8 @@ void PagedKvPool::append(SequenceId sequence, const TensorView& k, const TensorV
   }
   for (std::int64_t b = 0; b < new_blocks; ++b) seq.blocks.push_back(pool.take_block());
   // Write the tokens block by block.
-  const std::int64_t token_bytes = detail::stored_token_bytes(pool.config);
+  const std::int64_t slot_bytes = detail::stored_padded_dim(pool.config) *
+                                 static_cast<std::int64_t>(dtype_size(pool.config.storage));
   std::int64_t written = 0;
   while (written < tokens) {
     const std::int64_t position = seq.length + written;
@@ -184,9 +187,9 @@ void PagedKvPool::append(SequenceId sequence, const TensorView& k, const TensorV
     const std::int64_t slot = position % bs;
     const std::int64_t count = std::min(tokens - written, bs - slot);
     detail::store_tokens(pool.config, k, written, written + count, position, true,
-                         pool.k_block(block) + slot * token_bytes);
+                         pool.k_block(block) + slot * slot_bytes, pool.head_stride());
     detail::store_tokens(pool.config, v, written, written + count, position, false,
-                         pool.v_block(block) + slot * token_bytes);
+                         pool.v_block(block) + slot * slot_bytes, pool.head_stride());
     written += count;
   }
   seq.length += tokens;
