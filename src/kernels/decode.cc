@@ -8,6 +8,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/decode.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -87,6 +88,9 @@ HWY_INLINE void AccumulateRow(float* HWY_RESTRICT acc, float alpha, const float*
   }
 }
 
+// Keys ahead of the current one whose K and V rows are prefetched.
+constexpr std::int64_t kPrefetchDistance = 4;
+
 struct DecodeScratch {
   float* q;                   // (rows, padded_dim): scaled queries of the group
   float* acc;                 // (rows, padded_dim)
@@ -136,14 +140,35 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
                              std::min(visible.end, tile_end) - tile_begin};
       for (std::int64_t g = 0; g < group; ++g) s.ranges[token * group + g] = range;
     }
+    // Scores, key by key so that each K row is read from memory once for the
+    // whole group, with the rows a few keys ahead prefetched (one head's keys
+    // are contiguous within a block, but blocks are scattered).
+    LocalRange all{kKeyTile, 0};
+    for (std::int64_t row = 0; row < rows; ++row) {
+      if (s.ranges[row].empty()) continue;
+      all.begin = std::min(all.begin, s.ranges[row].begin);
+      all.end = std::max(all.end, s.ranges[row].end);
+    }
+    const std::size_t row_bytes = dim * sizeof(T);
+    for (std::int64_t j = all.begin; j < all.end; ++j) {
+      if (j + kPrefetchDistance < all.end) {
+        const auto* k_ahead = static_cast<const char*>(s.k_rows[j + kPrefetchDistance]);
+        const auto* v_ahead = static_cast<const char*>(s.v_rows[j + kPrefetchDistance]);
+        for (std::size_t line = 0; line < row_bytes; line += 64) {
+          hwy::Prefetch(k_ahead + line);
+          hwy::Prefetch(v_ahead + line);
+        }
+      }
+      const T* k = static_cast<const T*>(s.k_rows[j]);
+      for (std::int64_t row = 0; row < rows; ++row) {
+        if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
+        s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, k, dim);
+      }
+    }
     for (std::int64_t row = 0; row < rows; ++row) {
       const LocalRange range = s.ranges[row];
       if (range.empty()) continue;
       float* scores = s.scores + row * kKeyTile;
-      const float* q = s.q + row * padded;
-      for (std::int64_t j = range.begin; j < range.end; ++j) {
-        scores[j] = Dot(q, static_cast<const T*>(s.k_rows[j]), dim);
-      }
       const std::int64_t token = row / group;
       const std::int64_t head = kv_head * group + row % group;
       const float slope =
