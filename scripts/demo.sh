@@ -3,6 +3,7 @@
 # causal sequence of 7 tokens.
 set -euo pipefail
 LOOKBACK=${1:-build/bin/lookback}
+BIN=$(dirname "$LOOKBACK")
 
 cat <<'TEXT'
 lookback: causal self-attention for autoregressive models
@@ -22,5 +23,12 @@ echo "\$ lookback pattern --len 7      # which keys each query is scored against
 echo
 echo "\$ lookback pattern --len 7 --format matrix"
 "$LOOKBACK" pattern --len 7 --format matrix
+echo
+echo "\$ lookback cost --len 8 --heads 32 --kv-heads 8 --dim 128   # cost per token, with and without a cache"
+"$LOOKBACK" cost --len 8 --heads 32 --kv-heads 8 --dim 128
+echo
+echo "Serving: prefill a 2048-token prompt into a paged KV cache, then decode 256 tokens"
+echo "\$ decode_demo --prompt 2048 --generate 256"
+"$BIN/decode_demo" --prompt 2048 --generate 256
 echo
 echo "More: lookback --help, README.md, docs/semantics.md."
