@@ -3,7 +3,7 @@
 #   make demo       ... and run the demo
 #   make test       ... and run every test through CTest
 #   make test-asan  the same tests under AddressSanitizer + UBSan (build-asan/)
-#   make bench      the prefill benchmark (ratios to this machine's ceilings)
+#   make bench      prefill and decode benchmarks (ratios to this machine's ceilings)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -36,6 +36,7 @@ test-asan: deps
 
 bench: build
 	@$(BUILD)/bin/prefill_bench $(BENCH_ARGS)
+	@$(BUILD)/bin/decode_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
