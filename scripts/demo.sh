@@ -31,4 +31,7 @@ echo "Serving: prefill a 2048-token prompt into a paged KV cache, then decode 25
 echo "\$ decode_demo --prompt 2048 --generate 256"
 "$BIN/decode_demo" --prompt 2048 --generate 256
 echo
-echo "More: lookback --help, README.md, docs/semantics.md."
+echo "\$ lookback leakcheck      # every path of lookback, checked for leaks from the future"
+"$LOOKBACK" leakcheck
+echo
+echo "More: lookback --help, README.md, docs/semantics.md, docs/leakage.md."

@@ -6,8 +6,10 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "lookback/attention.hpp"
@@ -111,15 +113,16 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return text + (shape.size() == 1 ? ",)" : ")");
 }
 
-void check_output(const NpyArray& out, const LeakShape& s, const RunInfo& run) {
+void check_output(const NpyArray& out, const LeakShape& s, const RunInfo& run,
+                  const std::string& name) {
   const std::vector<std::int64_t> expected{s.batch, s.seqlen, s.heads, s.head_dim};
   if (out.shape != expected) {
     throw Error(fmt::format(
-        "output of {}: shape {} (expected (batch, seqlen, heads, head_dim) = {})", run_name(run),
-        shape_text(out.shape), shape_text(expected)));
+        "{} of {}: shape {} (expected (batch, seqlen, heads, head_dim) = {})", name,
+        run_name(run), shape_text(out.shape), shape_text(expected)));
   }
   if (out.dtype != DType::kF32 && out.dtype != DType::kF64) {
-    throw Error(fmt::format("output of {}: dtype {} (expected f32 <f4 or f64 <f8)",
+    throw Error(fmt::format("{} of {}: dtype {} (expected f32 <f4 or f64 <f8)", name,
                             run_name(run), dtype_name(out.dtype)));
   }
 }
@@ -228,7 +231,7 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
   const LeakInputs base = make_base_inputs(s, options.seed);
   const RunInfo base_run{.run = 0, .total = report.runs, .worker = 0, .position = -1};
   const NpyArray base_out = implementation(base, base_run);
-  check_output(base_out, s, base_run);
+  check_output(base_out, s, base_run, options.output_name);
 
   std::mutex mutex;  // guards done, first_error and the progress callback
   std::int64_t done = 1;
@@ -248,11 +251,11 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
         perturb(inputs.v, s.seqlen, s.kv_heads, s.head_dim, j, kV, options.seed);
         const RunInfo run{.run = j + 1, .total = report.runs, .worker = worker, .position = j};
         const NpyArray out = implementation(inputs, run);
-        check_output(out, s, run);
+        check_output(out, s, run, options.output_name);
         if (out.dtype != base_out.dtype) {
           // Comparing f32 with f64 bits would flag every row as changed.
-          throw Error(fmt::format("output of {}: dtype {} (expected {}, as in the base run)",
-                                  run_name(run), dtype_name(out.dtype),
+          throw Error(fmt::format("{} of {}: dtype {} (expected {}, as in the base run)",
+                                  options.output_name, run_name(run), dtype_name(out.dtype),
                                   dtype_name(base_out.dtype)));
         }
         // Compare each (batch, row, head) slice bit for bit: any change counts,

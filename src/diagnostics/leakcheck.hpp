@@ -69,6 +69,8 @@ struct LeakCheckOptions {
   // Called after each finished run with (runs done, total runs), from one
   // thread at a time; optional.
   std::function<void(std::int64_t done, std::int64_t total)> progress;
+  // Names O in error messages: "output of the base run: shape ...".
+  std::string output_name = "output";
 };
 
 using Pair = std::pair<std::int64_t, std::int64_t>;  // (output row i, position j)

@@ -75,6 +75,14 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
     for (std::int64_t r = 0; r < rows; ++r) {
       float* q_row = q_tile + r * padded;
       const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
+      if (params.q.dtype == DType::kF32 && params.storage == DType::kF32 &&
+          params.q.strides[3] == 1) {
+        // The common case, kept free of per-element conversion so it vectorises.
+        const float* q_in = static_cast<const float*>(params.q.data) + base;
+        for (std::int64_t e = 0; e < dim; ++e) q_row[e] = q_in[e] * params.scale;
+        for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
+        continue;
+      }
       for (std::int64_t e = 0; e < dim; ++e) {
         const std::int64_t offset = base + e * params.q.strides[3];
         const float value = params.q.dtype == DType::kF32

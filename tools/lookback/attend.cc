@@ -8,6 +8,7 @@
 #include "common.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/error.hpp"
+#include "lookback/modes.hpp"
 #include "lookback/npy.hpp"
 #include "lookback/reference.hpp"
 
@@ -24,6 +25,9 @@ struct AttendOptions {
   int threads = 0;
   std::string dtype = "f32";
   std::string mode = "prefill";
+  std::int64_t chunk = 0;  // 0: not given
+  std::int64_t block_size = 16;
+  std::int64_t splits = 2;
   bool reference = false;
 };
 
@@ -94,13 +98,26 @@ int run_attend(const AttendOptions& options) {
   params.storage = storage;
   validate(params);
 
+  const Mode mode = parse_mode(options.mode, "--mode");
+  ModeOptions mode_options{.mode = mode,
+                           .chunk = options.chunk > 0 ? options.chunk : 1,
+                           .block_size = options.block_size,
+                           .splits = options.splits};
+  if (mode == Mode::kDecode && options.chunk > 1) {
+    throw Error("--chunk: decode appends one token at a time (expected --mode chunked or paged for "
+                "chunks)");
+  }
+  if (mode == Mode::kChunked && options.chunk == 0) {
+    throw Error("--chunk: missing (expected the tokens per step with --mode chunked)");
+  }
+
   if (options.reference) {
     const ReferenceResult result = reference_attention(params);
     for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(result.out[i]);
     for (std::size_t i = 0; i < lse.size(); ++i) lse[i] = static_cast<float>(result.lse[i]);
   } else {
     Context context(options.threads);
-    attend(params, context);
+    attend_with_mode(params, mode_options, context);
   }
 
   write_npy(options.out_path, DType::kF32, q.shape, out.data());
@@ -144,8 +161,20 @@ void add_attend_command(CLI::App& app, Runner& runner) {
       ->check(kPositive);
   command->add_option("--dtype", options->dtype, "storage dtype of Q/K/V: f32 (default), bf16, f16")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
-  command->add_option("--mode", options->mode, "path: prefill (all queries in one call)")
-      ->check(CLI::IsMember({"prefill"}));
+  command->add_option("--mode", options->mode,
+                      "path (all compute the same function): prefill (one call), decode (cache "
+                      "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "
+                      "(--chunk tokens at a time), paged (decode or chunked over a paged cache "
+                      "of --block-size blocks), split (key range cut into --splits parts, merged "
+                      "through their LSEs)")
+      ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split"}));
+  command->add_option("--chunk", options->chunk, "tokens per step for chunked and paged (>= 1)")
+      ->check(kPositive);
+  command->add_option("--block-size", options->block_size,
+                      "tokens per block of the paged cache (>= 1, default 16)")
+      ->check(kPositive);
+  command->add_option("--splits", options->splits, "parts of the key range for split (>= 1, default 2)")
+      ->check(kPositive);
   command->add_flag("--reference", options->reference,
                     "use the float64 reference instead of the fast kernel (slow; for checking)");
   command->callback([&runner, options] { runner = [options] { return run_attend(*options); }; });

@@ -21,6 +21,8 @@ using Runner = std::function<int()>;
 // Each subcommand adds itself to `app` and sets `runner` to run when chosen.
 void add_pattern_command(CLI::App& app, Runner& runner);
 void add_attend_command(CLI::App& app, Runner& runner);
+void add_cost_command(CLI::App& app, Runner& runner);
+void add_leakcheck_command(CLI::App& app, Runner& runner);
 
 // Writes `text` to `path` atomically, or to stdout when path is empty or "-".
 void write_output(const std::string& path, const std::string& text);

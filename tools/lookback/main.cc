@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   lookback::cli::Runner runner;
   lookback::cli::add_pattern_command(app, runner);
   lookback::cli::add_attend_command(app, runner);
+  lookback::cli::add_cost_command(app, runner);
+  lookback::cli::add_leakcheck_command(app, runner);
 
   try {
     app.parse(argc, argv);

@@ -1,0 +1,314 @@
+"""`lookback leakcheck`: finds the future leaking into the past in any
+attention implementation.
+
+The implementations under test are small NumPy programs in leak_programs/,
+each with a known rule of which keys a row reads (right, or wrong in a known
+way), run with Debian's /usr/bin/python3 (which has NumPy). The expected
+leaks are written out from that rule and DESIGN.md section 2, so these tests
+check the tool against the contract, not against itself.
+"""
+
+import functools
+import json
+import os
+import shlex
+import unittest
+import xml.etree.ElementTree as ElementTree
+
+import clitest
+from clitest import run
+
+PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leak_programs")
+# Debian's interpreter, with python3-numpy; the python3 on PATH may lack NumPy.
+PYTHON = "/usr/bin/python3"
+SVG_NS = "{http://www.w3.org/2000/svg}"
+LEAK_RED = "#d62728"
+
+# Small sizes: every check is len + 1 runs of a Python program (~0.1 s each).
+LEN = 8
+SHAPE = ("--len", LEN, "--heads", 2, "--kv-heads", 1, "--dim", 8)
+SIZES = (*SHAPE, "--jobs", 2)
+
+
+def command(program):
+    """The --exec command that runs leak_programs/PROGRAM.py."""
+    return (f"{shlex.quote(PYTHON)} {shlex.quote(os.path.join(PROGRAMS, program + '.py'))} "
+            "{q} {k} {v} {out}")
+
+
+@functools.lru_cache(maxsize=None)
+def leakcheck(program, *args):
+    """`lookback leakcheck --exec PROGRAM ARGS...`, run once per distinct call
+    (the runs are deterministic, and several tests read the same report)."""
+    return run("leakcheck", "--exec", command(program), *args)
+
+
+def pairs(json_pairs):
+    return sorted(tuple(pair) for pair in json_pairs)
+
+
+def causal_pairs(n, window=None):
+    """Every (i, j) a bottom-right causal mask lets row i see, for len n."""
+    return [(i, j) for i in range(n) for j in range(n)
+            if j <= i and (window is None or j >= i - window)]
+
+
+def requires_numpy_python():
+    if not os.access(PYTHON, os.X_OK):
+        raise unittest.SkipTest(f"{PYTHON} is not installed")
+
+
+class LeakcheckBlackBox(clitest.CliTestCase):
+    def setUp(self):
+        super().setUp()
+        requires_numpy_python()
+
+    def report(self, program, *args, exit_code):
+        """The json report of a check, after checking its exit code and a
+        quiet stderr."""
+        result = leakcheck(program, *SIZES, *args, "--format", "json")
+        self.assertEqual(result.returncode, exit_code,
+                         f"exit {result.returncode}, stderr: {result.stderr!r}")
+        self.assertEqual(result.stderr, "")
+        return json.loads(result.stdout)
+
+    def test_causal_attention_has_no_leak(self):
+        report = self.report("causal", exit_code=clitest.EXIT_OK)
+        self.assertEqual(report["len"], LEN)
+        self.assertEqual(report["verdict"], "causal")
+        self.assertEqual(report["leaks"], [])
+        self.assertEqual(report["missing"], [])
+        # Each row depends on exactly the positions 0..i, all of them seen.
+        self.assertEqual(report["dependency"],
+                         [[1 if j <= i else 0 for j in range(LEN)] for i in range(LEN)])
+
+    def test_json_keys_come_in_the_documented_order(self):
+        report = self.report("causal", exit_code=clitest.EXIT_OK)
+        self.assertEqual(list(report)[:5], ["len", "verdict", "leaks", "missing", "dependency"])
+        self.assertEqual(report["runs"], LEN + 1)
+
+    def test_missing_mask_leaks_every_future_position(self):
+        report = self.report("no_mask", exit_code=clitest.EXIT_FAILURE)
+        self.assertEqual(report["verdict"], "leak")
+        self.assertEqual(pairs(report["leaks"]),
+                         [(i, j) for i in range(LEN) for j in range(LEN) if j > i])
+        self.assertEqual(report["missing"], [])
+
+    def test_off_by_one_leaks_exactly_the_next_position(self):
+        report = self.report("off_by_one", exit_code=clitest.EXIT_FAILURE)
+        self.assertEqual(pairs(report["leaks"]), [(i, i + 1) for i in range(LEN - 1)])
+
+    def test_leak_in_one_head_of_one_batch_element_is_found(self):
+        # The program leaks (2, 5) only in the last head of the last batch element.
+        report = self.report("one_head_leak", "--batch", 2, exit_code=clitest.EXIT_FAILURE)
+        self.assertEqual(pairs(report["leaks"]), [(2, 5)])
+
+    def test_per_head_reports_which_head_leaks(self):
+        report = self.report("one_head_leak", "--batch", 2, "--per-head",
+                             exit_code=clitest.EXIT_FAILURE)
+        heads = report["per_head"]
+        self.assertEqual([head["head"] for head in heads], [0, 1])
+        self.assertEqual(heads[0]["verdict"], "causal")
+        self.assertEqual(heads[0]["leaks"], [])
+        self.assertEqual(heads[1]["verdict"], "leak")
+        self.assertEqual(pairs(heads[1]["leaks"]), [(2, 5)])
+
+    def test_jobs_do_not_change_the_report(self):
+        one = leakcheck("one_head_leak", *SHAPE, "--batch", 2, "--jobs", 1, "--format", "json")
+        two = leakcheck("one_head_leak", *SIZES, "--batch", 2, "--format", "json")
+        self.assertEqual(one.returncode, clitest.EXIT_FAILURE)
+        self.assertEqual(one.stdout, two.stdout)
+
+    def test_window_is_part_of_the_mask(self):
+        # A plain causal program checked against a window of 2 reads too far
+        # back: every visible-without-window position before i - 2 is a leak.
+        report = self.report("causal", "--window", 2, exit_code=clitest.EXIT_FAILURE)
+        self.assertEqual(pairs(report["leaks"]),
+                         sorted(set(causal_pairs(LEN)) - set(causal_pairs(LEN, window=2))))
+        self.assertEqual(report["window"], 2)
+
+    def test_an_ignored_own_token_is_a_warning_not_a_leak(self):
+        # Row 0 reads no key, so it never changes; row 1 reads key 0 only, and
+        # a softmax over one key weighs it 1 whatever q1 is. (0, 0) and (1, 1)
+        # are allowed but never observed; every later row sees its own q.
+        report = self.report("strictly_past", exit_code=clitest.EXIT_OK)
+        self.assertEqual(report["verdict"], "causal")
+        self.assertEqual(report["leaks"], [])
+        self.assertEqual(pairs(report["missing"]), [(0, 0), (1, 1)])
+        text = leakcheck("strictly_past", *SIZES)
+        self.assert_ok(text)
+        lines = text.stdout.splitlines()
+        self.assertIn("q0  .", lines)
+        self.assertTrue(any(line.startswith("warning: 2 allowed dependencies never observed")
+                            for line in lines), text.stdout)
+
+
+class LeakcheckText(clitest.CliTestCase):
+    def setUp(self):
+        super().setUp()
+        requires_numpy_python()
+
+    def matrix(self, stdout):
+        """The matrix lines of a text report: 'q0  S X', ..."""
+        return [line for line in stdout.splitlines() if line.startswith("q")]
+
+    def test_off_by_one_matrix_and_verdict(self):
+        result = leakcheck("off_by_one", *SIZES)
+        self.assertEqual(result.returncode, clitest.EXIT_FAILURE)
+        self.assertEqual(result.stderr, "")
+        expected = [f"q{i}  " + " ".join("S" * (i + 1) + ("X" if i + 1 < LEN else ""))
+                    for i in range(LEN)]
+        self.assertEqual(self.matrix(result.stdout), expected)
+        self.assertEqual(result.stdout.splitlines()[-1],
+                         "verdict: leak: output row 0 changed when position 1 changed, which it "
+                         "must not see, in every head (7 leaking pairs)")
+
+    def test_causal_matrix_is_the_lower_triangle(self):
+        result = leakcheck("causal", *SIZES)
+        self.assert_ok(result)
+        self.assertEqual(self.matrix(result.stdout),
+                         [f"q{i}  " + " ".join("S" * (i + 1)) for i in range(LEN)])
+        self.assertTrue(result.stdout.splitlines()[-1].startswith("verdict: causal"))
+
+    def test_one_head_leak_names_the_head_and_batch_element(self):
+        result = leakcheck("one_head_leak", *SIZES, "--batch", 2)
+        self.assertEqual(result.returncode, clitest.EXIT_FAILURE)
+        self.assertIn("q2  S S S     X", self.matrix(result.stdout))
+        self.assertIn("output row 2 changed when position 5 changed", result.stdout)
+        self.assertIn("only in batch element 1 head 1", result.stdout)
+
+    def test_out_writes_the_report_and_keeps_the_exit_code(self):
+        path = self.path("report.json")
+        result = leakcheck("no_mask", *SIZES, "--format", "json", "--out", path)
+        self.assertEqual(result.returncode, clitest.EXIT_FAILURE)
+        self.assertEqual(result.stdout, "")
+        with open(path, encoding="utf-8") as file:
+            self.assertEqual(json.load(file)["verdict"], "leak")
+
+    def test_progress_goes_to_stderr_on_request(self):
+        result = leakcheck("causal", *SIZES, "--progress", "--format", "json")
+        self.assertEqual(result.returncode, clitest.EXIT_OK)
+        self.assertIn(f"run {LEN + 1}/{LEN + 1}", result.stderr)
+        self.assertEqual(json.loads(result.stdout)["verdict"], "causal")
+
+
+class LeakcheckSvg(clitest.CliTestCase):
+    def setUp(self):
+        super().setUp()
+        requires_numpy_python()
+
+    def fills(self, program):
+        result = leakcheck(program, *SIZES, "--format", "svg")
+        root = ElementTree.fromstring(result.stdout)
+        self.assertEqual(root.tag, SVG_NS + "svg")
+        return result.returncode, {element.get("fill") for element in root.iter(SVG_NS + "path")}
+
+    def test_leaks_are_drawn_in_red(self):
+        code, fills = self.fills("no_mask")
+        self.assertEqual(code, clitest.EXIT_FAILURE)
+        self.assertIn(LEAK_RED, fills)
+
+    def test_causal_matrix_has_no_red(self):
+        code, fills = self.fills("causal")
+        self.assertEqual(code, clitest.EXIT_OK)
+        self.assertNotIn(LEAK_RED, fills)
+
+
+class LeakcheckCommandErrors(clitest.CliTestCase):
+    def setUp(self):
+        super().setUp()
+        requires_numpy_python()
+
+    def test_failing_command_shows_its_exit_code_and_message(self):
+        result = leakcheck("fails", *SIZES)
+        self.assert_usage_error(result, mentions="exit code 3")
+        self.assertIn("cannot load weights: no such file 'model.bin'", result.stderr)
+
+    def test_wrong_output_shape_is_refused(self):
+        # The program writes (batch, heads, seqlen, head_dim).
+        result = leakcheck("wrong_shape", *SIZES)
+        self.assert_usage_error(result, mentions="shape (1, 2, 8, 8)")
+        self.assertIn("(1, 8, 2, 8)", result.stderr)
+
+    def test_missing_output_is_refused(self):
+        self.assert_usage_error(leakcheck("no_output", *SIZES), mentions="wrote no output")
+
+    def test_command_must_name_every_file(self):
+        result = run("leakcheck", "--exec", f"{PYTHON} prog.py {{q}} {{k}} {{v}}", *SIZES)
+        self.assert_usage_error(result, mentions="{out}")
+
+
+class LeakcheckUsage(clitest.CliTestCase):
+    def test_zero_length_is_refused(self):
+        self.assert_usage_error(
+            run("leakcheck", "--exec", command("causal"), "--len", 0, "--heads", 1, "--dim", 4),
+            mentions="--len")
+
+    def test_exec_needs_the_sizes(self):
+        self.assert_usage_error(run("leakcheck", "--exec", command("causal"), "--heads", 1,
+                                    "--dim", 4), mentions="--len")
+
+    def test_heads_must_be_a_multiple_of_kv_heads(self):
+        self.assert_usage_error(run("leakcheck", "--exec", command("causal"), "--len", 4,
+                                    "--heads", 3, "--kv-heads", 2, "--dim", 4), mentions="--heads")
+
+    def test_window_needs_a_causal_mask(self):
+        self.assert_usage_error(run("leakcheck", "--exec", command("causal"), "--len", 4,
+                                    "--heads", 1, "--dim", 4, "--causal", "none", "--window", 1),
+                                mentions="window")
+
+    def test_unknown_format_is_refused(self):
+        self.assert_usage_error(run("leakcheck", "--format", "png"), mentions="--format")
+
+    def test_builtin_mode_draws_no_svg(self):
+        self.assert_usage_error(run("leakcheck", "--format", "svg"), mentions="--format")
+
+
+class LeakcheckBuiltin(clitest.CliTestCase):
+    """Without --exec: every lookback path, storage dtype and window. A path
+    still being written reports 'unavailable', which is not a failure."""
+
+    def test_every_available_path_is_causal(self):
+        result = run("leakcheck", "--jobs", 2)
+        self.assert_ok(result)
+        lines = result.stdout.splitlines()
+        self.assertIn("path", lines[3])
+        rows = [line.split() for line in lines[4:] if line.strip()]
+        self.assertTrue(any(row[0] == "prefill" for row in rows), result.stdout)
+        self.assertNotIn("leak", " ".join(lines[4:-1]))
+        self.assertTrue(lines[-1].startswith("verdict: causal"), lines[-1])
+
+    def test_json_lists_every_path_dtype_and_window(self):
+        result = run("leakcheck", "--jobs", 2, "--format", "json")
+        self.assert_ok(result)
+        report = json.loads(result.stdout)
+        self.assertEqual(report["verdict"], "causal")
+        checks = report["checks"]
+        self.assertEqual({check["path"] for check in checks},
+                         {"prefill", "decode", "chunked", "paged", "split"})
+        self.assertEqual({check["storage"] for check in checks}, {"f32", "bf16", "f16"})
+        self.assertEqual({check["window"] is None for check in checks}, {True, False})
+        self.assertEqual(len(checks), 5 * 3 * 2)
+        for check in checks:
+            with self.subTest(check=check):
+                self.assertIn(check["verdict"], ("causal", "unavailable"))
+                if check["verdict"] == "causal":
+                    self.assertEqual(check["leaks"], [])
+                    self.assertEqual(check["missing"], [])
+        # prefill exists from the start.
+        self.assertTrue(all(check["verdict"] == "causal" for check in checks
+                            if check["path"] == "prefill"))
+
+    def test_sizes_can_be_chosen(self):
+        result = run("leakcheck", "--len", 9, "--heads", 2, "--dim", 8, "--batch", 1,
+                     "--format", "json")
+        self.assert_ok(result)
+        self.assertEqual(json.loads(result.stdout)["len"], 9)
+
+    def test_exec_only_options_are_refused(self):
+        self.assert_usage_error(run("leakcheck", "--per-head"), mentions="--per-head")
+        self.assert_usage_error(run("leakcheck", "--causal", "top-left"), mentions="--causal")
+
+
+if __name__ == "__main__":
+    unittest.main()

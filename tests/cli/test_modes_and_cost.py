@@ -1,0 +1,101 @@
+"""`lookback attend --mode ...`: every path computes what prefill computes;
+`lookback cost`: the cost per generated token."""
+
+import json
+import xml.etree.ElementTree as ElementTree
+
+import numpy as np
+
+from clitest import CliTestCase, run
+from test_attend import numpy_attention, rel_l2
+
+
+class ModesTest(CliTestCase):
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(3)
+        self.q = rng.standard_normal((2, 11, 4, 20)).astype(np.float32)
+        self.k = rng.standard_normal((2, 30, 2, 20)).astype(np.float32)
+        self.v = rng.standard_normal((2, 30, 2, 20)).astype(np.float32)
+        self.paths = []
+        for name, array in (("q", self.q), ("k", self.k), ("v", self.v)):
+            path = self.path(name + ".npy")
+            np.save(path, array)
+            self.paths.append(path)
+
+    def attend(self, *extra):
+        out, lse = self.path("o.npy"), self.path("lse.npy")
+        result = run("attend", "--q", self.paths[0], "--k", self.paths[1], "--v", self.paths[2],
+                     "--out", out, "--lse", lse, *extra)
+        return result, out, lse
+
+    def test_every_mode_matches_numpy(self):
+        expected, expected_lse = numpy_attention(self.q, self.k, self.v, window=7)
+        for extra in (["--mode", "prefill"], ["--mode", "decode"],
+                      ["--mode", "chunked", "--chunk", "4"],
+                      ["--mode", "paged", "--block-size", "3"],
+                      ["--mode", "paged", "--block-size", "16", "--chunk", "5"],
+                      ["--mode", "split", "--splits", "4"]):
+            with self.subTest(extra=extra):
+                result, out, lse = self.attend("--window", "7", *extra)
+                self.assert_ok(result)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+                np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-4)
+
+    def test_mode_errors(self):
+        cases = [
+            (["--mode", "decode", "--causal", "top-left"], "bottom-right"),
+            (["--mode", "chunked"], "--chunk"),
+            (["--mode", "chunked", "--chunk", "0"], "--chunk"),
+            (["--mode", "paged", "--block-size", "0"], "--block-size"),
+            (["--mode", "split", "--splits", "0"], "--splits"),
+            (["--mode", "teleport"], "--mode"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra):
+                result, out, _ = self.attend(*extra)
+                self.assert_usage_error(result, mention)
+
+
+class CostTest(CliTestCase):
+    def test_position_five_attends_six_keys(self):
+        result = run("cost", "--len", "8")
+        self.assert_ok(result)
+        rows = [line.split() for line in result.stdout.splitlines()]
+        row5 = next(r for r in rows if r[:1] == ["5"])
+        self.assertEqual(row5[1], "6")
+
+    def test_json_counts_and_window(self):
+        result = run("cost", "--len", "10", "--heads", "4", "--kv-heads", "2", "--dim", "8",
+                     "--window", "3", "--dtype", "bf16", "--format", "json")
+        self.assert_ok(result)
+        data = json.loads(result.stdout)
+        keys = [p["keys"] for p in data["positions"]]
+        self.assertEqual(keys, [1, 2, 3, 4, 4, 4, 4, 4, 4, 4])
+        p9 = data["positions"][9]
+        self.assertEqual(p9["flops_cached"], 4 * 4 * 8 * 4)
+        self.assertEqual(p9["kv_bytes"], 2 * 2 * 8 * 2 * 4)  # K and V, 2 kv heads, bf16
+        # Without a cache, token 9 recomputes every visible pair of the 10 x 10 square.
+        self.assertEqual(p9["flops_uncached"], 4 * 4 * 8 * sum(keys))
+        self.assertEqual(data["totals"]["tokens"], 10)
+
+    def test_measure_and_svg(self):
+        result = run("cost", "--len", "40", "--heads", "4", "--kv-heads", "2", "--dim", "16",
+                     "--measure", "--format", "json")
+        self.assert_ok(result)
+        data = json.loads(result.stdout)
+        self.assertTrue(all(p["measured_ns"] > 0 for p in data["positions"]))
+        svg = self.path("cost.svg")
+        result = run("cost", "--len", "200", "--format", "svg", "--out", svg)
+        self.assert_ok(result)
+        self.assertEqual(result.stdout, "")
+        root = ElementTree.parse(svg).getroot()
+        self.assertTrue(root.tag.endswith("svg"))
+
+    def test_errors(self):
+        for args, mention in ((["--len", "0"], "--len"),
+                              (["--len", "8", "--heads", "6", "--kv-heads", "4"], "--kv-heads"),
+                              (["--len", "8", "--dtype", "f64"], "--dtype"),
+                              (["--len", "8", "--format", "pdf"], "--format")):
+            with self.subTest(args=args):
+                self.assert_usage_error(run("cost", *args), mention)
