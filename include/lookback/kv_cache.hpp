@@ -80,6 +80,7 @@ class KvCache {
   void clear() noexcept;
 
  private:
+  friend struct CacheState;  // checkpoints (src/kv_cache)
   friend void attend_batch(std::span<const KvCache* const> caches,
                            std::span<const DecodeStep> steps, const DecodeOptions& options,
                            Context& context);
@@ -133,6 +134,7 @@ class PagedKvPool {
   void shuffle_blocks(std::uint64_t seed);
 
  private:
+  friend struct CacheState;  // checkpoints (src/kv_cache)
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -4,27 +4,11 @@
 #include <vector>
 
 #include "kv_cache/cache_common.hpp"
+#include "kv_cache/impl.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 
 namespace lookback {
-
-struct KvCache::Impl {
-  CacheConfig config;
-  std::int64_t capacity = 0;
-  std::int64_t length = 0;
-  std::vector<std::byte> k;  // (kv_heads, capacity, padded_dim) of storage
-  std::vector<std::byte> v;
-
-  std::int64_t head_stride() const { return capacity * detail::stored_padded_dim(config); }
-
-  detail::SequenceKv sequence() const {
-    detail::SequenceKv view;
-    view.length = length;
-    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length, head_stride()});
-    return view;
-  }
-};
 
 KvCache::KvCache(const CacheConfig& config, std::int64_t capacity) : impl_(std::make_unique<Impl>()) {
   detail::validate_config(config);

@@ -12,69 +12,11 @@
 #include <vector>
 
 #include "kv_cache/cache_common.hpp"
+#include "kv_cache/impl.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 
 namespace lookback {
-
-struct PagedKvPool::Impl {
-  struct Sequence {
-    std::vector<std::int64_t> blocks;  // block table
-    std::int64_t length = 0;
-  };
-
-  CacheConfig config;
-  std::int64_t block_size = 0;
-  std::int64_t num_blocks = 0;
-  std::int64_t block_bytes = 0;
-  std::vector<std::byte> k;  // (num_blocks, kv_heads, block_size, padded_dim)
-  std::vector<std::byte> v;
-  std::vector<std::int32_t> references;  // per block
-  std::vector<std::int64_t> free_list;   // taken from the back
-  std::map<SequenceId, Sequence> sequences;
-  SequenceId next_id = 0;
-
-  std::int64_t head_stride() const { return block_size * detail::stored_padded_dim(config); }
-  std::byte* k_block(std::int64_t block) { return k.data() + block * block_bytes; }
-  std::byte* v_block(std::int64_t block) { return v.data() + block * block_bytes; }
-
-  Sequence& find(SequenceId id, const char* argument) {
-    const auto it = sequences.find(id);
-    if (it == sequences.end()) {
-      throw Error(fmt::format("{}: unknown sequence {} (expected an id from create or fork, not "
-                              "yet released)",
-                              argument, id));
-    }
-    return it->second;
-  }
-  const Sequence& find(SequenceId id, const char* argument) const {
-    return const_cast<Impl*>(this)->find(id, argument);
-  }
-
-  std::int64_t take_block() {
-    const std::int64_t block = free_list.back();
-    free_list.pop_back();
-    references[static_cast<std::size_t>(block)] = 1;
-    return block;
-  }
-  void drop_block(std::int64_t block) {
-    if (--references[static_cast<std::size_t>(block)] == 0) free_list.push_back(block);
-  }
-
-  detail::SequenceKv view(const Sequence& sequence) const {
-    detail::SequenceKv kv;
-    kv.length = sequence.length;
-    for (std::size_t b = 0; b < sequence.blocks.size(); ++b) {
-      const std::int64_t first = static_cast<std::int64_t>(b) * block_size;
-      const std::int64_t count = std::min(block_size, sequence.length - first);
-      if (count <= 0) break;  // never hand out slots past the sequence's length
-      const std::int64_t block = sequence.blocks[b];
-      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count,
-                         head_stride()});
-    }
-    return kv;
-  }
-};
 
 PagedKvPool::PagedKvPool(const CacheConfig& config, std::int64_t block_size,
                          std::int64_t num_blocks)

@@ -1,0 +1,95 @@
+// The state behind KvCache and PagedKvPool, shared by their implementation
+// files and the checkpoint code (which saves and restores exactly this).
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "kv_cache/cache_common.hpp"
+#include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
+
+namespace lookback {
+
+struct KvCache::Impl {
+  CacheConfig config;
+  std::int64_t capacity = 0;
+  std::int64_t length = 0;
+  std::vector<std::byte> k;  // (kv_heads, capacity, padded_dim) of storage
+  std::vector<std::byte> v;
+
+  std::int64_t head_stride() const { return capacity * detail::stored_padded_dim(config); }
+
+  detail::SequenceKv sequence() const {
+    detail::SequenceKv view;
+    view.length = length;
+    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length, head_stride()});
+    return view;
+  }
+};
+
+struct PagedKvPool::Impl {
+  struct Sequence {
+    std::vector<std::int64_t> blocks;  // block table
+    std::int64_t length = 0;
+  };
+
+  CacheConfig config;
+  std::int64_t block_size = 0;
+  std::int64_t num_blocks = 0;
+  std::int64_t block_bytes = 0;
+  std::vector<std::byte> k;  // (num_blocks, kv_heads, block_size, padded_dim)
+  std::vector<std::byte> v;
+  std::vector<std::int32_t> references;  // per block
+  std::vector<std::int64_t> free_list;   // taken from the back
+  std::map<SequenceId, Sequence> sequences;
+  SequenceId next_id = 0;
+
+  std::int64_t head_stride() const { return block_size * detail::stored_padded_dim(config); }
+  std::byte* k_block(std::int64_t block) { return k.data() + block * block_bytes; }
+  std::byte* v_block(std::int64_t block) { return v.data() + block * block_bytes; }
+
+  Sequence& find(SequenceId id, const char* argument) {
+    const auto it = sequences.find(id);
+    if (it == sequences.end()) {
+      throw Error(fmt::format("{}: unknown sequence {} (expected an id from create or fork, not "
+                              "yet released)",
+                              argument, id));
+    }
+    return it->second;
+  }
+  const Sequence& find(SequenceId id, const char* argument) const {
+    return const_cast<Impl*>(this)->find(id, argument);
+  }
+
+  std::int64_t take_block() {
+    const std::int64_t block = free_list.back();
+    free_list.pop_back();
+    references[static_cast<std::size_t>(block)] = 1;
+    return block;
+  }
+  void drop_block(std::int64_t block) {
+    if (--references[static_cast<std::size_t>(block)] == 0) free_list.push_back(block);
+  }
+
+  detail::SequenceKv view(const Sequence& sequence) const {
+    detail::SequenceKv kv;
+    kv.length = sequence.length;
+    for (std::size_t b = 0; b < sequence.blocks.size(); ++b) {
+      const std::int64_t first = static_cast<std::int64_t>(b) * block_size;
+      const std::int64_t count = std::min(block_size, sequence.length - first);
+      if (count <= 0) break;  // never hand out slots past the sequence's length
+      const std::int64_t block = sequence.blocks[b];
+      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count,
+                         head_stride()});
+    }
+    return kv;
+  }
+};
+
+}  // namespace lookback
