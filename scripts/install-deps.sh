@@ -14,6 +14,8 @@ packages=(
   nlohmann-json3-dev    # JSON output
   libopenblas-dev       # the materialised baseline in benchmarks
   python3-numpy         # writes and reads .npy fixtures in CLI tests
+  zlib1g-dev            # CRC32 of KV-cache checkpoints
+  clang-14 libclang-rt-14-dev  # libFuzzer targets (make fuzz)
 )
 
 missing=()

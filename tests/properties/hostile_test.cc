@@ -1,0 +1,208 @@
+// Hostile numerics (the bugs that shipped in PyTorch #101967, FlashInfer #941,
+// FlashInfer PR #58, TorchTitan #3235): huge scores, NaN and Inf in hidden
+// keys and values, empty rows, window 0, seqlen 1, empty caches, split-KV
+// with more parts than keys and with empty parts — on every path.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
+#include "lookback/modes.hpp"
+#include "testing/testing.hpp"
+
+namespace lookback {
+namespace {
+
+using testing::ProblemSpec;
+
+const ModeOptions kPaths[] = {
+    {.mode = Mode::kPrefill},
+    {.mode = Mode::kDecode},
+    {.mode = Mode::kChunked, .chunk = 5},
+    {.mode = Mode::kPaged, .chunk = 3, .block_size = 4},
+    {.mode = Mode::kSplit, .splits = 3},
+};
+
+std::string name(const ModeOptions& options) { return std::string(mode_name(options.mode)); }
+
+TEST(Hostile, HugeScoresDoNotOverflow) {
+  // Inputs of magnitude 1e2..1e4: scores up to about 1e4 * sqrt(d) and far
+  // beyond; exp must never see a positive argument, LSE must stay finite.
+  Context context(2);
+  for (float magnitude : {1e2f, 1e3f, 1e4f}) {
+    ProblemSpec spec;
+    spec.seqlen_q = 40;
+    spec.seqlen_k = 70;
+    spec.head_dim = 16;
+    spec.heads = 2;
+    spec.magnitude = magnitude;
+    testing::Problem problem = testing::make_problem(spec, 17);
+    const ReferenceResult reference = reference_attention(problem.params());
+    for (const ModeOptions& options : kPaths) {
+      SCOPED_TRACE(name(options) + " magnitude " + std::to_string(magnitude));
+      problem.poison_outputs();
+      attend_with_mode(problem.params(), options, context);
+      const testing::Comparison result = testing::compare(problem, reference);
+      EXPECT_TRUE(result.finite) << result.describe();
+      EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
+      // LSE is about magnitude^2 here; compare it relatively.
+      EXPECT_LE(result.max_lse_error, testing::kLseTolerance * magnitude * magnitude)
+          << result.describe();
+    }
+  }
+}
+
+// Sets every element of K and V at key position `key` (all batch elements,
+// all kv heads) to `value`.
+void poison_key(testing::Problem& problem, std::int64_t key, float k_value, float v_value) {
+  const ProblemSpec& s = problem.spec;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+      for (std::int64_t e = 0; e < s.head_dim; ++e) {
+        const auto index = static_cast<std::size_t>(problem.kv_offset(b, key, h) + e);
+        problem.k[index] = k_value;
+        problem.v[index] = v_value;
+      }
+    }
+  }
+}
+
+TEST(Hostile, NonFiniteHiddenKeysAndValuesAreSkippedNotMultipliedByZero) {
+  // Key 50 is the future for rows whose position < 50 and outside the window
+  // (W = 8) for rows whose position > 58. Those rows must be bit-identical to
+  // a clean run; the rows that do see key 50 must turn NaN (never hide it).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  Context context(2);
+  ProblemSpec spec;
+  spec.seqlen_q = 60;
+  spec.seqlen_k = 80;  // positions 20..79
+  spec.head_dim = 24;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.mask.window_left = 8;
+  const testing::Problem clean = testing::make_problem(spec, 23);
+  for (const auto& [k_value, v_value] : {std::pair{nan, nan}, std::pair{inf, -inf}, std::pair{1.0f, nan}}) {
+    for (const ModeOptions& options : kPaths) {
+      SCOPED_TRACE(name(options) + " k=" + std::to_string(k_value) + " v=" + std::to_string(v_value));
+      testing::Problem expected = clean;
+      attend_with_mode(expected.params(), options, context);
+      testing::Problem poisoned = clean;
+      poison_key(poisoned, 50, k_value, v_value);
+      attend_with_mode(poisoned.params(), options, context);
+      const Mask mask(spec.seqlen_q, spec.seqlen_k, spec.mask);
+      for (std::int64_t i = 0; i < spec.seqlen_q; ++i) {
+        const auto offset = static_cast<std::size_t>(i * spec.heads * spec.head_dim);
+        const auto bytes = static_cast<std::size_t>(spec.heads * spec.head_dim) * sizeof(float);
+        if (mask.visible(i, 50)) {
+          EXPECT_TRUE(std::isnan(poisoned.out[offset])) << "row " << i << " hid a NaN it sees";
+        } else {
+          ASSERT_EQ(std::memcmp(expected.out.data() + offset, poisoned.out.data() + offset, bytes), 0)
+              << "row " << i << " changed by a key it must not see";
+        }
+      }
+    }
+  }
+}
+
+TEST(Hostile, EmptyRowsWindowZeroAndSeqlenOne) {
+  Context context(1);
+  struct Case {
+    std::int64_t seqlen_q, seqlen_k;
+    std::optional<std::int64_t> window;
+    Causal causal;
+  };
+  const Case cases[] = {
+      {1, 1, std::nullopt, Causal::kBottomRight},  // seqlen 1
+      {1, 1, 0, Causal::kBottomRight},
+      {9, 9, 0, Causal::kBottomRight},   // window 0: each row sees itself only
+      {9, 30, 0, Causal::kBottomRight},
+      {12, 5, std::nullopt, Causal::kTopLeft},  // fewer keys than queries
+      {12, 5, 2, Causal::kTopLeft},             // last rows empty (window)
+      {12, 5, std::nullopt, Causal::kBottomRight},  // first rows empty
+      {4, 0, std::nullopt, Causal::kBottomRight},   // no keys at all
+  };
+  for (const Case& c : cases) {
+    ProblemSpec spec;
+    spec.seqlen_q = c.seqlen_q;
+    spec.seqlen_k = c.seqlen_k;
+    spec.head_dim = 8;
+    spec.heads = 2;
+    spec.mask = {.causal = c.causal, .window_left = c.window};
+    testing::Problem problem = testing::make_problem(spec, 29);
+    const ReferenceResult reference = reference_attention(problem.params());
+    for (const ModeOptions& options : kPaths) {
+      const bool cache_path = options.mode == Mode::kDecode || options.mode == Mode::kChunked ||
+                              options.mode == Mode::kPaged;
+      if (cache_path && (c.causal != Causal::kBottomRight || c.seqlen_q > c.seqlen_k)) continue;
+      SCOPED_TRACE(name(options) + " " + spec.describe());
+      problem.poison_outputs();
+      attend_with_mode(problem.params(), options, context);
+      const testing::Comparison result = testing::compare(problem, reference);
+      EXPECT_TRUE(result.finite) << result.describe();
+      EXPECT_TRUE(result.empty_rows_exact) << result.describe();
+      EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
+    }
+  }
+}
+
+TEST(Hostile, EmptyCacheAttendedWithAChunk) {
+  Context context(1);
+  const CacheConfig config{.kv_heads = 1, .head_dim = 8};
+  std::vector<float> q(3 * 2 * 8, 0.5f), k(3 * 8, 0.25f), v(3 * 8, 1.0f), out(q.size());
+  const DecodeStep step{.q = make_view(q.data(), DType::kF32, {3, 2, 8}, "q"),
+                        .out = make_mutable_view(out.data(), DType::kF32, {3, 2, 8}, "out")};
+  // Nothing cached yet: attending is an error, never a read of empty memory.
+  KvCache cache(config, 8);
+  EXPECT_THROW(cache.attend(step, {}, context), Error);
+  PagedKvPool pool(config, 4, 2);
+  const SequenceId sequence = pool.create();
+  EXPECT_THROW(pool.attend(sequence, step, {}, context), Error);
+  // A chunk appended to the empty cache then attends causally within itself.
+  cache.append(make_view(k.data(), DType::kF32, {3, 1, 8}, "k"), make_view(v.data(), DType::kF32, {3, 1, 8}, "v"));
+  cache.attend(step, {}, context);
+  for (float x : out) EXPECT_FLOAT_EQ(x, 1.0f);  // every value row is 1
+}
+
+TEST(Hostile, SplitsWithMorePartsThanKeysAndEmptyParts) {
+  Context context(2);
+  ProblemSpec spec;
+  spec.seqlen_q = 6;
+  spec.seqlen_k = 200;
+  spec.head_dim = 16;
+  spec.heads = 2;
+  spec.mask.window_left = 3;  // every row sees 4 keys near the end: most parts are empty
+  testing::Problem problem = testing::make_problem(spec, 31);
+  const ReferenceResult reference = reference_attention(problem.params());
+  for (std::int64_t splits : {1, 7, 50, 200, 1000}) {
+    SCOPED_TRACE("splits " + std::to_string(splits));
+    problem.poison_outputs();
+    attend_with_mode(problem.params(), {.mode = Mode::kSplit, .splits = splits}, context);
+    const testing::Comparison result = testing::compare(problem, reference);
+    EXPECT_TRUE(result.finite);
+    EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
+    EXPECT_LE(result.max_lse_error, testing::kLseTolerance) << result.describe();
+  }
+  // Decode's own split-KV: more parts than keys.
+  const CacheConfig config{.kv_heads = 1, .head_dim = 16};
+  testing::ProblemSpec one;
+  one.seqlen_q = 1;
+  one.seqlen_k = 5;
+  one.head_dim = 16;
+  one.heads = 2;
+  testing::Problem small = testing::make_problem(one, 37);
+  const ReferenceResult small_reference = reference_attention(small.params());
+  KvCache cache(config, 5);
+  cache.append(make_view(small.k.data(), DType::kF32, {5, 1, 16}, "k"),
+               make_view(small.v.data(), DType::kF32, {5, 1, 16}, "v"));
+  cache.attend({.q = make_view(small.q.data(), DType::kF32, {1, 2, 16}, "q"),
+                .out = make_mutable_view(small.out.data(), DType::kF32, {1, 2, 16}, "out")},
+               {.splits = 64}, context);
+  EXPECT_LE(testing::relative_l2(small.out, small_reference.out), testing::kF32Tolerance);
+}
+
+}  // namespace
+}  // namespace lookback
