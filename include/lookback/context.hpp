@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 
 namespace lookback {
 
@@ -33,8 +34,14 @@ class Context {
 
   // Scratch shared by all workers during one call (e.g. packed K/V), at least
   // `bytes`, 64-byte aligned, reused between calls. Call it outside
-  // parallel_for; valid until the next shared_scratch() call.
+  // parallel_for while holding lock_for_call(); valid until the lock is
+  // released.
   void* shared_scratch(std::size_t bytes);
+
+  // Reserves the context for one call made of several phases (several
+  // parallel_for calls sharing shared_scratch), so that calls from other
+  // threads through the same context wait instead of reusing its scratch.
+  [[nodiscard]] std::unique_lock<std::mutex> lock_for_call();
 
  private:
   struct Impl;

@@ -288,6 +288,8 @@ void prefill(const PrefillParams& params, Context& context) {
     return task_cost(x) > task_cost(y);
   });
 
+  // Packing and the tiles share the context's scratch: hold it for both.
+  const auto call = context.lock_for_call();
   const PackedKV packed = pack_kv(params, context);
   HWY_DYNAMIC_DISPATCH(PrefillTiles)(params, packed, tasks, context);
 }

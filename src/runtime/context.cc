@@ -63,7 +63,8 @@ struct Context::Impl {
   std::vector<AlignedBuffer> scratch;           // one per worker
   AlignedBuffer shared;
 
-  std::mutex call_mutex;  // one parallel_for at a time
+  std::mutex call_mutex;     // one parallel_for at a time
+  std::mutex session_mutex;  // one multi-phase call at a time (lock_for_call)
 
   // The job being run, published under `mutex`.
   std::mutex mutex;
@@ -166,5 +167,9 @@ void* Context::scratch(int worker, std::size_t bytes) {
 }
 
 void* Context::shared_scratch(std::size_t bytes) { return impl_->shared.reserve(bytes); }
+
+std::unique_lock<std::mutex> Context::lock_for_call() {
+  return std::unique_lock<std::mutex>(impl_->session_mutex);
+}
 
 }  // namespace lookback
