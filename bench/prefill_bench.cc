@@ -39,6 +39,7 @@ struct Options {
   std::int64_t heads = 32, kv_heads = 32, dim = 128;
   int reps = 3;
   bool baseline = true;
+  lookback::DType storage = lookback::DType::kF32;
 };
 
 std::vector<std::int64_t> parse_list(const char* text) {
@@ -103,12 +104,14 @@ int main(int argc, char** argv) {
       options.dim = std::stoll(next());
     } else if (arg == "--reps") {
       options.reps = std::stoi(next());
+    } else if (arg == "--dtype") {
+      options.storage = lookback::parse_dtype(next(), "--dtype");
     } else if (arg == "--no-baseline") {
       options.baseline = false;
     } else {
       fmt::print(stderr,
                  "usage: prefill_bench [--quick] [--threads 1,2] [--sizes 512,1024,2048,4096] "
-                 "[--heads H] [--kv-heads HK] [--dim D] [--reps R] [--no-baseline]\n");
+                 "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16] [--reps R] [--no-baseline]\n");
       return 2;
     }
   }
@@ -129,9 +132,9 @@ int main(int argc, char** argv) {
              std::getenv("OPENBLAS_CORETYPE")
                  ? fmt::format(" (OPENBLAS_CORETYPE={})", std::getenv("OPENBLAS_CORETYPE"))
                  : "");
-  fmt::print("causal prefill, batch 1, {} heads, {} kv heads, head_dim {}, f32; median of {} "
-             "(min-max)\n\n",
-             options.heads, options.kv_heads, options.dim, options.reps);
+  fmt::print("causal prefill, batch 1, {} heads, {} kv heads, head_dim {}, {} storage; median of "
+             "{} (min-max)\n\n",
+             options.heads, options.kv_heads, options.dim, dtype_name(options.storage), options.reps);
 
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal;
@@ -154,6 +157,7 @@ int main(int argc, char** argv) {
       params.k = make_view(k.data(), DType::kF32, {1, n, options.kv_heads, options.dim}, "k");
       params.v = make_view(v.data(), DType::kF32, {1, n, options.kv_heads, options.dim}, "v");
       params.out = make_mutable_view(out.data(), DType::kF32, {1, n, options.heads, options.dim}, "out");
+      params.storage = options.storage;
       const double useful = 4.0 * static_cast<double>(options.heads * options.dim) *
                             static_cast<double>(Mask(n, n).visible_total());
       const Timing ours = time_it(options.reps, [&] { attend(params, context); });

@@ -15,8 +15,22 @@ struct PackedKV {
   float* k_transposed = nullptr;
   // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V.
   float* v = nullptr;
+  // bf16 dot-product layouts (only when params.bf16_dot), two bf16 per u32:
+  // (batch, kv_heads, key_tiles, padded_dim / 2, kKeyTile): dims (2r, 2r+1) of a key;
+  std::uint32_t* k_pairs = nullptr;
+  // (batch, kv_heads, key_tiles, kKeyTile / 2, padded_dim): keys (2s, 2s+1) of a dim.
+  std::uint32_t* v_pairs = nullptr;
   std::int64_t key_tiles = 0;
   std::int64_t padded_dim = 0;
+
+  const std::uint32_t* k_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+                                   std::int64_t tile) const noexcept {
+    return k_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * padded_dim / 2) * kKeyTile;
+  }
+  const std::uint32_t* v_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+                                   std::int64_t tile) const noexcept {
+    return v_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * kKeyTile / 2) * padded_dim;
+  }
 
   const float* k_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                       std::int64_t tile) const noexcept {

@@ -18,10 +18,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <limits>
 #include <vector>
 
 #include "kernels/gemm-inl.h"
+#include "kernels/gemm_bf16-inl.h"
 #include "kernels/softmax-inl.h"
 #include "kernels/online_softmax.hpp"
 #include "kernels/pack.hpp"
@@ -55,6 +62,8 @@ struct Scratch {
   float* alpha;   // (kQueryTile)
   OnlineSoftmaxState* state;  // (group, kQueryTile)
   LocalRange* ranges;         // (kQueryTile)
+  std::uint32_t* q_pairs;     // (group, kQueryTile, padded_dim / 2): bf16 Q, unscaled
+  std::uint32_t* p_pairs;     // (kQueryTile, kKeyTile / 2): bf16 P
 };
 
 void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& mask,
@@ -92,12 +101,33 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
       }
       for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
     }
+#if LOOKBACK_HAVE_BF16_DOT
+    if (params.bf16_dot) {
+      // Q as bf16 pairs, unscaled: the scale multiplies the f32 scores, so Q
+      // holds exactly its stored bf16 values.
+      const float inverse_scale = 1.0f / params.scale;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
+        const float* q_row = q_tile + r * padded;
+        for (std::int64_t e = 0; e < padded; e += 2) {
+          pairs[e / 2] = static_cast<std::uint32_t>(f32_to_bf16(q_row[e] * inverse_scale)) |
+                         (static_cast<std::uint32_t>(f32_to_bf16(q_row[e + 1] * inverse_scale)) << 16);
+        }
+      }
+    }
+#endif
     std::fill(scratch.acc + g * kQueryTile * padded,
               scratch.acc + (g * kQueryTile + rows) * padded, 0.0f);
     std::fill(scratch.state + g * kQueryTile, scratch.state + (g + 1) * kQueryTile,
               OnlineSoftmaxState{});
   }
 
+#if LOOKBACK_HAVE_BF16_DOT
+  // The AMX score tile is unscaled: one factor per row multiplies it.
+  float scale_factors[kQueryTile];
+  std::fill(scale_factors, scale_factors + kQueryTile, params.scale);
+  if (params.bf16_dot) AmxBegin();
+#endif
   KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
   keys.begin = std::max(keys.begin, params.keys.begin);
   keys.end = std::min(keys.end, params.keys.end);
@@ -138,8 +168,18 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
 
         // S = Q K^T over the whole tile width (padded keys read zeros).
-        Gemm<Accumulate::kOverwrite>(rows, kKeyTile, padded, q_tile, padded, k_tile, kKeyTile,
-                                     scratch.scores, kKeyTile);
+#if LOOKBACK_HAVE_BF16_DOT
+        if (params.bf16_dot) {
+          AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
+                    packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile), padded / 2,
+                    scratch.scores);
+          ScaleRows(scratch.scores, static_cast<std::size_t>(rows), kKeyTile, scale_factors);
+        } else
+#endif
+        {
+          Gemm<Accumulate::kOverwrite>(rows, kKeyTile, padded, q_tile, padded, k_tile, kKeyTile,
+                                       scratch.scores, kKeyTile);
+        }
         for (std::int64_t r = 0; r < rows; ++r) {
           const LocalRange range = scratch.ranges[r];
           if (range.empty()) {
@@ -158,6 +198,17 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
 
         // O = alpha O + P V, over each row's visible keys only.
         if (!masked) {
+#if LOOKBACK_HAVE_BF16_DOT
+          if (params.bf16_dot) {
+            // Full tile: every key of every row is visible, so all of V is
+            // read with a visible weight and bf16 pairs of keys are safe.
+            ToBf16Pairs(scratch.scores, static_cast<std::size_t>(rows * kKeyTile), scratch.p_pairs);
+            ScaleRows(acc, static_cast<std::size_t>(rows), padded, scratch.alpha);
+            AmxAccumulate(scratch.p_pairs, packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
+                          padded, acc);
+            continue;
+          }
+#endif
           Gemm<Accumulate::kScaleAdd>(rows, padded, kKeyTile, scratch.scores, kKeyTile, v_rows,
                                       padded, acc, padded, scratch.alpha);
           continue;
@@ -206,6 +257,9 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
     }
   }
 
+#if LOOKBACK_HAVE_BF16_DOT
+  if (params.bf16_dot) AmxEnd();
+#endif
   // O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
   for (std::int64_t g = 0; g < group; ++g) {
     const std::int64_t head = task.kv_head * group + g;
@@ -235,7 +289,8 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
   const std::size_t score_floats = static_cast<std::size_t>(kQueryTile * kKeyTile);
   const std::size_t bytes = (2 * q_floats + score_floats + kQueryTile) * sizeof(float) +
                             static_cast<std::size_t>(group * kQueryTile) * sizeof(OnlineSoftmaxState) +
-                            kQueryTile * sizeof(LocalRange) + 256;
+                            kQueryTile * sizeof(LocalRange) + (q_floats / 2 + score_floats / 2) * 4 +
+                            512;
   context.parallel_for(static_cast<std::int64_t>(tasks.size()), [&](std::int64_t index, int worker) {
     auto* base = static_cast<float*>(context.scratch(worker, bytes));
     Scratch scratch;
@@ -245,6 +300,10 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
     scratch.alpha = scratch.scores + score_floats;
     scratch.state = reinterpret_cast<OnlineSoftmaxState*>(scratch.alpha + kQueryTile);
     scratch.ranges = reinterpret_cast<LocalRange*>(scratch.state + group * kQueryTile);
+    // 64-byte aligned for the vector stores of the bf16 kernels.
+    const auto after_ranges = reinterpret_cast<std::uintptr_t>(scratch.ranges + kQueryTile);
+    scratch.q_pairs = reinterpret_cast<std::uint32_t*>((after_ranges + 63) / 64 * 64);
+    scratch.p_pairs = scratch.q_pairs + q_floats / 2;
     RunTask(params, packed, mask, tasks[static_cast<std::size_t>(index)], scratch);
   });
 }
@@ -288,13 +347,37 @@ void prefill(const PrefillParams& params, Context& context) {
     return task_cost(x) > task_cost(y);
   });
 
+  // bf16 storage runs as bf16 dot products where the CPU has them and the
+  // AVX-512 kernels are the ones dispatched (not when a test forces another).
+  PrefillParams run = params;
+  const std::string target = dispatched_target_name();
+  run.bf16_dot = params.storage == DType::kBF16 && bf16_dot_supported() &&
+                 (target == "AVX3" || target == "AVX3_DL") &&
+                 padded_head_dim(shape.head_dim) % 32 == 0;
+
   // Packing and the tiles share the context's scratch: hold it for both.
   const auto call = context.lock_for_call();
-  const PackedKV packed = pack_kv(params, context);
-  HWY_DYNAMIC_DISPATCH(PrefillTiles)(params, packed, tasks, context);
+  const PackedKV packed = pack_kv(run, context);
+  HWY_DYNAMIC_DISPATCH(PrefillTiles)(run, packed, tasks, context);
 }
 
 std::string dispatched_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+
+bool bf16_dot_supported() {
+#if defined(__linux__) && defined(__x86_64__)
+  // AMX tile data is off until the process asks Linux for it.
+  static const bool supported = [] {
+    if (std::getenv("LOOKBACK_DISABLE_AMX") != nullptr) return false;
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
+    constexpr long kArchRequestXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
 
 namespace {
 

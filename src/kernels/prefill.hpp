@@ -29,12 +29,20 @@ struct PrefillParams {
   // Only keys in this range take part (split-KV: one part of the key range;
   // rows with no key in it get zeros and LSE -inf, to be merged).
   KeyRange keys{0, INT64_MAX};
+  // Set by prefill(): bf16 storage on a CPU with AMX-BF16 (granted by the OS),
+  // the AVX-512 target dispatched and head_dim padded to a multiple of 32:
+  // Q K^T and P V run on the AMX tiles.
+  bool bf16_dot = false;
 };
 
 void prefill(const PrefillParams& params, Context& context);
 
 // Name of the Highway target HWY_DYNAMIC_DISPATCH picks on this CPU.
 std::string dispatched_target_name();
+
+// Whether this CPU has AMX-BF16, Linux granted the tile state, and
+// LOOKBACK_DISABLE_AMX is not set in the environment.
+bool bf16_dot_supported();
 
 std::vector<std::string> available_targets();
 void force_target(std::string_view name);

@@ -68,6 +68,14 @@ std::vector<ProblemSpec> sweep() {
       specs.push_back(spec);
     }
   }
+  // bf16 and f16 storage (bf16 runs as AVX512-BF16 dot products where the CPU
+  // has them) on a third of the cases.
+  const std::size_t f32_cases = specs.size();
+  for (std::size_t i = 0; i < f32_cases; i += 3) {
+    ProblemSpec half = specs[i];
+    half.storage = (i / 3) % 2 == 0 ? DType::kBF16 : DType::kF16;
+    specs.push_back(half);
+  }
   // Every head_dim, including the specialised ones, on one odd shape.
   for (std::int64_t head_dim : head_dims) {
     ProblemSpec spec;
@@ -109,7 +117,8 @@ TEST_P(PrefillSweep, MatchesReferenceOnEveryTarget) {
     EXPECT_TRUE(result.finite) << result.describe();
     EXPECT_TRUE(result.empty_rows_exact) << result.describe();
     EXPECT_LE(result.relative_l2, testing::tolerance_for(spec.storage)) << result.describe();
-    EXPECT_LE(result.max_lse_error, testing::kLseTolerance) << result.describe();
+    EXPECT_LE(result.max_lse_error, spec.storage == DType::kF32 ? testing::kLseTolerance : 0.05)
+        << result.describe();
   });
 }
 

@@ -84,10 +84,13 @@ TEST(Hostile, NonFiniteHiddenKeysAndValuesAreSkippedNotMultipliedByZero) {
   spec.heads = 4;
   spec.kv_heads = 2;
   spec.mask.window_left = 8;
+  for (DType storage : {DType::kF32, DType::kBF16, DType::kF16}) {
+  spec.storage = storage;
   const testing::Problem clean = testing::make_problem(spec, 23);
   for (const auto& [k_value, v_value] : {std::pair{nan, nan}, std::pair{inf, -inf}, std::pair{1.0f, nan}}) {
     for (const ModeOptions& options : kPaths) {
-      SCOPED_TRACE(name(options) + " k=" + std::to_string(k_value) + " v=" + std::to_string(v_value));
+      SCOPED_TRACE(name(options) + " " + std::string(dtype_name(storage)) + " k=" +
+                   std::to_string(k_value) + " v=" + std::to_string(v_value));
       testing::Problem expected = clean;
       attend_with_mode(expected.params(), options, context);
       testing::Problem poisoned = clean;
@@ -105,6 +108,7 @@ TEST(Hostile, NonFiniteHiddenKeysAndValuesAreSkippedNotMultipliedByZero) {
         }
       }
     }
+  }
   }
 }
 

@@ -1,0 +1,151 @@
+// AMX bf16 tile kernels for prefill with bf16 storage:
+//   AmxScores:     S = Q K^T for a 64 x 64 tile, A = Q as bf16 pairs of dims,
+//                  B = the key tile as pairs of dims per key (pack.hpp);
+//   AmxAccumulate: O += P V, A = P as bf16 pairs of keys, B = V as pairs of
+//                  keys per dim.
+// Only compiled into the AVX-512 targets; callers check that the CPU has
+// AMX-BF16 and that Linux granted the tile state (params.bf16_dot).
+// Accumulation is f32.
+
+#if defined(LOOKBACK_KERNELS_GEMM_BF16_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#undef LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#else
+#define LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+#include "hwy/highway.h"
+
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#include <immintrin.h>
+#define LOOKBACK_HAVE_BF16_DOT 1
+#define LOOKBACK_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define LOOKBACK_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#else
+#define LOOKBACK_HAVE_BF16_DOT 0
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+
+#if LOOKBACK_HAVE_BF16_DOT
+
+// AMX: eight tile registers of 16 rows x 64 bytes. A 32 x 32 f32 block of
+// the output lives in tiles 0-3 (2 x 2 tiles of 16 x 16), tiles 4-5 hold two
+// 16-row slices of A (32 bf16 per row), tiles 6-7 two 16-column slices of B
+// in pair layout (16 pair-rows x 16 columns x 2 bf16). One TDPBF16PS does
+// 16 x 16 x 32 multiply-adds.
+struct alignas(64) AmxTileConfig {
+  std::uint8_t palette = 1;
+  std::uint8_t start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t bytes_per_row[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxBegin() {
+  AmxTileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  // GCC does not model LDTILECFG as reading its operand and drops the
+  // stores above without this barrier.
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxEnd() { _tile_release(); }
+
+// S[64 x 64] = Q K^T for one query tile and key tile: q_pairs (64 rows x
+// pairs, row stride q_stride u32), k_pairs (pairs x 64 u32); pairs a
+// multiple of 16.
+LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, std::size_t q_stride,
+                                                const std::uint32_t* k_pairs, std::size_t pairs,
+                                                float* scores) {
+  for (std::size_t rb = 0; rb < 64; rb += 32) {
+    for (std::size_t cb = 0; cb < 64; cb += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (std::size_t p = 0; p < pairs; p += 16) {
+        _tile_loadd(4, q_pairs + rb * q_stride + p, q_stride * 4);
+        _tile_loadd(5, q_pairs + (rb + 16) * q_stride + p, q_stride * 4);
+        _tile_loadd(6, k_pairs + p * 64 + cb, 256);
+        _tile_loadd(7, k_pairs + p * 64 + cb + 16, 256);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, scores + rb * 64 + cb, 256);
+      _tile_stored(1, scores + rb * 64 + cb + 16, 256);
+      _tile_stored(2, scores + (rb + 16) * 64 + cb, 256);
+      _tile_stored(3, scores + (rb + 16) * 64 + cb + 16, 256);
+    }
+  }
+}
+
+// acc[64 x dim] += P V for one key tile: p_pairs (64 rows x 32 u32: pairs of
+// keys), v_pairs (32 key pairs x dim u32); dim a multiple of 32.
+LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs,
+                                                    const std::uint32_t* v_pairs, std::size_t dim,
+                                                    float* acc) {
+  const std::size_t acc_stride = dim * 4, v_stride = dim * 4;
+  for (std::size_t rb = 0; rb < 64; rb += 32) {
+    for (std::size_t nb = 0; nb < dim; nb += 32) {
+      float* c = acc + rb * dim + nb;
+      _tile_loadd(0, c, acc_stride);
+      _tile_loadd(1, c + 16, acc_stride);
+      _tile_loadd(2, c + 16 * dim, acc_stride);
+      _tile_loadd(3, c + 16 * dim + 16, acc_stride);
+      for (std::size_t s = 0; s < 32; s += 16) {
+        _tile_loadd(4, p_pairs + rb * 32 + s, 128);
+        _tile_loadd(5, p_pairs + (rb + 16) * 32 + s, 128);
+        _tile_loadd(6, v_pairs + s * dim + nb, v_stride);
+        _tile_loadd(7, v_pairs + s * dim + nb + 16, v_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, acc_stride);
+      _tile_stored(1, c + 16, acc_stride);
+      _tile_stored(2, c + 16 * dim, acc_stride);
+      _tile_stored(3, c + 16 * dim + 16, acc_stride);
+    }
+  }
+}
+
+// x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
+LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
+                                                 const float* factor) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    const __m512 f = _mm512_set1_ps(factor[r]);
+    for (std::size_t e = 0; e < n; e += 16) {
+      _mm512_store_ps(x + r * n + e, _mm512_mul_ps(_mm512_load_ps(x + r * n + e), f));
+    }
+  }
+}
+
+// Rounds `count` f32 (a multiple of 32) to bf16, stored as pairs.
+LOOKBACK_BF16_TARGET HWY_NOINLINE void ToBf16Pairs(const float* in, std::size_t count,
+                                                   std::uint32_t* out) {
+  for (std::size_t i = 0; i < count; i += 32) {
+    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
+    _mm512_storeu_si512(out + i / 2, (__m512i)packed);
+  }
+}
+
+#endif  // LOOKBACK_HAVE_BF16_DOT
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // LOOKBACK_KERNELS_GEMM_BF16_INL_H_
