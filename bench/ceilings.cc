@@ -5,6 +5,11 @@
 
 #include <chrono>
 #include <cstdint>
+#if defined(__linux__) && defined(__x86_64__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -103,6 +108,80 @@ double measure_fma_peak_gflops(int threads) {
   }
   return best;
 }
+
+#if defined(__linux__) && defined(__x86_64__)
+namespace {
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1;
+  std::uint8_t start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t bytes_per_row[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile,amx-bf16"))) std::uint64_t AmxLoop(std::uint64_t iterations) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  asm volatile("" : : "r"(&config) : "memory");  // LDTILECFG reads it
+  _tile_loadconfig(&config);
+  alignas(64) static const std::uint16_t ones[16 * 32] = {};
+  alignas(64) float out[16 * 16];
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (std::uint64_t i = 0; i < iterations; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return iterations * 4 * 16 * 16 * 32 * 2;
+}
+
+bool amx_available() {
+  static const bool available = [] {
+    if (!__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return available;
+}
+
+}  // namespace
+
+double measure_amx_peak_gflops(int threads) {
+  if (!amx_available()) return 0.0;
+  const std::uint64_t iterations = 2'000'000;
+  double best = 0.0;
+  for (int run = 0; run < 3; ++run) {
+    std::vector<std::uint64_t> flops(static_cast<std::size_t>(threads));
+    const auto start = Clock::now();
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] { flops[static_cast<std::size_t>(t)] = AmxLoop(iterations); });
+    }
+    for (auto& worker : workers) worker.join();
+    const double elapsed = seconds_since(start);
+    double total = 0;
+    for (auto f : flops) total += static_cast<double>(f);
+    best = std::max(best, total / elapsed * 1e-9);
+  }
+  return best;
+}
+#else
+double measure_amx_peak_gflops(int) { return 0.0; }
+#endif
 
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes) {
   const std::size_t count = bytes / sizeof(float);

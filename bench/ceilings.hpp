@@ -15,6 +15,11 @@ double measure_fma_peak_gflops(int threads);
 // last-level cache.
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes = std::size_t{1} << 30);
 
+// Peak bf16 rate of the AMX tile unit in GFLOP/s (TDPBF16PS on tiles held in
+// registers, 4 independent accumulators per thread), or 0 when the CPU or the
+// OS offers no AMX.
+double measure_amx_peak_gflops(int threads);
+
 // The Highway target the ceilings loop ran on.
 std::string ceiling_target_name();
 

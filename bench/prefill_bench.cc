@@ -139,9 +139,15 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal;
   for (int threads : options.threads) {
-    const double peak = bench::measure_fma_peak_gflops(threads);
-    fmt::print("threads {}: FMA peak {:.1f} GFLOP/s ({})\n", threads, peak,
-               bench::ceiling_target_name());
+    const double fma_peak = bench::measure_fma_peak_gflops(threads);
+    const double amx_peak = options.storage == DType::kBF16 ? bench::measure_amx_peak_gflops(threads) : 0.0;
+    const bool amx = amx_peak > 0.0 && describe_kernels().find("AMX") != std::string::npos;
+    // bf16 work on AMX is measured against the tile unit's peak.
+    const double peak = amx ? amx_peak : fma_peak;
+    fmt::print("threads {}: FMA peak {:.1f} GFLOP/s ({}){}\n", threads, fma_peak,
+               bench::ceiling_target_name(),
+               amx_peak > 0.0 ? fmt::format(", AMX bf16 peak {:.1f} GFLOP/s", amx_peak) : "");
+    fmt::print("%peak below is of the {} peak\n", amx ? "AMX" : "FMA");
     fmt::print("{:>6} {:>22} {:>9} {:>7} {:>22} {:>9} {:>8}\n", "n", "lookback ms", "GFLOP/s",
                "%peak", "baseline ms", "GFLOP/s", "speedup");
     Context context(threads);

@@ -62,6 +62,10 @@ void attend(const AttentionParams& params, Context& context);
 // The SIMD target the kernels dispatch to on this CPU, e.g. "AVX3".
 std::string simd_target_name();
 
+// One line naming the paths the kernels take on this CPU, e.g.
+// "AVX3 (Highway target); bf16 prefill on AMX tiles".
+std::string describe_kernels();
+
 // The SIMD targets lookback was built for that this CPU can run, best first,
 // e.g. {"AVX3", "AVX2", "SSE4", "EMU128"}.
 std::vector<std::string> simd_targets();

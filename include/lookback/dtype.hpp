@@ -25,7 +25,18 @@ inline float bf16_to_f32(std::uint16_t bits) noexcept {
   std::memcpy(&value, &word, sizeof value);
   return value;
 }
-std::uint16_t f32_to_bf16(float value) noexcept;
+// Inline: the KV packing converts every element through it.
+inline std::uint16_t f32_to_bf16(float value) noexcept {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
+    // NaN: keep the sign, force a quiet NaN (truncation could produce Inf).
+    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
+  }
+  // Round to nearest even on the 16 bits dropped.
+  const std::uint32_t rounding = 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<std::uint16_t>((bits + rounding) >> 16);
+}
 float f16_to_f32(std::uint16_t bits) noexcept;
 std::uint16_t f32_to_f16(float value) noexcept;
 

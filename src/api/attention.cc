@@ -126,6 +126,14 @@ std::string simd_target_name() { return kernels::dispatched_target_name(); }
 
 std::vector<std::string> simd_targets() { return kernels::available_targets(); }
 
+std::string describe_kernels() {
+  const std::string target = simd_target_name();
+  const bool amx = kernels::bf16_dot_supported() && (target == "AVX3" || target == "AVX3_DL");
+  return target + " (Highway target; LOOKBACK_SIMD caps it); bf16 prefill " +
+         (amx ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
+              : "as f32 FMA on bf16-rounded values");
+}
+
 void force_simd_target(std::string_view name) { kernels::force_target(name); }
 
 }  // namespace lookback

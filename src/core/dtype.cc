@@ -37,17 +37,6 @@ DType parse_dtype(std::string_view text, std::string_view argument) {
               "' (expected f32, f16, bf16 or f64)");
 }
 
-std::uint16_t f32_to_bf16(float value) noexcept {
-  const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
-  if (std::isnan(value)) {
-    // Keep the sign, force a quiet NaN (truncation could produce Inf).
-    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
-  }
-  // Round to nearest even on the 16 bits dropped.
-  const std::uint32_t rounding = 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<std::uint16_t>((bits + rounding) >> 16);
-}
-
 float f16_to_f32(std::uint16_t h) noexcept {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
   const std::uint32_t exponent = (h >> 10) & 0x1Fu;

@@ -17,6 +17,7 @@
 
 #include "kernels/decode.hpp"
 #include "kernels/online_softmax.hpp"
+#include "kernels/prefill.hpp"
 #include "kernels/softmax-inl.h"
 #include "kernels/tiles.hpp"
 
@@ -228,6 +229,7 @@ std::size_t decode_scratch_bytes(const DecodeParams& params) {
 }
 
 void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
+  apply_simd_policy();
   HWY_DYNAMIC_DISPATCH(DecodeKvHead)(params, kv_head, scratch);
 }
 

@@ -4,14 +4,6 @@
 
 namespace lookback::kernels {
 
-float round_to_storage(float value, DType storage) noexcept {
-  switch (storage) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(value));
-    case DType::kF16: return f16_to_f32(f32_to_f16(value));
-    default: return value;
-  }
-}
-
 namespace {
 
 // Reads element `offset` of a view as float rounded to the storage dtype.

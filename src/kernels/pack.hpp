@@ -47,6 +47,12 @@ struct PackedKV {
 PackedKV pack_kv(const PrefillParams& params, Context& context);
 
 // Rounds a float to the storage dtype and back (identity for f32).
-float round_to_storage(float value, DType storage) noexcept;
+inline float round_to_storage(float value, DType storage) noexcept {
+  switch (storage) {
+    case DType::kBF16: return bf16_to_f32(f32_to_bf16(value));
+    case DType::kF16: return f16_to_f32(f32_to_f16(value));
+    default: return value;
+  }
+}
 
 }  // namespace lookback::kernels

@@ -320,6 +320,7 @@ HWY_EXPORT(PrefillTiles);
 HWY_EXPORT(TargetName);
 
 void prefill(const PrefillParams& params, Context& context) {
+  apply_simd_policy();
   const AttentionShape& shape = params.shape;
   if (shape.batch == 0 || shape.seqlen_q == 0) return;
   const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
@@ -361,7 +362,10 @@ void prefill(const PrefillParams& params, Context& context) {
   HWY_DYNAMIC_DISPATCH(PrefillTiles)(run, packed, tasks, context);
 }
 
-std::string dispatched_target_name() { return HWY_DYNAMIC_DISPATCH(TargetName)(); }
+std::string dispatched_target_name() {
+  apply_simd_policy();
+  return HWY_DYNAMIC_DISPATCH(TargetName)();
+}
 
 bool bf16_dot_supported() {
 #if defined(__linux__) && defined(__x86_64__)
@@ -381,7 +385,8 @@ bool bf16_dot_supported() {
 
 namespace {
 
-std::vector<std::int64_t> compiled_and_supported() {
+// Every target compiled in and supported by this CPU, best first.
+const std::vector<std::int64_t>& all_targets() {
   static const std::vector<std::int64_t> targets = [] {
     hwy::SetSupportedTargetsForTest(0);
     return hwy::SupportedAndGeneratedTargets();
@@ -389,7 +394,46 @@ std::vector<std::int64_t> compiled_and_supported() {
   return targets;
 }
 
+// LOOKBACK_SIMD=NAME caps dispatch at that target (and those below it), e.g.
+// LOOKBACK_SIMD=AVX2 runs an AVX-512 machine as an AVX2-only one. Returns
+// the mask of allowed targets, 0 for no cap.
+std::int64_t environment_cap() {
+  static const std::int64_t cap = []() -> std::int64_t {
+    const char* name = std::getenv("LOOKBACK_SIMD");
+    if (name == nullptr || *name == '\0') return 0;
+    std::int64_t mask = 0;
+    bool found = false;
+    std::string known;
+    for (std::int64_t target : all_targets()) {  // best (lowest bit) first
+      found = found || std::string_view(name) == hwy::TargetName(target);
+      if (found) mask |= target;
+      known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
+    }
+    if (!found) {
+      throw Error(std::string("LOOKBACK_SIMD: '") + name + "' is not available (expected one of " +
+                  known + ")");
+    }
+    return mask;
+  }();
+  return cap;
+}
+
+const std::vector<std::int64_t>& compiled_and_supported() {
+  static const std::vector<std::int64_t> targets = [] {
+    const std::int64_t cap = environment_cap();
+    std::vector<std::int64_t> allowed;
+    for (std::int64_t target : all_targets()) {
+      if (cap == 0 || (target & cap) != 0) allowed.push_back(target);
+    }
+    hwy::SetSupportedTargetsForTest(cap);
+    return allowed;
+  }();
+  return targets;
+}
+
 }  // namespace
+
+void apply_simd_policy() { compiled_and_supported(); }
 
 std::vector<std::string> available_targets() {
   std::vector<std::string> names;
@@ -398,9 +442,9 @@ std::vector<std::string> available_targets() {
 }
 
 void force_target(std::string_view name) {
-  const std::vector<std::int64_t> targets = compiled_and_supported();
+  const std::vector<std::int64_t>& targets = compiled_and_supported();
   if (name.empty()) {
-    hwy::SetSupportedTargetsForTest(0);
+    hwy::SetSupportedTargetsForTest(environment_cap());
     return;
   }
   std::string known;

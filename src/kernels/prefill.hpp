@@ -45,6 +45,9 @@ std::string dispatched_target_name();
 bool bf16_dot_supported();
 
 std::vector<std::string> available_targets();
+// Applies LOOKBACK_SIMD (a cap on the dispatched target) once, before the
+// first dispatch; throws lookback::Error for an unknown name.
+void apply_simd_policy();
 void force_target(std::string_view name);
 
 }  // namespace lookback::kernels
