@@ -4,6 +4,8 @@
 #   make test       ... and run every test through CTest
 #   make test-asan  the same tests under AddressSanitizer + UBSan (build-asan/)
 #   make test-tsan  the library's tests under ThreadSanitizer (build-tsan/)
+#   make test-portable  the tests with dispatch capped at AVX2 and AMX off, as on
+#                   an AVX2-only machine (LOOKBACK_SIMD=AVX2 LOOKBACK_DISABLE_AMX=1)
 #   make fuzz       build the libFuzzer targets with clang and run each for FUZZ_SECONDS
 #   make bench      prefill and decode benchmarks (ratios to this machine's ceilings)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -14,7 +16,7 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build demo test test-asan test-tsan fuzz bench clean
+.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench clean
 
 all: build
 
@@ -33,6 +35,9 @@ demo: build
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+test-portable: build
+	@cd $(BUILD) && LOOKBACK_SIMD=AVX2 LOOKBACK_DISABLE_AMX=1 ctest --output-on-failure -j $(JOBS)
+
 test-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLOOKBACK_SANITIZE=ON \
 	  -DLOOKBACK_BUILD_BENCH=OFF -DLOOKBACK_BUILD_EXAMPLES=OFF > /dev/null
@@ -46,6 +51,30 @@ test-tsan: deps
 	  -DLOOKBACK_BUILD_TOOLS=OFF -DLOOKBACK_BUILD_BENCH=OFF -DLOOKBACK_BUILD_EXAMPLES=OFF > /dev/null
 	@cmake --build $(TSAN_BUILD) -j $(JOBS)
 	@cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -j $(JOBS)
+
+# libFuzzer needs clang; ASan+UBSan are on. Each target runs for FUZZ_SECONDS
+# on a copy of its checked-in corpus (and its regression inputs) in
+# $(FUZZ_BUILD), so a run never writes into the repository; a crash, a
+# sanitizer report or a mismatch leaves its input in
+# $(FUZZ_BUILD)/fuzz-work/<target>/artifacts and fails the make.
+FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache
+
+fuzz: deps
+	@CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DLOOKBACK_SANITIZE=ON -DLOOKBACK_FUZZ=ON -DLOOKBACK_BUILD_TESTS=OFF -DLOOKBACK_BUILD_TOOLS=OFF \
+	  -DLOOKBACK_BUILD_BENCH=OFF -DLOOKBACK_BUILD_EXAMPLES=OFF > /dev/null
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS)
+	@set -e; for target in $(FUZZ_TARGETS); do \
+	  work=$(FUZZ_BUILD)/fuzz-work/$$target; rm -rf $$work; mkdir -p $$work/corpus $$work/artifacts; \
+	  cp fuzz/corpus/$$target/* $$work/corpus/; \
+	  if [ -d fuzz/regressions/$$target ]; then cp fuzz/regressions/$$target/* $$work/corpus/; fi; \
+	  dict=; if [ -f fuzz/$$target.dict ]; then dict=-dict=fuzz/$$target.dict; fi; \
+	  echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+	  $(FUZZ_BUILD)/bin/$$target $$dict -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$$work/artifacts/ $$work/corpus > $$work/log 2>&1 \
+	    || { tail -n 60 $$work/log; echo "fuzz: $$target FAILED, input in $$work/artifacts/"; exit 1; }; \
+	  grep -E "^stat::number_of_executed_units|^Done" $$work/log; \
+	done
 
 bench: build
 	@$(BUILD)/bin/prefill_bench $(BENCH_ARGS)

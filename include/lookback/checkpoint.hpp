@@ -60,18 +60,18 @@ void load_checkpoint(const std::string& path, PagedKvPool& into);
 enum class CheckpointKind { kContiguous, kPaged };
 
 struct CheckpointSection {
-  std::string name;               // "header", "tables", "keys", "values"
-  std::int64_t offset = 0;        // from the start of the file
+  std::string name;         // "header", "tables", "keys", "values"
+  std::int64_t offset = 0;  // from the start of the file
   std::int64_t bytes = 0;
-  std::uint32_t stored_crc = 0;   // CRC32 (zlib's) recorded in the directory
-  std::uint32_t computed_crc = 0; // of the bytes present in the file
-  bool present = false;           // false when the file ends before the section does
+  std::uint32_t stored_crc = 0;    // CRC32 (zlib's) recorded in the directory
+  std::uint32_t computed_crc = 0;  // of the bytes present in the file
+  bool present = false;            // false when the file ends before the section does
   bool crc_ok() const noexcept { return present && stored_crc == computed_crc; }
 };
 
 struct CheckpointSequence {
   SequenceId id = 0;
-  std::int64_t length = 0;  // tokens
+  std::int64_t length = 0;           // tokens
   std::vector<std::int64_t> blocks;  // block table
 };
 
@@ -85,12 +85,12 @@ struct CheckpointInfo {
   std::uint32_t version = 0;  // 0 when the file is too short to hold one
   std::optional<CheckpointKind> kind;
   std::optional<CacheConfig> config;
-  std::int64_t capacity = 0;     // contiguous: tokens
-  std::int64_t length = 0;       // contiguous: filled tokens
-  std::int64_t block_size = 0;   // paged
-  std::int64_t num_blocks = 0;   // paged
-  std::int64_t used_blocks = 0;  // paged: blocks with a reference (saved)
-  SequenceId next_id = 0;        // paged: the id the next create/fork returns
+  std::int64_t capacity = 0;                  // contiguous: tokens
+  std::int64_t length = 0;                    // contiguous: filled tokens
+  std::int64_t block_size = 0;                // paged
+  std::int64_t num_blocks = 0;                // paged
+  std::int64_t used_blocks = 0;               // paged: blocks with a reference (saved)
+  SequenceId next_id = 0;                     // paged: the id the next create/fork returns
   std::vector<CheckpointSequence> sequences;  // paged
   std::vector<CheckpointSection> sections;
   // Everything that would make loading fail, one sentence each; empty when

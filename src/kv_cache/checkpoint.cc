@@ -90,27 +90,30 @@ std::int64_t directory_bytes(CheckpointKind kind) {
   return kPreambleBytes + kEntryBytes * static_cast<std::int64_t>(sections_of(kind).size()) +
          kDirectoryTrailerBytes;
 }
-constexpr std::int64_t kLongestDirectoryBytes = kPreambleBytes + 4 * kEntryBytes + kDirectoryTrailerBytes;
+constexpr std::int64_t kLongestDirectoryBytes =
+    kPreambleBytes + 4 * kEntryBytes + kDirectoryTrailerBytes;
 
 std::int64_t header_bytes(CheckpointKind kind) {
   return kind == CheckpointKind::kContiguous ? kContiguousHeaderBytes : kPagedHeaderBytes;
 }
 
-std::uint32_t kind_code(CheckpointKind kind) {
-  return kind == CheckpointKind::kContiguous ? 1 : 2;
-}
+std::uint32_t kind_code(CheckpointKind kind) { return kind == CheckpointKind::kContiguous ? 1 : 2; }
 
 // Storage dtypes have their own codes in the file, so the enum's order in
 // dtype.hpp can change without changing the format.
 std::uint32_t dtype_code(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 0;
-    case DType::kF16: return 1;
-    case DType::kBF16: return 2;
-    default: break;
+    case DType::kF32:
+      return 0;
+    case DType::kF16:
+      return 1;
+    case DType::kBF16:
+      return 2;
+    default:
+      break;
   }
-  throw Error(ErrorCode::kInternal, fmt::format("storage: {} cannot be checkpointed",
-                                                dtype_name(dtype)));
+  throw Error(ErrorCode::kInternal,
+              fmt::format("storage: {} cannot be checkpointed", dtype_name(dtype)));
 }
 
 constexpr std::uint32_t kRopeEnabled = 1;
@@ -183,9 +186,10 @@ class FieldReader {
   // anything is allocated for them.
   void need(std::int64_t count, std::int64_t record_bytes, const std::string& what) const {
     if (count > remaining() / record_bytes) {
-      damaged(fmt::format("{} section: {} {} need {} bytes each, only {} bytes are left (expected "
-                          "a section that holds them)",
-                          section_, count, what, record_bytes, remaining()));
+      damaged(
+          fmt::format("{} section: {} {} need {} bytes each, only {} bytes are left (expected "
+                      "a section that holds them)",
+                      section_, count, what, record_bytes, remaining()));
     }
   }
   std::uint32_t u32(const char* field) {
@@ -225,7 +229,8 @@ void copy_elements(std::byte* destination, const std::byte* source, std::int64_t
     std::memcpy(destination, source, bytes);
   } else {
     for (std::int64_t e = 0; e < count; ++e) {
-      std::reverse_copy(source + e * element, source + (e + 1) * element, destination + e * element);
+      std::reverse_copy(source + e * element, source + (e + 1) * element,
+                        destination + e * element);
     }
   }
 }
@@ -267,34 +272,37 @@ Directory parse_directory(Bytes head, std::int64_t file_bytes) {
   if (size == 0) damaged("the file is empty (expected a checkpoint)");
   if (size < 8 || std::memcmp(head.data(), kMagic.data(), kMagic.size()) != 0) {
     if (size < 8 && std::memcmp(head.data(), kMagic.data(), head.size()) == 0) {
-      damaged(fmt::format("the file is {} bytes, too short for a checkpoint (expected at least "
-                          "the {}-byte magic and directory; truncated?)",
-                          file_bytes, directory_bytes(CheckpointKind::kContiguous)));
+      damaged(
+          fmt::format("the file is {} bytes, too short for a checkpoint (expected at least "
+                      "the {}-byte magic and directory; truncated?)",
+                      file_bytes, directory_bytes(CheckpointKind::kContiguous)));
     }
     damaged("not a lookback KV-cache checkpoint (expected the magic \"LOOKBKV\\0\" at offset 0)");
   }
   if (size < 12) {
-    damaged(fmt::format("the file is {} bytes, it ends inside the directory (truncated)",
-                        file_bytes));
+    damaged(
+        fmt::format("the file is {} bytes, it ends inside the directory (truncated)", file_bytes));
   }
   const std::uint32_t version = get_u32(head.data() + 8);
   if (version > kFormatVersion) {
-    damaged(fmt::format("format version {} is newer than this lookback reads (expected version "
-                        "{}; load it with a newer lookback)",
-                        version, kFormatVersion));
+    damaged(
+        fmt::format("format version {} is newer than this lookback reads (expected version "
+                    "{}; load it with a newer lookback)",
+                    version, kFormatVersion));
   }
   if (version != kFormatVersion) {
     damaged(fmt::format("format version {} (expected {})", version, kFormatVersion));
   }
   if (size < kPreambleBytes) {
-    damaged(fmt::format("the file is {} bytes, it ends inside the directory (truncated)",
-                        file_bytes));
+    damaged(
+        fmt::format("the file is {} bytes, it ends inside the directory (truncated)", file_bytes));
   }
   const std::uint32_t kind_value = get_u32(head.data() + 12);
   if (kind_value != 1 && kind_value != 2) {
-    damaged(fmt::format("kind {} (expected 1 for a contiguous cache or 2 for a paged pool; the "
-                        "directory is damaged)",
-                        kind_value));
+    damaged(
+        fmt::format("kind {} (expected 1 for a contiguous cache or 2 for a paged pool; the "
+                    "directory is damaged)",
+                    kind_value));
   }
   Directory directory;
   directory.kind = kind_value == 1 ? CheckpointKind::kContiguous : CheckpointKind::kPaged;
@@ -308,22 +316,25 @@ Directory parse_directory(Bytes head, std::int64_t file_bytes) {
   const std::uint32_t stored = get_u32(head.data() + crc_at);
   const std::uint32_t computed = crc32_of(head.first(static_cast<std::size_t>(crc_at)));
   if (stored != computed) {
-    damaged(fmt::format("directory (bytes 0..{}) checksum mismatch: stored crc32 {:#010x}, "
-                        "computed {:#010x} (the file is damaged)",
-                        crc_at, stored, computed));
+    damaged(
+        fmt::format("directory (bytes 0..{}) checksum mismatch: stored crc32 {:#010x}, "
+                    "computed {:#010x} (the file is damaged)",
+                    crc_at, stored, computed));
   }
   const auto specs = sections_of(directory.kind);
   const std::uint32_t count = get_u32(head.data() + 16);
   if (count != specs.size() || get_u32(head.data() + 20) != 0 ||
       get_u32(head.data() + crc_at + 4) != 0) {
-    damaged(fmt::format("directory: {} sections and reserved fields {}, {} (expected {} "
-                        "sections and zeros for a {} checkpoint)",
-                        count, get_u32(head.data() + 20), get_u32(head.data() + crc_at + 4),
-                        specs.size(), checkpoint_kind_name(directory.kind)));
+    damaged(
+        fmt::format("directory: {} sections and reserved fields {}, {} (expected {} "
+                    "sections and zeros for a {} checkpoint)",
+                    count, get_u32(head.data() + 20), get_u32(head.data() + crc_at + 4),
+                    specs.size(), checkpoint_kind_name(directory.kind)));
   }
   std::int64_t offset = dir_bytes;
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    const std::byte* entry = head.data() + kPreambleBytes + static_cast<std::int64_t>(i) * kEntryBytes;
+    const std::byte* entry =
+        head.data() + kPreambleBytes + static_cast<std::int64_t>(i) * kEntryBytes;
     if (std::memcmp(entry, specs[i].tag.data(), 4) != 0) {
       damaged(fmt::format("directory entry {}: tag '{}' (expected '{}' for the {} section)", i,
                           std::string_view(reinterpret_cast<const char*>(entry), 4),
@@ -336,9 +347,10 @@ Directory parse_directory(Bytes head, std::int64_t file_bytes) {
     const std::uint64_t bytes = get_u64(entry + 16);
     if (at != static_cast<std::uint64_t>(offset) || get_u64(entry + 24) != 0 ||
         bytes > static_cast<std::uint64_t>(kMaxInt64 - offset)) {
-      damaged(fmt::format("directory: the {} section is {} bytes at offset {} (expected it to "
-                          "start at {}, right after the previous one)",
-                          specs[i].name, bytes, at, offset));
+      damaged(
+          fmt::format("directory: the {} section is {} bytes at offset {} (expected it to "
+                      "start at {}, right after the previous one)",
+                      specs[i].name, bytes, at, offset));
     }
     section.offset = offset;
     section.bytes = static_cast<std::int64_t>(bytes);
@@ -347,10 +359,10 @@ Directory parse_directory(Bytes head, std::int64_t file_bytes) {
   }
   const std::int64_t expected_header = header_bytes(directory.kind);
   if (directory.sections[0].bytes != expected_header) {
-    damaged(fmt::format("directory: the header section is {} bytes (expected {} for a {} "
-                        "checkpoint)",
-                        directory.sections[0].bytes, expected_header,
-                        checkpoint_kind_name(directory.kind)));
+    damaged(fmt::format(
+        "directory: the header section is {} bytes (expected {} for a {} "
+        "checkpoint)",
+        directory.sections[0].bytes, expected_header, checkpoint_kind_name(directory.kind)));
   }
   directory.end = offset;
   return directory;
@@ -366,10 +378,11 @@ std::string size_mismatch(const Directory& directory, std::int64_t file_bytes) {
 }
 
 std::string crc_mismatch(const CheckpointSection& section) {
-  return fmt::format("{} section (bytes {}..{}) checksum mismatch: stored crc32 {:#010x}, "
-                     "computed {:#010x} (the file is damaged)",
-                     section.name, section.offset, section.offset + section.bytes,
-                     section.stored_crc, section.computed_crc);
+  return fmt::format(
+      "{} section (bytes {}..{}) checksum mismatch: stored crc32 {:#010x}, "
+      "computed {:#010x} (the file is damaged)",
+      section.name, section.offset, section.offset + section.bytes, section.stored_crc,
+      section.computed_crc);
 }
 
 // ---- the header -------------------------------------------------------------
@@ -427,9 +440,10 @@ std::int64_t checked_product(std::initializer_list<std::int64_t> factors, const 
   std::int64_t product = 1;
   for (std::int64_t factor : factors) {
     if (__builtin_mul_overflow(product, factor, &product)) {
-      damaged(fmt::format("header: the {} overflow a byte count (expected sizes that fit in a "
-                          "file)",
-                          what));
+      damaged(
+          fmt::format("header: the {} overflow a byte count (expected sizes that fit in a "
+                      "file)",
+                      what));
     }
   }
   return product;
@@ -444,21 +458,28 @@ Header parse_header(Bytes bytes, CheckpointKind kind) {
   config.head_dim = in.number("head_dim", 1, kMaxHeadDim);
   const std::uint32_t dtype = in.u32("storage");
   switch (dtype) {
-    case 0: config.storage = DType::kF32; break;
-    case 1: config.storage = DType::kF16; break;
-    case 2: config.storage = DType::kBF16; break;
+    case 0:
+      config.storage = DType::kF32;
+      break;
+    case 1:
+      config.storage = DType::kF16;
+      break;
+    case 2:
+      config.storage = DType::kBF16;
+      break;
     default:
-      damaged(fmt::format("header section: storage code {} (expected 0 f32, 1 f16 or 2 bf16)",
-                          dtype));
+      damaged(
+          fmt::format("header section: storage code {} (expected 0 f32, 1 f16 or 2 bf16)", dtype));
   }
   const std::uint32_t rope_flags = in.u32("rope flags");
   const std::uint32_t theta_bits = in.u32("rope theta");
   const std::uint32_t reserved = in.u32("reserved");
   if ((rope_flags & ~(kRopeEnabled | kRopeInterleaved)) != 0 ||
       (!(rope_flags & kRopeEnabled) && (rope_flags != 0 || theta_bits != 0)) || reserved != 0) {
-    damaged(fmt::format("header section: RoPE flags {:#x}, theta bits {:#x}, reserved {} "
-                        "(expected flags 0 with theta 0, or 1 / 3 with a theta; reserved 0)",
-                        rope_flags, theta_bits, reserved));
+    damaged(
+        fmt::format("header section: RoPE flags {:#x}, theta bits {:#x}, reserved {} "
+                    "(expected flags 0 with theta 0, or 1 / 3 with a theta; reserved 0)",
+                    rope_flags, theta_bits, reserved));
   }
   if (rope_flags & kRopeEnabled) {
     const float theta = std::bit_cast<float>(theta_bits);
@@ -482,14 +503,14 @@ Header parse_header(Bytes bytes, CheckpointKind kind) {
     header.sequence_count = in.number("sequence count", 0, kMaxInt64);
     header.next_id = in.number("next_id", 0, kMaxInt64 - 1);
     if (header.sequence_count > header.next_id) {
-      damaged(fmt::format("header section: {} sequences but next_id {} (expected at most next_id "
-                          "sequences: ids are distinct and below it)",
-                          header.sequence_count, header.next_id));
+      damaged(
+          fmt::format("header section: {} sequences but next_id {} (expected at most next_id "
+                      "sequences: ids are distinct and below it)",
+                      header.sequence_count, header.next_id));
     }
     checked_product({header.num_blocks, header.block_size, token_bytes}, "pool's blocks");
     header.data_bytes = checked_product(
-        {header.used_blocks, config.kv_heads, header.block_size, header.row_bytes},
-        "used blocks");
+        {header.used_blocks, config.kv_heads, header.block_size, header.row_bytes}, "used blocks");
   }
   if (in.remaining() != 0) damaged("header section: unexpected bytes after the last field");
   detail::validate_config(config);  // the cache's own rules, should the two ever differ
@@ -517,12 +538,13 @@ void check_data_sizes(const Header& header, const Directory& directory) {
 // ---- the tables (paged) -------------------------------------------------------
 
 struct Tables {
-  std::vector<std::int32_t> references;  // (num_blocks,)
-  std::vector<std::int64_t> free_list;   // (num_blocks - used_blocks,), taken from the back
+  std::vector<std::int32_t> references;       // (num_blocks,)
+  std::vector<std::int64_t> free_list;        // (num_blocks - used_blocks,), taken from the back
   std::vector<CheckpointSequence> sequences;  // ascending ids
 };
 
-std::vector<std::byte> encode_tables(const PagedKvPool& pool, std::span<const std::int32_t> references,
+std::vector<std::byte> encode_tables(const PagedKvPool& pool,
+                                     std::span<const std::int32_t> references,
                                      std::span<const std::int64_t> free_list) {
   std::vector<std::byte> out;
   for (std::int32_t count : references) put_u32(out, static_cast<std::uint32_t>(count));
@@ -572,9 +594,10 @@ Tables parse_tables(Bytes bytes, const Header& header) {
     const std::int64_t block = in.number("free-list entry", 0, num_blocks - 1);
     auto& mark = last_holder[static_cast<std::size_t>(block)];
     if (tables.references[static_cast<std::size_t>(block)] != 0 || mark == -2) {
-      damaged(fmt::format("tables section: free-list entry {} is block {}, which is {} (expected "
-                          "each unreferenced block once)",
-                          i, block, mark == -2 ? "listed twice" : "in use"));
+      damaged(
+          fmt::format("tables section: free-list entry {} is block {}, which is {} (expected "
+                      "each unreferenced block once)",
+                      i, block, mark == -2 ? "listed twice" : "in use"));
     }
     mark = -2;
     tables.free_list[static_cast<std::size_t>(i)] = block;
@@ -583,16 +606,18 @@ Tables parse_tables(Bytes bytes, const Header& header) {
   tables.sequences.resize(static_cast<std::size_t>(header.sequence_count));
   for (std::int64_t s = 0; s < header.sequence_count; ++s) {
     CheckpointSequence& sequence = tables.sequences[static_cast<std::size_t>(s)];
-    const std::int64_t lowest = s == 0 ? 0 : tables.sequences[static_cast<std::size_t>(s - 1)].id + 1;
+    const std::int64_t lowest =
+        s == 0 ? 0 : tables.sequences[static_cast<std::size_t>(s - 1)].id + 1;
     sequence.id = in.number("sequence id", lowest, header.next_id - 1);
     sequence.length = in.number("sequence length", 0, kMaxInt64);
-    const std::int64_t needed = sequence.length / header.block_size +
-                                (sequence.length % header.block_size != 0 ? 1 : 0);
+    const std::int64_t needed =
+        sequence.length / header.block_size + (sequence.length % header.block_size != 0 ? 1 : 0);
     const std::int64_t count = in.number("block count", 0, kMaxInt64);
     if (count != needed) {
-      damaged(fmt::format("tables section: sequence {} of length {} has {} blocks (expected {} "
-                          "blocks of {} tokens)",
-                          sequence.id, sequence.length, count, needed, header.block_size));
+      damaged(
+          fmt::format("tables section: sequence {} of length {} has {} blocks (expected {} "
+                      "blocks of {} tokens)",
+                      sequence.id, sequence.length, count, needed, header.block_size));
     }
     in.need(count, 8, "block-table entries");
     sequence.blocks.resize(static_cast<std::size_t>(count));
@@ -600,24 +625,26 @@ Tables parse_tables(Bytes bytes, const Header& header) {
       block = in.number("block-table entry", 0, num_blocks - 1);
       auto& mark = last_holder[static_cast<std::size_t>(block)];
       if (mark == s) {
-        damaged(fmt::format("tables section: sequence {} lists block {} twice (expected "
-                            "distinct blocks)",
-                            sequence.id, block));
+        damaged(
+            fmt::format("tables section: sequence {} lists block {} twice (expected "
+                        "distinct blocks)",
+                        sequence.id, block));
       }
       mark = s;
       ++held[static_cast<std::size_t>(block)];
     }
   }
   if (in.remaining() != 0) {
-    damaged(fmt::format("tables section: {} unexpected bytes after the last sequence",
-                        in.remaining()));
+    damaged(
+        fmt::format("tables section: {} unexpected bytes after the last sequence", in.remaining()));
   }
   for (std::int64_t b = 0; b < num_blocks; ++b) {
     const auto index = static_cast<std::size_t>(b);
     if (held[index] != tables.references[index]) {
-      damaged(fmt::format("tables section: block {} has reference count {}, but {} block tables "
-                          "hold it (expected them equal)",
-                          b, tables.references[index], held[index]));
+      damaged(
+          fmt::format("tables section: block {} has reference count {}, but {} block tables "
+                      "hold it (expected them equal)",
+                      b, tables.references[index], held[index]));
     }
   }
   return tables;
@@ -668,11 +695,12 @@ class InputFile {
   // CRC32 of [offset, offset + bytes), streamed; nullopt if the file is shorter.
   std::optional<std::uint32_t> crc(std::int64_t offset, std::int64_t bytes) const {
     std::uint32_t crc = crc32_of(Bytes{});
-    std::vector<std::byte> chunk(std::min<std::size_t>(kChunkBytes, static_cast<std::size_t>(bytes)));
+    std::vector<std::byte> chunk(
+        std::min<std::size_t>(kChunkBytes, static_cast<std::size_t>(bytes)));
     while (bytes > 0) {
       const auto want = std::min<std::int64_t>(bytes, static_cast<std::int64_t>(chunk.size()));
-      const ssize_t got = ::pread(fd_, chunk.data(), static_cast<std::size_t>(want),
-                                  static_cast<off_t>(offset));
+      const ssize_t got =
+          ::pread(fd_, chunk.data(), static_cast<std::size_t>(want), static_cast<off_t>(offset));
       if (got < 0 && errno == EINTR) continue;
       if (got < 0) throw_io(path_, "read failed", errno);
       if (got == 0) return std::nullopt;
@@ -716,7 +744,13 @@ class AtomicWriter {
     struct stat existing;
     const mode_t mode = ::stat(path_.c_str(), &existing) == 0 ? (existing.st_mode & 07777)
                                                               : (0666 & ~current_umask());
-    if (::fchmod(fd_, mode) != 0) fail("cannot set the permissions of the temporary file", errno);
+    if (::fchmod(fd_, mode) != 0) {
+      // No destructor runs for a constructor that throws: clean up here.
+      const int err = errno;
+      ::close(std::exchange(fd_, -1));
+      ::unlink(temp_.c_str());
+      throw_io(path_, "cannot set the permissions of the temporary file", err);
+    }
     buffer_.reserve(kChunkBytes);
     reset_crc();
   }
@@ -898,7 +932,8 @@ std::int64_t cache_bytes(const CacheConfig& config, std::int64_t slots) {
 }
 
 void check_limit(const std::string& path, const Header& header, const CheckpointLimits& limits) {
-  const std::int64_t limit = limits.max_cache_bytes > 0 ? limits.max_cache_bytes : physical_memory();
+  const std::int64_t limit =
+      limits.max_cache_bytes > 0 ? limits.max_cache_bytes : physical_memory();
   const bool contiguous = header.kind == CheckpointKind::kContiguous;
   std::int64_t slots;
   if (contiguous) {
@@ -980,15 +1015,18 @@ struct CacheState {
     header.data_bytes = impl.config.kv_heads * impl.length * header.row_bytes;
     const std::int64_t padded_row_bytes =
         detail::stored_padded_dim(impl.config) * element_bytes(impl.config);
-    write(path, header, {}, [&](AtomicWriter& out, const std::vector<std::byte>& data) {
-      std::vector<std::byte> scratch;
-      for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
-        for (std::int64_t t = 0; t < impl.length; ++t) {
-          write_row(out, data.data() + (h * impl.capacity + t) * padded_row_bytes, header,
-                    scratch);
-        }
-      }
-    }, impl.k, impl.v);
+    write(
+        path, header, {},
+        [&](AtomicWriter& out, const std::vector<std::byte>& data) {
+          std::vector<std::byte> scratch;
+          for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
+            for (std::int64_t t = 0; t < impl.length; ++t) {
+              write_row(out, data.data() + (h * impl.capacity + t) * padded_row_bytes, header,
+                        scratch);
+            }
+          }
+        },
+        impl.k, impl.v);
   }
 
   static void save(const PagedKvPool& pool, const std::string& path) {
@@ -1007,22 +1045,25 @@ struct CacheState {
     const std::int64_t padded_row_bytes =
         detail::stored_padded_dim(impl.config) * element_bytes(impl.config);
     const std::vector<std::byte> tables = encode_tables(pool, impl.references, impl.free_list);
-    write(path, header, tables, [&](AtomicWriter& out, const std::vector<std::byte>& data) {
-      // The blocks in use, in ascending id order (the loader finds them from
-      // the reference counts); the free ones are not written.
-      std::vector<std::byte> scratch;
-      for (std::int64_t b = 0; b < impl.num_blocks; ++b) {
-        if (impl.references[static_cast<std::size_t>(b)] == 0) continue;
-        for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
-          for (std::int64_t slot = 0; slot < impl.block_size; ++slot) {
-            write_row(out,
-                      data.data() + b * impl.block_bytes +
-                          (h * impl.block_size + slot) * padded_row_bytes,
-                      header, scratch);
+    write(
+        path, header, tables,
+        [&](AtomicWriter& out, const std::vector<std::byte>& data) {
+          // The blocks in use, in ascending id order (the loader finds them from
+          // the reference counts); the free ones are not written.
+          std::vector<std::byte> scratch;
+          for (std::int64_t b = 0; b < impl.num_blocks; ++b) {
+            if (impl.references[static_cast<std::size_t>(b)] == 0) continue;
+            for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
+              for (std::int64_t slot = 0; slot < impl.block_size; ++slot) {
+                write_row(out,
+                          data.data() + b * impl.block_bytes +
+                              (h * impl.block_size + slot) * padded_row_bytes,
+                          header, scratch);
+              }
+            }
           }
-        }
-      }
-    }, impl.k, impl.v);
+        },
+        impl.k, impl.v);
   }
 
   // Overwrites the cache with a verified checkpoint of its shape; nothing here
@@ -1033,7 +1074,7 @@ struct CacheState {
     const std::int64_t padded_row_bytes =
         detail::stored_padded_dim(impl.config) * element_bytes(impl.config);
     const std::pair<std::vector<std::byte>*, Bytes> parts[] = {{&impl.k, parsed.keys},
-                                                                {&impl.v, parsed.values}};
+                                                               {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
       for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
         for (std::int64_t t = 0; t < header.length; ++t) {
@@ -1059,16 +1100,18 @@ struct CacheState {
     }
     const std::int64_t padded_row_bytes =
         detail::stored_padded_dim(impl.config) * element_bytes(impl.config);
-    const std::int64_t file_block_bytes = header.config.kv_heads * header.block_size * header.row_bytes;
+    const std::int64_t file_block_bytes =
+        header.config.kv_heads * header.block_size * header.row_bytes;
     const std::pair<std::vector<std::byte>*, Bytes> parts[] = {{&impl.k, parsed.keys},
-                                                                {&impl.v, parsed.values}};
+                                                               {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
       std::int64_t saved = 0;  // index of the block among the saved ones
       for (std::int64_t b = 0; b < header.num_blocks; ++b) {
         if (parsed.tables.references[static_cast<std::size_t>(b)] == 0) continue;
         for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
           for (std::int64_t slot = 0; slot < header.block_size; ++slot) {
-            restore_row(data->data() + b * impl.block_bytes + (h * impl.block_size + slot) * padded_row_bytes,
+            restore_row(data->data() + b * impl.block_bytes +
+                            (h * impl.block_size + slot) * padded_row_bytes,
                         file.data() + saved * file_block_bytes +
                             (h * header.block_size + slot) * header.row_bytes,
                         header, padded_row_bytes);
@@ -1098,7 +1141,8 @@ struct CacheState {
       CheckpointSection section;
       section.name = spec.name;
       section.offset = offset;
-      section.bytes = spec.id == SectionId::kHeader   ? static_cast<std::int64_t>(header_section.size())
+      section.bytes = spec.id == SectionId::kHeader
+                          ? static_cast<std::int64_t>(header_section.size())
                       : spec.id == SectionId::kTables ? static_cast<std::int64_t>(tables.size())
                                                       : header.data_bytes;
       offset += section.bytes;
@@ -1110,10 +1154,18 @@ struct CacheState {
     for (std::size_t i = 0; i < sections.size(); ++i) {
       out.take_crc();
       switch (sections_of(kind)[i].id) {
-        case SectionId::kHeader: out.write(header_section); break;
-        case SectionId::kTables: out.write(tables); break;
-        case SectionId::kKeys: write_data(out, k); break;
-        case SectionId::kValues: write_data(out, v); break;
+        case SectionId::kHeader:
+          out.write(header_section);
+          break;
+        case SectionId::kTables:
+          out.write(tables);
+          break;
+        case SectionId::kKeys:
+          write_data(out, k);
+          break;
+        case SectionId::kValues:
+          write_data(out, v);
+          break;
       }
       sections[i].stored_crc = out.take_crc();
       if (out.position() != sections[i].offset + sections[i].bytes) {
@@ -1128,7 +1180,9 @@ struct CacheState {
   }
 };
 
-void save_checkpoint(const KvCache& cache, const std::string& path) { CacheState::save(cache, path); }
+void save_checkpoint(const KvCache& cache, const std::string& path) {
+  CacheState::save(cache, path);
+}
 void save_checkpoint(const PagedKvPool& pool, const std::string& path) {
   CacheState::save(pool, path);
 }
@@ -1195,10 +1249,10 @@ CheckpointInfo inspect_checkpoint(const std::string& path) {
   if (directory.end != file.size()) info.problems.push_back(size_mismatch(directory, file.size()));
   for (const CheckpointSection& section : directory.sections) {
     if (!section.present) {
-      info.problems.push_back(fmt::format("{} section (bytes {}..{}) is cut off: the file ends at "
-                                          "byte {} (truncated)",
-                                          section.name, section.offset,
-                                          section.offset + section.bytes, file.size()));
+      info.problems.push_back(
+          fmt::format("{} section (bytes {}..{}) is cut off: the file ends at "
+                      "byte {} (truncated)",
+                      section.name, section.offset, section.offset + section.bytes, file.size()));
     } else if (!section.crc_ok()) {
       info.problems.push_back(crc_mismatch(section));
     }
@@ -1232,9 +1286,8 @@ CheckpointInfo inspect_checkpoint(const std::string& path) {
   info.next_id = header.next_id;
   if (kind == CheckpointKind::kPaged &&
       directory.sections[index_of(kind, SectionId::kTables)].crc_ok()) {
-    try_step([&] {
-      info.sequences = parse_tables(read_section(SectionId::kTables), header).sequences;
-    });
+    try_step(
+        [&] { info.sequences = parse_tables(read_section(SectionId::kTables), header).sequences; });
   }
   try_step([&] { check_data_sizes(header, directory); });
   return info;

@@ -16,9 +16,10 @@ int main(int argc, char** argv) {
       "NumPy .npy files and shows which query-key pairs a mask lets through."};
   app.name("lookback");
   app.require_subcommand(1);
-  app.set_version_flag("--version",
-                       fmt::format("lookback {} (SIMD path on this CPU: {})", lookback::kVersion,
-                                   lookback::simd_target_name()));
+  app.set_version_flag("--version", [] {
+    return fmt::format("lookback {}\nkernels on this CPU: {}", lookback::kVersion,
+                       lookback::describe_kernels());
+  });
   app.footer("Run 'lookback COMMAND --help' for a command's options. Exit codes: 0 ok, 1 check "
              "failed, 2 usage or input error.");
 
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   lookback::cli::add_attend_command(app, runner);
   lookback::cli::add_cost_command(app, runner);
   lookback::cli::add_leakcheck_command(app, runner);
+  lookback::cli::add_cache_command(app, runner);
 
   try {
     app.parse(argc, argv);
@@ -37,6 +39,9 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    std::cerr << "lookback: " << e.what() << "\n";
+    return lookback::cli::kExitUsage;
+  } catch (const lookback::Error& e) {
     std::cerr << "lookback: " << e.what() << "\n";
     return lookback::cli::kExitUsage;
   }
