@@ -103,16 +103,18 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
     }
 #if LOOKBACK_HAVE_BF16_DOT
     if (params.bf16_dot) {
-      // Q as bf16 pairs, unscaled: the scale multiplies the f32 scores, so Q
-      // holds exactly its stored bf16 values.
-      const float inverse_scale = 1.0f / params.scale;
+      // Q as bf16 pairs, unscaled and read again from the input: the scale
+      // multiplies the f32 scores, so Q holds exactly its stored bf16 values
+      // (recovering them from the scaled row fails for scale 0 or tiny
+      // scales, a fuzzer finding).
       for (std::int64_t r = 0; r < rows; ++r) {
         std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
-        const float* q_row = q_tile + r * padded;
-        for (std::int64_t e = 0; e < padded; e += 2) {
-          pairs[e / 2] = static_cast<std::uint32_t>(f32_to_bf16(q_row[e] * inverse_scale)) |
-                         (static_cast<std::uint32_t>(f32_to_bf16(q_row[e + 1] * inverse_scale)) << 16);
-        }
+        const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
+        auto stored = [&](std::int64_t e) -> std::uint32_t {
+          if (e >= dim) return 0;
+          return f32_to_bf16(load_as_float(params.q.data, params.q.dtype, base + e * params.q.strides[3]));
+        };
+        for (std::int64_t e = 0; e < padded; e += 2) pairs[e / 2] = stored(e) | (stored(e + 1) << 16);
       }
     }
 #endif
