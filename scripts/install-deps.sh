@@ -8,7 +8,6 @@ packages=(
   build-essential cmake pkg-config
   libhwy-dev            # Google Highway: SIMD with runtime dispatch
   libgtest-dev          # GoogleTest
-  libbenchmark-dev      # Google Benchmark
   libcli11-dev          # CLI11: command-line parsing
   libfmt-dev            # fmt: formatting
   nlohmann-json3-dev    # JSON output

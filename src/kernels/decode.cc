@@ -90,7 +90,7 @@ HWY_INLINE void AccumulateRow(float* HWY_RESTRICT acc, float alpha, const float*
 }
 
 // Keys ahead of the current one whose K and V rows are prefetched.
-constexpr std::int64_t kPrefetchDistance = 4;
+constexpr std::int64_t kPrefetchDistance = 8;
 
 struct DecodeScratch {
   float* q;                   // (rows, padded_dim): scaled queries of the group
