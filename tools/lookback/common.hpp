@@ -24,6 +24,7 @@ void add_attend_command(CLI::App& app, Runner& runner);
 void add_cost_command(CLI::App& app, Runner& runner);
 void add_leakcheck_command(CLI::App& app, Runner& runner);
 void add_cache_command(CLI::App& app, Runner& runner);
+void add_bench_command(CLI::App& app, Runner& runner);
 
 // Writes `text` to `path` atomically, or to stdout when path is empty or "-".
 void write_output(const std::string& path, const std::string& text);

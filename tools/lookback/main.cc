@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   lookback::cli::add_cost_command(app, runner);
   lookback::cli::add_leakcheck_command(app, runner);
   lookback::cli::add_cache_command(app, runner);
+  lookback::cli::add_bench_command(app, runner);
 
   try {
     app.parse(argc, argv);
