@@ -7,7 +7,7 @@
 #   make test-portable  the tests with dispatch capped at AVX2 and AMX off, as on
 #                   an AVX2-only machine (LOOKBACK_SIMD=AVX2 LOOKBACK_DISABLE_AMX=1)
 #   make fuzz       build the libFuzzer targets with clang and run each for FUZZ_SECONDS
-#   make bench      prefill and decode benchmarks (ratios to this machine's ceilings)
+#   make bench      lookback bench: prefill and decode against this machine's ceilings
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -77,8 +77,7 @@ fuzz: deps
 	done
 
 bench: build
-	@$(BUILD)/bin/prefill_bench $(BENCH_ARGS)
-	@$(BUILD)/bin/decode_bench $(BENCH_ARGS)
+	@$(BUILD)/bin/lookback bench --dtype all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
