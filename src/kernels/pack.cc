@@ -43,18 +43,42 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
     const std::int64_t b = task / (packed.key_tiles * shape.kv_heads);
     float* k_out = const_cast<float*>(packed.k_tile(b, kv_head, shape.kv_heads, tile));
     float* v_out = const_cast<float*>(packed.v_rows(b, kv_head, shape.kv_heads, tile * kKeyTile));
-    // Zero first: padded dims and keys past seqlen_k must read as 0, never
-    // as stale memory (they are multiplied, though never by a visible weight).
-    std::memset(k_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
-    std::memset(v_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
-    const std::int64_t key_end = std::min(shape.seqlen_k, (tile + 1) * kKeyTile);
-    for (std::int64_t key = tile * kKeyTile; key < key_end; ++key) {
-      const std::int64_t column = key - tile * kKeyTile;
-      const std::int64_t k_base = params.k.offset(b, key, kv_head, 0);
-      const std::int64_t v_base = params.v.offset(b, key, kv_head, 0);
+    const std::int64_t key_begin = tile * kKeyTile;
+    const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
+    const std::int64_t count = key_end - key_begin;
+    // Padded dims and keys past seqlen_k must read as 0, never as stale
+    // memory (they are multiplied, though never by a visible weight).
+    if (count < kKeyTile || dim < padded) {
+      std::memset(k_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+      std::memset(v_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+    }
+    const bool plain = params.storage == DType::kF32 && params.k.dtype == DType::kF32 &&
+                       params.v.dtype == DType::kF32 && params.k.strides[3] == 1 &&
+                       params.v.strides[3] == 1;
+    if (plain) {
+      // The common case: f32 rows with unit stride. V rows are copied whole;
+      // K is transposed one dimension at a time across the tile's key rows,
+      // so every write is contiguous.
+      const float* k_rows[kKeyTile];
+      for (std::int64_t c = 0; c < count; ++c) {
+        k_rows[c] = static_cast<const float*>(params.k.data) + params.k.offset(b, key_begin + c, kv_head, 0);
+        const float* v_row =
+            static_cast<const float*>(params.v.data) + params.v.offset(b, key_begin + c, kv_head, 0);
+        std::memcpy(v_out + c * padded, v_row, sizeof(float) * static_cast<std::size_t>(dim));
+      }
       for (std::int64_t e = 0; e < dim; ++e) {
-        k_out[e * kKeyTile + column] = load(params.k, k_base + e * params.k.strides[3], params.storage);
-        v_out[column * padded + e] = load(params.v, v_base + e * params.v.strides[3], params.storage);
+        float* row = k_out + e * kKeyTile;
+        for (std::int64_t c = 0; c < count; ++c) row[c] = k_rows[c][e];
+      }
+    } else {
+      for (std::int64_t key = key_begin; key < key_end; ++key) {
+        const std::int64_t column = key - key_begin;
+        const std::int64_t k_base = params.k.offset(b, key, kv_head, 0);
+        const std::int64_t v_base = params.v.offset(b, key, kv_head, 0);
+        for (std::int64_t e = 0; e < dim; ++e) {
+          k_out[e * kKeyTile + column] = load(params.k, k_base + e * params.k.strides[3], params.storage);
+          v_out[column * padded + e] = load(params.v, v_base + e * params.v.strides[3], params.storage);
+        }
       }
     }
     if (params.bf16_dot) {
