@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -151,7 +152,11 @@ __attribute__((target("amx-tile,amx-bf16"))) std::uint64_t AmxLoop(std::uint64_t
 
 bool amx_available() {
   static const bool available = [] {
-    if (!__builtin_cpu_supports("amx-bf16")) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // CPUID 7: EDX 22 AMX-BF16, 24 AMX-TILE
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || ((edx >> 22) & 1u) == 0 ||
+        ((edx >> 24) & 1u) == 0) {
+      return false;
+    }
     constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
   }();

@@ -19,6 +19,9 @@
 
 #include "hwy/highway.h"
 
+#undef LOOKBACK_HAVE_BF16_DOT
+#undef LOOKBACK_BF16_TARGET
+#undef LOOKBACK_AMX_TARGET
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 #include <immintrin.h>
 #define LOOKBACK_HAVE_BF16_DOT 1

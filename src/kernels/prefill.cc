@@ -20,6 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -374,7 +377,12 @@ bool bf16_dot_supported() {
   // AMX tile data is off until the process asks Linux for it.
   static const bool supported = [] {
     if (std::getenv("LOOKBACK_DISABLE_AMX") != nullptr) return false;
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE (clang 14's
+    // __builtin_cpu_supports does not know "amx-bf16").
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amx = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 &&
+                     ((edx >> 22) & 1u) != 0 && ((edx >> 24) & 1u) != 0;
+    if (!amx || !__builtin_cpu_supports("avx512bf16")) return false;
     constexpr long kArchRequestXcompPerm = 0x1023;
     constexpr long kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;

@@ -26,9 +26,10 @@ const ModeOptions kPaths[] = {
 // fuzz/regressions/fuzz_attention/prefill_bf16_scale_zero_nan (fuzz_attention,
 // found 2026-11-26): with bf16 storage, a scale of 0 (valid: every visible key
 // weighs the same) gave NaN outputs and LSEs from prefill and split on CPUs
-// with AVX512-BF16. The bf16 dot-product path recovered the unscaled Q as
-// (q * scale) * (1 / scale), which is 0 * inf for scale 0 and inf * 0 or
-// inexact once 1 / scale overflows (scale below about 3e-39).
+// that take the bf16 dot-product path (AVX512-BF16 / AMX-BF16). That path
+// recovered the unscaled Q as (q * scale) * (1 / scale): 0 * inf for scale 0,
+// and inf once 1 / scale overflows (scale below about 3e-39). Elsewhere these
+// tests pass trivially.
 TEST(FuzzRegressions, Bf16StorageWithZeroScaleAveragesTheVisibleValues) {
   // The minimised input: one query, one key, head_dim 1. With one visible key
   // the output is that key's value and the LSE is the score, 0.
@@ -59,7 +60,8 @@ TEST(FuzzRegressions, Bf16StorageWithZeroOrTinyScaleMatchesTheReferenceOnEveryPa
     spec.storage = DType::kBF16;
     testing::Problem problem = testing::make_problem(spec, 29);
     for (const ModeOptions& options : kPaths) {
-      SCOPED_TRACE(std::string(mode_name(options.mode)) + (scale == 0.0f ? " scale 0" : " scale 1e-39"));
+      SCOPED_TRACE(std::string(mode_name(options.mode)) +
+                   (scale == 0.0f ? " scale 0" : " scale 1e-39"));
       problem.poison_outputs();
       attend_with_mode(problem.params(), options, context);
       const testing::Comparison result = testing::check_against_reference(problem);
