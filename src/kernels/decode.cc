@@ -52,45 +52,56 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
 }
 
-// acc = alpha * acc + sum_j p[j] * v_rows[j], over j in [begin, end).
-template <typename T>
-HWY_INLINE void AccumulateRow(float* HWY_RESTRICT acc, float alpha, const float* HWY_RESTRICT p,
-                              const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
-                              std::int64_t end, std::size_t dim) {
+// Keys ahead of the current one whose K and V rows are prefetched.
+constexpr std::int64_t kPrefetchDistance = 16;
+
+// acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
+// share the key range [begin, end): each V row is loaded (and converted from
+// the storage dtype) once for all of them.
+template <typename T, std::size_t kRows>
+HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
+                               const float* HWY_RESTRICT alpha, const float* HWY_RESTRICT p,
+                               std::size_t p_stride, const T* const* HWY_RESTRICT v_rows,
+                               std::int64_t begin, std::int64_t end, std::size_t dim) {
   const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
   const std::size_t lanes = hn::Lanes(d);
-  const auto scale = hn::Set(d, alpha);
   std::size_t e = 0;
-  // Four vectors of the row stay in registers while the keys stream past.
-  for (; e + 4 * lanes <= dim; e += 4 * lanes) {
-    auto a0 = hn::Mul(hn::Load(d, acc + e), scale);
-    auto a1 = hn::Mul(hn::Load(d, acc + e + lanes), scale);
-    auto a2 = hn::Mul(hn::Load(d, acc + e + 2 * lanes), scale);
-    auto a3 = hn::Mul(hn::Load(d, acc + e + 3 * lanes), scale);
-    for (std::int64_t j = begin; j < end; ++j) {
-      const auto weight = hn::Set(d, p[j]);
-      const T* v = v_rows[j];
-      a0 = hn::MulAdd(weight, LoadAsFloat(d, v, e), a0);
-      a1 = hn::MulAdd(weight, LoadAsFloat(d, v, e + lanes), a1);
-      a2 = hn::MulAdd(weight, LoadAsFloat(d, v, e + 2 * lanes), a2);
-      a3 = hn::MulAdd(weight, LoadAsFloat(d, v, e + 3 * lanes), a3);
+  for (; e + 2 * lanes <= dim; e += 2 * lanes) {
+    V a[kRows][2];
+    for (std::size_t r = 0; r < kRows; ++r) {
+      const V scale = hn::Set(d, alpha[r]);
+      a[r][0] = hn::Mul(hn::Load(d, acc + r * acc_stride + e), scale);
+      a[r][1] = hn::Mul(hn::Load(d, acc + r * acc_stride + e + lanes), scale);
     }
-    hn::Store(a0, d, acc + e);
-    hn::Store(a1, d, acc + e + lanes);
-    hn::Store(a2, d, acc + e + 2 * lanes);
-    hn::Store(a3, d, acc + e + 3 * lanes);
+    for (std::int64_t j = begin; j < end; ++j) {
+      const V v0 = LoadAsFloat(d, v_rows[j], e);
+      const V v1 = LoadAsFloat(d, v_rows[j], e + lanes);
+      for (std::size_t r = 0; r < kRows; ++r) {
+        const V weight = hn::Set(d, p[r * p_stride + static_cast<std::size_t>(j)]);
+        a[r][0] = hn::MulAdd(weight, v0, a[r][0]);
+        a[r][1] = hn::MulAdd(weight, v1, a[r][1]);
+      }
+    }
+    for (std::size_t r = 0; r < kRows; ++r) {
+      hn::Store(a[r][0], d, acc + r * acc_stride + e);
+      hn::Store(a[r][1], d, acc + r * acc_stride + e + lanes);
+    }
   }
   for (; e < dim; e += lanes) {
-    auto a = hn::Mul(hn::Load(d, acc + e), scale);
-    for (std::int64_t j = begin; j < end; ++j) {
-      a = hn::MulAdd(hn::Set(d, p[j]), LoadAsFloat(d, v_rows[j], e), a);
+    V a[kRows];
+    for (std::size_t r = 0; r < kRows; ++r) {
+      a[r] = hn::Mul(hn::Load(d, acc + r * acc_stride + e), hn::Set(d, alpha[r]));
     }
-    hn::Store(a, d, acc + e);
+    for (std::int64_t j = begin; j < end; ++j) {
+      const V v = LoadAsFloat(d, v_rows[j], e);
+      for (std::size_t r = 0; r < kRows; ++r) {
+        a[r] = hn::MulAdd(hn::Set(d, p[r * p_stride + static_cast<std::size_t>(j)]), v, a[r]);
+      }
+    }
+    for (std::size_t r = 0; r < kRows; ++r) hn::Store(a[r], d, acc + r * acc_stride + e);
   }
 }
-
-// Keys ahead of the current one whose K and V rows are prefetched.
-constexpr std::int64_t kPrefetchDistance = 8;
 
 struct DecodeScratch {
   float* q;                   // (rows, padded_dim): scaled queries of the group
@@ -98,6 +109,8 @@ struct DecodeScratch {
   float* scores;              // (rows, kKeyTile)
   OnlineSoftmaxState* state;  // (rows)
   LocalRange* ranges;         // (rows)
+  float* alpha;               // (rows)
+  float* k_row;               // (padded_dim): one key row converted to f32
   const void** k_rows;        // (kKeyTile)
   const void** v_rows;        // (kKeyTile)
 };
@@ -161,9 +174,21 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
         }
       }
       const T* k = static_cast<const T*>(s.k_rows[j]);
-      for (std::int64_t row = 0; row < rows; ++row) {
-        if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
-        s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, k, dim);
+      if constexpr (std::is_same_v<T, float>) {
+        for (std::int64_t row = 0; row < rows; ++row) {
+          if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
+          s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, k, dim);
+        }
+      } else {
+        // Convert the stored row once for every query row of the group.
+        const hn::ScalableTag<float> d;
+        for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) {
+          hn::Store(LoadAsFloat(d, k, e), d, s.k_row + e);
+        }
+        for (std::int64_t row = 0; row < rows; ++row) {
+          if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
+          s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, s.k_row, dim);
+        }
       }
     }
     for (std::int64_t row = 0; row < rows; ++row) {
@@ -174,11 +199,31 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
       const std::int64_t head = kv_head * group + row % group;
       const float slope =
           params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
-      const float alpha = SoftmaxRow<true>(scores, range, params.softcap, slope,
-                                           static_cast<float>(mask.position(token)),
-                                           static_cast<float>(tile_begin), s.state[row]);
-      AccumulateRow(s.acc + row * padded, alpha, scores,
-                    reinterpret_cast<const T* const*>(s.v_rows), range.begin, range.end, dim);
+      s.alpha[row] = SoftmaxRow<true>(scores, range, params.softcap, slope,
+                                      static_cast<float>(mask.position(token)),
+                                      static_cast<float>(tile_begin), s.state[row]);
+    }
+    // P V: rows that share a key range (the heads of a token) four at a time.
+    const auto* v_rows = reinterpret_cast<const T* const*>(s.v_rows);
+    for (std::int64_t row = 0; row < rows;) {
+      const LocalRange range = s.ranges[row];
+      std::int64_t same = 1;
+      while (same < 4 && row + same < rows && s.ranges[row + same].begin == range.begin &&
+             s.ranges[row + same].end == range.end) {
+        ++same;
+      }
+      if (!range.empty()) {
+        float* acc = s.acc + row * padded;
+        const float* p = s.scores + row * kKeyTile;
+        const float* alpha = s.alpha + row;
+        switch (same) {
+          case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+          case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+          case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+          default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+        }
+      }
+      row += same;
     }
   }
 
@@ -204,7 +249,10 @@ void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratc
   s.scores = s.acc + rows * padded;
   s.state = reinterpret_cast<OnlineSoftmaxState*>(s.scores + rows * kKeyTile);
   s.ranges = reinterpret_cast<LocalRange*>(s.state + rows);
-  s.k_rows = reinterpret_cast<const void**>(s.ranges + rows);
+  s.alpha = reinterpret_cast<float*>(s.ranges + rows);
+  // 64-byte aligned: whole-vector stores.
+  s.k_row = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(s.alpha + rows) + 63) / 64 * 64);
+  s.k_rows = reinterpret_cast<const void**>(s.k_row + padded);
   s.v_rows = s.k_rows + kKeyTile;
   switch (params.storage) {
     case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
@@ -225,7 +273,8 @@ std::size_t decode_scratch_bytes(const DecodeParams& params) {
   const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
   return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
          static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
-         2 * kKeyTile * sizeof(void*) + 256;
+         2 * kKeyTile * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
+         512;
 }
 
 void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
