@@ -25,6 +25,7 @@
 #include <optional>
 #include <string_view>
 
+#include "core/file_io.hpp"
 #include "lookback/error.hpp"
 
 namespace lookback {
@@ -56,11 +57,7 @@ constexpr std::string_view kExpectedDtypes = "'<f4', '<f2' or '<f8'";
   throw Error(ErrorCode::kFormat, std::string(name) + ": " + what);
 }
 
-[[noreturn]] void throw_io(std::string_view path, const std::string& what, int err) {
-  std::string message = std::string(path) + ": " + what;
-  if (err != 0) message += std::string(": ") + std::strerror(err);
-  throw Error(ErrorCode::kIo, message);
-}
+using detail::throw_io;
 
 // Python tuple spelling, as in the header: "()", "(5,)", "(2, 3)".
 std::string tuple_string(std::span<const std::int64_t> shape) {
@@ -586,26 +583,7 @@ void write_file_atomically(const std::string& path, std::span<const std::byte> b
     if (put < 0) fail("write failed", errno);
     written += static_cast<std::size_t>(put);
   }
-  if (::fsync(fd) != 0) fail("fsync failed", errno);
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(temp_path.c_str());
-    throw_io(path, "close failed", err);
-  }
-  if (::rename(temp_path.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(temp_path.c_str());
-    throw_io(path, "cannot rename the temporary file over it", err);
-  }
-  // Make the rename itself durable. Not every file system supports fsync on
-  // a directory, and the data is already safe, so failures are ignored.
-  const std::size_t slash = path.find_last_of('/');
-  const std::string folder = slash == std::string::npos ? "." : path.substr(0, slash + 1);
-  const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (folder_fd >= 0) {
-    ::fsync(folder_fd);
-    ::close(folder_fd);
-  }
+  detail::commit_temporary(fd, temp_path, path);
 }
 
 }  // namespace lookback

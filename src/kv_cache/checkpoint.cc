@@ -27,6 +27,7 @@
 #include <span>
 #include <utility>
 
+#include "core/file_io.hpp"
 #include "kv_cache/cache_common.hpp"
 #include "kv_cache/impl.hpp"
 #include "lookback/error.hpp"
@@ -121,11 +122,7 @@ constexpr std::uint32_t kRopeInterleaved = 2;
 
 [[noreturn]] void damaged(const std::string& what) { throw Error(ErrorCode::kFormat, what); }
 
-[[noreturn]] void throw_io(const std::string& path, const std::string& what, int err) {
-  std::string message = path + ": " + what;
-  if (err != 0) message += std::string(": ") + std::strerror(err);
-  throw Error(ErrorCode::kIo, message);
-}
+using detail::throw_io;
 
 // Adds the path to an error raised while parsing (which does not know it).
 template <typename Function>
@@ -791,27 +788,7 @@ class AtomicWriter {
   void commit(Bytes head) {
     flush();
     write_all(head.data(), head.size(), 0);
-    if (::fsync(fd_) != 0) fail("fsync failed", errno);
-    const int fd = std::exchange(fd_, -1);
-    if (::close(fd) != 0) {
-      const int err = errno;
-      ::unlink(temp_.c_str());
-      throw_io(path_, "close failed", err);
-    }
-    if (::rename(temp_.c_str(), path_.c_str()) != 0) {
-      const int err = errno;
-      ::unlink(temp_.c_str());
-      throw_io(path_, "cannot rename the temporary file over it", err);
-    }
-    // Make the rename itself durable. Not every file system can fsync a
-    // folder, and the data is already safe, so failures are ignored.
-    const std::size_t slash = path_.find_last_of('/');
-    const std::string folder = slash == std::string::npos ? "." : path_.substr(0, slash + 1);
-    const int folder_fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (folder_fd >= 0) {
-      ::fsync(folder_fd);
-      ::close(folder_fd);
-    }
+    detail::commit_temporary(std::exchange(fd_, -1), temp_, path_);
   }
 
  private:
