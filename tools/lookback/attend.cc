@@ -134,9 +134,9 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   auto options = std::make_shared<AttendOptions>();
   CLI::App* command = app.add_subcommand(
       "attend",
-      "Compute causal attention on NumPy files.\n"
-      "Q is (batch, seqlen_q, heads, head_dim); K and V are (batch, seqlen_k, kv_heads, "
-      "head_dim),\n"
+      "Compute causal attention on NumPy files.");
+  command->footer(
+      "Q is (batch, seqlen_q, heads, head_dim); K and V are (batch, seqlen_k, kv_heads, head_dim),\n"
       "as <f4, <f2 or <f8. Writes O (batch, seqlen_q, heads, head_dim) and, with --lse, the\n"
       "natural-log sum-exp (batch, heads, seqlen_q), both <f4. heads must be a multiple of\n"
       "kv_heads (grouped-query attention). Query i sees keys j <= i + seqlen_k - seqlen_q\n"

@@ -892,8 +892,8 @@ int run_bench(const BenchOptions& o) {
 void add_bench_command(CLI::App& app, Runner& runner) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* command = app.add_subcommand(
-      "bench",
-      "Benchmark lookback on this machine, against its measured ceilings and a baseline.\n"
+      "bench", "Benchmark lookback on this machine, against its measured ceilings and a baseline.");
+  command->footer(
       "First the ceilings at the chosen thread count (FMA peak on the dispatched vector unit,\n"
       "AMX bf16 tile peak where present, read bandwidth), then the baselines (prefill:\n"
       "materialised attention with OpenBLAS sgemm; decode: a plain C++ loop), then lookback.\n"

@@ -252,7 +252,8 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   auto o = std::make_shared<CostOptions>();
   CLI::App* command = app.add_subcommand(
       "cost",
-      "Cost per generated token with a KV cache and without.\n"
+      "Cost per generated token with a KV cache and without.");
+  command->footer(
       "For each position i: the keys attended (i+1, or W+1 with a window), the FLOPs with the\n"
       "cache (4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
       "the KV bytes read, and totals. --measure also times real decode steps on this machine.");
