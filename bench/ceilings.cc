@@ -84,22 +84,17 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-}  // namespace
-
-double measure_fma_peak_gflops(int threads) {
-  // Best of a few runs of ~0.2 s each, all threads at once.
-  const std::uint64_t iterations = 20'000'000;
+// Runs work(thread) on `threads` threads at once, three times, and returns
+// the best total rate in GFLOP/s (work returns the FLOPs it did).
+template <typename Work>
+double best_gflops(int threads, Work&& work) {
   double best = 0.0;
   for (int run = 0; run < 3; ++run) {
     std::vector<std::uint64_t> flops(static_cast<std::size_t>(threads));
-    std::vector<float> sinks(static_cast<std::size_t>(threads));
     const auto start = Clock::now();
     std::vector<std::thread> workers;
     for (int t = 0; t < threads; ++t) {
-      workers.emplace_back([&, t] {
-        flops[static_cast<std::size_t>(t)] =
-            HWY_DYNAMIC_DISPATCH(FmaLoop)(iterations, &sinks[static_cast<std::size_t>(t)]);
-      });
+      workers.emplace_back([&, t] { flops[static_cast<std::size_t>(t)] = work(t); });
     }
     for (auto& worker : workers) worker.join();
     const double elapsed = seconds_since(start);
@@ -108,6 +103,17 @@ double measure_fma_peak_gflops(int threads) {
     best = std::max(best, total / elapsed * 1e-9);
   }
   return best;
+}
+
+}  // namespace
+
+double measure_fma_peak_gflops(int threads) {
+  // About 0.2 s per run.
+  const std::uint64_t iterations = 20'000'000;
+  std::vector<float> sinks(static_cast<std::size_t>(threads));
+  return best_gflops(threads, [&](int t) {
+    return HWY_DYNAMIC_DISPATCH(FmaLoop)(iterations, &sinks[static_cast<std::size_t>(t)]);
+  });
 }
 
 #if defined(__linux__) && defined(__x86_64__)
@@ -168,21 +174,7 @@ bool amx_available() {
 double measure_amx_peak_gflops(int threads) {
   if (!amx_available()) return 0.0;
   const std::uint64_t iterations = 2'000'000;
-  double best = 0.0;
-  for (int run = 0; run < 3; ++run) {
-    std::vector<std::uint64_t> flops(static_cast<std::size_t>(threads));
-    const auto start = Clock::now();
-    std::vector<std::thread> workers;
-    for (int t = 0; t < threads; ++t) {
-      workers.emplace_back([&, t] { flops[static_cast<std::size_t>(t)] = AmxLoop(iterations); });
-    }
-    for (auto& worker : workers) worker.join();
-    const double elapsed = seconds_since(start);
-    double total = 0;
-    for (auto f : flops) total += static_cast<double>(f);
-    best = std::max(best, total / elapsed * 1e-9);
-  }
-  return best;
+  return best_gflops(threads, [&](int) { return AmxLoop(iterations); });
 }
 #else
 double measure_amx_peak_gflops(int) { return 0.0; }

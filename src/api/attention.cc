@@ -128,7 +128,7 @@ std::vector<std::string> simd_targets() { return kernels::available_targets(); }
 
 std::string describe_kernels() {
   const std::string target = simd_target_name();
-  const bool amx = kernels::bf16_dot_supported() && (target == "AVX3" || target == "AVX3_DL");
+  const bool amx = kernels::amx_supported() && (target == "AVX3" || target == "AVX3_DL");
   return target + " (Highway target; LOOKBACK_SIMD caps it); bf16 prefill " +
          (amx ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
               : "as f32 FMA on bf16-rounded values");

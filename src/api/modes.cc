@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "kernels/prefill.hpp"
 #include "lookback/error.hpp"
@@ -39,23 +40,16 @@ std::vector<Mode> all_modes() {
 
 namespace {
 
-// Element offset arithmetic on views: a slice of rows of one batch element.
-TensorView rows_of(const TensorView& view, std::int64_t b, std::int64_t begin, std::int64_t count) {
-  TensorView slice;
-  slice.data = static_cast<const std::byte*>(view.data) +
-               (b * view.strides[0] + begin * view.strides[1]) *
-                   static_cast<std::int64_t>(dtype_size(view.dtype));
-  slice.dtype = view.dtype;
-  slice.rank = 3;
-  slice.shape = {count, view.shape[2], view.shape[3], 0};
-  slice.strides = {view.strides[1], view.strides[2], view.strides[3], 0};
-  return slice;
-}
-
-MutableTensorView rows_of(const MutableTensorView& view, std::int64_t b, std::int64_t begin,
-                          std::int64_t count) {
-  MutableTensorView slice;
-  slice.data = static_cast<float*>(view.data) + b * view.strides[0] + begin * view.strides[1];
+// The rows [begin, begin + count) of batch element b of a 4-d view, as a
+// 3-d view (rows, heads, head_dim) over the same memory.
+template <typename Pointer>
+BasicTensorView<Pointer> rows_of(const BasicTensorView<Pointer>& view, std::int64_t b,
+                                 std::int64_t begin, std::int64_t count) {
+  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const std::byte,
+                                  std::byte>;
+  BasicTensorView<Pointer> slice;
+  slice.data = static_cast<Byte*>(view.data) + (b * view.strides[0] + begin * view.strides[1]) *
+                                                   static_cast<std::int64_t>(dtype_size(view.dtype));
   slice.dtype = view.dtype;
   slice.rank = 3;
   slice.shape = {count, view.shape[2], view.shape[3], 0};
@@ -82,7 +76,8 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
                        std::int64_t chunk, bool paged, std::int64_t block_size, Context& context) {
   const CacheConfig config{.kv_heads = shape.kv_heads,
                            .head_dim = shape.head_dim,
-                           .storage = params.storage};
+                           .storage = params.storage,
+                           .rope = std::nullopt};
   const DecodeOptions options{.scale = params.scale,
                               .softcap = params.softcap,
                               .window_left = params.mask.window_left,

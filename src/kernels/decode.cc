@@ -142,7 +142,10 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
     // Row pointers of the tile's keys, from whichever runs hold them.
     for (std::int64_t key = tile_begin; key < tile_end; ++key) {
-      while (key >= params.runs[run].first_key + params.runs[run].count) ++run;
+      // Runs cover [0, seqlen_k) in order; never step past the last one.
+      while (run + 1 < params.run_count && key >= params.runs[run].first_key + params.runs[run].count) {
+        ++run;
+      }
       const KvRun& r = params.runs[run];
       const std::int64_t offset = kv_head * r.head_stride + (key - r.first_key) * padded;
       s.k_rows[key - tile_begin] = static_cast<const T*>(r.k) + offset;

@@ -29,8 +29,7 @@ struct DecodeParams {
   std::int64_t tokens = 0;   // the last `tokens` keys of the sequence are these queries' own
   std::int64_t heads = 0;
   std::int64_t kv_heads = 0;
-  std::int64_t head_dim = 0;
-  std::int64_t padded_dim = 0;  // head_dim rounded up to kDimAlign
+  std::int64_t padded_dim = 0;  // head_dim rounded up to kDimAlign (zeros past it)
   std::int64_t seqlen_k = 0;    // keys in the sequence, the new tokens included
   DType storage = DType::kF32;
   const KvRun* runs = nullptr;  // cover keys [0, seqlen_k) in order

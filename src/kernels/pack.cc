@@ -24,13 +24,13 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
   const std::int64_t per_head = packed.key_tiles * kKeyTile * packed.padded_dim;
   const std::int64_t floats = shape.batch * shape.kv_heads * per_head;
   // f32 K^T and V; with bf16 dot products also the pair layouts (half each).
-  const std::int64_t words = params.bf16_dot ? floats : 0;
+  const std::int64_t words = params.amx_tiles ? floats : 0;
   auto* base = static_cast<float*>(context.shared_scratch(
       static_cast<std::size_t>(2 * floats) * sizeof(float) +
       static_cast<std::size_t>(words) * sizeof(std::uint32_t)));
   packed.k_transposed = base;
   packed.v = base + floats;
-  if (params.bf16_dot) {
+  if (params.amx_tiles) {
     packed.k_pairs = reinterpret_cast<std::uint32_t*>(base + 2 * floats);
     packed.v_pairs = packed.k_pairs + floats / 2;
   }
@@ -81,7 +81,7 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
         }
       }
     }
-    if (params.bf16_dot) {
+    if (params.amx_tiles) {
       // From the f32 tiles just written (already bf16 values): exact.
       auto* k_pairs = const_cast<std::uint32_t*>(packed.k_pair_tile(b, kv_head, shape.kv_heads, tile));
       auto* v_pairs = const_cast<std::uint32_t*>(packed.v_pair_tile(b, kv_head, shape.kv_heads, tile));

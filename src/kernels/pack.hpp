@@ -15,7 +15,7 @@ struct PackedKV {
   float* k_transposed = nullptr;
   // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V.
   float* v = nullptr;
-  // bf16 dot-product layouts (only when params.bf16_dot), two bf16 per u32:
+  // AMX pair layouts (only when params.amx_tiles), two bf16 per u32:
   // (batch, kv_heads, key_tiles, padded_dim / 2, kKeyTile): dims (2r, 2r+1) of a key;
   std::uint32_t* k_pairs = nullptr;
   // (batch, kv_heads, key_tiles, kKeyTile / 2, padded_dim): keys (2s, 2s+1) of a dim.

@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "kernels/gemm-inl.h"
-#include "kernels/gemm_bf16-inl.h"
+#include "kernels/amx-inl.h"
 #include "kernels/softmax-inl.h"
 #include "kernels/online_softmax.hpp"
 #include "kernels/pack.hpp"
@@ -80,13 +80,29 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
   const std::int64_t rows = row_end - row_begin;
   const std::int64_t b = task.batch;
 
-  // Q rows of every head in the group, scaled and rounded to storage.
+  // Q rows of every head in the group: scaled and rounded to storage (f32
+  // tiles), or as bf16 pairs (AMX tiles).
   for (std::int64_t g = 0; g < group; ++g) {
     const std::int64_t head = task.kv_head * group + g;
     float* q_tile = scratch.q + g * kQueryTile * padded;
     for (std::int64_t r = 0; r < rows; ++r) {
       float* q_row = q_tile + r * padded;
       const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
+#if LOOKBACK_HAVE_AMX
+      if (params.amx_tiles) {
+        // The tiles take Q as bf16 pairs, unscaled: the scale multiplies the
+        // f32 scores, so Q holds exactly its stored bf16 values (deriving
+        // them from a scaled row fails for scale 0 or tiny scales, a fuzzer
+        // finding).
+        std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
+        auto stored = [&](std::int64_t e) -> std::uint32_t {
+          if (e >= dim) return 0;
+          return f32_to_bf16(load_as_float(params.q.data, params.q.dtype, base + e * params.q.strides[3]));
+        };
+        for (std::int64_t e = 0; e < padded; e += 2) pairs[e / 2] = stored(e) | (stored(e + 1) << 16);
+        continue;
+      }
+#endif
       if (params.q.dtype == DType::kF32 && params.storage == DType::kF32 &&
           params.q.strides[3] == 1) {
         // The common case, kept free of per-element conversion so it vectorises.
@@ -104,34 +120,14 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
       }
       for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
     }
-#if LOOKBACK_HAVE_BF16_DOT
-    if (params.bf16_dot) {
-      // Q as bf16 pairs, unscaled and read again from the input: the scale
-      // multiplies the f32 scores, so Q holds exactly its stored bf16 values
-      // (recovering them from the scaled row fails for scale 0 or tiny
-      // scales, a fuzzer finding).
-      for (std::int64_t r = 0; r < rows; ++r) {
-        std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
-        const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
-        auto stored = [&](std::int64_t e) -> std::uint32_t {
-          if (e >= dim) return 0;
-          return f32_to_bf16(load_as_float(params.q.data, params.q.dtype, base + e * params.q.strides[3]));
-        };
-        for (std::int64_t e = 0; e < padded; e += 2) pairs[e / 2] = stored(e) | (stored(e + 1) << 16);
-      }
-    }
-#endif
     std::fill(scratch.acc + g * kQueryTile * padded,
               scratch.acc + (g * kQueryTile + rows) * padded, 0.0f);
     std::fill(scratch.state + g * kQueryTile, scratch.state + (g + 1) * kQueryTile,
               OnlineSoftmaxState{});
   }
 
-#if LOOKBACK_HAVE_BF16_DOT
-  // The AMX score tile is unscaled: one factor per row multiplies it.
-  float scale_factors[kQueryTile];
-  std::fill(scale_factors, scale_factors + kQueryTile, params.scale);
-  if (params.bf16_dot) AmxBegin();
+#if LOOKBACK_HAVE_AMX
+  if (params.amx_tiles) AmxBegin();
 #endif
   KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
   keys.begin = std::max(keys.begin, params.keys.begin);
@@ -173,12 +169,13 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
 
         // S = Q K^T over the whole tile width (padded keys read zeros).
-#if LOOKBACK_HAVE_BF16_DOT
-        if (params.bf16_dot) {
+#if LOOKBACK_HAVE_AMX
+        if (params.amx_tiles) {
           AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
                     packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile), padded / 2,
                     scratch.scores);
-          ScaleRows(scratch.scores, static_cast<std::size_t>(rows), kKeyTile, scale_factors);
+          // The tiles hold unscaled Q (its exact bf16 values): scale the scores.
+          ScaleAll(scratch.scores, static_cast<std::size_t>(rows * kKeyTile), params.scale);
         } else
 #endif
         {
@@ -203,8 +200,8 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
 
         // O = alpha O + P V, over each row's visible keys only.
         if (!masked) {
-#if LOOKBACK_HAVE_BF16_DOT
-          if (params.bf16_dot) {
+#if LOOKBACK_HAVE_AMX
+          if (params.amx_tiles) {
             // Full tile: every key of every row is visible, so all of V is
             // read with a visible weight and bf16 pairs of keys are safe.
             ToBf16Pairs(scratch.scores, static_cast<std::size_t>(rows * kKeyTile), scratch.p_pairs);
@@ -262,8 +259,8 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
     }
   }
 
-#if LOOKBACK_HAVE_BF16_DOT
-  if (params.bf16_dot) AmxEnd();
+#if LOOKBACK_HAVE_AMX
+  if (params.amx_tiles) AmxEnd();
 #endif
   // O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
   for (std::int64_t g = 0; g < group; ++g) {
@@ -357,7 +354,7 @@ void prefill(const PrefillParams& params, Context& context) {
   // AVX-512 kernels are the ones dispatched (not when a test forces another).
   PrefillParams run = params;
   const std::string target = dispatched_target_name();
-  run.bf16_dot = params.storage == DType::kBF16 && bf16_dot_supported() &&
+  run.amx_tiles = params.storage == DType::kBF16 && amx_supported() &&
                  (target == "AVX3" || target == "AVX3_DL") &&
                  padded_head_dim(shape.head_dim) % 32 == 0;
 
@@ -372,7 +369,7 @@ std::string dispatched_target_name() {
   return HWY_DYNAMIC_DISPATCH(TargetName)();
 }
 
-bool bf16_dot_supported() {
+bool amx_supported() {
 #if defined(__linux__) && defined(__x86_64__)
   // AMX tile data is off until the process asks Linux for it.
   static const bool supported = [] {

@@ -32,7 +32,7 @@ struct PrefillParams {
   // Set by prefill(): bf16 storage on a CPU with AMX-BF16 (granted by the OS),
   // the AVX-512 target dispatched and head_dim padded to a multiple of 32:
   // Q K^T and P V run on the AMX tiles.
-  bool bf16_dot = false;
+  bool amx_tiles = false;
 };
 
 void prefill(const PrefillParams& params, Context& context);
@@ -42,7 +42,7 @@ std::string dispatched_target_name();
 
 // Whether this CPU has AMX-BF16, Linux granted the tile state, and
 // LOOKBACK_DISABLE_AMX is not set in the environment.
-bool bf16_dot_supported();
+bool amx_supported();
 
 std::vector<std::string> available_targets();
 // Applies LOOKBACK_SIMD (a cap on the dispatched target) once, before the

@@ -238,7 +238,6 @@ void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences
     p.tokens = w.tokens;
     p.heads = heads;
     p.kv_heads = config.kv_heads;
-    p.head_dim = config.head_dim;
     p.padded_dim = padded;
     p.seqlen_k = sequences[task.sequence].length;
     p.storage = config.storage;

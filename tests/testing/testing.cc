@@ -1,6 +1,7 @@
 #include "testing/testing.hpp"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <sstream>
 
@@ -134,6 +135,31 @@ void perturb_future(Problem& problem, std::int64_t query_position, std::uint64_t
       }
     }
   }
+}
+
+::testing::AssertionResult prefix_unchanged(const Problem& before, const Problem& after,
+                                            std::int64_t last_row) {
+  const ProblemSpec& s = before.spec;
+  const auto row_bytes = static_cast<std::size_t>(s.heads * s.head_dim) * sizeof(float);
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t i = 0; i <= last_row; ++i) {
+      const auto offset = static_cast<std::size_t>((b * s.seqlen_q + i) * s.heads * s.head_dim);
+      if (std::memcmp(before.out.data() + offset, after.out.data() + offset, row_bytes) != 0) {
+        return ::testing::AssertionFailure() << "output row " << i << " (batch " << b
+                                             << ") changed when the future after " << last_row
+                                             << " changed";
+      }
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const auto l = static_cast<std::size_t>((b * s.heads + h) * s.seqlen_q + i);
+        if (std::memcmp(&before.lse[l], &after.lse[l], sizeof(float)) != 0) {
+          return ::testing::AssertionFailure() << "lse of row " << i << " (batch " << b << ", head "
+                                               << h << ") changed when the future after "
+                                               << last_row << " changed";
+        }
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
 }
 
 double relative_l2(const std::vector<float>& actual, const std::vector<double>& expected) {

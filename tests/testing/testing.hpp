@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "lookback/attention.hpp"
 #include "lookback/reference.hpp"
 
@@ -71,6 +73,12 @@ Problem make_problem(const ProblemSpec& spec, std::uint64_t seed);
 // and the k/v rows at key positions not visible to any query <= query_position.
 // (All of them when the mask is bottom-right and seqlen_q == seqlen_k.)
 void perturb_future(Problem& problem, std::int64_t query_position, std::uint64_t seed);
+
+// Success when every output row <= last_row (of every batch element and
+// head) and its LSE are bit-identical in `before` and `after`: the check of
+// the future-perturbation (causality) tests.
+::testing::AssertionResult prefix_unchanged(const Problem& before, const Problem& after,
+                                            std::int64_t last_row);
 
 struct Comparison {
   double relative_l2 = 0.0;       // of out against the reference

@@ -16,30 +16,27 @@ void write_output(const std::string& path, const std::string& text) {
   write_file_atomically(path, std::as_bytes(std::span(text.data(), text.size())));
 }
 
-const CLI::Validator kPositive(
-    [](std::string& input) -> std::string {
-      try {
-        std::size_t used = 0;
-        const long long value = std::stoll(input, &used);
-        if (used != input.size() || value < 1) return "expected an integer >= 1, got '" + input + "'";
-      } catch (const std::exception&) {
-        return "expected an integer >= 1, got '" + input + "'";
-      }
-      return {};
-    },
-    "INT>=1");
+namespace {
 
-const CLI::Validator kNonNegative(
-    [](std::string& input) -> std::string {
-      try {
-        std::size_t used = 0;
-        const long long value = std::stoll(input, &used);
-        if (used != input.size() || value < 0) return "expected an integer >= 0, got '" + input + "'";
-      } catch (const std::exception&) {
-        return "expected an integer >= 0, got '" + input + "'";
-      }
-      return {};
-    },
-    "INT>=0");
+// An integer option of at least `minimum`, with the project's message.
+CLI::Validator integer_at_least(long long minimum) {
+  const std::string expected = "expected an integer >= " + std::to_string(minimum);
+  return CLI::Validator(
+      [minimum, expected](std::string& input) -> std::string {
+        try {
+          std::size_t used = 0;
+          const long long value = std::stoll(input, &used);
+          if (used == input.size() && value >= minimum) return {};
+        } catch (const std::exception&) {
+        }
+        return expected + ", got '" + input + "'";
+      },
+      "INT>=" + std::to_string(minimum));
+}
+
+}  // namespace
+
+const CLI::Validator kPositive = integer_at_least(1);
+const CLI::Validator kNonNegative = integer_at_least(0);
 
 }  // namespace lookback::cli

@@ -31,30 +31,18 @@ int main(int argc, char** argv) {
   lookback::cli::add_cache_command(app, runner);
   lookback::cli::add_bench_command(app, runner);
 
+  // Every error, from parsing or from the command, is one line on stderr
+  // and exit code 2 (help and --version exit 0 through CLI11).
   try {
     app.parse(argc, argv);
+    return runner ? runner() : lookback::cli::kExitUsage;
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "lookback: " << e.what() << "\n";
-    return lookback::cli::kExitUsage;
-  } catch (const lookback::Error& e) {
-    std::cerr << "lookback: " << e.what() << "\n";
-    return lookback::cli::kExitUsage;
-  }
-  try {
-    return runner ? runner() : lookback::cli::kExitUsage;
-  } catch (const lookback::Error& e) {
-    std::cerr << "lookback: " << e.what() << "\n";
-    return lookback::cli::kExitUsage;
-  } catch (const CLI::Error& e) {
-    std::cerr << "lookback: " << e.what() << "\n";
-    return lookback::cli::kExitUsage;
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // CLI::Error, lookback::Error, the rest
     std::cerr << "lookback: " << e.what() << "\n";
     return lookback::cli::kExitUsage;
   }

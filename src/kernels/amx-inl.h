@@ -4,14 +4,14 @@
 //   AmxAccumulate: O += P V, A = P as bf16 pairs of keys, B = V as pairs of
 //                  keys per dim.
 // Only compiled into the AVX-512 targets; callers check that the CPU has
-// AMX-BF16 and that Linux granted the tile state (params.bf16_dot).
+// AMX-BF16 and that Linux granted the tile state (params.amx_tiles).
 // Accumulation is f32.
 
-#if defined(LOOKBACK_KERNELS_GEMM_BF16_INL_H_) == defined(HWY_TARGET_TOGGLE)
-#ifdef LOOKBACK_KERNELS_GEMM_BF16_INL_H_
-#undef LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#if defined(LOOKBACK_KERNELS_AMX_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOOKBACK_KERNELS_AMX_INL_H_
+#undef LOOKBACK_KERNELS_AMX_INL_H_
 #else
-#define LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#define LOOKBACK_KERNELS_AMX_INL_H_
 #endif
 
 #include <cstddef>
@@ -19,24 +19,24 @@
 
 #include "hwy/highway.h"
 
-#undef LOOKBACK_HAVE_BF16_DOT
+#undef LOOKBACK_HAVE_AMX
 #undef LOOKBACK_BF16_TARGET
 #undef LOOKBACK_AMX_TARGET
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 #include <immintrin.h>
-#define LOOKBACK_HAVE_BF16_DOT 1
+#define LOOKBACK_HAVE_AMX 1
 #define LOOKBACK_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define LOOKBACK_AMX_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 #else
-#define LOOKBACK_HAVE_BF16_DOT 0
+#define LOOKBACK_HAVE_AMX 0
 #endif
 
 HWY_BEFORE_NAMESPACE();
 namespace lookback::kernels::HWY_NAMESPACE {
 
-#if LOOKBACK_HAVE_BF16_DOT
+#if LOOKBACK_HAVE_AMX
 
 // AMX: eight tile registers of 16 rows x 64 bytes. A 32 x 32 f32 block of
 // the output lives in tiles 0-3 (2 x 2 tiles of 16 x 16), tiles 4-5 hold two
@@ -126,6 +126,12 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs
   }
 }
 
+// x[0 .. count) *= factor (count a multiple of 16, 64-byte aligned).
+LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleAll(float* x, std::size_t count, float factor) {
+  const __m512 f = _mm512_set1_ps(factor);
+  for (std::size_t e = 0; e < count; e += 16) _mm512_store_ps(x + e, _mm512_mul_ps(_mm512_load_ps(x + e), f));
+}
+
 // x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
 LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
                                                  const float* factor) {
@@ -146,9 +152,9 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void ToBf16Pairs(const float* in, std::size_t 
   }
 }
 
-#endif  // LOOKBACK_HAVE_BF16_DOT
+#endif  // LOOKBACK_HAVE_AMX
 
 }  // namespace lookback::kernels::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
-#endif  // LOOKBACK_KERNELS_GEMM_BF16_INL_H_
+#endif  // LOOKBACK_KERNELS_AMX_INL_H_
