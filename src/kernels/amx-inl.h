@@ -14,8 +14,15 @@
 #define LOOKBACK_KERNELS_AMX_INL_H_
 #endif
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+
+#include "kernels/pack.hpp"
+#include "kernels/prefill.hpp"
+#include "kernels/tiles.hpp"
+#include "lookback/dtype.hpp"
 
 #include "hwy/highway.h"
 
@@ -149,6 +156,98 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void ToBf16Pairs(const float* in, std::size_t 
   for (std::size_t i = 0; i < count; i += 32) {
     const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
     _mm512_storeu_si512(out + i / 2, (__m512i)packed);
+  }
+}
+
+// 16 f32 -> bf16, exactly as lookback::f32_to_bf16 (nearest even on the
+// dropped bits, NaN kept as a quiet NaN of the same sign).
+LOOKBACK_BF16_TARGET HWY_INLINE __m256i RoundToBf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i rounding = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)),
+                                            _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16);
+  const __m512i quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+// One stored row (`count` elements `stride` apart from `base`) as bf16,
+// zero-padded to `padded` (a multiple of 16).
+LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, std::int64_t base,
+                                                 std::int64_t stride, std::int64_t count,
+                                                 std::int64_t padded, std::uint16_t* out) {
+  if (stride == 1 && dtype == DType::kF32) {
+    const float* in = static_cast<const float*>(data) + base;
+    for (std::int64_t e = 0; e < padded; e += 16) {
+      const std::int64_t left = std::clamp<std::int64_t>(count - e, 0, 16);
+      const auto live = static_cast<__mmask16>((1u << left) - 1u);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e),
+                          RoundToBf16(_mm512_maskz_loadu_ps(live, in + e)));
+    }
+    return;
+  }
+  if (stride == 1 && dtype == DType::kBF16) {
+    std::memcpy(out, static_cast<const std::uint16_t*>(data) + base,
+                static_cast<std::size_t>(count) * sizeof(std::uint16_t));
+  } else {
+    for (std::int64_t e = 0; e < count; ++e) out[e] = f32_to_bf16(load_as_float(data, dtype, base + e * stride));
+  }
+  std::fill(out + count, out + padded, std::uint16_t{0});
+}
+
+// Packs key tile `tile` of (b, kv_head) for the tiles: K as pairs of dims per
+// key, V as pairs of keys per dim, and V as f32 rows (the masked tiles' P V).
+// Keys past seqlen_k and dims past head_dim are zeros.
+LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
+                                                   const PackedKV& packed, std::int64_t b,
+                                                   std::int64_t kv_head, std::int64_t tile) {
+  const AttentionShape& shape = params.shape;
+  const std::int64_t padded = packed.padded_dim, pairs = padded / 2;
+  const std::int64_t key_begin = tile * kKeyTile;
+  const std::int64_t count = std::min(shape.seqlen_k, key_begin + kKeyTile) - key_begin;
+  alignas(64) std::uint16_t rows[kKeyTile * padded_head_dim(kMaxHeadDim)];
+  auto convert = [&](const TensorView& view) {
+    for (std::int64_t c = 0; c < count; ++c) {
+      RowToBf16(view.data, view.dtype, view.offset(b, key_begin + c, kv_head, 0), view.strides[3],
+                shape.head_dim, padded, rows + c * padded);
+    }
+    std::fill(rows + count * padded, rows + kKeyTile * padded, std::uint16_t{0});
+  };
+
+  // K: dims (2r, 2r+1) of key c are the r-th u32 of its bf16 row.
+  convert(params.k);
+  auto* k_pairs = const_cast<std::uint32_t*>(packed.k_pair_tile(b, kv_head, shape.kv_heads, tile));
+  const auto* words = reinterpret_cast<const std::uint32_t*>(rows);
+  for (std::int64_t r = 0; r < pairs; ++r) {
+    for (std::int64_t c = 0; c < kKeyTile; ++c) k_pairs[r * kKeyTile + c] = words[c * pairs + r];
+  }
+
+  // V: interleave the bf16 rows of keys 2s and 2s+1; widen every row to f32.
+  convert(params.v);
+  auto* v_pairs = const_cast<std::uint32_t*>(packed.v_pair_tile(b, kv_head, shape.kv_heads, tile));
+  alignas(64) std::uint16_t low_index[32], high_index[32];
+  for (int i = 0; i < 16; ++i) {
+    low_index[2 * i] = static_cast<std::uint16_t>(i);
+    low_index[2 * i + 1] = static_cast<std::uint16_t>(32 + i);
+    high_index[2 * i] = static_cast<std::uint16_t>(16 + i);
+    high_index[2 * i + 1] = static_cast<std::uint16_t>(48 + i);
+  }
+  const __m512i low = _mm512_load_si512(low_index), high = _mm512_load_si512(high_index);
+  for (std::int64_t s = 0; s < kKeyTile / 2; ++s) {
+    const std::uint16_t* even = rows + 2 * s * padded;
+    const std::uint16_t* odd = even + padded;
+    for (std::int64_t e = 0; e < padded; e += 32) {
+      const __m512i a = _mm512_loadu_si512(even + e), c = _mm512_loadu_si512(odd + e);
+      _mm512_storeu_si512(v_pairs + s * padded + e, _mm512_permutex2var_epi16(a, low, c));
+      _mm512_storeu_si512(v_pairs + s * padded + e + 16, _mm512_permutex2var_epi16(a, high, c));
+    }
+  }
+  float* v_out = const_cast<float*>(packed.v_rows(b, kv_head, shape.kv_heads, key_begin));
+  for (std::int64_t i = 0; i < kKeyTile * padded; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + i)));
+    _mm512_storeu_si512(v_out + i, _mm512_slli_epi32(wide, 16));
   }
 }
 

@@ -23,19 +23,27 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
   packed.padded_dim = padded_head_dim(shape.head_dim);
   const std::int64_t per_head = packed.key_tiles * kKeyTile * packed.padded_dim;
   const std::int64_t floats = shape.batch * shape.kv_heads * per_head;
-  // f32 K^T and V; with bf16 dot products also the pair layouts (half each).
-  const std::int64_t words = params.amx_tiles ? floats : 0;
-  auto* base = static_cast<float*>(context.shared_scratch(
-      static_cast<std::size_t>(2 * floats) * sizeof(float) +
-      static_cast<std::size_t>(words) * sizeof(std::uint32_t)));
+  const std::int64_t tasks = shape.batch * shape.kv_heads * packed.key_tiles;
+  if (params.amx_tiles) {
+    // f32 V and the two pair layouts (half a float per element each).
+    auto* base = static_cast<float*>(
+        context.shared_scratch(static_cast<std::size_t>(2 * floats) * sizeof(float)));
+    packed.v = base;
+    packed.k_pairs = reinterpret_cast<std::uint32_t*>(base + floats);
+    packed.v_pairs = packed.k_pairs + floats / 2;
+    context.parallel_for(tasks, [&](std::int64_t task, int) {
+      const std::int64_t tile = task % packed.key_tiles;
+      const std::int64_t kv_head = (task / packed.key_tiles) % shape.kv_heads;
+      pack_amx_tile(params, packed, task / (packed.key_tiles * shape.kv_heads), kv_head, tile);
+    });
+    return packed;
+  }
+  // f32 K^T and V.
+  auto* base = static_cast<float*>(
+      context.shared_scratch(static_cast<std::size_t>(2 * floats) * sizeof(float)));
   packed.k_transposed = base;
   packed.v = base + floats;
-  if (params.amx_tiles) {
-    packed.k_pairs = reinterpret_cast<std::uint32_t*>(base + 2 * floats);
-    packed.v_pairs = packed.k_pairs + floats / 2;
-  }
 
-  const std::int64_t tasks = shape.batch * shape.kv_heads * packed.key_tiles;
   const std::int64_t dim = shape.head_dim, padded = packed.padded_dim;
   context.parallel_for(tasks, [&](std::int64_t task, int) {
     const std::int64_t tile = task % packed.key_tiles;
@@ -78,25 +86,6 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
         for (std::int64_t e = 0; e < dim; ++e) {
           k_out[e * kKeyTile + column] = load(params.k, k_base + e * params.k.strides[3], params.storage);
           v_out[column * padded + e] = load(params.v, v_base + e * params.v.strides[3], params.storage);
-        }
-      }
-    }
-    if (params.amx_tiles) {
-      // From the f32 tiles just written (already bf16 values): exact.
-      auto* k_pairs = const_cast<std::uint32_t*>(packed.k_pair_tile(b, kv_head, shape.kv_heads, tile));
-      auto* v_pairs = const_cast<std::uint32_t*>(packed.v_pair_tile(b, kv_head, shape.kv_heads, tile));
-      auto pair = [](float low, float high) {
-        return static_cast<std::uint32_t>(f32_to_bf16(low)) |
-               (static_cast<std::uint32_t>(f32_to_bf16(high)) << 16);
-      };
-      for (std::int64_t r = 0; r < padded / 2; ++r) {
-        for (std::int64_t c = 0; c < kKeyTile; ++c) {
-          k_pairs[r * kKeyTile + c] = pair(k_out[2 * r * kKeyTile + c], k_out[(2 * r + 1) * kKeyTile + c]);
-        }
-      }
-      for (std::int64_t s = 0; s < kKeyTile / 2; ++s) {
-        for (std::int64_t e = 0; e < padded; ++e) {
-          v_pairs[s * padded + e] = pair(v_out[2 * s * padded + e], v_out[(2 * s + 1) * padded + e]);
         }
       }
     }

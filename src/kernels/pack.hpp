@@ -11,7 +11,8 @@
 namespace lookback::kernels {
 
 struct PackedKV {
-  // (batch, kv_heads, key_tiles, padded_head_dim, kKeyTile): K transposed.
+  // (batch, kv_heads, key_tiles, padded_head_dim, kKeyTile): K transposed
+  // (not with AMX tiles).
   float* k_transposed = nullptr;
   // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V.
   float* v = nullptr;
@@ -44,7 +45,13 @@ struct PackedKV {
 };
 
 // Packs params.k and params.v into the context's shared scratch, in parallel.
+// With params.amx_tiles: the pair layouts and f32 V (scores always run on the
+// tiles, so K is not transposed).
 PackedKV pack_kv(const PrefillParams& params, Context& context);
+
+// The AMX layouts of one key tile (on the target prefill dispatches to).
+void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
+                   std::int64_t kv_head, std::int64_t tile);
 
 // Rounds a float to the storage dtype and back (identity for f32).
 inline float round_to_storage(float value, DType storage) noexcept {

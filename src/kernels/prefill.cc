@@ -95,11 +95,8 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         // them from a scaled row fails for scale 0 or tiny scales, a fuzzer
         // finding).
         std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
-        auto stored = [&](std::int64_t e) -> std::uint32_t {
-          if (e >= dim) return 0;
-          return f32_to_bf16(load_as_float(params.q.data, params.q.dtype, base + e * params.q.strides[3]));
-        };
-        for (std::int64_t e = 0; e < padded; e += 2) pairs[e / 2] = stored(e) | (stored(e + 1) << 16);
+        RowToBf16(params.q.data, params.q.dtype, base, params.q.strides[3], dim, padded,
+                  reinterpret_cast<std::uint16_t*>(pairs));
         continue;
       }
 #endif
@@ -310,6 +307,16 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
   });
 }
 
+void PackAmxKeyTile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
+                    std::int64_t kv_head, std::int64_t tile) {
+#if LOOKBACK_HAVE_AMX
+  PackAmxTile(params, packed, b, kv_head, tile);
+#else
+  (void)params, (void)packed, (void)b, (void)kv_head, (void)tile;
+  HWY_ABORT("AMX packing on a target without AMX");
+#endif
+}
+
 const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace lookback::kernels::HWY_NAMESPACE
@@ -320,6 +327,12 @@ namespace lookback::kernels {
 
 HWY_EXPORT(PrefillTiles);
 HWY_EXPORT(TargetName);
+HWY_EXPORT(PackAmxKeyTile);
+
+void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
+                   std::int64_t kv_head, std::int64_t tile) {
+  HWY_DYNAMIC_DISPATCH(PackAmxKeyTile)(params, packed, b, kv_head, tile);
+}
 
 void prefill(const PrefillParams& params, Context& context) {
   apply_simd_policy();
