@@ -133,29 +133,16 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs
   }
 }
 
-// x[0 .. count) *= factor (count a multiple of 16, 64-byte aligned).
-LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleAll(float* x, std::size_t count, float factor) {
-  const __m512 f = _mm512_set1_ps(factor);
-  for (std::size_t e = 0; e < count; e += 16) _mm512_store_ps(x + e, _mm512_mul_ps(_mm512_load_ps(x + e), f));
-}
-
 // x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
+// Rows whose factor is 1 are left as they are.
 LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
                                                  const float* factor) {
   for (std::size_t r = 0; r < rows; ++r) {
+    if (factor[r] == 1.0f) continue;  // the row's max did not change
     const __m512 f = _mm512_set1_ps(factor[r]);
     for (std::size_t e = 0; e < n; e += 16) {
       _mm512_store_ps(x + r * n + e, _mm512_mul_ps(_mm512_load_ps(x + r * n + e), f));
     }
-  }
-}
-
-// Rounds `count` f32 (a multiple of 32) to bf16, stored as pairs.
-LOOKBACK_BF16_TARGET HWY_NOINLINE void ToBf16Pairs(const float* in, std::size_t count,
-                                                   std::uint32_t* out) {
-  for (std::size_t i = 0; i < count; i += 32) {
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
-    _mm512_storeu_si512(out + i / 2, (__m512i)packed);
   }
 }
 

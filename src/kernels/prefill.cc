@@ -172,14 +172,16 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
           AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
                     packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile), padded / 2,
                     scratch.scores);
-          // The tiles hold unscaled Q (its exact bf16 values): scale the scores.
-          ScaleAll(scratch.scores, static_cast<std::size_t>(rows * kKeyTile), params.scale);
         } else
 #endif
         {
           Gemm<Accumulate::kOverwrite>(rows, kKeyTile, padded, q_tile, padded, k_tile, kKeyTile,
                                        scratch.scores, kKeyTile);
         }
+        // The AMX tiles hold unscaled Q (its exact bf16 values): the softmax
+        // scales the scores, and on full tiles writes P as bf16 for the tiles.
+        const float score_scale = params.amx_tiles ? params.scale : 1.0f;
+        auto* p_bf16 = reinterpret_cast<std::uint16_t*>(scratch.p_pairs);
         for (std::int64_t r = 0; r < rows; ++r) {
           const LocalRange range = scratch.ranges[r];
           if (range.empty()) {
@@ -191,9 +193,10 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
           const float first_key = static_cast<float>(key_begin);
           scratch.alpha[r] =
               masked ? SoftmaxRow<true>(scores, range, params.softcap, slope, position,
-                                        first_key, state[r])
+                                        first_key, state[r], score_scale)
                      : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
-                                         first_key, state[r]);
+                                         first_key, state[r], score_scale,
+                                         params.amx_tiles ? p_bf16 + r * kKeyTile : nullptr);
         }
 
         // O = alpha O + P V, over each row's visible keys only.
@@ -202,7 +205,6 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
           if (params.amx_tiles) {
             // Full tile: every key of every row is visible, so all of V is
             // read with a visible weight and bf16 pairs of keys are safe.
-            ToBf16Pairs(scratch.scores, static_cast<std::size_t>(rows * kKeyTile), scratch.p_pairs);
             ScaleRows(acc, static_cast<std::size_t>(rows), padded, scratch.alpha);
             AmxAccumulate(scratch.p_pairs, packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
                           padded, acc);

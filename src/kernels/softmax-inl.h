@@ -31,13 +31,16 @@ struct LocalRange {
   bool empty() const { return end <= begin; }
 };
 
-// Scores of one row -> probabilities, in place. Applies softcap and ALiBi,
-// hides columns outside `range` (only when kMasked), updates the row state.
-// Returns alpha, the factor for the row's accumulator.
+// Scores of one row -> probabilities. Multiplies the scores by score_scale,
+// applies softcap and ALiBi, hides columns outside `range` (only when
+// kMasked), updates the row state. The probabilities replace the scores, or
+// go to p_bf16 rounded to bf16 (nearest even) when it is given. Returns
+// alpha, the factor for the row's accumulator.
 template <bool kMasked>
 HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
                             float alibi_slope, float position, float first_key,
-                            OnlineSoftmaxState& state) {
+                            OnlineSoftmaxState& state, float score_scale = 1.0f,
+                            std::uint16_t* HWY_RESTRICT p_bf16 = nullptr) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
@@ -50,10 +53,13 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   const V range_begin = hn::Set(d, static_cast<float>(range.begin));
   const V range_end = hn::Set(d, static_cast<float>(range.end));
 
+  // Plain scores are read again as they are; any change is written back.
+  const bool rewrite = kMasked || softcap > 0.0f || alibi_slope != 0.0f || score_scale != 1.0f;
   V running_max = minus_inf;
   auto nan_seen = hn::IsNaN(running_max);  // all false
   for (std::int64_t col = begin; col < end; col += lanes) {
     V s = hn::Load(d, scores + col);
+    if (score_scale != 1.0f) s = hn::Mul(s, hn::Set(d, score_scale));
     if (softcap > 0.0f) {
       s = hn::Mul(hn::Set(d, softcap), hn::Tanh(d, hn::Mul(s, hn::Set(d, 1.0f / softcap))));
     }
@@ -67,7 +73,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
       s = hn::IfThenElse(hn::And(hn::Ge(column, range_begin), hn::Lt(column, range_end)), s,
                          minus_inf);
     }
-    hn::Store(s, d, scores + col);
+    if (rewrite) hn::Store(s, d, scores + col);
     running_max = hn::Max(running_max, s);
     nan_seen = hn::Or(nan_seen, hn::IsNaN(s));
   }
@@ -88,8 +94,17 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     V p = hn::Exp(d, hn::Sub(s, row_max));
     // exp(-inf) must be exactly 0 whatever Exp does outside its domain.
     p = hn::IfThenElseZero(hn::Ne(s, minus_inf), p);
-    hn::Store(p, d, scores + col);
     sum = hn::Add(sum, p);
+    if (p_bf16 != nullptr) {
+      // p is finite and non-negative here (a NaN row returned above).
+      const hn::RebindToUnsigned<decltype(d)> du;
+      const auto bits = hn::BitCast(du, p);
+      const auto rounding = hn::Add(hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u)), hn::Set(du, 0x7FFFu));
+      const hn::Rebind<std::uint16_t, decltype(du)> d16;
+      hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16, p_bf16 + col);
+    } else {
+      hn::Store(p, d, scores + col);
+    }
   }
   state.update_sum(hn::GetLane(hn::SumOfLanes(d, sum)));
   return alpha;
