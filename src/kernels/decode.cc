@@ -52,9 +52,6 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
 }
 
-// Keys ahead of the current one whose K and V rows are prefetched.
-constexpr std::int64_t kPrefetchDistance = 16;
-
 // acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
 // share the key range [begin, end): each V row is loaded (and converted from
 // the storage dtype) once for all of them.
@@ -111,8 +108,8 @@ struct DecodeScratch {
   LocalRange* ranges;         // (rows)
   float* alpha;               // (rows)
   float* k_row;               // (padded_dim): one key row converted to f32
-  const void** k_rows;        // (kKeyTile)
-  const void** v_rows;        // (kKeyTile)
+  const void** k_rows;        // (kKeyTile + kPrefetchDistance)
+  const void** v_rows;        // (kKeyTile + kPrefetchDistance)
 };
 
 template <typename T>
@@ -140,8 +137,10 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
   std::int64_t run = 0;
   for (std::int64_t tile_begin = keys.begin; tile_begin < keys.end; tile_begin += kKeyTile) {
     const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
-    // Row pointers of the tile's keys, from whichever runs hold them.
-    for (std::int64_t key = tile_begin; key < tile_end; ++key) {
+    // Row pointers of the tile's keys and of the next kPrefetchDistance
+    // (prefetched across the tile boundary), from whichever runs hold them.
+    const std::int64_t table_end = std::min(keys.end, tile_end + kPrefetchDistance);
+    for (std::int64_t key = tile_begin; key < table_end; ++key) {
       // Runs cover [0, seqlen_k) in order; never step past the last one.
       while (run + 1 < params.run_count && key >= params.runs[run].first_key + params.runs[run].count) {
         ++run;
@@ -168,7 +167,7 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     }
     const std::size_t row_bytes = dim * sizeof(T);
     for (std::int64_t j = all.begin; j < all.end; ++j) {
-      if (j + kPrefetchDistance < all.end) {
+      if (tile_begin + j + kPrefetchDistance < table_end) {
         const auto* k_ahead = static_cast<const char*>(s.k_rows[j + kPrefetchDistance]);
         const auto* v_ahead = static_cast<const char*>(s.v_rows[j + kPrefetchDistance]);
         for (std::size_t line = 0; line < row_bytes; line += 64) {
@@ -256,7 +255,7 @@ void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratc
   // 64-byte aligned: whole-vector stores.
   s.k_row = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(s.alpha + rows) + 63) / 64 * 64);
   s.k_rows = reinterpret_cast<const void**>(s.k_row + padded);
-  s.v_rows = s.k_rows + kKeyTile;
+  s.v_rows = s.k_rows + kKeyTile + kPrefetchDistance;
   switch (params.storage) {
     case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
     case DType::kF16: DecodeTyped<hwy::float16_t>(params, kv_head, s); break;
@@ -276,7 +275,7 @@ std::size_t decode_scratch_bytes(const DecodeParams& params) {
   const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
   return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
          static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
-         2 * kKeyTile * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
+         2 * (kKeyTile + kPrefetchDistance) * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
          512;
 }
 

@@ -24,6 +24,11 @@ struct KvRun {
   std::int64_t head_stride = 0;  // elements between kv heads
 };
 
+// Keys ahead of the current one whose K and V rows the decode kernel
+// prefetches (16 keys of 2 x 512 bytes at head_dim 128: ahead of the
+// hardware prefetchers, which also cannot follow scattered paged blocks).
+inline constexpr std::int64_t kPrefetchDistance = 16;
+
 struct DecodeParams {
   const float* q = nullptr;  // (tokens, heads, padded_dim), f32, rotated, zero-padded, unscaled
   std::int64_t tokens = 0;   // the last `tokens` keys of the sequence are these queries' own
