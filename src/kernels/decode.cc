@@ -108,8 +108,8 @@ struct DecodeScratch {
   LocalRange* ranges;         // (rows)
   float* alpha;               // (rows)
   float* k_row;               // (padded_dim): one key row converted to f32
-  const void** k_rows;        // (kKeyTile + kPrefetchDistance)
-  const void** v_rows;        // (kKeyTile + kPrefetchDistance)
+  const void** k_rows;        // (kKeyTile + kMaxPrefetchKeys)
+  const void** v_rows;        // (kKeyTile + kMaxPrefetchKeys)
 };
 
 template <typename T>
@@ -131,15 +131,17 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     }
   }
 
+  const auto row_bytes = static_cast<std::int64_t>(dim * sizeof(T));
+  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys);
   KeyRange keys = mask.key_range_of_rows(0, params.tokens);
   keys.begin = std::max(keys.begin, params.keys.begin);
   keys.end = std::min(keys.end, params.keys.end);
   std::int64_t run = 0;
   for (std::int64_t tile_begin = keys.begin; tile_begin < keys.end; tile_begin += kKeyTile) {
     const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
-    // Row pointers of the tile's keys and of the next kPrefetchDistance
+    // Row pointers of the tile's keys and of the next `ahead`
     // (prefetched across the tile boundary), from whichever runs hold them.
-    const std::int64_t table_end = std::min(keys.end, tile_end + kPrefetchDistance);
+    const std::int64_t table_end = std::min(keys.end, tile_end + ahead);
     for (std::int64_t key = tile_begin; key < table_end; ++key) {
       // Runs cover [0, seqlen_k) in order; never step past the last one.
       while (run + 1 < params.run_count && key >= params.runs[run].first_key + params.runs[run].count) {
@@ -165,12 +167,11 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
       all.begin = std::min(all.begin, s.ranges[row].begin);
       all.end = std::max(all.end, s.ranges[row].end);
     }
-    const std::size_t row_bytes = dim * sizeof(T);
     for (std::int64_t j = all.begin; j < all.end; ++j) {
-      if (tile_begin + j + kPrefetchDistance < table_end) {
-        const auto* k_ahead = static_cast<const char*>(s.k_rows[j + kPrefetchDistance]);
-        const auto* v_ahead = static_cast<const char*>(s.v_rows[j + kPrefetchDistance]);
-        for (std::size_t line = 0; line < row_bytes; line += 64) {
+      if (tile_begin + j + ahead < table_end) {
+        const auto* k_ahead = static_cast<const char*>(s.k_rows[j + ahead]);
+        const auto* v_ahead = static_cast<const char*>(s.v_rows[j + ahead]);
+        for (std::int64_t line = 0; line < row_bytes; line += 64) {
           hwy::Prefetch(k_ahead + line);
           hwy::Prefetch(v_ahead + line);
         }
@@ -255,7 +256,7 @@ void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratc
   // 64-byte aligned: whole-vector stores.
   s.k_row = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(s.alpha + rows) + 63) / 64 * 64);
   s.k_rows = reinterpret_cast<const void**>(s.k_row + padded);
-  s.v_rows = s.k_rows + kKeyTile + kPrefetchDistance;
+  s.v_rows = s.k_rows + kKeyTile + kMaxPrefetchKeys;
   switch (params.storage) {
     case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
     case DType::kF16: DecodeTyped<hwy::float16_t>(params, kv_head, s); break;
@@ -275,7 +276,7 @@ std::size_t decode_scratch_bytes(const DecodeParams& params) {
   const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
   return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
          static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
-         2 * (kKeyTile + kPrefetchDistance) * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
+         2 * (kKeyTile + kMaxPrefetchKeys) * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
          512;
 }
 

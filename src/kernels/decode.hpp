@@ -24,10 +24,13 @@ struct KvRun {
   std::int64_t head_stride = 0;  // elements between kv heads
 };
 
-// Keys ahead of the current one whose K and V rows the decode kernel
-// prefetches (16 keys of 2 x 512 bytes at head_dim 128: ahead of the
-// hardware prefetchers, which also cannot follow scattered paged blocks).
-inline constexpr std::int64_t kPrefetchDistance = 16;
+// How far ahead of the current key the decode kernel prefetches K and V
+// rows: about 3 KiB of each (6 keys of f32 at head_dim 128, 12 of bf16).
+// Farther ahead the prefetches hold the core's line-fill buffers for DRAM
+// misses and stall the loads (measured in docs/PERFORMANCE.md); the
+// hardware prefetchers cannot follow scattered paged blocks.
+inline constexpr std::int64_t kPrefetchBytes = 3072;
+inline constexpr std::int64_t kMaxPrefetchKeys = 32;
 
 struct DecodeParams {
   const float* q = nullptr;  // (tokens, heads, padded_dim), f32, rotated, zero-padded, unscaled
