@@ -141,13 +141,18 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
     // Row pointers of the tile's keys and of the next `ahead`
     // (prefetched across the tile boundary), from whichever runs hold them.
+    // The walk ahead uses its own cursor: the next tile starts again at
+    // tile_end, possibly in an earlier run than the last key looked ahead.
     const std::int64_t table_end = std::min(keys.end, tile_end + ahead);
+    std::int64_t cursor = run;
     for (std::int64_t key = tile_begin; key < table_end; ++key) {
       // Runs cover [0, seqlen_k) in order; never step past the last one.
-      while (run + 1 < params.run_count && key >= params.runs[run].first_key + params.runs[run].count) {
-        ++run;
+      while (cursor + 1 < params.run_count &&
+             key >= params.runs[cursor].first_key + params.runs[cursor].count) {
+        ++cursor;
       }
-      const KvRun& r = params.runs[run];
+      if (key < tile_end) run = cursor;
+      const KvRun& r = params.runs[cursor];
       const std::int64_t offset = kv_head * r.head_stride + (key - r.first_key) * padded;
       s.k_rows[key - tile_begin] = static_cast<const T*>(r.k) + offset;
       s.v_rows[key - tile_begin] = static_cast<const T*>(r.v) + offset;
