@@ -74,10 +74,11 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxEnd() { _tile_release(); }
 
 // S[64 x 64] = Q K^T for one query tile and key tile: q_pairs (64 rows x
 // pairs, row stride q_stride u32), k_pairs (pairs x 64 u32); pairs a
-// multiple of 16.
+// multiple of 16. S rows are score_stride floats apart.
 LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, std::size_t q_stride,
                                                 const std::uint32_t* k_pairs, std::size_t pairs,
-                                                float* scores) {
+                                                float* scores, std::size_t score_stride) {
+  const std::size_t s_bytes = score_stride * 4;
   for (std::size_t rb = 0; rb < 64; rb += 32) {
     for (std::size_t cb = 0; cb < 64; cb += 32) {
       _tile_zero(0);
@@ -94,18 +95,21 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, st
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, scores + rb * 64 + cb, 256);
-      _tile_stored(1, scores + rb * 64 + cb + 16, 256);
-      _tile_stored(2, scores + (rb + 16) * 64 + cb, 256);
-      _tile_stored(3, scores + (rb + 16) * 64 + cb + 16, 256);
+      float* s = scores + rb * score_stride + cb;
+      _tile_stored(0, s, s_bytes);
+      _tile_stored(1, s + 16, s_bytes);
+      _tile_stored(2, s + 16 * score_stride, s_bytes);
+      _tile_stored(3, s + 16 * score_stride + 16, s_bytes);
     }
   }
 }
 
-// acc[64 x dim] += P V for one key tile: p_pairs (64 rows x 32 u32: pairs of
-// keys), v_pairs (32 key pairs x dim u32); dim a multiple of 32.
-LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs,
-                                                    const std::uint32_t* v_pairs, std::size_t dim,
+// acc[64 x dim] += P V over 2 * key_pairs keys: p_pairs (64 rows of bf16
+// pairs of keys, p_stride u32 apart), v_pairs (key_pairs rows x dim u32:
+// pairs of keys per dim); key_pairs a multiple of 16, dim of 32.
+LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs, std::size_t p_stride,
+                                                    const std::uint32_t* v_pairs,
+                                                    std::size_t key_pairs, std::size_t dim,
                                                     float* acc) {
   const std::size_t acc_stride = dim * 4, v_stride = dim * 4;
   for (std::size_t rb = 0; rb < 64; rb += 32) {
@@ -115,9 +119,9 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs
       _tile_loadd(1, c + 16, acc_stride);
       _tile_loadd(2, c + 16 * dim, acc_stride);
       _tile_loadd(3, c + 16 * dim + 16, acc_stride);
-      for (std::size_t s = 0; s < 32; s += 16) {
-        _tile_loadd(4, p_pairs + rb * 32 + s, 128);
-        _tile_loadd(5, p_pairs + (rb + 16) * 32 + s, 128);
+      for (std::size_t s = 0; s < key_pairs; s += 16) {
+        _tile_loadd(4, p_pairs + rb * p_stride + s, p_stride * 4);
+        _tile_loadd(5, p_pairs + (rb + 16) * p_stride + s, p_stride * 4);
         _tile_loadd(6, v_pairs + s * dim + nb, v_stride);
         _tile_loadd(7, v_pairs + s * dim + nb + 16, v_stride);
         _tile_dpbf16ps(0, 4, 6);

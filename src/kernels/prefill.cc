@@ -62,12 +62,12 @@ namespace {
 struct Scratch {
   float* q;       // (group, kQueryTile, padded_dim): scaled, storage-rounded
   float* acc;     // (group, kQueryTile, padded_dim): unnormalised output
-  float* scores;  // (kQueryTile, kKeyTile)
+  float* scores;  // (kQueryTile, kAmxSpan * kKeyTile): one span of tiles
   float* alpha;   // (kQueryTile)
   OnlineSoftmaxState* state;  // (group, kQueryTile)
   LocalRange* ranges;         // (kQueryTile)
   std::uint32_t* q_pairs;     // (group, kQueryTile, padded_dim / 2): bf16 Q, unscaled
-  std::uint32_t* p_pairs;     // (kQueryTile, kKeyTile / 2): bf16 P
+  std::uint32_t* p_pairs;     // (kQueryTile, kAmxSpan * kKeyTile / 2): bf16 P
 };
 
 void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& mask,
@@ -133,7 +133,17 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
   if (!keys.empty()) {
     const std::int64_t first_tile = keys.begin / kKeyTile;
     const std::int64_t last_tile = (keys.end - 1) / kKeyTile;
-    for (std::int64_t tile = first_tile; tile <= last_tile; ++tile) {
+    // Whether every row sees every key of the tile (and the tile is whole).
+    auto full = [&](std::int64_t tile) {
+      const std::int64_t key_begin = tile * kKeyTile;
+      return key_begin >= params.keys.begin && key_begin + kKeyTile <= params.keys.end &&
+             key_begin + kKeyTile <= shape.seqlen_k &&
+             mask.tile_visibility(row_begin, row_end, key_begin, key_begin + kKeyTile) ==
+                 TileVisibility::kFull;
+    };
+    std::int64_t span = 1;  // tiles taken by the current step
+    for (std::int64_t tile = first_tile; tile <= last_tile; tile += span) {
+      span = 1;
       const std::int64_t key_begin = tile * kKeyTile;
       const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
       // The tile's columns that lie in the key range this call covers.
@@ -146,13 +156,20 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
       // key range) still needs the other columns hidden: the masked path.
       const bool masked = visibility == TileVisibility::kPartial ||
                           used_begin != key_begin || used_end - key_begin != kKeyTile;
+      // The AMX tiles take up to kAmxSpan consecutive full tiles in one step
+      // (one softmax pass and one accumulator load per span); everything
+      // else goes one tile at a time. `width` is also the scores' row stride.
+      if (params.amx_tiles && !masked) {
+        while (span < kAmxSpan && tile + span <= last_tile && full(tile + span)) ++span;
+      }
+      const std::int64_t width = span * kKeyTile;
       for (std::int64_t r = 0; r < rows; ++r) {
         if (masked) {
           const KeyRange row_keys = mask.key_range(row_begin + r);
           scratch.ranges[r] = {std::max(row_keys.begin, used_begin) - key_begin,
                                std::min(row_keys.end, used_end) - key_begin};
         } else {
-          scratch.ranges[r] = {0, kKeyTile};
+          scratch.ranges[r] = {0, width};
         }
       }
       const float* k_tile = packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
@@ -169,9 +186,11 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         // S = Q K^T over the whole tile width (padded keys read zeros).
 #if LOOKBACK_HAVE_AMX
         if (params.amx_tiles) {
-          AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
-                    packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile), padded / 2,
-                    scratch.scores);
+          for (std::int64_t part = 0; part < span; ++part) {
+            AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
+                      packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile + part), padded / 2,
+                      scratch.scores + part * kKeyTile, static_cast<std::size_t>(width));
+          }
         } else
 #endif
         {
@@ -188,7 +207,7 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
             scratch.alpha[r] = 1.0f;
             continue;
           }
-          float* scores = scratch.scores + r * kKeyTile;
+          float* scores = scratch.scores + r * width;
           const float position = static_cast<float>(mask.position(row_begin + r));
           const float first_key = static_cast<float>(key_begin);
           scratch.alpha[r] =
@@ -196,7 +215,7 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
                                         first_key, state[r], score_scale)
                      : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
                                          first_key, state[r], score_scale,
-                                         params.amx_tiles ? p_bf16 + r * kKeyTile : nullptr);
+                                         params.amx_tiles ? p_bf16 + r * width : nullptr);
         }
 
         // O = alpha O + P V, over each row's visible keys only.
@@ -206,8 +225,9 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
             // Full tile: every key of every row is visible, so all of V is
             // read with a visible weight and bf16 pairs of keys are safe.
             ScaleRows(acc, static_cast<std::size_t>(rows), padded, scratch.alpha);
-            AmxAccumulate(scratch.p_pairs, packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
-                          padded, acc);
+            AmxAccumulate(scratch.p_pairs, static_cast<std::size_t>(width / 2),
+                          packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
+                          static_cast<std::size_t>(width / 2), padded, acc);
             continue;
           }
 #endif
@@ -288,7 +308,7 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
   const std::int64_t group = params.shape.heads / params.shape.kv_heads;
   const std::int64_t padded = packed.padded_dim;
   const std::size_t q_floats = static_cast<std::size_t>(group * kQueryTile * padded);
-  const std::size_t score_floats = static_cast<std::size_t>(kQueryTile * kKeyTile);
+  const std::size_t score_floats = static_cast<std::size_t>(kQueryTile * kAmxSpan * kKeyTile);
   const std::size_t bytes = (2 * q_floats + score_floats + kQueryTile) * sizeof(float) +
                             static_cast<std::size_t>(group * kQueryTile) * sizeof(OnlineSoftmaxState) +
                             kQueryTile * sizeof(LocalRange) + (q_floats / 2 + score_floats / 2) * 4 +

@@ -11,6 +11,7 @@
 #define LOOKBACK_KERNELS_SOFTMAX_INL_H_
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -30,6 +31,27 @@ struct LocalRange {
   std::int64_t end = 0;
   bool empty() const { return end <= begin; }
 };
+
+// 2^x, for the softmax's x = (score - max) * log2(e) <= 0 (a rounding
+// error may make it slightly positive). x = n + f with n = round(x) and
+// |f| <= 1/2; 2^f by its degree-6 Taylor polynomial (truncation error below
+// 1.2e-7, about 1 ulp), 2^n added to the exponent bits. x below -126 (a
+// probability under 1.2e-38) is clamped there; NaN stays NaN.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V Exp2(D d, V x) {
+  const hn::RebindToSigned<D> di;
+  x = hn::Max(x, hn::Set(d, -126.0f));
+  const auto n = hn::NearestInt(x);
+  const V f = hn::Sub(x, hn::ConvertTo(d, n));
+  V p = hn::Set(d, 1.540353e-4f);
+  p = hn::MulAdd(p, f, hn::Set(d, 1.3333558e-3f));
+  p = hn::MulAdd(p, f, hn::Set(d, 9.6181291e-3f));
+  p = hn::MulAdd(p, f, hn::Set(d, 5.55041087e-2f));
+  p = hn::MulAdd(p, f, hn::Set(d, 0.240226507f));
+  p = hn::MulAdd(p, f, hn::Set(d, 0.693147181f));
+  p = hn::MulAdd(p, f, hn::Set(d, 1.0f));
+  return hn::BitCast(d, hn::Add(hn::BitCast(di, p), hn::ShiftLeft<23>(n)));
+}
 
 // Scores of one row -> probabilities. Multiplies the scores by score_scale,
 // applies softcap and ALiBi, hides columns outside `range` (only when
@@ -53,55 +75,65 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   const V range_begin = hn::Set(d, static_cast<float>(range.begin));
   const V range_end = hn::Set(d, static_cast<float>(range.end));
 
-  // Plain scores are read again as they are; any change is written back.
-  const bool rewrite = kMasked || softcap > 0.0f || alibi_slope != 0.0f || score_scale != 1.0f;
+  // Plain rows (a full tile, no softcap or ALiBi, a positive scale) are only
+  // read here: max(k s) = k max(s) for k > 0, and k is folded into the
+  // exponent below. Other rows are transformed and written back.
+  const bool plain = !kMasked && softcap == 0.0f && alibi_slope == 0.0f && score_scale > 0.0f;
   V running_max = minus_inf;
   auto nan_seen = hn::IsNaN(running_max);  // all false
   for (std::int64_t col = begin; col < end; col += lanes) {
     V s = hn::Load(d, scores + col);
-    if (score_scale != 1.0f) s = hn::Mul(s, hn::Set(d, score_scale));
-    if (softcap > 0.0f) {
-      s = hn::Mul(hn::Set(d, softcap), hn::Tanh(d, hn::Mul(s, hn::Set(d, 1.0f / softcap))));
+    if (!plain) {
+      if (score_scale != 1.0f) s = hn::Mul(s, hn::Set(d, score_scale));
+      if (softcap > 0.0f) {
+        s = hn::Mul(hn::Set(d, softcap), hn::Tanh(d, hn::Mul(s, hn::Set(d, 1.0f / softcap))));
+      }
+      const V column = hn::Add(lane_index, hn::Set(d, static_cast<float>(col)));
+      if (alibi_slope != 0.0f) {
+        const V distance =
+            hn::Abs(hn::Sub(hn::Set(d, position), hn::Add(column, hn::Set(d, first_key))));
+        s = hn::NegMulAdd(hn::Set(d, alibi_slope), distance, s);
+      }
+      if constexpr (kMasked) {
+        s = hn::IfThenElse(hn::And(hn::Ge(column, range_begin), hn::Lt(column, range_end)), s,
+                           minus_inf);
+      }
+      hn::Store(s, d, scores + col);
     }
-    const V column = hn::Add(lane_index, hn::Set(d, static_cast<float>(col)));
-    if (alibi_slope != 0.0f) {
-      const V distance =
-          hn::Abs(hn::Sub(hn::Set(d, position), hn::Add(column, hn::Set(d, first_key))));
-      s = hn::NegMulAdd(hn::Set(d, alibi_slope), distance, s);
-    }
-    if constexpr (kMasked) {
-      s = hn::IfThenElse(hn::And(hn::Ge(column, range_begin), hn::Lt(column, range_end)), s,
-                         minus_inf);
-    }
-    if (rewrite) hn::Store(s, d, scores + col);
     running_max = hn::Max(running_max, s);
     nan_seen = hn::Or(nan_seen, hn::IsNaN(s));
   }
-  if (!hn::AllFalse(d, nan_seen)) {
-    // A NaN score (NaN or Inf - Inf in a visible input) poisons the row: its
-    // output and LSE become NaN, never a silently finite value. (Max and Exp
-    // would otherwise drop it.)
+  const float k = plain ? score_scale : 1.0f;  // the scale still to apply
+  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * k;
+  if (!hn::AllFalse(d, nan_seen) || tile_max == -kMinusInf) {
+    // A NaN score, or an infinite one (whose probability is Inf - Inf),
+    // from a visible input poisons the row: its output and LSE become NaN,
+    // never a silently finite value (Max and Exp2 would drop the NaN).
     state.max = std::numeric_limits<float>::quiet_NaN();
     state.sum = std::numeric_limits<float>::quiet_NaN();
     return std::numeric_limits<float>::quiet_NaN();
   }
-  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max));
   const float alpha = state.update_max(tile_max);
-  const V row_max = hn::Set(d, state.max);
+  // exp(k s - max) = 2^(s k log2(e) - max log2(e)).
+  constexpr float kLog2e = 1.44269504088896341f;
+  const V factor = hn::Set(d, k * kLog2e);
+  const V offset = hn::Set(d, state.max * kLog2e);
   V sum = hn::Zero(d);
   for (std::int64_t col = begin; col < end; col += lanes) {
     const V s = hn::Load(d, scores + col);
-    V p = hn::Exp(d, hn::Sub(s, row_max));
-    // exp(-inf) must be exactly 0 whatever Exp does outside its domain.
-    p = hn::IfThenElseZero(hn::Ne(s, minus_inf), p);
+    // Scores of -inf (hidden, or -inf inputs) get exactly 0, also when the
+    // max is -inf too.
+    const V p = hn::IfThenElseZero(hn::Ne(s, minus_inf), Exp2(d, hn::MulSub(s, factor, offset)));
     sum = hn::Add(sum, p);
     if (p_bf16 != nullptr) {
-      // p is finite and non-negative here (a NaN row returned above).
+      // Nearest even on the dropped bits (p is finite and non-negative).
       const hn::RebindToUnsigned<decltype(d)> du;
       const auto bits = hn::BitCast(du, p);
-      const auto rounding = hn::Add(hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u)), hn::Set(du, 0x7FFFu));
+      const auto rounding =
+          hn::Add(hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u)), hn::Set(du, 0x7FFFu));
       const hn::Rebind<std::uint16_t, decltype(du)> d16;
-      hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16, p_bf16 + col);
+      hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16,
+                 p_bf16 + col);
     } else {
       hn::Store(p, d, scores + col);
     }

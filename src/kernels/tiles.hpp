@@ -18,6 +18,11 @@ inline constexpr std::int64_t kQueryTile = 64;
 // and the score tile of one row is 4 AVX-512 vectors.
 inline constexpr std::int64_t kKeyTile = 64;
 
+// Full key tiles the AMX path takes in one step: a 64 x 256 score block per
+// softmax pass, and P V accumulating 256 keys per load and store of the
+// output tiles (whose short inner loop otherwise dominates).
+inline constexpr std::int64_t kAmxSpan = 4;
+
 // head_dim is padded with zeros to a multiple of 16 floats, the widest vector,
 // so that every packed row is whole vectors on every target.
 inline constexpr std::int64_t kDimAlign = 16;

@@ -76,6 +76,22 @@ std::vector<ProblemSpec> sweep() {
     half.storage = (i / 3) % 2 == 0 ? DType::kBF16 : DType::kF16;
     specs.push_back(half);
   }
+  // Long bf16 rows: on AMX, full key tiles go in spans of up to kAmxSpan,
+  // cut short by windows; with ALiBi and softcap the span's columns must
+  // keep their key positions.
+  for (int variant = 0; variant < 4; ++variant) {
+    ProblemSpec spec;
+    spec.seqlen_q = 300;
+    spec.seqlen_k = 700;
+    spec.head_dim = 96;
+    spec.heads = 4;
+    spec.kv_heads = 2;
+    spec.storage = DType::kBF16;
+    if (variant == 1) spec.mask.window_left = 250;
+    spec.alibi = variant == 2;
+    spec.softcap = variant == 3 ? 5.0f : 0.0f;
+    specs.push_back(spec);
+  }
   // Every head_dim, including the specialised ones, on one odd shape.
   for (std::int64_t head_dim : head_dims) {
     ProblemSpec spec;
