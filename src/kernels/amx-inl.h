@@ -201,6 +201,7 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
   alignas(64) std::uint16_t rows[kKeyTile * padded_head_dim(kMaxHeadDim)];
   auto convert = [&](const TensorView& view) {
     for (std::int64_t c = 0; c < count; ++c) {
+      prefetch_row(view, b, key_begin + c + kRowPrefetchDistance, kv_head);
       RowToBf16(view.data, view.dtype, view.offset(b, key_begin + c, kv_head, 0), view.strides[3],
                 shape.head_dim, padded, rows + c * padded);
     }

@@ -69,6 +69,8 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
       // so every write is contiguous.
       const float* k_rows[kKeyTile];
       for (std::int64_t c = 0; c < count; ++c) {
+        prefetch_row(params.k, b, key_begin + c + kRowPrefetchDistance, kv_head);
+        prefetch_row(params.v, b, key_begin + c + kRowPrefetchDistance, kv_head);
         k_rows[c] = static_cast<const float*>(params.k.data) + params.k.offset(b, key_begin + c, kv_head, 0);
         const float* v_row =
             static_cast<const float*>(params.v.data) + params.v.offset(b, key_begin + c, kv_head, 0);
@@ -80,6 +82,8 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
       }
     } else {
       for (std::int64_t key = key_begin; key < key_end; ++key) {
+        prefetch_row(params.k, b, key + kRowPrefetchDistance, kv_head);
+        prefetch_row(params.v, b, key + kRowPrefetchDistance, kv_head);
         const std::int64_t column = key - key_begin;
         const std::int64_t k_base = params.k.offset(b, key, kv_head, 0);
         const std::int64_t v_base = params.v.offset(b, key, kv_head, 0);

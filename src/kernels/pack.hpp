@@ -53,6 +53,24 @@ PackedKV pack_kv(const PrefillParams& params, Context& context);
 void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
                    std::int64_t kv_head, std::int64_t tile);
 
+// Rows of one head are heads * head_dim elements apart (16 KiB at 32 heads
+// of 128 floats): every row is on a new page, where the hardware
+// prefetchers stop. Loops that read such rows one by one prefetch the row
+// this many ahead.
+inline constexpr std::int64_t kRowPrefetchDistance = 4;
+
+// Prefetches row (b, token, head) of a (batch, tokens, heads, head_dim)
+// view, when it exists and its elements are contiguous.
+inline void prefetch_row(const TensorView& view, std::int64_t b, std::int64_t token,
+                         std::int64_t head) noexcept {
+  if (token >= view.shape[1] || view.strides[3] != 1) return;
+  const std::size_t size = dtype_size(view.dtype);
+  const char* row = static_cast<const char*>(view.data) +
+                    static_cast<std::size_t>(view.offset(b, token, head, 0)) * size;
+  const std::size_t bytes = static_cast<std::size_t>(view.shape[3]) * size;
+  for (std::size_t line = 0; line < bytes; line += 64) __builtin_prefetch(row + line);
+}
+
 // Rounds a float to the storage dtype and back (identity for f32).
 inline float round_to_storage(float value, DType storage) noexcept {
   switch (storage) {

@@ -87,6 +87,7 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
     const std::int64_t head = task.kv_head * group + g;
     float* q_tile = scratch.q + g * kQueryTile * padded;
     for (std::int64_t r = 0; r < rows; ++r) {
+      prefetch_row(params.q, b, row_begin + r + kRowPrefetchDistance, head);
       float* q_row = q_tile + r * padded;
       const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
 #if LOOKBACK_HAVE_AMX
