@@ -32,25 +32,77 @@ struct LocalRange {
   bool empty() const { return end <= begin; }
 };
 
-// 2^x, for the softmax's x = (score - max) * log2(e) <= 0 (a rounding
-// error may make it slightly positive). x = n + f with n = round(x) and
-// |f| <= 1/2; 2^f by its degree-6 Taylor polynomial (truncation error below
-// 1.2e-7, about 1 ulp), 2^n added to the exponent bits. x below -126 (a
-// probability under 1.2e-38) is clamped there; NaN stays NaN.
+// AVX-512 targets: Exp2 on VREDUCEPS/VSCALEFPS, bf16 stores by
+// VCVTNEPS2BF16.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+#define LOOKBACK_EXP2_AVX512 1
+#else
+#define LOOKBACK_EXP2_AVX512 0
+#endif
+
+// 2^f for |f| <= 1/2: the degree-6 Taylor polynomial of e^(f ln 2)
+// (truncation error below 1.2e-7, about 1 ulp).
 template <class D, class V = hn::Vec<D>>
-HWY_INLINE V Exp2(D d, V x) {
-  const hn::RebindToSigned<D> di;
-  x = hn::Max(x, hn::Set(d, -126.0f));
-  const auto n = hn::NearestInt(x);
-  const V f = hn::Sub(x, hn::ConvertTo(d, n));
+HWY_INLINE V Exp2Fraction(D d, V f) {
   V p = hn::Set(d, 1.540353e-4f);
   p = hn::MulAdd(p, f, hn::Set(d, 1.3333558e-3f));
   p = hn::MulAdd(p, f, hn::Set(d, 9.6181291e-3f));
   p = hn::MulAdd(p, f, hn::Set(d, 5.55041087e-2f));
   p = hn::MulAdd(p, f, hn::Set(d, 0.240226507f));
   p = hn::MulAdd(p, f, hn::Set(d, 0.693147181f));
-  p = hn::MulAdd(p, f, hn::Set(d, 1.0f));
+  return hn::MulAdd(p, f, hn::Set(d, 1.0f));
+}
+
+// 2^x, for the softmax's x = (score - max) * log2(e) <= 0 (a rounding
+// error may make it slightly positive): x = n + f with n = round(x), 2^f by
+// Exp2Fraction, times 2^n. On AVX-512, VREDUCEPS gives f and VSCALEFPS
+// applies 2^n, underflowing to 0 (-inf gives 0, NaN stays NaN). Elsewhere
+// 2^n goes into the exponent bits and x is first clamped to -126 (a
+// probability under 1.2e-38).
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V Exp2(D d, V x) {
+#if LOOKBACK_EXP2_AVX512
+  if constexpr (hn::MaxLanes(d) == 16) {
+    const V f{_mm512_reduce_ps(x.raw, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+    const V n = hn::Sub(x, f);  // exact
+    return V{_mm512_scalef_ps(Exp2Fraction(d, f).raw, n.raw)};
+  }
+#endif
+  const hn::RebindToSigned<D> di;
+  x = hn::Max(x, hn::Set(d, -126.0f));
+  const auto n = hn::NearestInt(x);
+  const V p = Exp2Fraction(d, hn::Sub(x, hn::ConvertTo(d, n)));
   return hn::BitCast(d, hn::Add(hn::BitCast(di, p), hn::ShiftLeft<23>(n)));
+}
+
+// Stores p (finite, non-negative) as bf16, rounded to nearest even.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE void StoreBf16(D d, V p, std::uint16_t* HWY_RESTRICT out) {
+#if LOOKBACK_EXP2_AVX512
+  if constexpr (hn::MaxLanes(d) == 16) {
+    // VCVTNEPS2BF16 (AVX512-BF16; the only caller, the AMX path, runs on
+    // CPUs that have it). Inline assembly: the kernels' AVX-512 target does
+    // not enable the instruction set.
+    __m256i packed;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(packed) : "v"(p.raw));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), packed);
+    return;
+  }
+#endif
+  const hn::RebindToUnsigned<D> du;
+  const auto bits = hn::BitCast(du, p);
+  const auto rounding =
+      hn::Add(hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u)), hn::Set(du, 0x7FFFu));
+  const hn::Rebind<std::uint16_t, decltype(du)> d16;
+  hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16, out);
+}
+
+// Makes a row's state NaN (its output and LSE become NaN); returns the NaN
+// alpha that poisons its accumulator.
+inline float Poison(OnlineSoftmaxState& state) {
+  state.max = std::numeric_limits<float>::quiet_NaN();
+  state.sum = std::numeric_limits<float>::quiet_NaN();
+  return std::numeric_limits<float>::quiet_NaN();
 }
 
 // Scores of one row -> probabilities. Multiplies the scores by score_scale,
@@ -109,9 +161,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     // A NaN score, or an infinite one (whose probability is Inf - Inf),
     // from a visible input poisons the row: its output and LSE become NaN,
     // never a silently finite value (Max and Exp2 would drop the NaN).
-    state.max = std::numeric_limits<float>::quiet_NaN();
-    state.sum = std::numeric_limits<float>::quiet_NaN();
-    return std::numeric_limits<float>::quiet_NaN();
+    return Poison(state);
   }
   const float alpha = state.update_max(tile_max);
   // exp(k s - max) = 2^(s k log2(e) - max log2(e)).
@@ -126,14 +176,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     const V p = hn::IfThenElseZero(hn::Ne(s, minus_inf), Exp2(d, hn::MulSub(s, factor, offset)));
     sum = hn::Add(sum, p);
     if (p_bf16 != nullptr) {
-      // Nearest even on the dropped bits (p is finite and non-negative).
-      const hn::RebindToUnsigned<decltype(d)> du;
-      const auto bits = hn::BitCast(du, p);
-      const auto rounding =
-          hn::Add(hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u)), hn::Set(du, 0x7FFFu));
-      const hn::Rebind<std::uint16_t, decltype(du)> d16;
-      hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16,
-                 p_bf16 + col);
+      StoreBf16(d, p, p_bf16 + col);
     } else {
       hn::Store(p, d, scores + col);
     }
