@@ -137,6 +137,20 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs
   }
 }
 
+// The f32 rows of a V pair tile (kKeyTile keys x dim, dim a multiple of
+// 16): the masked tiles' P V runs on the vector units.
+LOOKBACK_BF16_TARGET HWY_NOINLINE void UnpackVPairs(const std::uint32_t* v_pairs, std::size_t dim,
+                                                    float* v_rows) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (std::size_t s = 0; s < static_cast<std::size_t>(kKeyTile) / 2; ++s) {
+    for (std::size_t e = 0; e < dim; e += 16) {
+      const __m512i pairs = _mm512_loadu_si512(v_pairs + s * dim + e);
+      _mm512_storeu_si512(v_rows + 2 * s * dim + e, _mm512_slli_epi32(pairs, 16));
+      _mm512_storeu_si512(v_rows + (2 * s + 1) * dim + e, _mm512_and_si512(pairs, high_half));
+    }
+  }
+}
+
 // x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
 // Rows whose factor is 1 are left as they are.
 LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
@@ -189,8 +203,8 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, 
 }
 
 // Packs key tile `tile` of (b, kv_head) for the tiles: K as pairs of dims per
-// key, V as pairs of keys per dim, and V as f32 rows (the masked tiles' P V).
-// Keys past seqlen_k and dims past head_dim are zeros.
+// key, V as pairs of keys per dim. Keys past seqlen_k and dims past head_dim
+// are zeros.
 LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
                                                    const PackedKV& packed, std::int64_t b,
                                                    std::int64_t kv_head, std::int64_t tile) {
@@ -216,7 +230,7 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
     for (std::int64_t c = 0; c < kKeyTile; ++c) k_pairs[r * kKeyTile + c] = words[c * pairs + r];
   }
 
-  // V: interleave the bf16 rows of keys 2s and 2s+1; widen every row to f32.
+  // V: interleave the bf16 rows of keys 2s and 2s+1.
   convert(params.v);
   auto* v_pairs = const_cast<std::uint32_t*>(packed.v_pair_tile(b, kv_head, shape.kv_heads, tile));
   alignas(64) std::uint16_t low_index[32], high_index[32];
@@ -235,11 +249,6 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
       _mm512_storeu_si512(v_pairs + s * padded + e, _mm512_permutex2var_epi16(a, low, c));
       _mm512_storeu_si512(v_pairs + s * padded + e + 16, _mm512_permutex2var_epi16(a, high, c));
     }
-  }
-  float* v_out = const_cast<float*>(packed.v_rows(b, kv_head, shape.kv_heads, key_begin));
-  for (std::int64_t i = 0; i < kKeyTile * padded; i += 16) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + i)));
-    _mm512_storeu_si512(v_out + i, _mm512_slli_epi32(wide, 16));
   }
 }
 

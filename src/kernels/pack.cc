@@ -25,11 +25,10 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
   const std::int64_t floats = shape.batch * shape.kv_heads * per_head;
   const std::int64_t tasks = shape.batch * shape.kv_heads * packed.key_tiles;
   if (params.amx_tiles) {
-    // f32 V and the two pair layouts (half a float per element each).
-    auto* base = static_cast<float*>(
-        context.shared_scratch(static_cast<std::size_t>(2 * floats) * sizeof(float)));
-    packed.v = base;
-    packed.k_pairs = reinterpret_cast<std::uint32_t*>(base + floats);
+    // The two pair layouts (half a float per element each).
+    auto* base = static_cast<std::uint32_t*>(
+        context.shared_scratch(static_cast<std::size_t>(floats) * sizeof(std::uint32_t)));
+    packed.k_pairs = base;
     packed.v_pairs = packed.k_pairs + floats / 2;
     context.parallel_for(tasks, [&](std::int64_t task, int) {
       const std::int64_t tile = task % packed.key_tiles;

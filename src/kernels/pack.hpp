@@ -14,7 +14,8 @@ struct PackedKV {
   // (batch, kv_heads, key_tiles, padded_head_dim, kKeyTile): K transposed
   // (not with AMX tiles).
   float* k_transposed = nullptr;
-  // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V.
+  // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V (not with
+  // AMX tiles).
   float* v = nullptr;
   // AMX pair layouts (only when params.amx_tiles), two bf16 per u32:
   // (batch, kv_heads, key_tiles, padded_dim / 2, kKeyTile): dims (2r, 2r+1) of a key;
@@ -45,8 +46,9 @@ struct PackedKV {
 };
 
 // Packs params.k and params.v into the context's shared scratch, in parallel.
-// With params.amx_tiles: the pair layouts and f32 V (scores always run on the
-// tiles, so K is not transposed).
+// With params.amx_tiles: only the pair layouts (scores always run on the
+// tiles; the masked tiles' f32 V rows are unpacked from the pairs when
+// needed).
 PackedKV pack_kv(const PrefillParams& params, Context& context);
 
 // The AMX layouts of one key tile (on the target prefill dispatches to).

@@ -68,6 +68,7 @@ struct Scratch {
   LocalRange* ranges;         // (kQueryTile)
   std::uint32_t* q_pairs;     // (group, kQueryTile, padded_dim / 2): bf16 Q, unscaled
   std::uint32_t* p_pairs;     // (kQueryTile, kAmxSpan * kKeyTile / 2): bf16 P
+  float* v_tile;              // (kKeyTile, padded_dim): a masked tile's V (AMX path)
 };
 
 void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& mask,
@@ -174,7 +175,20 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         }
       }
       const float* k_tile = packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
-      const float* v_rows = packed.v_rows(b, task.kv_head, shape.kv_heads, key_begin);
+      const float* v_rows = nullptr;
+#if LOOKBACK_HAVE_AMX
+      if (params.amx_tiles) {
+        // V only as pairs: the masked tile's rows, once for the group.
+        if (masked) {
+          UnpackVPairs(packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
+                       static_cast<std::size_t>(padded), scratch.v_tile);
+        }
+        v_rows = scratch.v_tile;
+      } else
+#endif
+      {
+        v_rows = packed.v_rows(b, task.kv_head, shape.kv_heads, key_begin);
+      }
 
       for (std::int64_t g = 0; g < group; ++g) {
         const std::int64_t head = task.kv_head * group + g;
@@ -313,7 +327,7 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
   const std::size_t bytes = (2 * q_floats + score_floats + kQueryTile) * sizeof(float) +
                             static_cast<std::size_t>(group * kQueryTile) * sizeof(OnlineSoftmaxState) +
                             kQueryTile * sizeof(LocalRange) + (q_floats / 2 + score_floats / 2) * 4 +
-                            512;
+                            static_cast<std::size_t>(kKeyTile * padded) * sizeof(float) + 512;
   context.parallel_for(static_cast<std::int64_t>(tasks.size()), [&](std::int64_t index, int worker) {
     auto* base = static_cast<float*>(context.scratch(worker, bytes));
     Scratch scratch;
@@ -327,6 +341,7 @@ void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
     const auto after_ranges = reinterpret_cast<std::uintptr_t>(scratch.ranges + kQueryTile);
     scratch.q_pairs = reinterpret_cast<std::uint32_t*>((after_ranges + 63) / 64 * 64);
     scratch.p_pairs = scratch.q_pairs + q_floats / 2;
+    scratch.v_tile = reinterpret_cast<float*>(scratch.p_pairs + score_floats / 2);
     RunTask(params, packed, mask, tasks[static_cast<std::size_t>(index)], scratch);
   });
 }
