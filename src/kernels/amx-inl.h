@@ -22,6 +22,7 @@
 #include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
 #include "kernels/tiles.hpp"
+#include "lookback/attention.hpp"
 #include "lookback/dtype.hpp"
 
 #include "hwy/highway.h"
@@ -58,7 +59,7 @@ struct alignas(64) AmxTileConfig {
   std::uint8_t rows[16] = {};
 };
 
-LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxBegin() {
+inline LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxBegin() {
   AmxTileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.bytes_per_row[t] = 64;
@@ -70,12 +71,12 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxBegin() {
   _tile_loadconfig(&config);
 }
 
-LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxEnd() { _tile_release(); }
+inline LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxEnd() { _tile_release(); }
 
 // S[64 x 64] = Q K^T for one query tile and key tile: q_pairs (64 rows x
 // pairs, row stride q_stride u32), k_pairs (pairs x 64 u32); pairs a
 // multiple of 16. S rows are score_stride floats apart.
-LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, std::size_t q_stride,
+inline LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, std::size_t q_stride,
                                                 const std::uint32_t* k_pairs, std::size_t pairs,
                                                 float* scores, std::size_t score_stride) {
   const std::size_t s_bytes = score_stride * 4;
@@ -107,7 +108,7 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxScores(const std::uint32_t* q_pairs, st
 // acc[64 x dim] += P V over 2 * key_pairs keys: p_pairs (64 rows of bf16
 // pairs of keys, p_stride u32 apart), v_pairs (key_pairs rows x dim u32:
 // pairs of keys per dim); key_pairs a multiple of 16, dim of 32.
-LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs, std::size_t p_stride,
+inline LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs, std::size_t p_stride,
                                                     const std::uint32_t* v_pairs,
                                                     std::size_t key_pairs, std::size_t dim,
                                                     float* acc) {
@@ -139,7 +140,7 @@ LOOKBACK_AMX_TARGET HWY_NOINLINE void AmxAccumulate(const std::uint32_t* p_pairs
 
 // The f32 rows of a V pair tile (kKeyTile keys x dim, dim a multiple of
 // 16): the masked tiles' P V runs on the vector units.
-LOOKBACK_BF16_TARGET HWY_NOINLINE void UnpackVPairs(const std::uint32_t* v_pairs, std::size_t dim,
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void UnpackVPairs(const std::uint32_t* v_pairs, std::size_t dim,
                                                     float* v_rows) {
   const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (std::size_t s = 0; s < static_cast<std::size_t>(kKeyTile) / 2; ++s) {
@@ -151,9 +152,68 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void UnpackVPairs(const std::uint32_t* v_pairs
   }
 }
 
+// Decode scores with AVX512-BF16: scores[r * score_stride + j] = q_r . k_j
+// for every row r < rows and key j in [begin, end), k_j = k_rows[j] a bf16
+// row. q: rows x q_stride bf16 (q_stride a multiple of 32, zeros past the
+// head dim); K rows are read in whole 32-element vectors up to q_stride, so
+// they must hold that many readable elements (padded cache rows: dims past
+// the head dim are zeros). Four rows' dot products are reduced together.
+// While scoring key j, the K and V rows `ahead` keys on (while j + ahead <
+// prefetch_end) are prefetched.
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DecodeScoresBf16(
+    const std::uint16_t* q, std::size_t q_stride, std::size_t rows, const void* const* k_rows,
+    const void* const* v_rows, std::int64_t begin, std::int64_t end, std::int64_t ahead,
+    std::int64_t prefetch_end, std::size_t row_bytes, std::size_t dim, float* scores,
+    std::size_t score_stride) {
+  const std::size_t vectors = (dim + 31) / 32;
+  const auto tail = static_cast<__mmask32>(dim % 32 == 0 ? 0xFFFFFFFFu : (1u << (dim % 32)) - 1u);
+  for (std::int64_t j = begin; j < end; ++j) {
+    if (j + ahead < prefetch_end) {
+      const auto* k_ahead = static_cast<const char*>(k_rows[j + ahead]);
+      const auto* v_ahead = static_cast<const char*>(v_rows[j + ahead]);
+      for (std::size_t line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(k_ahead + line, _MM_HINT_T0);
+        _mm_prefetch(v_ahead + line, _MM_HINT_T0);
+      }
+    }
+    const auto* k = static_cast<const std::uint16_t*>(k_rows[j]);
+    __m512bh kv[kMaxHeadDim / 32];
+    for (std::size_t v = 0; v < vectors; ++v) {
+      kv[v] = (__m512bh)_mm512_maskz_loadu_epi16(v + 1 < vectors ? 0xFFFFFFFFu : tail, k + v * 32);
+    }
+    std::size_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4];
+      for (std::size_t i = 0; i < 4; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        for (std::size_t v = 0; v < vectors; ++v) {
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(q + (r + i) * q_stride + v * 32), kv[v]);
+        }
+      }
+      // Four 16-lane sums at once: pairwise interleaves, then the four
+      // 128-bit blocks.
+      const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+      const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+      __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+      abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0x4E));
+      abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0xB1));
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, _mm512_castps512_ps128(abcd));
+      for (std::size_t i = 0; i < 4; ++i) scores[(r + i) * score_stride + static_cast<std::size_t>(j)] = sums[i];
+    }
+    for (; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (std::size_t v = 0; v < vectors; ++v) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + r * q_stride + v * 32), kv[v]);
+      }
+      scores[r * score_stride + static_cast<std::size_t>(j)] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
 // x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
 // Rows whose factor is 1 are left as they are.
-LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
                                                  const float* factor) {
   for (std::size_t r = 0; r < rows; ++r) {
     if (factor[r] == 1.0f) continue;  // the row's max did not change
@@ -180,7 +240,7 @@ LOOKBACK_BF16_TARGET HWY_INLINE __m256i RoundToBf16(__m512 x) {
 
 // One stored row (`count` elements `stride` apart from `base`) as bf16,
 // zero-padded to `padded` (a multiple of 16).
-LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, std::int64_t base,
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, std::int64_t base,
                                                  std::int64_t stride, std::int64_t count,
                                                  std::int64_t padded, std::uint16_t* out) {
   if (stride == 1 && dtype == DType::kF32) {
@@ -205,7 +265,7 @@ LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, 
 // Packs key tile `tile` of (b, kv_head) for the tiles: K as pairs of dims per
 // key, V as pairs of keys per dim. Keys past seqlen_k and dims past head_dim
 // are zeros.
-LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& params,
                                                    const PackedKV& packed, std::int64_t b,
                                                    std::int64_t kv_head, std::int64_t tile) {
   const AttentionShape& shape = params.shape;

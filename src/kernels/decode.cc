@@ -16,7 +16,9 @@
 #include <type_traits>
 
 #include "kernels/decode.hpp"
+#include "kernels/amx-inl.h"
 #include "kernels/online_softmax.hpp"
+#include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
 #include "kernels/softmax-inl.h"
 #include "kernels/tiles.hpp"
@@ -110,7 +112,21 @@ struct DecodeScratch {
   float* k_row;               // (padded_dim): one key row converted to f32
   const void** k_rows;        // (kKeyTile + kMaxPrefetchKeys)
   const void** v_rows;        // (kKeyTile + kMaxPrefetchKeys)
+  std::uint16_t* q_bf16;      // (rows, bf16_stride): unscaled bf16 queries (bf16 dot products)
+  std::int64_t bf16_stride;   // padded_dim rounded up to 32
 };
+
+// bf16 caches on CPUs with AVX512-BF16: scores by VDPBF16PS on the stored
+// rows, the queries rounded to bf16 (the storage dtype, as prefill holds
+// them) and the scale applied to the scores.
+bool UseBf16Dots() {
+#if LOOKBACK_HAVE_AMX
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch s) {
@@ -121,11 +137,19 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
   const Mask mask(params.tokens, params.seqlen_k,
                   {.causal = Causal::kBottomRight, .window_left = params.window_left});
 
+  const bool bf16_dots = std::is_same_v<T, hwy::bfloat16_t> && UseBf16Dots();
   for (std::int64_t token = 0; token < params.tokens; ++token) {
     for (std::int64_t g = 0; g < group; ++g) {
       const std::int64_t row = token * group + g;
       const float* q = params.q + (token * params.heads + kv_head * group + g) * padded;
-      for (std::int64_t e = 0; e < padded; ++e) s.q[row * padded + e] = q[e] * params.scale;
+      // Queries are held in the storage dtype, like prefill's.
+      for (std::int64_t e = 0; e < padded; ++e) {
+        s.q[row * padded + e] = round_to_storage(q[e], params.storage) * params.scale;
+      }
+      if (bf16_dots) {
+        std::uint16_t* q_bf16 = s.q_bf16 + row * s.bf16_stride;
+        for (std::int64_t e = 0; e < s.bf16_stride; ++e) q_bf16[e] = e < padded ? f32_to_bf16(q[e]) : 0;
+      }
       std::fill(s.acc + row * padded, s.acc + (row + 1) * padded, 0.0f);
       s.state[row] = OnlineSoftmaxState{};
     }
@@ -172,6 +196,14 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
       all.begin = std::min(all.begin, s.ranges[row].begin);
       all.end = std::max(all.end, s.ranges[row].end);
     }
+#if LOOKBACK_HAVE_AMX
+    if (bf16_dots) {
+      DecodeScoresBf16(s.q_bf16, static_cast<std::size_t>(s.bf16_stride), static_cast<std::size_t>(rows),
+                       s.k_rows, s.v_rows, all.begin, all.end, ahead, table_end - tile_begin,
+                       static_cast<std::size_t>(row_bytes), dim, s.scores, kKeyTile);
+      all = LocalRange{};  // scored
+    }
+#endif
     for (std::int64_t j = all.begin; j < all.end; ++j) {
       if (tile_begin + j + ahead < table_end) {
         const auto* k_ahead = static_cast<const char*>(s.k_rows[j + ahead]);
@@ -209,7 +241,8 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
           params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
       s.alpha[row] = SoftmaxRow<true>(scores, range, params.softcap, slope,
                                       static_cast<float>(mask.position(token)),
-                                      static_cast<float>(tile_begin), s.state[row]);
+                                      static_cast<float>(tile_begin), s.state[row],
+                                      bf16_dots ? params.scale : 1.0f);
     }
     // P V: rows that share a key range (the heads of a token) four at a time.
     const auto* v_rows = reinterpret_cast<const T* const*>(s.v_rows);
@@ -262,6 +295,9 @@ void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratc
   s.k_row = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(s.alpha + rows) + 63) / 64 * 64);
   s.k_rows = reinterpret_cast<const void**>(s.k_row + padded);
   s.v_rows = s.k_rows + kKeyTile + kMaxPrefetchKeys;
+  s.bf16_stride = (padded + 31) / 32 * 32;
+  s.q_bf16 = reinterpret_cast<std::uint16_t*>(
+      (reinterpret_cast<std::uintptr_t>(s.v_rows + kKeyTile + kMaxPrefetchKeys) + 63) / 64 * 64);
   switch (params.storage) {
     case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
     case DType::kF16: DecodeTyped<hwy::float16_t>(params, kv_head, s); break;
@@ -282,7 +318,8 @@ std::size_t decode_scratch_bytes(const DecodeParams& params) {
   return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
          static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
          2 * (kKeyTile + kMaxPrefetchKeys) * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
-         512;
+         static_cast<std::size_t>(rows * ((params.padded_dim + 31) / 32 * 32)) * sizeof(std::uint16_t) +
+         576;
 }
 
 void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
