@@ -63,9 +63,8 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
                        params.v.dtype == DType::kF32 && params.k.strides[3] == 1 &&
                        params.v.strides[3] == 1;
     if (plain) {
-      // The common case: f32 rows with unit stride. V rows are copied whole;
-      // K is transposed one dimension at a time across the tile's key rows,
-      // so every write is contiguous.
+      // The common case: f32 rows with unit stride. V rows are copied whole,
+      // K is transposed in register blocks.
       const float* k_rows[kKeyTile];
       for (std::int64_t c = 0; c < count; ++c) {
         prefetch_row(params.k, b, key_begin + c + kRowPrefetchDistance, kv_head);
@@ -75,10 +74,7 @@ PackedKV pack_kv(const PrefillParams& params, Context& context) {
             static_cast<const float*>(params.v.data) + params.v.offset(b, key_begin + c, kv_head, 0);
         std::memcpy(v_out + c * padded, v_row, sizeof(float) * static_cast<std::size_t>(dim));
       }
-      for (std::int64_t e = 0; e < dim; ++e) {
-        float* row = k_out + e * kKeyTile;
-        for (std::int64_t c = 0; c < count; ++c) row[c] = k_rows[c][e];
-      }
+      transpose_key_tile(k_rows, count, dim, k_out);
     } else {
       for (std::int64_t key = key_begin; key < key_end; ++key) {
         prefetch_row(params.k, b, key + kRowPrefetchDistance, kv_head);

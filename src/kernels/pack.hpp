@@ -51,6 +51,10 @@ struct PackedKV {
 // needed).
 PackedKV pack_kv(const PrefillParams& params, Context& context);
 
+// out[e * kKeyTile + c] = rows[c][e] for keys c < count and dims e < dim
+// (on the target prefill dispatches to).
+void transpose_key_tile(const float* const* rows, std::int64_t count, std::int64_t dim, float* out);
+
 // The AMX layouts of one key tile (on the target prefill dispatches to).
 void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
                    std::int64_t kv_head, std::int64_t tile);
