@@ -62,8 +62,10 @@ class BenchTest(CliTestCase):
         self.assertEqual(result.stdout, "")
         # Progress goes to stderr: "[k/m] what ... result".
         progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
-        self.assertEqual(len(progress), 3 + 2 * (1 + 3))
-        self.assertTrue(progress[-1].startswith("[11/11] "))
+        # Three ceilings, each size's baseline and three dtypes, three ceilings again.
+        self.assertEqual(len(progress), 3 + 2 * (1 + 3) + 3)
+        self.assertTrue(progress[-1].startswith("[14/14] "))
+        self.assertIn("ceiling again: read bandwidth", progress[-1])
 
         with open(out, encoding="utf-8") as f:
             data = json.load(f)
@@ -104,7 +106,8 @@ class BenchTest(CliTestCase):
     def test_tiny_run_text_and_svg(self):
         result = self.run_bench("--suite", "decode", "--threads", "1", *TINY)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("ceilings at 1 thread:", result.stdout)
+        self.assertIn("ceilings at 1 thread (the higher of a measurement before and after the cases):",
+                      result.stdout)
         self.assertIn("context=256 lookback f32", result.stdout)
         self.assertIn("context=256 baseline f32", result.stdout)
         self.assertNotIn("causal prefill", result.stdout)
