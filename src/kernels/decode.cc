@@ -156,18 +156,18 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
   }
 
   const auto row_bytes = static_cast<std::int64_t>(dim * sizeof(T));
-  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys);
+  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys / 2);
   KeyRange keys = mask.key_range_of_rows(0, params.tokens);
   keys.begin = std::max(keys.begin, params.keys.begin);
   keys.end = std::min(keys.end, params.keys.end);
   std::int64_t run = 0;
   for (std::int64_t tile_begin = keys.begin; tile_begin < keys.end; tile_begin += kKeyTile) {
     const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
-    // Row pointers of the tile's keys and of the next `ahead`
+    // Row pointers of the tile's keys and of the next 2 * ahead
     // (prefetched across the tile boundary), from whichever runs hold them.
     // The walk ahead uses its own cursor: the next tile starts again at
     // tile_end, possibly in an earlier run than the last key looked ahead.
-    const std::int64_t table_end = std::min(keys.end, tile_end + ahead);
+    const std::int64_t table_end = std::min(keys.end, tile_end + 2 * ahead);
     std::int64_t cursor = run;
     for (std::int64_t key = tile_begin; key < table_end; ++key) {
       // Runs cover [0, seqlen_k) in order; never step past the last one.
@@ -211,6 +211,14 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
         for (std::int64_t line = 0; line < row_bytes; line += 64) {
           hwy::Prefetch(k_ahead + line);
           hwy::Prefetch(v_ahead + line);
+        }
+      }
+      if (tile_begin + j + 2 * ahead < table_end) {
+        const auto* k_far = static_cast<const char*>(s.k_rows[j + 2 * ahead]);
+        const auto* v_far = static_cast<const char*>(s.v_rows[j + 2 * ahead]);
+        for (std::int64_t line = 0; line < row_bytes; line += 64) {
+          __builtin_prefetch(k_far + line, 0, 2);
+          __builtin_prefetch(v_far + line, 0, 2);
         }
       }
       const T* k = static_cast<const T*>(s.k_rows[j]);

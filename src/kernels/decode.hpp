@@ -25,10 +25,11 @@ struct KvRun {
 };
 
 // How far ahead of the current key the decode kernel prefetches K and V
-// rows: about 3 KiB of each (6 keys of f32 at head_dim 128, 12 of bf16).
-// Farther ahead the prefetches hold the core's line-fill buffers for DRAM
-// misses and stall the loads (measured in docs/PERFORMANCE.md); the
-// hardware prefetchers cannot follow scattered paged blocks.
+// rows: about 3 KiB of each into L1 (6 keys of f32 at head_dim 128, 12 of
+// bf16) and twice as far into L2. Farther L1 prefetches hold the core's
+// line-fill buffers on DRAM misses and stall the loads (measured in
+// docs/PERFORMANCE.md); the hardware prefetchers stop at every 4 KiB page
+// and cannot follow scattered paged blocks.
 inline constexpr std::int64_t kPrefetchBytes = 3072;
 inline constexpr std::int64_t kMaxPrefetchKeys = 32;
 
