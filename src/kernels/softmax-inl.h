@@ -34,6 +34,7 @@ struct LocalRange {
 
 // AVX-512 targets: Exp2 on VREDUCEPS/VSCALEFPS, bf16 stores by
 // VCVTNEPS2BF16.
+#undef LOOKBACK_EXP2_AVX512
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
 #define LOOKBACK_EXP2_AVX512 1
 #else
@@ -78,6 +79,7 @@ HWY_INLINE V Exp2(D d, V x) {
 // Stores p (finite, non-negative) as bf16, rounded to nearest even.
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE void StoreBf16(D d, V p, std::uint16_t* HWY_RESTRICT out) {
+  (void)d;
 #if LOOKBACK_EXP2_AVX512
   if constexpr (hn::MaxLanes(d) == 16) {
     // VCVTNEPS2BF16 (AVX512-BF16; the only caller, the AMX path, runs on
@@ -96,6 +98,11 @@ HWY_INLINE void StoreBf16(D d, V p, std::uint16_t* HWY_RESTRICT out) {
   const hn::Rebind<std::uint16_t, decltype(du)> d16;
   hn::StoreU(hn::TruncateTo(d16, hn::ShiftRight<16>(hn::Add(bits, rounding))), d16, out);
 }
+
+inline constexpr float kLog2e = 1.44269504088896341f;
+// How far (natural log) a tile's max may exceed the running max before the
+// one-pass softmax step rescales: 8 ln 2, probabilities up to 256.
+inline constexpr float kLazyMargin = 5.54517744f;
 
 // Makes a row's state NaN (its output and LSE become NaN); returns the NaN
 // alpha that poisons its accumulator.
@@ -131,6 +138,35 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   // read here: max(k s) = k max(s) for k > 0, and k is folded into the
   // exponent below. Other rows are transformed and written back.
   const bool plain = !kMasked && softcap == 0.0f && alibi_slope == 0.0f && score_scale > 0.0f;
+#if LOOKBACK_EXP2_AVX512
+  if constexpr (!kMasked && hn::MaxLanes(d) == 16) {
+    // Plain rows written as bf16 P (the AMX path) once the row has a max:
+    // one pass against the running max instead of two. While the tile's max
+    // stays within kLazyMargin of it, probabilities may exceed 1 (by at most
+    // 2^8) and the max is not raised (FlashAttention-4's conditional
+    // rescaling: the same softmax, alpha 1); otherwise, or on a NaN or
+    // infinite score, the two passes below redo the tile.
+    if (plain && p_bf16 != nullptr && std::isfinite(state.max)) {
+      const V factor = hn::Set(d, score_scale * kLog2e);
+      const V offset = hn::Set(d, state.max * kLog2e);
+      V running_max = minus_inf;
+      V sum = hn::Zero(d);
+      for (std::int64_t col = begin; col < end; col += lanes) {
+        const V s = hn::Load(d, scores + col);
+        running_max = hn::Max(running_max, s);
+        const V p = Exp2(d, hn::MulSub(s, factor, offset));
+        sum = hn::Add(sum, p);
+        StoreBf16(d, p, p_bf16 + col);
+      }
+      const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * score_scale;
+      const float tile_sum = hn::GetLane(hn::SumOfLanes(d, sum));
+      if (tile_max <= state.max + kLazyMargin && std::isfinite(tile_sum)) {
+        state.update_sum(tile_sum);
+        return 1.0f;
+      }
+    }
+  }
+#endif
   V running_max = minus_inf;
   auto nan_seen = hn::IsNaN(running_max);  // all false
   for (std::int64_t col = begin; col < end; col += lanes) {
@@ -165,7 +201,6 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   }
   const float alpha = state.update_max(tile_max);
   // exp(k s - max) = 2^(s k log2(e) - max log2(e)).
-  constexpr float kLog2e = 1.44269504088896341f;
   const V factor = hn::Set(d, k * kLog2e);
   const V offset = hn::Set(d, state.max * kLog2e);
   V sum = hn::Zero(d);
