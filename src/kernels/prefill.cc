@@ -216,6 +216,8 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
         // scales the scores, and on full tiles writes P as bf16 for the tiles.
         const float score_scale = params.amx_tiles ? params.scale : 1.0f;
         auto* p_bf16 = reinterpret_cast<std::uint16_t*>(scratch.p_pairs);
+        // f32 full tiles: P beside the scores (its space is the AMX path's).
+        auto* p_f32 = reinterpret_cast<float*>(scratch.p_pairs);
         for (std::int64_t r = 0; r < rows; ++r) {
           const LocalRange range = scratch.ranges[r];
           if (range.empty()) {
@@ -230,7 +232,8 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
                                         first_key, state[r], score_scale)
                      : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
                                          first_key, state[r], score_scale,
-                                         params.amx_tiles ? p_bf16 + r * width : nullptr);
+                                         params.amx_tiles ? p_bf16 + r * width : nullptr,
+                                         params.amx_tiles ? nullptr : p_f32 + r * width);
         }
 
         // O = alpha O + P V, over each row's visible keys only.
@@ -246,7 +249,7 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
             continue;
           }
 #endif
-          Gemm<Accumulate::kScaleAdd>(rows, padded, kKeyTile, scratch.scores, kKeyTile, v_rows,
+          Gemm<Accumulate::kScaleAdd>(rows, padded, kKeyTile, p_f32, kKeyTile, v_rows,
                                       padded, acc, padded, scratch.alpha);
           continue;
         }

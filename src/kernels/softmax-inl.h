@@ -114,14 +114,15 @@ inline float Poison(OnlineSoftmaxState& state) {
 
 // Scores of one row -> probabilities. Multiplies the scores by score_scale,
 // applies softcap and ALiBi, hides columns outside `range` (only when
-// kMasked), updates the row state. The probabilities replace the scores, or
-// go to p_bf16 rounded to bf16 (nearest even) when it is given. Returns
-// alpha, the factor for the row's accumulator.
+// kMasked), updates the row state. The probabilities go to p_bf16 rounded to
+// bf16 (nearest even) when it is given, else to p_out when it is given, else
+// replace the scores. Returns alpha, the factor for the row's accumulator.
 template <bool kMasked>
 HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
                             float alibi_slope, float position, float first_key,
                             OnlineSoftmaxState& state, float score_scale = 1.0f,
-                            std::uint16_t* HWY_RESTRICT p_bf16 = nullptr) {
+                            std::uint16_t* HWY_RESTRICT p_bf16 = nullptr,
+                            float* HWY_RESTRICT p_out = nullptr) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
@@ -140,13 +141,14 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   const bool plain = !kMasked && softcap == 0.0f && alibi_slope == 0.0f && score_scale > 0.0f;
 #if LOOKBACK_EXP2_AVX512
   if constexpr (!kMasked && hn::MaxLanes(d) == 16) {
-    // Plain rows written as bf16 P (the AMX path) once the row has a max:
-    // one pass against the running max instead of two. While the tile's max
+    // Plain rows whose P goes elsewhere (the scores stay for a second try)
+    // once the row has a max: one pass against the running max instead of
+    // two. While the tile's max
     // stays within kLazyMargin of it, probabilities may exceed 1 (by at most
     // 2^8) and the max is not raised (FlashAttention-4's conditional
     // rescaling: the same softmax, alpha 1); otherwise, or on a NaN or
     // infinite score, the two passes below redo the tile.
-    if (plain && p_bf16 != nullptr && std::isfinite(state.max)) {
+    if (plain && (p_bf16 != nullptr || p_out != nullptr) && std::isfinite(state.max)) {
       const V factor = hn::Set(d, score_scale * kLog2e);
       const V offset = hn::Set(d, state.max * kLog2e);
       V running_max = minus_inf;
@@ -156,7 +158,11 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
         running_max = hn::Max(running_max, s);
         const V p = Exp2(d, hn::MulSub(s, factor, offset));
         sum = hn::Add(sum, p);
-        StoreBf16(d, p, p_bf16 + col);
+        if (p_bf16 != nullptr) {
+          StoreBf16(d, p, p_bf16 + col);
+        } else {
+          hn::Store(p, d, p_out + col);
+        }
       }
       const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * score_scale;
       const float tile_sum = hn::GetLane(hn::SumOfLanes(d, sum));
@@ -212,6 +218,8 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     sum = hn::Add(sum, p);
     if (p_bf16 != nullptr) {
       StoreBf16(d, p, p_bf16 + col);
+    } else if (p_out != nullptr) {
+      hn::Store(p, d, p_out + col);
     } else {
       hn::Store(p, d, scores + col);
     }
