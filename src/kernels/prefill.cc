@@ -174,7 +174,9 @@ void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& ma
           scratch.ranges[r] = {0, width};
         }
       }
-      const float* k_tile = packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
+      // f32 K^T exists only off the AMX path (no arithmetic on its null base).
+      const float* k_tile =
+          params.amx_tiles ? nullptr : packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
       const float* v_rows = nullptr;
 #if LOOKBACK_HAVE_AMX
       if (params.amx_tiles) {

@@ -72,5 +72,27 @@ TEST(FuzzRegressions, Bf16StorageWithZeroOrTinyScaleMatchesTheReferenceOnEveryPa
   }
 }
 
+// fuzz/regressions/fuzz_attention/prefill_amx_null_k_transposed_offset
+// (fuzz_attention under clang's UBSan, found 2026-11-26): on the AMX path,
+// where K is packed only as bf16 pairs, prefill still computed the address of
+// each key tile in the absent f32 Kᵀ buffer (a non-zero offset on a null
+// pointer, undefined behaviour although never dereferenced). The same call
+// through the public API, checked against the reference.
+TEST(FuzzRegressions, AmxPrefillWithSeveralKeyTilesAndHeads) {
+  testing::ProblemSpec spec;
+  spec.seqlen_q = 70;
+  spec.seqlen_k = 200;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.head_dim = 32;
+  spec.storage = DType::kBF16;
+  testing::Problem problem = testing::make_problem(spec, 31);
+  Context context(2);
+  attend(problem.params(), context);
+  const testing::Comparison result = testing::check_against_reference(problem);
+  EXPECT_TRUE(result.finite) << result.describe();
+  EXPECT_LE(result.relative_l2, testing::kHalfTolerance) << result.describe();
+}
+
 }  // namespace
 }  // namespace lookback
