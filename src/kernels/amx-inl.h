@@ -1,11 +1,14 @@
-// AMX bf16 tile kernels for prefill with bf16 storage:
+// bf16 kernels written with intrinsics the kernels' Highway targets do not
+// enable (AMX, AVX512-BF16), for bf16 storage:
 //   AmxScores:     S = Q K^T for a 64 x 64 tile, A = Q as bf16 pairs of dims,
 //                  B = the key tile as pairs of dims per key (pack.hpp);
-//   AmxAccumulate: O += P V, A = P as bf16 pairs of keys, B = V as pairs of
-//                  keys per dim.
+//   AmxAccumulate: O += P V over up to kAmxSpan key tiles, A = P as bf16
+//                  pairs of keys, B = V as pairs of keys per dim;
+//   PackAmxTile, RowToBf16, UnpackVPairs: the pair layouts and back;
+//   DecodeScoresBf16: decode's Q K^T on a bf16 cache by VDPBF16PS.
 // Only compiled into the AVX-512 targets; callers check that the CPU has
-// AMX-BF16 and that Linux granted the tile state (params.amx_tiles).
-// Accumulation is f32.
+// AMX-BF16 and that Linux granted the tile state (params.amx_tiles), or
+// AVX512-BF16 for the decode scores. Accumulation is f32.
 
 #if defined(LOOKBACK_KERNELS_AMX_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LOOKBACK_KERNELS_AMX_INL_H_
