@@ -142,13 +142,15 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
     for (std::int64_t g = 0; g < group; ++g) {
       const std::int64_t row = token * group + g;
       const float* q = params.q + (token * params.heads + kv_head * group + g) * padded;
-      // Queries are held in the storage dtype, like prefill's.
-      for (std::int64_t e = 0; e < padded; ++e) {
-        s.q[row * padded + e] = round_to_storage(q[e], params.storage) * params.scale;
-      }
+      // Queries are held in the storage dtype, like prefill's: as bf16 for
+      // the bf16 dot products (unscaled), else as f32, scaled.
       if (bf16_dots) {
         std::uint16_t* q_bf16 = s.q_bf16 + row * s.bf16_stride;
         for (std::int64_t e = 0; e < s.bf16_stride; ++e) q_bf16[e] = e < padded ? f32_to_bf16(q[e]) : 0;
+      } else {
+        for (std::int64_t e = 0; e < padded; ++e) {
+          s.q[row * padded + e] = round_to_storage(q[e], params.storage) * params.scale;
+        }
       }
       std::fill(s.acc + row * padded, s.acc + (row + 1) * padded, 0.0f);
       s.state[row] = OnlineSoftmaxState{};
