@@ -104,6 +104,18 @@ inline constexpr float kLog2e = 1.44269504088896341f;
 // one-pass softmax step rescales: 8 ln 2, probabilities up to 256.
 inline constexpr float kLazyMargin = 5.54517744f;
 
+// The exponent, base 2, of a score's probability: (k s - max) log2(e), where
+// max is the largest k s so far. k s is rounded once, before the max is
+// subtracted, exactly as the max was formed from it: the row maximum's own
+// exponent is then exactly 0 whatever the scores' magnitude (folding k and
+// max into one FMA, k log2(e) s - max log2(e), rounds the two products
+// apart, an error of a few ulps of |s log2(e)|: 2^16 for scores near 1e8).
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V ExponentOf(D d, V s, float k, V max) {
+  if (k != 1.0f) s = hn::Mul(s, hn::Set(d, k));
+  return hn::Mul(hn::Sub(s, max), hn::Set(d, kLog2e));
+}
+
 // Makes a row's state NaN (its output and LSE become NaN); returns the NaN
 // alpha that poisons its accumulator.
 inline float Poison(OnlineSoftmaxState& state) {
@@ -149,14 +161,13 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     // rescaling: the same softmax, alpha 1); otherwise, or on a NaN or
     // infinite score, the two passes below redo the tile.
     if (plain && (p_bf16 != nullptr || p_out != nullptr) && std::isfinite(state.max)) {
-      const V factor = hn::Set(d, score_scale * kLog2e);
-      const V offset = hn::Set(d, state.max * kLog2e);
+      const V max = hn::Set(d, state.max);
       V running_max = minus_inf;
       V sum = hn::Zero(d);
       for (std::int64_t col = begin; col < end; col += lanes) {
         const V s = hn::Load(d, scores + col);
         running_max = hn::Max(running_max, s);
-        const V p = Exp2(d, hn::MulSub(s, factor, offset));
+        const V p = Exp2(d, ExponentOf(d, s, score_scale, max));
         sum = hn::Add(sum, p);
         if (p_bf16 != nullptr) {
           StoreBf16(d, p, p_bf16 + col);
@@ -206,15 +217,13 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     return Poison(state);
   }
   const float alpha = state.update_max(tile_max);
-  // exp(k s - max) = 2^(s k log2(e) - max log2(e)).
-  const V factor = hn::Set(d, k * kLog2e);
-  const V offset = hn::Set(d, state.max * kLog2e);
+  const V max = hn::Set(d, state.max);
   V sum = hn::Zero(d);
   for (std::int64_t col = begin; col < end; col += lanes) {
     const V s = hn::Load(d, scores + col);
     // Scores of -inf (hidden, or -inf inputs) get exactly 0, also when the
     // max is -inf too.
-    const V p = hn::IfThenElseZero(hn::Ne(s, minus_inf), Exp2(d, hn::MulSub(s, factor, offset)));
+    const V p = hn::IfThenElseZero(hn::Ne(s, minus_inf), Exp2(d, ExponentOf(d, s, k, max)));
     sum = hn::Add(sum, p);
     if (p_bf16 != nullptr) {
       StoreBf16(d, p, p_bf16 + col);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <limits>
 
 #include "lookback/error.hpp"
@@ -51,6 +52,60 @@ TEST(Hostile, HugeScoresDoNotOverflow) {
       // LSE is about magnitude^2 here; compare it relatively.
       EXPECT_LE(result.max_lse_error, testing::kLseTolerance * magnitude * magnitude)
           << result.describe();
+    }
+  }
+}
+
+// Rounds every stored value to the storage dtype, so that the float64
+// reference sees exactly the values the kernels attend to (at scores near
+// 1e10 the storage rounding of an input moves a score by far more than the
+// gap between the two largest ones).
+void round_inputs_to(testing::Problem& problem, DType storage) {
+  auto round = [storage](float x) {
+    if (storage == DType::kBF16) return bf16_to_f32(f32_to_bf16(x));
+    if (storage == DType::kF16) return f16_to_f32(f32_to_f16(x));
+    return x;
+  };
+  for (auto* values : {&problem.q, &problem.k, &problem.v}) {
+    for (float& x : *values) x = round(x);
+  }
+}
+
+TEST(Hostile, LargeFiniteScoresAgreeWithTheReferenceOnEveryPathDtypeAndTarget) {
+  // Scores from about 1e-3 to 1e10, all finite: the row maximum's own
+  // probability must be exactly 1 (an exponent rounded apart from the max
+  // overflowed the sums to Inf and gave NaN rows from scores near 1e8).
+  Context context(2);
+  for (DType storage : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (float scale : {1e-4f, 1.0f, 1e4f, 1e7f, 1e8f, 1e9f}) {
+      ProblemSpec spec;
+      spec.seqlen_q = 90;
+      spec.seqlen_k = 150;  // full, diagonal and span-sized key tiles
+      spec.head_dim = 48;
+      spec.heads = 4;
+      spec.kv_heads = 2;
+      spec.scale = scale;
+      spec.storage = storage;
+      testing::Problem problem = testing::make_problem(spec, 41);
+      round_inputs_to(problem, storage);
+      const ReferenceResult reference = reference_attention(problem.params());
+      double largest_lse = 1.0;
+      for (double lse : reference.lse) largest_lse = std::max(largest_lse, std::abs(lse));
+      for (const std::string& target : simd_targets()) {
+        force_simd_target(target);
+        for (const ModeOptions& options : kPaths) {
+          SCOPED_TRACE(name(options) + " " + std::string(dtype_name(storage)) + " scale " +
+                       std::to_string(scale) + " target " + target);
+          problem.poison_outputs();
+          attend_with_mode(problem.params(), options, context);
+          const testing::Comparison result = testing::compare(problem, reference);
+          EXPECT_TRUE(result.finite) << result.describe();
+          EXPECT_LE(result.relative_l2, testing::tolerance_for(storage)) << result.describe();
+          EXPECT_LE(result.max_lse_error, testing::kLseTolerance * largest_lse)
+              << result.describe();
+        }
+      }
+      force_simd_target("");
     }
   }
 }
