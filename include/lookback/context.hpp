@@ -12,13 +12,21 @@ namespace lookback {
 
 class Context {
  public:
-  // threads == 0 picks every core the process may run on.
+  // threads == 0 picks every core the process may run on. More than
+  // max_threads() is an Error (kInvalidArgument); a thread the system
+  // refuses to start is an Error (kCapacity), with every started one joined.
   explicit Context(int threads = 0);
   ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
 
   int threads() const noexcept;
+
+  // The most threads a context accepts: 4 per online core (at least
+  // kThreadFloor), never more than kThreadLimit.
+  static constexpr int kThreadFloor = 16;
+  static constexpr int kThreadLimit = 1024;
+  static int max_threads() noexcept;
 
   // Runs task(index, worker) for index in [0, count), on every worker thread
   // (the calling thread is worker 0). Tasks are claimed in index order, so
@@ -44,6 +52,8 @@ class Context {
   [[nodiscard]] std::unique_lock<std::mutex> lock_for_call();
 
  private:
+  void stop_workers() noexcept;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

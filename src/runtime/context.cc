@@ -1,11 +1,14 @@
 #include "lookback/context.hpp"
 
 #include <sched.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
+#include <string>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -111,25 +114,46 @@ struct Context::Impl {
   }
 };
 
+int Context::max_threads() noexcept {
+  const long online = sysconf(_SC_NPROCESSORS_ONLN);
+  const long cores = online > 0 ? online : available_cores();
+  return static_cast<int>(std::min<long>(kThreadLimit, std::max<long>(kThreadFloor, 4 * cores)));
+}
+
 Context::Context(int threads) : impl_(std::make_unique<Impl>()) {
-  if (threads < 0) {
-    throw Error("threads: " + std::to_string(threads) + " (expected >= 1, or 0 for all cores)");
+  if (threads < 0 || threads > max_threads()) {
+    throw Error("threads: " + std::to_string(threads) + " (expected 1.." +
+                std::to_string(max_threads()) +
+                ", at most 4 threads per online core and never over 1024, or 0 for all cores)");
   }
   impl_->threads = threads == 0 ? available_cores() : threads;
-  impl_->scratch = std::vector<AlignedBuffer>(static_cast<std::size_t>(impl_->threads));
-  impl_->workers.reserve(static_cast<std::size_t>(impl_->threads - 1));
-  for (int worker = 1; worker < impl_->threads; ++worker) {
-    impl_->workers.emplace_back([this, worker] { impl_->helper_loop(worker); });
+  try {
+    impl_->scratch = std::vector<AlignedBuffer>(static_cast<std::size_t>(impl_->threads));
+    impl_->workers.reserve(static_cast<std::size_t>(impl_->threads - 1));
+    for (int worker = 1; worker < impl_->threads; ++worker) {
+      impl_->workers.emplace_back([this, worker] { impl_->helper_loop(worker); });
+    }
+  } catch (const std::exception& error) {
+    // The system refused a thread (or its memory): join those already
+    // started, so that none is left waiting on a destroyed condition variable.
+    const std::size_t started = impl_->workers.size();
+    stop_workers();
+    throw Error(ErrorCode::kCapacity,
+                "threads: " + std::to_string(impl_->threads) + " requested, but only " +
+                    std::to_string(started + 1) + " could be started (" + error.what() + ")");
   }
 }
 
-Context::~Context() {
+Context::~Context() { stop_workers(); }
+
+void Context::stop_workers() noexcept {
   {
     std::lock_guard lock(impl_->mutex);
     impl_->stopping = true;
   }
   impl_->wake.notify_all();
   for (auto& worker : impl_->workers) worker.join();
+  impl_->workers.clear();
 }
 
 int Context::threads() const noexcept { return impl_->threads; }

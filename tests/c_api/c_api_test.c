@@ -1,8 +1,15 @@
 /* Calls lookback from C: a causal attention on a tiny problem checked against
- * a naive computation, and an error path with its message. */
+ * a naive computation, error paths with their messages, and a context whose
+ * threads the system refuses. */
+#define _GNU_SOURCE
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "lookback/lookback.h"
 
@@ -16,6 +23,45 @@ static int failures = 0;
       ++failures;                                               \
     }                                                           \
   } while (0)
+
+/* A context whose worker threads cannot all be started (an address-space
+ * limit just above what the process maps) must fail with
+ * LOOKBACK_ERROR_CAPACITY and join the threads it started, not hang or abort.
+ * Runs in a child process under alarm(): a hang or a crash shows as a failed
+ * child. Skipped under sanitizers, whose shadow memory needs the address
+ * space. */
+static void check_refused_threads(void) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  printf("c_api_test: refused threads skipped under sanitizers\n");
+#else
+  const pid_t child = fork();
+  CHECK(child >= 0);
+  if (child == 0) {
+    alarm(30);
+    long pages = 0;
+    FILE* statm = fopen("/proc/self/statm", "r");
+    if (statm == NULL || fscanf(statm, "%ld", &pages) != 1) _exit(3);
+    fclose(statm);
+    const rlim_t limit = (rlim_t)pages * (rlim_t)sysconf(_SC_PAGESIZE) + ((rlim_t)12 << 20);
+    const struct rlimit rl = {limit, limit};
+    if (setrlimit(RLIMIT_AS, &rl) != 0) _exit(3);
+    lookback_context* context = NULL;
+    const lookback_status status = lookback_context_create(16, &context);
+    if (status == LOOKBACK_OK) _exit(4);  /* the limit did not bite */
+    if (status != LOOKBACK_ERROR_CAPACITY) _exit(1);
+    if (strstr(lookback_last_error(), "threads") == NULL) _exit(2);
+    _exit(0);
+  }
+  int status = 0;
+  CHECK(waitpid(child, &status, 0) == child);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 4) {
+    printf("c_api_test: refused threads not exercised (the limit did not bite)\n");
+    return;
+  }
+  if (!WIFEXITED(status)) fprintf(stderr, "refused threads: child killed by signal %d\n", WTERMSIG(status));
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+#endif
+}
 
 int main(void) {
   float q[kSeq * kHeads * kDim], k[kSeq * kDim], v[kSeq * kDim];
@@ -68,6 +114,11 @@ int main(void) {
   CHECK(strstr(lookback_last_error(), "kv_heads") != NULL);
   CHECK(lookback_attend(context, NULL) == LOOKBACK_ERROR_INVALID_ARGUMENT);
   lookback_context_destroy(context);
+
+  /* More threads than a context accepts: a clear error, no thread started. */
+  CHECK(lookback_context_create(100000, &context) == LOOKBACK_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(lookback_last_error(), "threads") != NULL);
+  check_refused_threads();
 
   if (failures == 0) printf("c_api_test: 1 passed, 0 failed\n");
   return failures == 0 ? 0 : 1;
