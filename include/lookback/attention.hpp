@@ -17,12 +17,12 @@
 
 #include "lookback/context.hpp"
 #include "lookback/dtype.hpp"
+#include "lookback/kernel_caps.hpp"
 #include "lookback/mask.hpp"
+#include "lookback/shape.hpp"
 #include "lookback/tensor.hpp"
 
 namespace lookback {
-
-inline constexpr std::int64_t kMaxHeadDim = 256;
 
 struct AttentionParams {
   TensorView q;  // (batch, seqlen_q, heads, head_dim); f32, f16, bf16 or f64
@@ -37,16 +37,6 @@ struct AttentionParams {
   float softcap = 0.0f;        // 0 disables; must be >= 0
   MaskSpec mask;
   DType storage = DType::kF32;  // what the kernel holds Q/K/V in
-};
-
-// Shapes read off a validated AttentionParams.
-struct AttentionShape {
-  std::int64_t batch = 0;
-  std::int64_t seqlen_q = 0;
-  std::int64_t seqlen_k = 0;
-  std::int64_t heads = 0;
-  std::int64_t kv_heads = 0;
-  std::int64_t head_dim = 0;
 };
 
 // Checks every argument (ranks, shapes, dtypes, head counts, head_dim limits,

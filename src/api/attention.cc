@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "kernels/dispatch.hpp"
 #include "kernels/prefill.hpp"
 #include "lookback/error.hpp"
 
@@ -122,16 +123,16 @@ void attend(const AttentionParams& params, Context& context) {
   kernels::prefill(prefill, context);
 }
 
-std::string simd_target_name() { return kernels::dispatched_target_name(); }
+std::string simd_target_name() { return kernel_caps().target; }
 
-std::vector<std::string> simd_targets() { return kernels::available_targets(); }
+std::vector<std::string> simd_targets() { return kernel_caps().targets; }
 
 std::string describe_kernels() {
-  const std::string target = simd_target_name();
-  const bool amx = kernels::amx_supported() && (target == "AVX3" || target == "AVX3_DL");
-  return target + " (Highway target; LOOKBACK_SIMD caps it); bf16 prefill " +
-         (amx ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
-              : "as f32 FMA on bf16-rounded values");
+  const KernelCaps caps = kernel_caps();
+  return caps.target + " (Highway target; LOOKBACK_SIMD caps it); bf16 prefill " +
+         (caps.amx_prefill ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
+                           : "as f32 FMA on bf16-rounded values") +
+         "; bf16 decode " + (caps.bf16_decode_dots ? "by AVX512-BF16 dot products" : "as f32 FMA");
 }
 
 void force_simd_target(std::string_view name) { kernels::force_target(name); }

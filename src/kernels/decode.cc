@@ -16,10 +16,10 @@
 #include <type_traits>
 
 #include "kernels/decode.hpp"
-#include "kernels/amx-inl.h"
+#include "kernels/bf16-inl.h"
+#include "kernels/dispatch.hpp"
 #include "kernels/online_softmax.hpp"
 #include "kernels/pack.hpp"
-#include "kernels/prefill.hpp"
 #include "kernels/softmax-inl.h"
 #include "kernels/tiles.hpp"
 
@@ -120,7 +120,7 @@ struct DecodeScratch {
 // rows, the queries rounded to bf16 (the storage dtype, as prefill holds
 // them) and the scale applied to the scores.
 bool UseBf16Dots() {
-#if LOOKBACK_HAVE_AMX
+#if LOOKBACK_X86_AVX512
   static const bool supported = __builtin_cpu_supports("avx512bf16");
   return supported;
 #else
@@ -198,7 +198,7 @@ void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch
       all.begin = std::min(all.begin, s.ranges[row].begin);
       all.end = std::max(all.end, s.ranges[row].end);
     }
-#if LOOKBACK_HAVE_AMX
+#if LOOKBACK_X86_AVX512
     if (bf16_dots) {
       DecodeScoresBf16(s.q_bf16, static_cast<std::size_t>(s.bf16_stride), static_cast<std::size_t>(rows),
                        s.k_rows, s.v_rows, all.begin, all.end, ahead, table_end - tile_begin,

@@ -1,63 +1,54 @@
-// Packing K and V once per call into the layouts the micro-kernels stream:
-// K transposed per key tile, V row-major, both f32 with head_dim padded,
-// values rounded to the storage dtype on the way in.
+// K and V packed once per call into the layouts the micro-kernels stream
+// (PackedLayout in prefill.hpp; the packing itself is per target, in
+// pack-inl.h), and the row helpers packing and the caches share.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/prefill.hpp"
 #include "kernels/tiles.hpp"
+#include "lookback/dtype.hpp"
+#include "lookback/tensor.hpp"
 
 namespace lookback::kernels {
 
+// The packed K and V of one call, carved from the shared scratch by a
+// PackedLayout (shapes there); pointers a path does not use are null.
 struct PackedKV {
-  // (batch, kv_heads, key_tiles, padded_head_dim, kKeyTile): K transposed
-  // (not with AMX tiles).
   float* k_transposed = nullptr;
-  // (batch, kv_heads, key_tiles * kKeyTile, padded_head_dim): V (not with
-  // AMX tiles).
   float* v = nullptr;
-  // AMX pair layouts (only when params.amx_tiles), two bf16 per u32:
-  // (batch, kv_heads, key_tiles, padded_dim / 2, kKeyTile): dims (2r, 2r+1) of a key;
   std::uint32_t* k_pairs = nullptr;
-  // (batch, kv_heads, key_tiles, kKeyTile / 2, padded_dim): keys (2s, 2s+1) of a dim.
   std::uint32_t* v_pairs = nullptr;
   std::int64_t key_tiles = 0;
   std::int64_t padded_dim = 0;
 
-  const std::uint32_t* k_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+  PackedKV(const PackedLayout& layout, void* base, std::int64_t tiles, std::int64_t padded)
+      : k_transposed(layout.k_transposed.count != 0 ? layout.k_transposed.in(base) : nullptr),
+        v(layout.v.count != 0 ? layout.v.in(base) : nullptr),
+        k_pairs(layout.k_pairs.count != 0 ? layout.k_pairs.in(base) : nullptr),
+        v_pairs(layout.v_pairs.count != 0 ? layout.v_pairs.in(base) : nullptr),
+        key_tiles(tiles),
+        padded_dim(padded) {}
+
+  std::uint32_t* k_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                                    std::int64_t tile) const noexcept {
     return k_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * padded_dim / 2) * kKeyTile;
   }
-  const std::uint32_t* v_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+  std::uint32_t* v_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                                    std::int64_t tile) const noexcept {
     return v_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * kKeyTile / 2) * padded_dim;
   }
 
-  const float* k_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+  float* k_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                       std::int64_t tile) const noexcept {
     return k_transposed +
            (((b * kv_heads + kv_head) * key_tiles + tile) * padded_dim) * kKeyTile;
   }
-  const float* v_rows(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
+  float* v_rows(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                       std::int64_t key) const noexcept {
     return v + ((b * kv_heads + kv_head) * key_tiles * kKeyTile + key) * padded_dim;
   }
 };
-
-// Packs params.k and params.v into the context's shared scratch, in parallel.
-// With params.amx_tiles: only the pair layouts (scores always run on the
-// tiles; the masked tiles' f32 V rows are unpacked from the pairs when
-// needed).
-PackedKV pack_kv(const PrefillParams& params, Context& context);
-
-// out[e * kKeyTile + c] = rows[c][e] for keys c < count and dims e < dim
-// (on the target prefill dispatches to).
-void transpose_key_tile(const float* const* rows, std::int64_t count, std::int64_t dim, float* out);
-
-// The AMX layouts of one key tile (on the target prefill dispatches to).
-void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
-                   std::int64_t kv_head, std::int64_t tile);
 
 // Rows of one head are heads * head_dim elements apart (16 KiB at 32 heads
 // of 128 floats): every row is on a new page, where the hardware

@@ -1,8 +1,9 @@
 // Causal prefill (FlashAttention-2 on a CPU). One task is (batch, kv head,
 // query tile): the query heads that share the kv head walk the key tiles the
 // mask leaves visible, so each K/V tile is loaded once for the whole group.
-// Per key tile and head: S = Q K^T (micro-kernel), online-softmax update,
-// O = alpha O + P V (micro-kernel). Empty tiles are skipped, full tiles are
+// RunTask is the paper's loop; each phase is a small function per path
+// (F32Path: FMA micro-kernels; AmxPath: bf16 on the AMX tiles), the path
+// chosen once per call by the plan. Empty tiles are skipped, full tiles are
 // not masked, only diagonal and window-edge tiles test the mask.
 //
 // Masked scores are never multiplied by zero: their S entries are replaced
@@ -14,44 +15,22 @@
 #define HWY_TARGET_INCLUDE "kernels/prefill.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
-#include <hwy/contrib/math/math-inl.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#if defined(__x86_64__)
-#include <cpuid.h>
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-#include <limits>
 #include <tuple>
 #include <vector>
 
-#include "kernels/gemm-inl.h"
 #include "kernels/amx-inl.h"
-#include "kernels/softmax-inl.h"
+#include "kernels/bf16-inl.h"
+#include "kernels/gemm-inl.h"
 #include "kernels/online_softmax.hpp"
+#include "kernels/pack-inl.h"
 #include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
+#include "kernels/softmax-inl.h"
 #include "kernels/tiles.hpp"
-#include "lookback/error.hpp"
 #include "lookback/mask.hpp"
-
-#ifndef LOOKBACK_KERNELS_PREFILL_TASK_DEFINED
-#define LOOKBACK_KERNELS_PREFILL_TASK_DEFINED
-namespace lookback::kernels {
-// One unit of parallel work.
-struct PrefillTask {
-  std::int64_t batch;
-  std::int64_t kv_head;
-  std::int64_t query_tile;
-};
-}  // namespace lookback::kernels
-#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace lookback::kernels::HWY_NAMESPACE {
@@ -59,355 +38,382 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 namespace {
 
-struct Scratch {
-  float* q;       // (group, kQueryTile, padded_dim): scaled, storage-rounded
-  float* acc;     // (group, kQueryTile, padded_dim): unnormalised output
-  float* scores;  // (kQueryTile, kAmxSpan * kKeyTile): one span of tiles
-  float* alpha;   // (kQueryTile)
-  OnlineSoftmaxState* state;  // (group, kQueryTile)
-  LocalRange* ranges;         // (kQueryTile)
-  std::uint32_t* q_pairs;     // (group, kQueryTile, padded_dim / 2): bf16 Q, unscaled
-  std::uint32_t* p_pairs;     // (kQueryTile, kAmxSpan * kKeyTile / 2): bf16 P
-  float* v_tile;              // (kKeyTile, padded_dim): a masked tile's V (AMX path)
+// What every phase of one task sees: the call, the task's rows and its
+// worker's scratch (PrefillScratchLayout, shapes there).
+struct TaskFrame {
+  const PrefillParams& params;
+  const PackedKV& packed;
+  const Mask& mask;
+  std::int64_t b, kv_head, group, padded;
+  std::int64_t row_begin, rows;  // query rows [row_begin, row_begin + rows)
+  float* q;
+  std::uint16_t* q_bf16;
+  float* acc;
+  float* scores;
+  float* p;
+  std::uint16_t* p_bf16;
+  float* v_rows;
+  float* alpha;
+  OnlineSoftmaxState* state;
+  LocalRange* ranges;
+
+  std::int64_t head(std::int64_t g) const { return kv_head * group + g; }
+  float* acc_of(std::int64_t g) const { return acc + g * kQueryTile * padded; }
 };
 
-void RunTask(const PrefillParams& params, const PackedKV& packed, const Mask& mask,
-             const PrefillTask& task, Scratch scratch) {
-  const AttentionShape& shape = params.shape;
-  const std::int64_t group = shape.heads / shape.kv_heads;
-  const std::int64_t dim = shape.head_dim;
-  const std::int64_t padded = packed.padded_dim;
-  const std::int64_t row_begin = task.query_tile * kQueryTile;
-  const std::int64_t row_end = std::min(shape.seqlen_q, row_begin + kQueryTile);
-  const std::int64_t rows = row_end - row_begin;
-  const std::int64_t b = task.batch;
+// One step of the key loop: a key tile, or (AMX) up to kAmxSpan consecutive
+// full tiles taken together.
+struct KeyStep {
+  std::int64_t tile = 0;
+  std::int64_t span = 1;
+  std::int64_t key_begin = 0;
+  // The tile's keys that lie in the key range this call covers.
+  std::int64_t used_begin = 0, used_end = 0;
+  // Rows need their own ranges: a diagonal or window-edge tile, or one cut
+  // short (the last tile, or the call's key range).
+  bool masked = false;
+  std::int64_t width() const { return span * kKeyTile; }
+};
 
-  // Q rows of every head in the group: scaled and rounded to storage (f32
-  // tiles), or as bf16 pairs (AMX tiles).
-  for (std::int64_t g = 0; g < group; ++g) {
-    const std::int64_t head = task.kv_head * group + g;
-    float* q_tile = scratch.q + g * kQueryTile * padded;
-    for (std::int64_t r = 0; r < rows; ++r) {
-      prefetch_row(params.q, b, row_begin + r + kRowPrefetchDistance, head);
-      float* q_row = q_tile + r * padded;
-      const std::int64_t base = params.q.offset(b, row_begin + r, head, 0);
-#if LOOKBACK_HAVE_AMX
-      if (params.amx_tiles) {
-        // The tiles take Q as bf16 pairs, unscaled: the scale multiplies the
-        // f32 scores, so Q holds exactly its stored bf16 values (deriving
-        // them from a scaled row fails for scale 0 or tiny scales, a fuzzer
-        // finding).
-        std::uint32_t* pairs = scratch.q_pairs + (g * kQueryTile + r) * (padded / 2);
-        RowToBf16(params.q.data, params.q.dtype, base, params.q.strides[3], dim, padded,
-                  reinterpret_cast<std::uint16_t*>(pairs));
-        continue;
-      }
-#endif
-      if (params.q.dtype == DType::kF32 && params.storage == DType::kF32 &&
-          params.q.strides[3] == 1) {
-        // The common case, kept free of per-element conversion so it vectorises.
-        const float* q_in = static_cast<const float*>(params.q.data) + base;
-        for (std::int64_t e = 0; e < dim; ++e) q_row[e] = q_in[e] * params.scale;
-        for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
-        continue;
-      }
-      for (std::int64_t e = 0; e < dim; ++e) {
-        const std::int64_t offset = base + e * params.q.strides[3];
-        const float value = params.q.dtype == DType::kF32
-                                ? static_cast<const float*>(params.q.data)[offset]
-                                : load_as_float(params.q.data, params.q.dtype, offset);
-        q_row[e] = round_to_storage(value, params.storage) * params.scale;
-      }
-      for (std::int64_t e = dim; e < padded; ++e) q_row[e] = 0.0f;
-    }
-    std::fill(scratch.acc + g * kQueryTile * padded,
-              scratch.acc + (g * kQueryTile + rows) * padded, 0.0f);
-    std::fill(scratch.state + g * kQueryTile, scratch.state + (g + 1) * kQueryTile,
-              OnlineSoftmaxState{});
+// ---- Phases shared by every path ----
+
+void ResetRows(const TaskFrame& f) {
+  for (std::int64_t g = 0; g < f.group; ++g) {
+    std::fill(f.acc_of(g), f.acc_of(g) + f.rows * f.padded, 0.0f);
+    std::fill(f.state + g * kQueryTile, f.state + (g + 1) * kQueryTile, OnlineSoftmaxState{});
   }
+}
 
-#if LOOKBACK_HAVE_AMX
-  if (params.amx_tiles) AmxBegin();
-#endif
-  KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
-  keys.begin = std::max(keys.begin, params.keys.begin);
-  keys.end = std::min(keys.end, params.keys.end);
-  if (!keys.empty()) {
-    const std::int64_t first_tile = keys.begin / kKeyTile;
-    const std::int64_t last_tile = (keys.end - 1) / kKeyTile;
-    // Whether every row sees every key of the tile (and the tile is whole).
-    auto full = [&](std::int64_t tile) {
-      const std::int64_t key_begin = tile * kKeyTile;
-      return key_begin >= params.keys.begin && key_begin + kKeyTile <= params.keys.end &&
-             key_begin + kKeyTile <= shape.seqlen_k &&
-             mask.tile_visibility(row_begin, row_end, key_begin, key_begin + kKeyTile) ==
-                 TileVisibility::kFull;
-    };
-    std::int64_t span = 1;  // tiles taken by the current step
-    for (std::int64_t tile = first_tile; tile <= last_tile; tile += span) {
-      span = 1;
-      const std::int64_t key_begin = tile * kKeyTile;
-      const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
-      // The tile's columns that lie in the key range this call covers.
-      const std::int64_t used_begin = std::max(key_begin, params.keys.begin);
-      const std::int64_t used_end = std::min(key_end, params.keys.end);
-      const TileVisibility visibility =
-          mask.tile_visibility(row_begin, row_end, used_begin, used_end);
-      if (visibility == TileVisibility::kEmpty) continue;
-      // A full tile narrower than kKeyTile (the last one, or one cut by the
-      // key range) still needs the other columns hidden: the masked path.
-      const bool masked = visibility == TileVisibility::kPartial ||
-                          used_begin != key_begin || used_end - key_begin != kKeyTile;
-      // The AMX tiles take up to kAmxSpan consecutive full tiles in one step
-      // (one softmax pass and one accumulator load per span); everything
-      // else goes one tile at a time. `width` is also the scores' row stride.
-      if (params.amx_tiles && !masked) {
-        while (span < kAmxSpan && tile + span <= last_tile && full(tile + span)) ++span;
+// Keys any of the task's rows can see, within the call's key range.
+KeyRange TaskKeys(const TaskFrame& f) {
+  KeyRange keys = f.mask.key_range_of_rows(f.row_begin, f.row_begin + f.rows);
+  keys.begin = std::max(keys.begin, f.params.keys.begin);
+  keys.end = std::min(keys.end, f.params.keys.end);
+  return keys;
+}
+
+// Whether every row sees every key of `tile`, and the tile is whole.
+bool FullTile(const TaskFrame& f, std::int64_t tile) {
+  const std::int64_t key_begin = tile * kKeyTile, key_end = key_begin + kKeyTile;
+  return key_begin >= f.params.keys.begin && key_end <= f.params.keys.end &&
+         key_end <= f.params.shape.seqlen_k &&
+         f.mask.tile_visibility(f.row_begin, f.row_begin + f.rows, key_begin, key_end) ==
+             TileVisibility::kFull;
+}
+
+// The step at the first non-empty tile from `tile` on; false past the last.
+bool StepAt(const TaskFrame& f, KeyRange keys, std::int64_t tile, std::int64_t max_span,
+            KeyStep& step) {
+  const std::int64_t last_tile = (keys.end - 1) / kKeyTile;
+  for (; tile <= last_tile; ++tile) {
+    const std::int64_t key_begin = tile * kKeyTile;
+    const std::int64_t key_end = std::min(f.params.shape.seqlen_k, key_begin + kKeyTile);
+    const std::int64_t used_begin = std::max(key_begin, f.params.keys.begin);
+    const std::int64_t used_end = std::min(key_end, f.params.keys.end);
+    const TileVisibility visibility =
+        f.mask.tile_visibility(f.row_begin, f.row_begin + f.rows, used_begin, used_end);
+    if (visibility == TileVisibility::kEmpty) continue;
+    step = {.tile = tile,
+            .key_begin = key_begin,
+            .used_begin = used_begin,
+            .used_end = used_end,
+            .masked = visibility == TileVisibility::kPartial || used_begin != key_begin ||
+                      used_end - key_begin != kKeyTile};
+    if (!step.masked) {
+      while (step.span < max_span && tile + step.span <= last_tile && FullTile(f, tile + step.span)) {
+        ++step.span;
       }
-      const std::int64_t width = span * kKeyTile;
-      for (std::int64_t r = 0; r < rows; ++r) {
-        if (masked) {
-          const KeyRange row_keys = mask.key_range(row_begin + r);
-          scratch.ranges[r] = {std::max(row_keys.begin, used_begin) - key_begin,
-                               std::min(row_keys.end, used_end) - key_begin};
-        } else {
-          scratch.ranges[r] = {0, width};
-        }
+    }
+    return true;
+  }
+  return false;
+}
+
+// Each row's visible columns of the step.
+void SetRowRanges(const TaskFrame& f, const KeyStep& step) {
+  for (std::int64_t r = 0; r < f.rows; ++r) {
+    if (!step.masked) {
+      f.ranges[r] = {0, step.width()};
+      continue;
+    }
+    const KeyRange row_keys = f.mask.key_range(f.row_begin + r);
+    f.ranges[r] = {std::max(row_keys.begin, step.used_begin) - step.key_begin,
+                   std::min(row_keys.end, step.used_end) - step.key_begin};
+  }
+}
+
+// Scores of one head -> probabilities and accumulator factors (softmax-inl.h).
+// Full steps write P where the path's P V reads it; masked ones in place.
+template <class Path>
+void SoftmaxRows(const TaskFrame& f, const KeyStep& step, std::int64_t g) {
+  const PrefillParams& params = f.params;
+  const float slope =
+      params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[f.head(g)] : 0.0f;
+  const std::int64_t width = step.width();
+  OnlineSoftmaxState* state = f.state + g * kQueryTile;
+  const float first_key = static_cast<float>(step.key_begin);
+  for (std::int64_t r = 0; r < f.rows; ++r) {
+    const LocalRange range = f.ranges[r];
+    if (range.empty()) {
+      f.alpha[r] = 1.0f;
+      continue;
+    }
+    float* scores = f.scores + r * width;
+    const float position = static_cast<float>(f.mask.position(f.row_begin + r));
+    f.alpha[r] = step.masked ? SoftmaxRow<true>(scores, range, params.softcap, slope, position,
+                                                first_key, state[r], Path::ScoreScale(f))
+                             : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
+                                                 first_key, state[r], Path::ScoreScale(f),
+                                                 Path::PBf16(f, r, width), Path::PF32(f, r, width));
+  }
+}
+
+// O = alpha O + P V over each row's visible keys of a masked tile (f32, P in
+// place of the scores): the keys a block of rows shares in one micro-kernel
+// call, then each row's rest.
+void AccumulateMasked(const TaskFrame& f, std::int64_t g, const float* v_rows) {
+  float* acc = f.acc_of(g);
+  const std::int64_t padded = f.padded;
+  for (std::int64_t r0 = 0; r0 < f.rows; r0 += kBlockRows) {
+    const std::int64_t r1 = std::min(f.rows, r0 + static_cast<std::int64_t>(kBlockRows));
+    LocalRange common{0, kKeyTile};
+    for (std::int64_t r = r0; r < r1; ++r) {
+      common.begin = std::max(common.begin, f.ranges[r].begin);
+      common.end = std::min(common.end, f.ranges[r].end);
+    }
+    if (common.empty()) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const LocalRange range = f.ranges[r];
+        if (range.empty()) continue;  // alpha is 1: nothing changes
+        Gemm<Accumulate::kScaleAdd>(1, padded, range.end - range.begin,
+                                    f.scores + r * kKeyTile + range.begin, kKeyTile,
+                                    v_rows + range.begin * padded, padded, acc + r * padded,
+                                    padded, f.alpha + r);
       }
-      // f32 K^T exists only off the AMX path (no arithmetic on its null base).
-      const float* k_tile =
-          params.amx_tiles ? nullptr : packed.k_tile(b, task.kv_head, shape.kv_heads, tile);
-      const float* v_rows = nullptr;
-#if LOOKBACK_HAVE_AMX
-      if (params.amx_tiles) {
-        // V only as pairs: the masked tile's rows, once for the group.
-        if (masked) {
-          UnpackVPairs(packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
-                       static_cast<std::size_t>(padded), scratch.v_tile);
-        }
-        v_rows = scratch.v_tile;
-      } else
-#endif
-      {
-        v_rows = packed.v_rows(b, task.kv_head, shape.kv_heads, key_begin);
+      continue;
+    }
+    Gemm<Accumulate::kScaleAdd>(static_cast<std::size_t>(r1 - r0), padded,
+                                common.end - common.begin, f.scores + r0 * kKeyTile + common.begin,
+                                kKeyTile, v_rows + common.begin * padded, padded,
+                                acc + r0 * padded, padded, f.alpha + r0);
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const LocalRange range = f.ranges[r];
+      const float* p_row = f.scores + r * kKeyTile;
+      if (range.begin < common.begin) {
+        Gemm<Accumulate::kAdd>(1, padded, common.begin - range.begin, p_row + range.begin,
+                               kKeyTile, v_rows + range.begin * padded, padded, acc + r * padded,
+                               padded);
       }
-
-      for (std::int64_t g = 0; g < group; ++g) {
-        const std::int64_t head = task.kv_head * group + g;
-        const float slope =
-            params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
-        const float* q_tile = scratch.q + g * kQueryTile * padded;
-        float* acc = scratch.acc + g * kQueryTile * padded;
-        OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
-
-        // S = Q K^T over the whole tile width (padded keys read zeros).
-#if LOOKBACK_HAVE_AMX
-        if (params.amx_tiles) {
-          for (std::int64_t part = 0; part < span; ++part) {
-            AmxScores(scratch.q_pairs + g * kQueryTile * (padded / 2), padded / 2,
-                      packed.k_pair_tile(b, task.kv_head, shape.kv_heads, tile + part), padded / 2,
-                      scratch.scores + part * kKeyTile, static_cast<std::size_t>(width));
-          }
-        } else
-#endif
-        {
-          Gemm<Accumulate::kOverwrite>(rows, kKeyTile, padded, q_tile, padded, k_tile, kKeyTile,
-                                       scratch.scores, kKeyTile);
-        }
-        // The AMX tiles hold unscaled Q (its exact bf16 values): the softmax
-        // scales the scores, and on full tiles writes P as bf16 for the tiles.
-        const float score_scale = params.amx_tiles ? params.scale : 1.0f;
-        auto* p_bf16 = reinterpret_cast<std::uint16_t*>(scratch.p_pairs);
-        // f32 full tiles: P beside the scores (its space is the AMX path's).
-        auto* p_f32 = reinterpret_cast<float*>(scratch.p_pairs);
-        for (std::int64_t r = 0; r < rows; ++r) {
-          const LocalRange range = scratch.ranges[r];
-          if (range.empty()) {
-            scratch.alpha[r] = 1.0f;
-            continue;
-          }
-          float* scores = scratch.scores + r * width;
-          const float position = static_cast<float>(mask.position(row_begin + r));
-          const float first_key = static_cast<float>(key_begin);
-          scratch.alpha[r] =
-              masked ? SoftmaxRow<true>(scores, range, params.softcap, slope, position,
-                                        first_key, state[r], score_scale)
-                     : SoftmaxRow<false>(scores, range, params.softcap, slope, position,
-                                         first_key, state[r], score_scale,
-                                         params.amx_tiles ? p_bf16 + r * width : nullptr,
-                                         params.amx_tiles ? nullptr : p_f32 + r * width);
-        }
-
-        // O = alpha O + P V, over each row's visible keys only.
-        if (!masked) {
-#if LOOKBACK_HAVE_AMX
-          if (params.amx_tiles) {
-            // Full tile: every key of every row is visible, so all of V is
-            // read with a visible weight and bf16 pairs of keys are safe.
-            ScaleRows(acc, static_cast<std::size_t>(rows), padded, scratch.alpha);
-            AmxAccumulate(scratch.p_pairs, static_cast<std::size_t>(width / 2),
-                          packed.v_pair_tile(b, task.kv_head, shape.kv_heads, tile),
-                          static_cast<std::size_t>(width / 2), padded, acc);
-            continue;
-          }
-#endif
-          Gemm<Accumulate::kScaleAdd>(rows, padded, kKeyTile, p_f32, kKeyTile, v_rows,
-                                      padded, acc, padded, scratch.alpha);
-          continue;
-        }
-        for (std::int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
-          const std::int64_t r1 = std::min(rows, r0 + static_cast<std::int64_t>(kBlockRows));
-          LocalRange common{0, kKeyTile};
-          for (std::int64_t r = r0; r < r1; ++r) {
-            common.begin = std::max(common.begin, scratch.ranges[r].begin);
-            common.end = std::min(common.end, scratch.ranges[r].end);
-          }
-          if (!common.empty()) {
-            // The shared keys for the whole row block, then each row's rest.
-            Gemm<Accumulate::kScaleAdd>(
-                static_cast<std::size_t>(r1 - r0), padded, common.end - common.begin,
-                scratch.scores + r0 * kKeyTile + common.begin, kKeyTile,
-                v_rows + common.begin * padded, padded, acc + r0 * padded, padded,
-                scratch.alpha + r0);
-            for (std::int64_t r = r0; r < r1; ++r) {
-              const LocalRange range = scratch.ranges[r];
-              const float* p_row = scratch.scores + r * kKeyTile;
-              if (range.begin < common.begin) {
-                Gemm<Accumulate::kAdd>(1, padded, common.begin - range.begin,
-                                       p_row + range.begin, kKeyTile,
-                                       v_rows + range.begin * padded, padded,
-                                       acc + r * padded, padded);
-              }
-              if (common.end < range.end) {
-                Gemm<Accumulate::kAdd>(1, padded, range.end - common.end, p_row + common.end,
-                                       kKeyTile, v_rows + common.end * padded, padded,
-                                       acc + r * padded, padded);
-              }
-            }
-          } else {
-            for (std::int64_t r = r0; r < r1; ++r) {
-              const LocalRange range = scratch.ranges[r];
-              if (range.empty()) continue;  // alpha is 1: nothing changes
-              Gemm<Accumulate::kScaleAdd>(1, padded, range.end - range.begin,
-                                          scratch.scores + r * kKeyTile + range.begin, kKeyTile,
-                                          v_rows + range.begin * padded, padded,
-                                          acc + r * padded, padded, scratch.alpha + r);
-            }
-          }
-        }
+      if (common.end < range.end) {
+        Gemm<Accumulate::kAdd>(1, padded, range.end - common.end, p_row + common.end, kKeyTile,
+                               v_rows + common.end * padded, padded, acc + r * padded, padded);
       }
     }
   }
+}
 
-#if LOOKBACK_HAVE_AMX
-  if (params.amx_tiles) AmxEnd();
-#endif
-  // O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
-  for (std::int64_t g = 0; g < group; ++g) {
-    const std::int64_t head = task.kv_head * group + g;
-    const float* acc = scratch.acc + g * kQueryTile * padded;
-    const OnlineSoftmaxState* state = scratch.state + g * kQueryTile;
-    float* out = static_cast<float*>(params.out.data);
-    float* lse = static_cast<float*>(params.maybe_lse.data);
-    for (std::int64_t r = 0; r < rows; ++r) {
+// O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
+void WriteOutputs(const TaskFrame& f) {
+  const PrefillParams& params = f.params;
+  auto* out = static_cast<float*>(params.out.data);
+  auto* lse = static_cast<float*>(params.maybe_lse.data);
+  for (std::int64_t g = 0; g < f.group; ++g) {
+    const float* acc = f.acc_of(g);
+    const OnlineSoftmaxState* state = f.state + g * kQueryTile;
+    for (std::int64_t r = 0; r < f.rows; ++r) {
       const float normalizer = state[r].normalizer();
-      const std::int64_t base = params.out.offset(b, row_begin + r, head, 0);
-      for (std::int64_t e = 0; e < dim; ++e) {
-        out[base + e * params.out.strides[3]] = acc[r * padded + e] * normalizer;
+      const std::int64_t base = params.out.offset(f.b, f.row_begin + r, f.head(g), 0);
+      for (std::int64_t e = 0; e < params.shape.head_dim; ++e) {
+        out[base + e * params.out.strides[3]] = acc[r * f.padded + e] * normalizer;
       }
-      if (lse != nullptr) lse[params.maybe_lse.offset(b, head, row_begin + r)] = state[r].lse();
+      if (lse != nullptr) {
+        lse[params.maybe_lse.offset(f.b, f.head(g), f.row_begin + r)] = state[r].lse();
+      }
     }
   }
+}
+
+// ---- The f32 path: FMA micro-kernels on storage-rounded values ----
+
+struct F32Path {
+  static constexpr std::int64_t kMaxSpan = 1;
+
+  // Q rows of every head in the group, scaled and rounded to storage.
+  static void LoadQueries(const TaskFrame& f) {
+    const TensorView& q = f.params.q;
+    const std::int64_t dim = f.params.shape.head_dim;
+    for (std::int64_t g = 0; g < f.group; ++g) {
+      for (std::int64_t r = 0; r < f.rows; ++r) {
+        prefetch_row(q, f.b, f.row_begin + r + kRowPrefetchDistance, f.head(g));
+        float* q_row = f.q + (g * kQueryTile + r) * f.padded;
+        const std::int64_t base = q.offset(f.b, f.row_begin + r, f.head(g), 0);
+        if (q.dtype == DType::kF32 && f.params.storage == DType::kF32 && q.strides[3] == 1) {
+          // The common case, kept free of per-element conversion so it vectorises.
+          const float* q_in = static_cast<const float*>(q.data) + base;
+          for (std::int64_t e = 0; e < dim; ++e) q_row[e] = q_in[e] * f.params.scale;
+        } else {
+          for (std::int64_t e = 0; e < dim; ++e) {
+            const float value = load_as_float(q.data, q.dtype, base + e * q.strides[3]);
+            q_row[e] = round_to_storage(value, f.params.storage) * f.params.scale;
+          }
+        }
+        std::fill(q_row + dim, q_row + f.padded, 0.0f);
+      }
+    }
+  }
+  static void Begin() {}
+  static void End() {}
+  static const float* VRows(const TaskFrame& f, const KeyStep& step) {
+    return f.packed.v_rows(f.b, f.kv_head, f.params.shape.kv_heads, step.key_begin);
+  }
+  // S = Q K^T over the whole tile (padded keys read zeros).
+  static void Scores(const TaskFrame& f, const KeyStep& step, std::int64_t g) {
+    Gemm<Accumulate::kOverwrite>(f.rows, kKeyTile, f.padded, f.q + g * kQueryTile * f.padded,
+                                 f.padded,
+                                 f.packed.k_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile),
+                                 kKeyTile, f.scores, kKeyTile);
+  }
+  static float ScoreScale(const TaskFrame&) { return 1.0f; }  // Q holds the scale
+  static std::uint16_t* PBf16(const TaskFrame&, std::int64_t, std::int64_t) { return nullptr; }
+  static float* PF32(const TaskFrame& f, std::int64_t r, std::int64_t width) {
+    return f.p + r * width;
+  }
+  static void AccumulateFull(const TaskFrame& f, const KeyStep&, std::int64_t g,
+                             const float* v_rows) {
+    Gemm<Accumulate::kScaleAdd>(f.rows, f.padded, kKeyTile, f.p, kKeyTile, v_rows, f.padded,
+                                f.acc_of(g), f.padded, f.alpha);
+  }
+};
+
+// ---- The AMX path: bf16 storage, Q K^T and P V on the tiles ----
+
+#if LOOKBACK_X86_AVX512
+struct AmxPath {
+  static constexpr std::int64_t kMaxSpan = kAmxSpan;
+
+  // Q rows as bf16, unscaled: the scale multiplies the f32 scores, so Q
+  // holds exactly its stored bf16 values (deriving them from a scaled row
+  // fails for scale 0 or tiny scales, a fuzzer finding).
+  static void LoadQueries(const TaskFrame& f) {
+    const TensorView& q = f.params.q;
+    for (std::int64_t g = 0; g < f.group; ++g) {
+      for (std::int64_t r = 0; r < f.rows; ++r) {
+        prefetch_row(q, f.b, f.row_begin + r + kRowPrefetchDistance, f.head(g));
+        RowToBf16(q.data, q.dtype, q.offset(f.b, f.row_begin + r, f.head(g), 0), q.strides[3],
+                  f.params.shape.head_dim, f.padded, f.q_bf16 + (g * kQueryTile + r) * f.padded);
+      }
+    }
+  }
+  static void Begin() { AmxBegin(); }
+  static void End() { AmxEnd(); }
+  // Full steps read V as pairs on the tiles; a masked tile's rows are
+  // unpacked once for the group.
+  static const float* VRows(const TaskFrame& f, const KeyStep& step) {
+    if (!step.masked) return nullptr;
+    UnpackVPairs(f.packed.v_pair_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile),
+                 static_cast<std::size_t>(f.padded), f.v_rows);
+    return f.v_rows;
+  }
+  static void Scores(const TaskFrame& f, const KeyStep& step, std::int64_t g) {
+    const auto* q_pairs = reinterpret_cast<const std::uint32_t*>(f.q_bf16 + g * kQueryTile * f.padded);
+    for (std::int64_t part = 0; part < step.span; ++part) {
+      AmxScores(q_pairs, f.padded / 2,
+                f.packed.k_pair_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile + part),
+                f.padded / 2, f.scores + part * kKeyTile, static_cast<std::size_t>(step.width()));
+    }
+  }
+  static float ScoreScale(const TaskFrame& f) { return f.params.scale; }
+  static std::uint16_t* PBf16(const TaskFrame& f, std::int64_t r, std::int64_t width) {
+    return f.p_bf16 + r * width;
+  }
+  static float* PF32(const TaskFrame&, std::int64_t, std::int64_t) { return nullptr; }
+  // Every key of every row is visible, so all of V is read with a visible
+  // weight and bf16 pairs of keys are safe.
+  static void AccumulateFull(const TaskFrame& f, const KeyStep& step, std::int64_t g,
+                             const float*) {
+    ScaleRows(f.acc_of(g), static_cast<std::size_t>(f.rows), f.padded, f.alpha);
+    AmxAccumulate(reinterpret_cast<const std::uint32_t*>(f.p_bf16),
+                  static_cast<std::size_t>(step.width() / 2),
+                  f.packed.v_pair_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile),
+                  static_cast<std::size_t>(step.width() / 2), f.padded, f.acc_of(g));
+  }
+};
+#endif
+
+// FlashAttention-2's loop for one task.
+template <class Path>
+void RunTask(const TaskFrame& f) {
+  Path::LoadQueries(f);
+  ResetRows(f);
+  Path::Begin();
+  const KeyRange keys = TaskKeys(f);
+  KeyStep step;
+  for (std::int64_t tile = keys.begin / kKeyTile;
+       !keys.empty() && StepAt(f, keys, tile, Path::kMaxSpan, step); tile = step.tile + step.span) {
+    SetRowRanges(f, step);
+    const float* v_rows = Path::VRows(f, step);
+    for (std::int64_t g = 0; g < f.group; ++g) {
+      Path::Scores(f, step, g);
+      SoftmaxRows<Path>(f, step, g);
+      if (step.masked) {
+        AccumulateMasked(f, g, v_rows);
+      } else {
+        Path::AccumulateFull(f, step, g, v_rows);
+      }
+    }
+  }
+  Path::End();
+  WriteOutputs(f);
+}
+
+TaskFrame MakeFrame(const PrefillParams& params, const PrefillPlan& plan, const PackedKV& packed,
+                    const Mask& mask, const PrefillTask& task, void* base) {
+  const PrefillScratchLayout& s = plan.scratch;
+  const std::int64_t row_begin = task.query_tile * kQueryTile;
+  return {.params = params,
+          .packed = packed,
+          .mask = mask,
+          .b = task.batch,
+          .kv_head = task.kv_head,
+          .group = plan.group,
+          .padded = plan.padded_dim,
+          .row_begin = row_begin,
+          .rows = std::min(params.shape.seqlen_q, row_begin + kQueryTile) - row_begin,
+          .q = s.q.in(base),
+          .q_bf16 = s.q_bf16.in(base),
+          .acc = s.acc.in(base),
+          .scores = s.scores.in(base),
+          .p = s.p.in(base),
+          .p_bf16 = s.p_bf16.in(base),
+          .v_rows = s.v_rows.in(base),
+          .alpha = s.alpha.in(base),
+          .state = s.state.in(base),
+          .ranges = s.ranges.in(base)};
 }
 
 }  // namespace
 
-void PrefillTiles(const PrefillParams& params, const PackedKV& packed,
-                  const std::vector<PrefillTask>& tasks, Context& context) {
+// The whole call on one target: pack K/V, then every task.
+void PrefillRun(const PrefillParams& params, const PrefillPlan& plan, Context& context) {
+  // Packing and the tiles share the context's scratch: hold it for both.
+  const auto call = context.lock_for_call();
+  const PackedKV packed(plan.packed, context.shared_scratch(plan.packed.bytes), plan.key_tiles,
+                        plan.padded_dim);
+  PackKV(params, plan, packed, context);
   const Mask mask(params.shape.seqlen_q, params.shape.seqlen_k, params.mask);
-  const std::int64_t group = params.shape.heads / params.shape.kv_heads;
-  const std::int64_t padded = packed.padded_dim;
-  const std::size_t q_floats = static_cast<std::size_t>(group * kQueryTile * padded);
-  const std::size_t score_floats = static_cast<std::size_t>(kQueryTile * kAmxSpan * kKeyTile);
-  const std::size_t bytes = (2 * q_floats + score_floats + kQueryTile) * sizeof(float) +
-                            static_cast<std::size_t>(group * kQueryTile) * sizeof(OnlineSoftmaxState) +
-                            kQueryTile * sizeof(LocalRange) + (q_floats / 2 + score_floats / 2) * 4 +
-                            static_cast<std::size_t>(kKeyTile * padded) * sizeof(float) + 512;
-  context.parallel_for(static_cast<std::int64_t>(tasks.size()), [&](std::int64_t index, int worker) {
-    auto* base = static_cast<float*>(context.scratch(worker, bytes));
-    Scratch scratch;
-    scratch.q = base;
-    scratch.acc = scratch.q + q_floats;
-    scratch.scores = scratch.acc + q_floats;
-    scratch.alpha = scratch.scores + score_floats;
-    scratch.state = reinterpret_cast<OnlineSoftmaxState*>(scratch.alpha + kQueryTile);
-    scratch.ranges = reinterpret_cast<LocalRange*>(scratch.state + group * kQueryTile);
-    // 64-byte aligned for the vector stores of the bf16 kernels.
-    const auto after_ranges = reinterpret_cast<std::uintptr_t>(scratch.ranges + kQueryTile);
-    scratch.q_pairs = reinterpret_cast<std::uint32_t*>((after_ranges + 63) / 64 * 64);
-    scratch.p_pairs = scratch.q_pairs + q_floats / 2;
-    scratch.v_tile = reinterpret_cast<float*>(scratch.p_pairs + score_floats / 2);
-    RunTask(params, packed, mask, tasks[static_cast<std::size_t>(index)], scratch);
+  context.parallel_for(static_cast<std::int64_t>(plan.tasks.size()), [&](std::int64_t index, int worker) {
+    const TaskFrame frame = MakeFrame(params, plan, packed, mask,
+                                      plan.tasks[static_cast<std::size_t>(index)],
+                                      context.scratch(worker, plan.scratch.bytes));
+#if LOOKBACK_X86_AVX512
+    if (plan.path == PrefillPath::kAmx) {
+      RunTask<AmxPath>(frame);
+      return;
+    }
+#endif
+    RunTask<F32Path>(frame);
   });
 }
-
-// out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim.
-void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
-  std::int64_t c0 = 0;
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-  // 16 x 16 blocks in registers: pairs, then quads within 128-bit lanes,
-  // then the lanes.
-  for (; c0 + 16 <= count; c0 += 16) {
-    std::int64_t e0 = 0;
-    for (; e0 + 16 <= dim; e0 += 16) {
-      __m512 r[16], t[16], u[16], v[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[c0 + i] + e0);
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      // u[4q + k] holds columns k, k + 4, k + 8, k + 12 of rows 4q .. 4q + 3.
-      for (int h = 0; h < 16; h += 8) {
-        for (int k = 0; k < 4; ++k) {
-          // Rows h .. h + 7: columns k, k + 8 and columns k + 4, k + 12.
-          v[h + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0x88);
-          v[h + 4 + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0xDD);
-        }
-      }
-      // v[k] (k < 8) and v[k + 8]: columns k and k + 8 of rows 0-7 and 8-15.
-      for (int k = 0; k < 8; ++k) {
-        _mm512_storeu_ps(out + (e0 + k) * kKeyTile + c0, _mm512_shuffle_f32x4(v[k], v[k + 8], 0x88));
-        _mm512_storeu_ps(out + (e0 + k + 8) * kKeyTile + c0,
-                         _mm512_shuffle_f32x4(v[k], v[k + 8], 0xDD));
-      }
-    }
-    for (; e0 < dim; ++e0) {
-      for (std::int64_t c = c0; c < c0 + 16; ++c) out[e0 * kKeyTile + c] = rows[c][e0];
-    }
-  }
-#endif
-  for (std::int64_t e = 0; e < dim; ++e) {
-    for (std::int64_t c = c0; c < count; ++c) out[e * kKeyTile + c] = rows[c][e];
-  }
-}
-
-void PackAmxKeyTile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
-                    std::int64_t kv_head, std::int64_t tile) {
-#if LOOKBACK_HAVE_AMX
-  PackAmxTile(params, packed, b, kv_head, tile);
-#else
-  (void)params, (void)packed, (void)b, (void)kv_head, (void)tile;
-  HWY_ABORT("AMX packing on a target without AMX");
-#endif
-}
-
-const char* TargetName() { return hwy::TargetName(HWY_TARGET); }
 
 }  // namespace lookback::kernels::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
@@ -415,26 +421,54 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace lookback::kernels {
 
-HWY_EXPORT(PrefillTiles);
-HWY_EXPORT(TargetName);
-HWY_EXPORT(PackAmxKeyTile);
-HWY_EXPORT(TransposeKeys);
+HWY_EXPORT(PrefillRun);
 
-void transpose_key_tile(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
-  HWY_DYNAMIC_DISPATCH(TransposeKeys)(rows, count, dim, out);
+PrefillScratchLayout prefill_scratch_layout(PrefillPath path, std::int64_t group,
+                                            std::int64_t padded_dim) {
+  const bool amx = path == PrefillPath::kAmx;
+  const auto heads = static_cast<std::size_t>(group), dim = static_cast<std::size_t>(padded_dim);
+  const auto rows = static_cast<std::size_t>(kQueryTile), keys = static_cast<std::size_t>(kKeyTile);
+  const std::size_t span_keys = (amx ? static_cast<std::size_t>(kAmxSpan) : 1) * keys;
+  ScratchLayout layout;
+  PrefillScratchLayout s;
+  s.q = layout.add<float>(amx ? 0 : heads * rows * dim);
+  s.q_bf16 = layout.add<std::uint16_t>(amx ? heads * rows * dim : 0);
+  s.acc = layout.add<float>(heads * rows * dim);
+  s.scores = layout.add<float>(rows * span_keys);
+  s.p = layout.add<float>(amx ? 0 : rows * keys);
+  s.p_bf16 = layout.add<std::uint16_t>(amx ? rows * span_keys : 0);
+  s.v_rows = layout.add<float>(amx ? keys * dim : 0);
+  s.alpha = layout.add<float>(rows);
+  s.state = layout.add<OnlineSoftmaxState>(heads * rows);
+  s.ranges = layout.add<LocalRange>(rows);
+  s.bytes = layout.bytes();
+  return s;
 }
 
-void pack_amx_tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
-                   std::int64_t kv_head, std::int64_t tile) {
-  HWY_DYNAMIC_DISPATCH(PackAmxKeyTile)(params, packed, b, kv_head, tile);
+PackedLayout packed_layout(PrefillPath path, const AttentionShape& shape) {
+  const auto elements = static_cast<std::size_t>(shape.batch * shape.kv_heads *
+                                                 tiles_for(shape.seqlen_k, kKeyTile) * kKeyTile *
+                                                 padded_head_dim(shape.head_dim));
+  const bool amx = path == PrefillPath::kAmx;
+  ScratchLayout layout;
+  PackedLayout packed;
+  packed.k_transposed = layout.add<float>(amx ? 0 : elements);
+  packed.v = layout.add<float>(amx ? 0 : elements);
+  packed.k_pairs = layout.add<std::uint32_t>(amx ? elements / 2 : 0);
+  packed.v_pairs = layout.add<std::uint32_t>(amx ? elements / 2 : 0);
+  packed.bytes = layout.bytes();
+  return packed;
 }
 
-void prefill(const PrefillParams& params, Context& context) {
-  apply_simd_policy();
+PrefillPlan plan_prefill(const PrefillParams& params) {
   const AttentionShape& shape = params.shape;
-  if (shape.batch == 0 || shape.seqlen_q == 0) return;
-  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
-  const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
+  PrefillPlan plan;
+  plan.padded_dim = padded_head_dim(shape.head_dim);
+  plan.path = prefill_path(params.storage, plan.padded_dim);
+  plan.group = shape.heads / shape.kv_heads;
+  plan.key_tiles = tiles_for(shape.seqlen_k, kKeyTile);
+  plan.packed = packed_layout(plan.path, shape);
+  plan.scratch = prefill_scratch_layout(plan.path, plan.group, plan.padded_dim);
 
   // Task order: head by head (consecutive tasks read the same K/V tiles,
   // which stay in the core's L2 instead of streaming from L3), heaviest
@@ -442,140 +476,33 @@ void prefill(const PrefillParams& params, Context& context) {
   // seqlen/kQueryTile times the keys of the first, so the list ends with
   // small tasks and the threads finish together. The order depends only on
   // shapes, so results do not depend on which thread runs which task.
-  std::vector<PrefillTask> tasks;
-  tasks.reserve(static_cast<std::size_t>(shape.batch * shape.kv_heads * query_tiles));
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
+  plan.tasks.reserve(static_cast<std::size_t>(shape.batch * shape.kv_heads * query_tiles));
   for (std::int64_t b = 0; b < shape.batch; ++b) {
     for (std::int64_t kv_head = 0; kv_head < shape.kv_heads; ++kv_head) {
-      for (std::int64_t tile = 0; tile < query_tiles; ++tile) {
-        tasks.push_back({b, kv_head, tile});
-      }
+      for (std::int64_t tile = 0; tile < query_tiles; ++tile) plan.tasks.push_back({b, kv_head, tile});
     }
   }
   auto task_cost = [&](const PrefillTask& task) {
     const std::int64_t row_begin = task.query_tile * kQueryTile;
     return mask.visible_in_tile(row_begin, row_begin + kQueryTile, 0, shape.seqlen_k);
   };
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const PrefillTask& x, const PrefillTask& y) {
-    if (x.batch != y.batch || x.kv_head != y.kv_head) {
-      return std::tie(x.batch, x.kv_head) < std::tie(y.batch, y.kv_head);
-    }
-    return task_cost(x) > task_cost(y);
-  });
-
-  // bf16 storage runs as bf16 dot products where the CPU has them and the
-  // AVX-512 kernels are the ones dispatched (not when a test forces another).
-  PrefillParams run = params;
-  const std::string target = dispatched_target_name();
-  run.amx_tiles = params.storage == DType::kBF16 && amx_supported() &&
-                 (target == "AVX3" || target == "AVX3_DL") &&
-                 padded_head_dim(shape.head_dim) % 32 == 0;
-
-  // Packing and the tiles share the context's scratch: hold it for both.
-  const auto call = context.lock_for_call();
-  const PackedKV packed = pack_kv(run, context);
-  HWY_DYNAMIC_DISPATCH(PrefillTiles)(run, packed, tasks, context);
+  std::stable_sort(plan.tasks.begin(), plan.tasks.end(),
+                   [&](const PrefillTask& x, const PrefillTask& y) {
+                     if (x.batch != y.batch || x.kv_head != y.kv_head) {
+                       return std::tie(x.batch, x.kv_head) < std::tie(y.batch, y.kv_head);
+                     }
+                     return task_cost(x) > task_cost(y);
+                   });
+  return plan;
 }
 
-std::string dispatched_target_name() {
+void prefill(const PrefillParams& params, Context& context) {
   apply_simd_policy();
-  return HWY_DYNAMIC_DISPATCH(TargetName)();
-}
-
-bool amx_supported() {
-#if defined(__linux__) && defined(__x86_64__)
-  // AMX tile data is off until the process asks Linux for it.
-  static const bool supported = [] {
-    if (std::getenv("LOOKBACK_DISABLE_AMX") != nullptr) return false;
-    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE (clang 14's
-    // __builtin_cpu_supports does not know "amx-bf16").
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    const bool amx = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 &&
-                     ((edx >> 22) & 1u) != 0 && ((edx >> 24) & 1u) != 0;
-    if (!amx || !__builtin_cpu_supports("avx512bf16")) return false;
-    constexpr long kArchRequestXcompPerm = 0x1023;
-    constexpr long kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
-
-namespace {
-
-// Every target compiled in and supported by this CPU, best first.
-const std::vector<std::int64_t>& all_targets() {
-  static const std::vector<std::int64_t> targets = [] {
-    hwy::SetSupportedTargetsForTest(0);
-    return hwy::SupportedAndGeneratedTargets();
-  }();
-  return targets;
-}
-
-// LOOKBACK_SIMD=NAME caps dispatch at that target (and those below it), e.g.
-// LOOKBACK_SIMD=AVX2 runs an AVX-512 machine as an AVX2-only one. Returns
-// the mask of allowed targets, 0 for no cap.
-std::int64_t environment_cap() {
-  static const std::int64_t cap = []() -> std::int64_t {
-    const char* name = std::getenv("LOOKBACK_SIMD");
-    if (name == nullptr || *name == '\0') return 0;
-    std::int64_t mask = 0;
-    bool found = false;
-    std::string known;
-    for (std::int64_t target : all_targets()) {  // best (lowest bit) first
-      found = found || std::string_view(name) == hwy::TargetName(target);
-      if (found) mask |= target;
-      known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
-    }
-    if (!found) {
-      throw Error(std::string("LOOKBACK_SIMD: '") + name + "' is not available (expected one of " +
-                  known + ")");
-    }
-    return mask;
-  }();
-  return cap;
-}
-
-const std::vector<std::int64_t>& compiled_and_supported() {
-  static const std::vector<std::int64_t> targets = [] {
-    const std::int64_t cap = environment_cap();
-    std::vector<std::int64_t> allowed;
-    for (std::int64_t target : all_targets()) {
-      if (cap == 0 || (target & cap) != 0) allowed.push_back(target);
-    }
-    hwy::SetSupportedTargetsForTest(cap);
-    return allowed;
-  }();
-  return targets;
-}
-
-}  // namespace
-
-void apply_simd_policy() { compiled_and_supported(); }
-
-std::vector<std::string> available_targets() {
-  std::vector<std::string> names;
-  for (std::int64_t target : compiled_and_supported()) names.emplace_back(hwy::TargetName(target));
-  return names;
-}
-
-void force_target(std::string_view name) {
-  const std::vector<std::int64_t>& targets = compiled_and_supported();
-  if (name.empty()) {
-    hwy::SetSupportedTargetsForTest(environment_cap());
-    return;
-  }
-  std::string known;
-  for (std::int64_t target : targets) {
-    if (name == hwy::TargetName(target)) {
-      hwy::SetSupportedTargetsForTest(target);
-      return;
-    }
-    known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
-  }
-  throw Error("simd target: '" + std::string(name) + "' is not available (expected one of " +
-              known + ")");
+  if (params.shape.batch == 0 || params.shape.seqlen_q == 0) return;
+  const PrefillPlan plan = plan_prefill(params);
+  HWY_DYNAMIC_DISPATCH(PrefillRun)(params, plan, context);
 }
 
 }  // namespace lookback::kernels

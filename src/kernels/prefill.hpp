@@ -1,19 +1,28 @@
 // Causal prefill, FlashAttention-2 style: query tiles against streamed key
 // tiles with an online softmax, never materialising the score matrix.
+//
+// Plan, then run (FlashInfer's plan()/run()): plan_prefill derives the path,
+// the task order and the scratch layouts once from validated params; the
+// run dispatches once to the SIMD target, packs K/V and walks the tasks.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <string>
-#include <string_view>
 #include <vector>
 
-#include "lookback/attention.hpp"
+#include "kernels/dispatch.hpp"
+#include "kernels/online_softmax.hpp"
+#include "kernels/scratch.hpp"
+#include "kernels/tiles.hpp"
 #include "lookback/context.hpp"
+#include "lookback/mask.hpp"
+#include "lookback/shape.hpp"
+#include "lookback/tensor.hpp"
 
 namespace lookback::kernels {
 
 // Everything a prefill kernel needs, already validated by lookback::validate;
-// kernels trust it.
+// kernels trust it. Inputs only: what follows from them is in PrefillPlan.
 struct PrefillParams {
   TensorView q;  // (batch, seqlen_q, heads, head_dim)
   TensorView k;  // (batch, seqlen_k, kv_heads, head_dim)
@@ -29,25 +38,60 @@ struct PrefillParams {
   // Only keys in this range take part (split-KV: one part of the key range;
   // rows with no key in it get zeros and LSE -inf, to be merged).
   KeyRange keys{0, INT64_MAX};
-  // Set by prefill(): bf16 storage on a CPU with AMX-BF16 (granted by the OS),
-  // the AVX-512 target dispatched and head_dim padded to a multiple of 32:
-  // Q K^T and P V run on the AMX tiles.
-  bool amx_tiles = false;
 };
 
+// One unit of parallel work: a query tile of every head of one kv head's
+// group.
+struct PrefillTask {
+  std::int64_t batch;
+  std::int64_t kv_head;
+  std::int64_t query_tile;
+};
+
+// One worker's tile scratch. Regions a path does not use are empty.
+struct PrefillScratchLayout {
+  ScratchRegion<float> q;       // (group, kQueryTile, padded_dim): scaled, storage-rounded (f32)
+  ScratchRegion<std::uint16_t> q_bf16;  // (group, kQueryTile, padded_dim): unscaled bf16 Q (AMX)
+  ScratchRegion<float> acc;     // (group, kQueryTile, padded_dim): unnormalised output
+  ScratchRegion<float> scores;  // (kQueryTile, span * kKeyTile): one step's S
+  ScratchRegion<float> p;       // (kQueryTile, kKeyTile): a full tile's P (f32)
+  ScratchRegion<std::uint16_t> p_bf16;  // (kQueryTile, kAmxSpan * kKeyTile): a span's P (AMX)
+  ScratchRegion<float> v_rows;  // (kKeyTile, padded_dim): a masked tile's V unpacked (AMX)
+  ScratchRegion<float> alpha;   // (kQueryTile): accumulator factors of one step
+  ScratchRegion<OnlineSoftmaxState> state;  // (group, kQueryTile)
+  ScratchRegion<LocalRange> ranges;         // (kQueryTile): each row's visible columns
+  std::size_t bytes = 0;
+};
+PrefillScratchLayout prefill_scratch_layout(PrefillPath path, std::int64_t group,
+                                            std::int64_t padded_dim);
+
+// K and V packed once per call, in the context's shared scratch, in the
+// layouts the path streams. Regions a path does not use are empty.
+struct PackedLayout {
+  ScratchRegion<float> k_transposed;  // (batch, kv_heads, key_tiles, padded_dim, kKeyTile) (f32)
+  ScratchRegion<float> v;             // (batch, kv_heads, key_tiles * kKeyTile, padded_dim) (f32)
+  // Two bf16 per u32 (AMX): K as dims (2r, 2r+1) of a key,
+  // (batch, kv_heads, key_tiles, padded_dim / 2, kKeyTile); V as keys
+  // (2s, 2s+1) of a dim, (batch, kv_heads, key_tiles, kKeyTile / 2, padded_dim).
+  ScratchRegion<std::uint32_t> k_pairs;
+  ScratchRegion<std::uint32_t> v_pairs;
+  std::size_t bytes = 0;
+};
+PackedLayout packed_layout(PrefillPath path, const AttentionShape& shape);
+
+struct PrefillPlan {
+  PrefillPath path = PrefillPath::kF32;
+  std::int64_t group = 1;       // query heads per kv head
+  std::int64_t padded_dim = 0;  // head_dim rounded up to kDimAlign
+  std::int64_t key_tiles = 0;
+  // Head by head, heaviest query tile first within a head.
+  std::vector<PrefillTask> tasks;
+  PackedLayout packed;
+  PrefillScratchLayout scratch;  // per worker
+};
+
+PrefillPlan plan_prefill(const PrefillParams& params);
+
 void prefill(const PrefillParams& params, Context& context);
-
-// Name of the Highway target HWY_DYNAMIC_DISPATCH picks on this CPU.
-std::string dispatched_target_name();
-
-// Whether this CPU has AMX-BF16, Linux granted the tile state, and
-// LOOKBACK_DISABLE_AMX is not set in the environment.
-bool amx_supported();
-
-std::vector<std::string> available_targets();
-// Applies LOOKBACK_SIMD (a cap on the dispatched target) once, before the
-// first dispatch; throws lookback::Error for an unknown name.
-void apply_simd_policy();
-void force_target(std::string_view name);
 
 }  // namespace lookback::kernels

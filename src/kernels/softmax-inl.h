@@ -24,14 +24,6 @@ HWY_BEFORE_NAMESPACE();
 namespace lookback::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// The visible keys of one row inside the current key tile, in tile-local
-// columns [begin, end).
-struct LocalRange {
-  std::int64_t begin = 0;
-  std::int64_t end = 0;
-  bool empty() const { return end <= begin; }
-};
-
 // AVX-512 targets: Exp2 on VREDUCEPS/VSCALEFPS, bf16 stores by
 // VCVTNEPS2BF16.
 #undef LOOKBACK_EXP2_AVX512

@@ -27,6 +27,28 @@ inline constexpr std::int64_t kAmxSpan = 4;
 // so that every packed row is whole vectors on every target.
 inline constexpr std::int64_t kDimAlign = 16;
 
+// AMX tile geometry (amx-inl.h): a tile register holds kAmxTileRows rows of
+// kAmxRowBytes: 16 f32, or 32 bf16 as 16 pairs. The kernels compute 32 x 32
+// blocks of output (2 x 2 tiles of 16 x 16 f32), so query and key tiles
+// must be whole blocks, and head_dim must be padded to whole tile rows of
+// bf16 (kAmxPairDims) for Q K^T to run on the tiles.
+inline constexpr std::int64_t kAmxTileRows = 16;
+inline constexpr std::int64_t kAmxRowBytes = 64;
+inline constexpr std::int64_t kAmxBlock = 2 * kAmxTileRows;
+inline constexpr std::int64_t kAmxPairDims = kAmxRowBytes / 2;
+static_assert(kQueryTile % kAmxBlock == 0 && kKeyTile % kAmxBlock == 0,
+              "the AMX kernels cover query and key tiles in 32 x 32 blocks");
+static_assert(kKeyTile / 2 % kAmxTileRows == 0,
+              "P V on the tiles takes key pairs in rows of 16 pairs");
+
+// The visible keys of one row inside the current key tile (or span of
+// tiles), in tile-local columns [begin, end).
+struct LocalRange {
+  std::int64_t begin = 0;
+  std::int64_t end = 0;
+  bool empty() const { return end <= begin; }
+};
+
 constexpr std::int64_t padded_head_dim(std::int64_t head_dim) {
   return (head_dim + kDimAlign - 1) / kDimAlign * kDimAlign;
 }

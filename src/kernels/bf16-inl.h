@@ -1,0 +1,168 @@
+// AVX512-BF16 kernels for bf16 storage, written with intrinsics the
+// kernels' Highway targets do not enable:
+//   DecodeScoresBf16: decode's Q K^T on a bf16 cache by VDPBF16PS;
+//   RowToBf16:        one stored row as bf16 (f32 rows by a vector rounding);
+//   ScaleRows:        the accumulator rows times their factors.
+// Compiled into the AVX-512 targets only (LOOKBACK_X86_AVX512); callers
+// check the CPU through dispatch.hpp (use_bf16_decode_dots, prefill_path).
+
+#if defined(LOOKBACK_KERNELS_BF16_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOOKBACK_KERNELS_BF16_INL_H_
+#undef LOOKBACK_KERNELS_BF16_INL_H_
+#else
+#define LOOKBACK_KERNELS_BF16_INL_H_
+#endif
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/tiles.hpp"
+#include "lookback/dtype.hpp"
+#include "lookback/shape.hpp"
+
+#include "hwy/highway.h"
+
+// Whether this Highway target is one of the x86 AVX-512 targets, where the
+// AVX512-BF16 and AMX intrinsics (amx-inl.h) are compiled.
+#undef LOOKBACK_X86_AVX512
+#undef LOOKBACK_BF16_TARGET
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+#include <immintrin.h>
+#define LOOKBACK_X86_AVX512 1
+#define LOOKBACK_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#else
+#define LOOKBACK_X86_AVX512 0
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+
+#if LOOKBACK_X86_AVX512
+
+// Decode scores with AVX512-BF16: scores[r * score_stride + j] = q_r . k_j
+// for every row r < rows and key j in [begin, end), k_j = k_rows[j] a bf16
+// row. q: rows x q_stride bf16 (q_stride a multiple of 32, zeros past the
+// head dim); K rows are read in whole 32-element vectors up to q_stride, so
+// they must hold that many readable elements (padded cache rows: dims past
+// the head dim are zeros). Four rows' dot products are reduced together.
+// While scoring key j, the K and V rows `ahead` keys on are prefetched into
+// L1 and those 2 * ahead keys on into L2 (below prefetch_end).
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DecodeScoresBf16(
+    const std::uint16_t* q, std::size_t q_stride, std::size_t rows, const void* const* k_rows,
+    const void* const* v_rows, std::int64_t begin, std::int64_t end, std::int64_t ahead,
+    std::int64_t prefetch_end, std::size_t row_bytes, std::size_t dim, float* scores,
+    std::size_t score_stride) {
+  const std::size_t vectors = (dim + 31) / 32;
+  const auto tail = static_cast<__mmask32>(dim % 32 == 0 ? 0xFFFFFFFFu : (1u << (dim % 32)) - 1u);
+  for (std::int64_t j = begin; j < end; ++j) {
+    if (j + ahead < prefetch_end) {
+      const auto* k_ahead = static_cast<const char*>(k_rows[j + ahead]);
+      const auto* v_ahead = static_cast<const char*>(v_rows[j + ahead]);
+      for (std::size_t line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(k_ahead + line, _MM_HINT_T0);
+        _mm_prefetch(v_ahead + line, _MM_HINT_T0);
+      }
+    }
+    if (j + 2 * ahead < prefetch_end) {
+      const auto* k_far = static_cast<const char*>(k_rows[j + 2 * ahead]);
+      const auto* v_far = static_cast<const char*>(v_rows[j + 2 * ahead]);
+      for (std::size_t line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(k_far + line, _MM_HINT_T1);
+        _mm_prefetch(v_far + line, _MM_HINT_T1);
+      }
+    }
+    const auto* k = static_cast<const std::uint16_t*>(k_rows[j]);
+    __m512bh kv[kMaxHeadDim / 32];
+    for (std::size_t v = 0; v < vectors; ++v) {
+      kv[v] = (__m512bh)_mm512_maskz_loadu_epi16(v + 1 < vectors ? 0xFFFFFFFFu : tail, k + v * 32);
+    }
+    std::size_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      __m512 acc[4];
+      for (std::size_t i = 0; i < 4; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        for (std::size_t v = 0; v < vectors; ++v) {
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(q + (r + i) * q_stride + v * 32), kv[v]);
+        }
+      }
+      // Four 16-lane sums at once: pairwise interleaves, then the four
+      // 128-bit blocks.
+      const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+      const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+      __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+      abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0x4E));
+      abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0xB1));
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, _mm512_castps512_ps128(abcd));
+      for (std::size_t i = 0; i < 4; ++i) scores[(r + i) * score_stride + static_cast<std::size_t>(j)] = sums[i];
+    }
+    for (; r < rows; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (std::size_t v = 0; v < vectors; ++v) {
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + r * q_stride + v * 32), kv[v]);
+      }
+      scores[r * score_stride + static_cast<std::size_t>(j)] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+// x[rows x n] *= factor[row] (n a multiple of 16, 64-byte aligned rows).
+// Rows whose factor is 1 are left as they are.
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t rows, std::size_t n,
+                                                 const float* factor) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    if (factor[r] == 1.0f) continue;  // the row's max did not change
+    const __m512 f = _mm512_set1_ps(factor[r]);
+    for (std::size_t e = 0; e < n; e += 16) {
+      _mm512_store_ps(x + r * n + e, _mm512_mul_ps(_mm512_load_ps(x + r * n + e), f));
+    }
+  }
+}
+
+// 16 f32 -> bf16, exactly as lookback::f32_to_bf16 (nearest even on the
+// dropped bits, NaN kept as a quiet NaN of the same sign).
+LOOKBACK_BF16_TARGET HWY_INLINE __m256i RoundToBf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                _mm512_set1_epi32(0x7F800000));
+  const __m512i rounding = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)),
+                                            _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, rounding), 16);
+  const __m512i quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+// One stored row (`count` elements `stride` apart from `base`) as bf16,
+// zero-padded to `padded` (a multiple of 16).
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void RowToBf16(const void* data, DType dtype, std::int64_t base,
+                                                 std::int64_t stride, std::int64_t count,
+                                                 std::int64_t padded, std::uint16_t* out) {
+  if (stride == 1 && dtype == DType::kF32) {
+    const float* in = static_cast<const float*>(data) + base;
+    for (std::int64_t e = 0; e < padded; e += 16) {
+      const std::int64_t left = std::clamp<std::int64_t>(count - e, 0, 16);
+      const auto live = static_cast<__mmask16>((1u << left) - 1u);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e),
+                          RoundToBf16(_mm512_maskz_loadu_ps(live, in + e)));
+    }
+    return;
+  }
+  if (stride == 1 && dtype == DType::kBF16) {
+    std::memcpy(out, static_cast<const std::uint16_t*>(data) + base,
+                static_cast<std::size_t>(count) * sizeof(std::uint16_t));
+  } else {
+    for (std::int64_t e = 0; e < count; ++e) out[e] = f32_to_bf16(load_as_float(data, dtype, base + e * stride));
+  }
+  std::fill(out + count, out + padded, std::uint16_t{0});
+}
+
+#endif  // LOOKBACK_X86_AVX512
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // LOOKBACK_KERNELS_BF16_INL_H_

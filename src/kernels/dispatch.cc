@@ -1,0 +1,183 @@
+// CPU features, the SIMD policy and the kernels' path decisions (dispatch.hpp).
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/dispatch.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+
+std::int64_t Target() { return HWY_TARGET; }
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+#include <cstdlib>
+#include <string>
+
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "kernels/dispatch.hpp"
+#include "kernels/tiles.hpp"
+#include "lookback/error.hpp"
+
+namespace lookback::kernels {
+
+HWY_EXPORT(Target);
+
+namespace {
+
+struct CpuFeatures {
+  bool avx512_bf16 = false;
+  bool amx_bf16 = false;  // and the tile state granted
+  bool amx_disabled = false;
+};
+
+// Read once per process.
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = [] {
+    CpuFeatures f;
+    f.amx_disabled = std::getenv("LOOKBACK_DISABLE_AMX") != nullptr;
+#if defined(__linux__) && defined(__x86_64__)
+    f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+    // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE (clang 14's
+    // __builtin_cpu_supports does not know "amx-bf16").
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amx = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 &&
+                     ((edx >> 22) & 1u) != 0 && ((edx >> 24) & 1u) != 0;
+    if (amx && f.avx512_bf16 && !f.amx_disabled) {
+      // AMX tile data is off until the process asks Linux for it.
+      constexpr long kArchRequestXcompPerm = 0x1023;
+      constexpr long kXfeatureXtiledata = 18;
+      f.amx_bf16 = syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
+    }
+#endif
+    return f;
+  }();
+  return features;
+}
+
+// Every target compiled in and supported by this CPU, best first.
+const std::vector<std::int64_t>& all_targets() {
+  static const std::vector<std::int64_t> targets = [] {
+    hwy::SetSupportedTargetsForTest(0);
+    return hwy::SupportedAndGeneratedTargets();
+  }();
+  return targets;
+}
+
+const char* simd_cap_setting() {
+  const char* name = std::getenv("LOOKBACK_SIMD");
+  return name == nullptr ? "" : name;
+}
+
+// LOOKBACK_SIMD=NAME caps dispatch at that target (and those below it), e.g.
+// LOOKBACK_SIMD=AVX2 runs an AVX-512 machine as an AVX2-only one. Returns
+// the mask of allowed targets, 0 for no cap.
+std::int64_t environment_cap() {
+  static const std::int64_t cap = []() -> std::int64_t {
+    const std::string_view name = simd_cap_setting();
+    if (name.empty()) return 0;
+    std::int64_t mask = 0;
+    bool found = false;
+    std::string known;
+    for (std::int64_t target : all_targets()) {  // best (lowest bit) first
+      found = found || name == hwy::TargetName(target);
+      if (found) mask |= target;
+      known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
+    }
+    if (!found) {
+      throw Error("LOOKBACK_SIMD: '" + std::string(name) + "' is not available (expected one of " +
+                  known + ")");
+    }
+    return mask;
+  }();
+  return cap;
+}
+
+const std::vector<std::int64_t>& allowed_targets() {
+  static const std::vector<std::int64_t> targets = [] {
+    const std::int64_t cap = environment_cap();
+    std::vector<std::int64_t> allowed;
+    for (std::int64_t target : all_targets()) {
+      if (cap == 0 || (target & cap) != 0) allowed.push_back(target);
+    }
+    hwy::SetSupportedTargetsForTest(cap);
+    return allowed;
+  }();
+  return targets;
+}
+
+}  // namespace
+
+void apply_simd_policy() { allowed_targets(); }
+
+void force_target(std::string_view name) {
+  const std::vector<std::int64_t>& targets = allowed_targets();
+  if (name.empty()) {
+    hwy::SetSupportedTargetsForTest(environment_cap());
+    return;
+  }
+  std::string known;
+  for (std::int64_t target : targets) {
+    if (name == hwy::TargetName(target)) {
+      hwy::SetSupportedTargetsForTest(target);
+      return;
+    }
+    known += (known.empty() ? "" : ", ") + std::string(hwy::TargetName(target));
+  }
+  throw Error("simd target: '" + std::string(name) + "' is not available (expected one of " +
+              known + ")");
+}
+
+std::int64_t dispatched_target() {
+  apply_simd_policy();
+  return HWY_DYNAMIC_DISPATCH(Target)();
+}
+
+bool avx512_kernels_dispatched() {
+#if HWY_ARCH_X86
+  const std::int64_t target = dispatched_target();
+  return target == HWY_AVX3 || target == HWY_AVX3_DL;
+#else
+  return false;
+#endif
+}
+
+PrefillPath prefill_path(DType storage, std::int64_t padded_dim) {
+  const bool amx = storage == DType::kBF16 && cpu_features().amx_bf16 &&
+                   avx512_kernels_dispatched() && padded_dim % kAmxPairDims == 0;
+  return amx ? PrefillPath::kAmx : PrefillPath::kF32;
+}
+
+bool use_bf16_decode_dots(DType storage) {
+  return storage == DType::kBF16 && cpu_features().avx512_bf16 && avx512_kernels_dispatched();
+}
+
+}  // namespace lookback::kernels
+
+namespace lookback {
+
+KernelCaps kernel_caps() {
+  const kernels::CpuFeatures& cpu = kernels::cpu_features();
+  KernelCaps caps;
+  caps.target = hwy::TargetName(kernels::dispatched_target());
+  for (std::int64_t target : kernels::allowed_targets()) caps.targets.emplace_back(hwy::TargetName(target));
+  caps.simd_cap = kernels::simd_cap_setting();
+  caps.avx512_bf16 = cpu.avx512_bf16;
+  caps.amx_bf16 = cpu.amx_bf16;
+  caps.amx_disabled = cpu.amx_disabled;
+  const bool avx512 = kernels::avx512_kernels_dispatched();
+  caps.amx_prefill = cpu.amx_bf16 && avx512;
+  caps.bf16_decode_dots = cpu.avx512_bf16 && avx512;
+  return caps;
+}
+
+}  // namespace lookback
+#endif  // HWY_ONCE

@@ -1,0 +1,40 @@
+// The one CPU-capabilities module: CPU features read once, the SIMD policy
+// (LOOKBACK_SIMD caps Highway's dispatch, LOOKBACK_DISABLE_AMX keeps bf16
+// off the AMX tiles), and the per-path decisions every kernel reads. Nothing
+// else in lookback runs CPUID or compares target names.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lookback/dtype.hpp"
+#include "lookback/kernel_caps.hpp"
+
+namespace lookback::kernels {
+
+// Applies LOOKBACK_SIMD once, before the first dispatch; throws
+// lookback::Error for an unknown name. Every kernel entry point calls it.
+void apply_simd_policy();
+
+// Restricts dispatch to one available target ("" restores the policy's).
+void force_target(std::string_view name);
+
+// The Highway target (its HWY_* bit) that HWY_DYNAMIC_DISPATCH picks now.
+std::int64_t dispatched_target();
+
+// Whether the dispatched target is one of the AVX-512 targets, the only ones
+// compiled with the AMX and AVX512-BF16 kernels (amx-inl.h, bf16-inl.h).
+bool avx512_kernels_dispatched();
+
+// The paths (see KernelCaps): bf16 storage on the AMX tiles needs head_dim
+// padded to a multiple of the tiles' 32 bf16 per row.
+enum class PrefillPath : std::uint8_t {
+  kF32,  // f32 FMA micro-kernels on storage-rounded values
+  kAmx,  // bf16 storage: Q K^T and P V on the AMX tiles
+};
+PrefillPath prefill_path(DType storage, std::int64_t padded_dim);
+bool use_bf16_decode_dots(DType storage);
+
+}  // namespace lookback::kernels

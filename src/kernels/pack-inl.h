@@ -1,0 +1,152 @@
+// Packing K and V once per call into the layouts the path streams
+// (PackedLayout, prefill.hpp), on the target the prefill call dispatched to:
+// f32 paths get K transposed per key tile and V row-major, rounded to the
+// storage dtype; the AMX path gets the bf16 pair layouts (amx-inl.h).
+//
+// Per-target: included from prefill.cc inside its foreach_target loop.
+
+#if defined(LOOKBACK_KERNELS_PACK_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LOOKBACK_KERNELS_PACK_INL_H_
+#undef LOOKBACK_KERNELS_PACK_INL_H_
+#else
+#define LOOKBACK_KERNELS_PACK_INL_H_
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "hwy/highway.h"
+#include "kernels/amx-inl.h"
+#include "kernels/pack.hpp"
+#include "kernels/prefill.hpp"
+#include "kernels/tiles.hpp"
+#include "lookback/context.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace lookback::kernels::HWY_NAMESPACE {
+
+// Reads element `offset` of a view as float rounded to the storage dtype.
+HWY_INLINE float LoadRounded(const TensorView& view, std::int64_t offset, DType storage) noexcept {
+  const float value = view.dtype == DType::kF32
+                          ? static_cast<const float*>(view.data)[offset]
+                          : load_as_float(view.data, view.dtype, offset);
+  return storage == DType::kF32 ? value : round_to_storage(value, storage);
+}
+
+// out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim.
+HWY_INLINE void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
+  std::int64_t c0 = 0;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  // 16 x 16 blocks in registers: pairs, then quads within 128-bit lanes,
+  // then the lanes.
+  for (; c0 + 16 <= count; c0 += 16) {
+    std::int64_t e0 = 0;
+    for (; e0 + 16 <= dim; e0 += 16) {
+      __m512 r[16], t[16], u[16], v[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[c0 + i] + e0);
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      // u[4q + k] holds columns k, k + 4, k + 8, k + 12 of rows 4q .. 4q + 3.
+      for (int h = 0; h < 16; h += 8) {
+        for (int k = 0; k < 4; ++k) {
+          // Rows h .. h + 7: columns k, k + 8 and columns k + 4, k + 12.
+          v[h + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0x88);
+          v[h + 4 + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0xDD);
+        }
+      }
+      // v[k] (k < 8) and v[k + 8]: columns k and k + 8 of rows 0-7 and 8-15.
+      for (int k = 0; k < 8; ++k) {
+        _mm512_storeu_ps(out + (e0 + k) * kKeyTile + c0, _mm512_shuffle_f32x4(v[k], v[k + 8], 0x88));
+        _mm512_storeu_ps(out + (e0 + k + 8) * kKeyTile + c0,
+                         _mm512_shuffle_f32x4(v[k], v[k + 8], 0xDD));
+      }
+    }
+    for (; e0 < dim; ++e0) {
+      for (std::int64_t c = c0; c < c0 + 16; ++c) out[e0 * kKeyTile + c] = rows[c][e0];
+    }
+  }
+#endif
+  for (std::int64_t e = 0; e < dim; ++e) {
+    for (std::int64_t c = c0; c < count; ++c) out[e * kKeyTile + c] = rows[c][e];
+  }
+}
+
+// One key tile of (b, kv_head) as f32: K transposed, V row-major. Padded
+// dims and keys past seqlen_k read as 0.
+HWY_INLINE void PackF32Tile(const PrefillParams& params, const PackedKV& packed, std::int64_t b,
+                            std::int64_t kv_head, std::int64_t tile) {
+  const AttentionShape& shape = params.shape;
+  const std::int64_t dim = shape.head_dim, padded = packed.padded_dim;
+  float* k_out = packed.k_tile(b, kv_head, shape.kv_heads, tile);
+  float* v_out = packed.v_rows(b, kv_head, shape.kv_heads, tile * kKeyTile);
+  const std::int64_t key_begin = tile * kKeyTile;
+  const std::int64_t key_end = std::min(shape.seqlen_k, key_begin + kKeyTile);
+  const std::int64_t count = key_end - key_begin;
+  // Padded dims and keys past seqlen_k must read as 0, never as stale
+  // memory (they are multiplied, though never by a visible weight).
+  if (count < kKeyTile || dim < padded) {
+    std::memset(k_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+    std::memset(v_out, 0, sizeof(float) * static_cast<std::size_t>(padded * kKeyTile));
+  }
+  const bool plain = params.storage == DType::kF32 && params.k.dtype == DType::kF32 &&
+                     params.v.dtype == DType::kF32 && params.k.strides[3] == 1 &&
+                     params.v.strides[3] == 1;
+  if (plain) {
+    // The common case: f32 rows with unit stride. V rows are copied whole,
+    // K is transposed in register blocks.
+    const float* k_rows[kKeyTile];
+    for (std::int64_t c = 0; c < count; ++c) {
+      prefetch_row(params.k, b, key_begin + c + kRowPrefetchDistance, kv_head);
+      prefetch_row(params.v, b, key_begin + c + kRowPrefetchDistance, kv_head);
+      k_rows[c] = static_cast<const float*>(params.k.data) + params.k.offset(b, key_begin + c, kv_head, 0);
+      const float* v_row =
+          static_cast<const float*>(params.v.data) + params.v.offset(b, key_begin + c, kv_head, 0);
+      std::memcpy(v_out + c * padded, v_row, sizeof(float) * static_cast<std::size_t>(dim));
+    }
+    TransposeKeys(k_rows, count, dim, k_out);
+  } else {
+    for (std::int64_t key = key_begin; key < key_end; ++key) {
+      prefetch_row(params.k, b, key + kRowPrefetchDistance, kv_head);
+      prefetch_row(params.v, b, key + kRowPrefetchDistance, kv_head);
+      const std::int64_t column = key - key_begin;
+      const std::int64_t k_base = params.k.offset(b, key, kv_head, 0);
+      const std::int64_t v_base = params.v.offset(b, key, kv_head, 0);
+      for (std::int64_t e = 0; e < dim; ++e) {
+        k_out[e * kKeyTile + column] = LoadRounded(params.k, k_base + e * params.k.strides[3], params.storage);
+        v_out[column * padded + e] = LoadRounded(params.v, v_base + e * params.v.strides[3], params.storage);
+      }
+    }
+  }
+}
+
+// Packs params.k and params.v for the plan's path, one task per key tile.
+inline void PackKV(const PrefillParams& params, const PrefillPlan& plan, const PackedKV& packed,
+                   Context& context) {
+  const AttentionShape& shape = params.shape;
+  context.parallel_for(shape.batch * shape.kv_heads * plan.key_tiles, [&](std::int64_t task, int) {
+    const std::int64_t tile = task % plan.key_tiles;
+    const std::int64_t kv_head = (task / plan.key_tiles) % shape.kv_heads;
+    const std::int64_t b = task / (plan.key_tiles * shape.kv_heads);
+#if LOOKBACK_X86_AVX512
+    if (plan.path == PrefillPath::kAmx) {
+      PackAmxTile(params, packed, b, kv_head, tile);
+      return;
+    }
+#endif
+    PackF32Tile(params, packed, b, kv_head, tile);
+  });
+}
+
+}  // namespace lookback::kernels::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // LOOKBACK_KERNELS_PACK_INL_H_
