@@ -80,6 +80,9 @@ class Mask {
 
   std::int64_t seqlen_q_;
   std::int64_t seqlen_k_;
+  // The window as the mask applies it: none when spec_'s reaches key 0 from
+  // every row (a window of any size up to INT64_MAX is then no window).
+  std::optional<std::int64_t> window_;
   MaskSpec spec_;
   std::int64_t offset_;  // p(i) - i
 };

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "lookback/dtype.hpp"
 
@@ -35,6 +37,49 @@ struct BasicTensorView {
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
   }
 };
+
+// Elements [begin, begin + count) of `axis`, over the same memory (no
+// bounds check: callers pass a range inside the view).
+template <typename Pointer>
+BasicTensorView<Pointer> slice(BasicTensorView<Pointer> view, int axis, std::int64_t begin,
+                               std::int64_t count) noexcept {
+  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const std::byte,
+                                  std::byte>;
+  if (view.data != nullptr) {
+    view.data = static_cast<Byte*>(view.data) +
+                begin * view.strides[axis] * static_cast<std::int64_t>(dtype_size(view.dtype));
+  }
+  view.shape[axis] = count;
+  return view;
+}
+
+// Index `index` of `axis`, that axis dropped (rank - 1), over the same memory.
+template <typename Pointer>
+BasicTensorView<Pointer> select(BasicTensorView<Pointer> view, int axis,
+                                std::int64_t index) noexcept {
+  view = slice(view, axis, index, 1);
+  for (int a = axis; a + 1 < kMaxRank; ++a) {
+    view.shape[a] = view.shape[a + 1];
+    view.strides[a] = view.strides[a + 1];
+  }
+  view.shape[kMaxRank - 1] = 0;
+  view.strides[kMaxRank - 1] = 0;
+  --view.rank;
+  return view;
+}
+
+// The axes reordered: axis a of the result is axis order[a] of `view` (a
+// transpose needs no copy).
+template <typename Pointer>
+BasicTensorView<Pointer> permute(BasicTensorView<Pointer> view,
+                                 const std::array<int, kMaxRank>& order) noexcept {
+  BasicTensorView<Pointer> result = view;
+  for (int a = 0; a < view.rank; ++a) {
+    result.shape[a] = view.shape[order[a]];
+    result.strides[a] = view.strides[order[a]];
+  }
+  return result;
+}
 
 using TensorView = BasicTensorView<const void*>;   // read-only input
 using MutableTensorView = BasicTensorView<void*>;  // output

@@ -45,35 +45,29 @@ namespace {
 template <typename Pointer>
 BasicTensorView<Pointer> rows_of(const BasicTensorView<Pointer>& view, std::int64_t b,
                                  std::int64_t begin, std::int64_t count) {
-  using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const std::byte,
-                                  std::byte>;
-  BasicTensorView<Pointer> slice;
-  slice.data = static_cast<Byte*>(view.data) + (b * view.strides[0] + begin * view.strides[1]) *
-                                                   static_cast<std::int64_t>(dtype_size(view.dtype));
-  slice.dtype = view.dtype;
-  slice.rank = 3;
-  slice.shape = {count, view.shape[2], view.shape[3], 0};
-  slice.strides = {view.strides[1], view.strides[2], view.strides[3], 0};
-  return slice;
+  return select(slice(view, 1, begin, count), 0, b);
 }
 
 // (heads, count) of the LSE (batch, heads, seqlen_q), or empty.
 MutableTensorView lse_of(const MutableTensorView& lse, std::int64_t b, std::int64_t begin,
                          std::int64_t count) {
   if (lse.empty()) return {};
-  MutableTensorView slice;
-  slice.data = static_cast<float*>(lse.data) + b * lse.strides[0] + begin * lse.strides[2];
-  slice.dtype = DType::kF32;
-  slice.rank = 2;
-  slice.shape = {lse.shape[1], count, 0, 0};
-  slice.strides = {lse.strides[1], lse.strides[2], 0, 0};
-  return slice;
+  return select(slice(lse, 2, begin, count), 0, b);
 }
+
+// How run_through_cache feeds the cache.
+struct CacheRun {
+  std::int64_t chunk = 1;         // query tokens appended and attended per step
+  bool paged = false;             // a paged pool instead of one contiguous cache per sequence
+  std::int64_t block_size = 16;   // tokens per block of the paged pool
+};
 
 // decode / chunked / paged: fill a cache per batch element with the first
 // seqlen_k - seqlen_q tokens, then append and attend `chunk` tokens at a time.
 void run_through_cache(const AttentionParams& params, const AttentionShape& shape,
-                       std::int64_t chunk, bool paged, std::int64_t block_size, Context& context) {
+                       const CacheRun& run, Context& context) {
+  const std::int64_t chunk = run.chunk, block_size = run.block_size;
+  const bool paged = run.paged;
   const CacheConfig config{.kv_heads = shape.kv_heads,
                            .head_dim = shape.head_dim,
                            .storage = params.storage,
@@ -218,12 +212,18 @@ void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
   if (shape.batch == 0 || shape.seqlen_q == 0) return;
   switch (options.mode) {
     case Mode::kPrefill: attend(params, context); return;
-    case Mode::kDecode: run_through_cache(params, shape, 1, false, 0, context); return;
-    case Mode::kChunked: run_through_cache(params, shape, options.chunk, false, 0, context); return;
+    case Mode::kDecode: run_through_cache(params, shape, {.chunk = 1}, context); return;
+    case Mode::kChunked: run_through_cache(params, shape, {.chunk = options.chunk}, context); return;
     case Mode::kPaged:
-      run_through_cache(params, shape, options.chunk, true, options.block_size, context);
+      run_through_cache(params, shape,
+                        {.chunk = options.chunk, .paged = true, .block_size = options.block_size},
+                        context);
       return;
-    case Mode::kSplit: run_split(params, shape, options.splits, context); return;
+    case Mode::kSplit:
+      // More parts than keys would only add empty parts: one key per part at most.
+      run_split(params, shape, std::min(options.splits, std::max<std::int64_t>(shape.seqlen_k, 1)),
+                context);
+      return;
   }
 }
 

@@ -39,6 +39,12 @@ Mask::Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec)
   }
   // Causal::kNone sees every key; its positions (for ALiBi) are bottom-right.
   offset_ = spec.causal == Causal::kTopLeft ? 0 : seqlen_k - seqlen_q;
+  // A window that reaches key 0 from the last row's position hides nothing:
+  // it is no window (so W up to INT64_MAX never overflows p - W below).
+  const std::int64_t last_position = seqlen_q - 1 + offset_;
+  if (spec.window_left && *spec.window_left < std::max<std::int64_t>(last_position, 0)) {
+    window_ = spec.window_left;
+  }
 }
 
 bool Mask::visible(std::int64_t row, std::int64_t key) const noexcept {
@@ -46,7 +52,7 @@ bool Mask::visible(std::int64_t row, std::int64_t key) const noexcept {
   if (spec_.causal == Causal::kNone) return true;
   const std::int64_t p = row + offset_;
   if (key > p) return false;
-  return !spec_.window_left || key >= p - *spec_.window_left;
+  return !window_ || key >= p - *window_;
 }
 
 KeyRange Mask::key_range(std::int64_t row) const noexcept {
@@ -54,7 +60,7 @@ KeyRange Mask::key_range(std::int64_t row) const noexcept {
   if (spec_.causal == Causal::kNone) return {0, seqlen_k_};
   const std::int64_t p = row + offset_;
   const std::int64_t end = std::min(p + 1, seqlen_k_);
-  const std::int64_t begin = spec_.window_left ? std::max<std::int64_t>(0, p - *spec_.window_left) : 0;
+  const std::int64_t begin = window_ ? std::max<std::int64_t>(0, p - *window_) : 0;
   if (end <= begin) return {};
   return {begin, end};
 }
@@ -91,9 +97,8 @@ std::int64_t Mask::visible_in_tile(std::int64_t row_begin, std::int64_t row_end,
   if (spec_.causal == Causal::kNone) return (row_end - row_begin) * (key_end - key_begin);
   // Visible: j - i <= offset, and with a window j - i >= offset - W.
   std::int64_t count = pairs_at_or_below(row_begin, row_end, key_begin, key_end, offset_);
-  if (spec_.window_left) {
-    count -= pairs_at_or_below(row_begin, row_end, key_begin, key_end,
-                               offset_ - *spec_.window_left - 1);
+  if (window_) {
+    count -= pairs_at_or_below(row_begin, row_end, key_begin, key_end, offset_ - *window_ - 1);
   }
   return count;
 }
@@ -121,7 +126,7 @@ KeyRange Mask::key_range_of_rows(std::int64_t row_begin, std::int64_t row_end) c
   // p(i) - W <= seqlen_k - 1. Both ends of a row's range grow with the row.
   std::int64_t first = std::max(row_begin, -offset_);
   std::int64_t last = row_end - 1;
-  if (spec_.window_left) last = std::min(last, seqlen_k_ - 1 + *spec_.window_left - offset_);
+  if (window_) last = std::min(last, seqlen_k_ - 1 + *window_ - offset_);
   if (last < first) return {};
   return {key_range(first).begin, key_range(last).end};
 }

@@ -102,216 +102,256 @@ HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
   }
 }
 
-struct DecodeScratch {
-  float* q;                   // (rows, padded_dim): scaled queries of the group
-  float* acc;                 // (rows, padded_dim)
-  float* scores;              // (rows, kKeyTile)
-  OnlineSoftmaxState* state;  // (rows)
-  LocalRange* ranges;         // (rows)
-  float* alpha;               // (rows)
-  float* k_row;               // (padded_dim): one key row converted to f32
-  const void** k_rows;        // (kKeyTile + kMaxPrefetchKeys)
-  const void** v_rows;        // (kKeyTile + kMaxPrefetchKeys)
-  std::uint16_t* q_bf16;      // (rows, bf16_stride): unscaled bf16 queries (bf16 dot products)
-  std::int64_t bf16_stride;   // padded_dim rounded up to 32
+// What every phase of one decode task sees: the call, its kv head and its
+// scratch (DecodeScratchLayout, shapes there).
+struct DecodeFrame {
+  const DecodeParams& params;
+  const DecodePlan& plan;
+  const Mask& mask;
+  std::int64_t kv_head, group, rows, padded;
+  float* q;
+  std::uint16_t* q_bf16;
+  float* acc;
+  float* scores;
+  float* alpha;
+  float* k_row;
+  OnlineSoftmaxState* state;
+  LocalRange* ranges;
+  const void** k_rows;
+  const void** v_rows;
+
+  std::int64_t head_of_row(std::int64_t row) const { return kv_head * group + row % group; }
 };
 
-// bf16 caches on CPUs with AVX512-BF16: scores by VDPBF16PS on the stored
-// rows, the queries rounded to bf16 (the storage dtype, as prefill holds
-// them) and the scale applied to the scores.
-bool UseBf16Dots() {
-#if LOOKBACK_X86_AVX512
-  static const bool supported = __builtin_cpu_supports("avx512bf16");
-  return supported;
-#else
-  return false;
-#endif
+// One key tile [begin, end) and the rows gathered for it: keys begin ..
+// table_end (the tile and up to 2 * ahead keys past it, for prefetching).
+struct DecodeTile {
+  std::int64_t begin = 0, end = 0, table_end = 0;
+};
+
+// Queries are held in the storage dtype, like prefill's: as bf16 for the
+// bf16 dot products (unscaled), else as f32, scaled.
+void LoadQueries(const DecodeFrame& f) {
+  const DecodeParams& params = f.params;
+  const std::int64_t bf16_stride = f.plan.scratch.bf16_stride;
+  for (std::int64_t row = 0; row < f.rows; ++row) {
+    const std::int64_t token = row / f.group;
+    const float* q = params.q + (token * params.heads + f.head_of_row(row)) * f.padded;
+    if (f.plan.bf16_dots) {
+      std::uint16_t* q_bf16 = f.q_bf16 + row * bf16_stride;
+      for (std::int64_t e = 0; e < bf16_stride; ++e) q_bf16[e] = e < f.padded ? f32_to_bf16(q[e]) : 0;
+    } else {
+      for (std::int64_t e = 0; e < f.padded; ++e) {
+        f.q[row * f.padded + e] = round_to_storage(q[e], params.storage) * params.scale;
+      }
+    }
+    std::fill(f.acc + row * f.padded, f.acc + (row + 1) * f.padded, 0.0f);
+    f.state[row] = OnlineSoftmaxState{};
+  }
 }
 
+// Row pointers of the tile's keys and of those up to table_end, from
+// whichever runs hold them; `run` follows the tile. The walk ahead uses its
+// own cursor: the next tile starts again at tile.end, possibly in an
+// earlier run than the last key looked ahead.
 template <typename T>
-void DecodeTyped(const DecodeParams& params, std::int64_t kv_head, DecodeScratch s) {
-  const std::int64_t group = params.heads / params.kv_heads;
-  const std::int64_t rows = params.tokens * group;  // row = token * group + g
-  const std::int64_t padded = params.padded_dim;
-  const auto dim = static_cast<std::size_t>(padded);
-  const Mask mask(params.tokens, params.seqlen_k,
-                  {.causal = Causal::kBottomRight, .window_left = params.window_left});
+void GatherRows(const DecodeFrame& f, const DecodeTile& tile, std::int64_t& run) {
+  const DecodeParams& params = f.params;
+  std::int64_t cursor = run;
+  for (std::int64_t key = tile.begin; key < tile.table_end; ++key) {
+    // Runs cover [0, seqlen_k) in order; never step past the last one.
+    while (cursor + 1 < params.run_count &&
+           key >= params.runs[cursor].first_key + params.runs[cursor].count) {
+      ++cursor;
+    }
+    if (key < tile.end) run = cursor;
+    const KvRun& r = params.runs[cursor];
+    const std::int64_t offset = f.kv_head * r.head_stride + (key - r.first_key) * f.padded;
+    f.k_rows[key - tile.begin] = static_cast<const T*>(r.k) + offset;
+    f.v_rows[key - tile.begin] = static_cast<const T*>(r.v) + offset;
+  }
+}
 
-  const bool bf16_dots = std::is_same_v<T, hwy::bfloat16_t> && UseBf16Dots();
-  for (std::int64_t token = 0; token < params.tokens; ++token) {
-    for (std::int64_t g = 0; g < group; ++g) {
-      const std::int64_t row = token * group + g;
-      const float* q = params.q + (token * params.heads + kv_head * group + g) * padded;
-      // Queries are held in the storage dtype, like prefill's: as bf16 for
-      // the bf16 dot products (unscaled), else as f32, scaled.
-      if (bf16_dots) {
-        std::uint16_t* q_bf16 = s.q_bf16 + row * s.bf16_stride;
-        for (std::int64_t e = 0; e < s.bf16_stride; ++e) q_bf16[e] = e < padded ? f32_to_bf16(q[e]) : 0;
-      } else {
-        for (std::int64_t e = 0; e < padded; ++e) {
-          s.q[row * padded + e] = round_to_storage(q[e], params.storage) * params.scale;
-        }
-      }
-      std::fill(s.acc + row * padded, s.acc + (row + 1) * padded, 0.0f);
-      s.state[row] = OnlineSoftmaxState{};
+// Each row's visible columns of the tile; returns their union.
+LocalRange SetRanges(const DecodeFrame& f, const DecodeTile& tile) {
+  LocalRange all{kKeyTile, 0};
+  for (std::int64_t token = 0; token < f.params.tokens; ++token) {
+    const KeyRange visible = f.mask.key_range(token);
+    const LocalRange range{std::max(visible.begin, tile.begin) - tile.begin,
+                           std::min(visible.end, tile.end) - tile.begin};
+    for (std::int64_t g = 0; g < f.group; ++g) f.ranges[token * f.group + g] = range;
+    if (range.empty()) continue;
+    all.begin = std::min(all.begin, range.begin);
+    all.end = std::max(all.end, range.end);
+  }
+  return all;
+}
+
+// Prefetches the K and V rows of key j + ahead into L1 and of j + 2 * ahead
+// into L2 (one head's keys are contiguous within a block, but blocks are
+// scattered, and the hardware prefetchers stop at every page).
+HWY_INLINE void PrefetchAhead(const DecodeFrame& f, const DecodeTile& tile, std::int64_t j,
+                              std::int64_t ahead, std::int64_t row_bytes) {
+  if (tile.begin + j + ahead < tile.table_end) {
+    const auto* k_ahead = static_cast<const char*>(f.k_rows[j + ahead]);
+    const auto* v_ahead = static_cast<const char*>(f.v_rows[j + ahead]);
+    for (std::int64_t line = 0; line < row_bytes; line += 64) {
+      hwy::Prefetch(k_ahead + line);
+      hwy::Prefetch(v_ahead + line);
     }
   }
+  if (tile.begin + j + 2 * ahead < tile.table_end) {
+    const auto* k_far = static_cast<const char*>(f.k_rows[j + 2 * ahead]);
+    const auto* v_far = static_cast<const char*>(f.v_rows[j + 2 * ahead]);
+    for (std::int64_t line = 0; line < row_bytes; line += 64) {
+      __builtin_prefetch(k_far + line, 0, 2);
+      __builtin_prefetch(v_far + line, 0, 2);
+    }
+  }
+}
 
-  const auto row_bytes = static_cast<std::int64_t>(dim * sizeof(T));
-  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys / 2);
-  KeyRange keys = mask.key_range_of_rows(0, params.tokens);
-  keys.begin = std::max(keys.begin, params.keys.begin);
-  keys.end = std::min(keys.end, params.keys.end);
-  std::int64_t run = 0;
-  for (std::int64_t tile_begin = keys.begin; tile_begin < keys.end; tile_begin += kKeyTile) {
-    const std::int64_t tile_end = std::min(keys.end, tile_begin + kKeyTile);
-    // Row pointers of the tile's keys and of the next 2 * ahead
-    // (prefetched across the tile boundary), from whichever runs hold them.
-    // The walk ahead uses its own cursor: the next tile starts again at
-    // tile_end, possibly in an earlier run than the last key looked ahead.
-    const std::int64_t table_end = std::min(keys.end, tile_end + 2 * ahead);
-    std::int64_t cursor = run;
-    for (std::int64_t key = tile_begin; key < table_end; ++key) {
-      // Runs cover [0, seqlen_k) in order; never step past the last one.
-      while (cursor + 1 < params.run_count &&
-             key >= params.runs[cursor].first_key + params.runs[cursor].count) {
-        ++cursor;
-      }
-      if (key < tile_end) run = cursor;
-      const KvRun& r = params.runs[cursor];
-      const std::int64_t offset = kv_head * r.head_stride + (key - r.first_key) * padded;
-      s.k_rows[key - tile_begin] = static_cast<const T*>(r.k) + offset;
-      s.v_rows[key - tile_begin] = static_cast<const T*>(r.v) + offset;
-    }
-    for (std::int64_t token = 0; token < params.tokens; ++token) {
-      const KeyRange visible = mask.key_range(token);
-      const LocalRange range{std::max(visible.begin, tile_begin) - tile_begin,
-                             std::min(visible.end, tile_end) - tile_begin};
-      for (std::int64_t g = 0; g < group; ++g) s.ranges[token * group + g] = range;
-    }
-    // Scores, key by key so that each K row is read from memory once for the
-    // whole group, with the rows a few keys ahead prefetched (one head's keys
-    // are contiguous within a block, but blocks are scattered).
-    LocalRange all{kKeyTile, 0};
-    for (std::int64_t row = 0; row < rows; ++row) {
-      if (s.ranges[row].empty()) continue;
-      all.begin = std::min(all.begin, s.ranges[row].begin);
-      all.end = std::max(all.end, s.ranges[row].end);
-    }
+// S for the visible columns `all` of the tile, key by key so that each K row
+// is read from memory once for the whole group.
+template <typename T>
+void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::int64_t ahead,
+            std::int64_t row_bytes) {
+  const auto dim = static_cast<std::size_t>(f.padded);
 #if LOOKBACK_X86_AVX512
-    if (bf16_dots) {
-      DecodeScoresBf16(s.q_bf16, static_cast<std::size_t>(s.bf16_stride), static_cast<std::size_t>(rows),
-                       s.k_rows, s.v_rows, all.begin, all.end, ahead, table_end - tile_begin,
-                       static_cast<std::size_t>(row_bytes), dim, s.scores, kKeyTile);
-      all = LocalRange{};  // scored
+  if constexpr (std::is_same_v<T, hwy::bfloat16_t>) {
+    if (f.plan.bf16_dots) {
+      DecodeScoresBf16(f.q_bf16, static_cast<std::size_t>(f.plan.scratch.bf16_stride),
+                       static_cast<std::size_t>(f.rows), f.k_rows, f.v_rows, all.begin, all.end,
+                       ahead, tile.table_end - tile.begin, static_cast<std::size_t>(row_bytes), dim,
+                       f.scores, kKeyTile);
+      return;
     }
+  }
 #endif
-    for (std::int64_t j = all.begin; j < all.end; ++j) {
-      if (tile_begin + j + ahead < table_end) {
-        const auto* k_ahead = static_cast<const char*>(s.k_rows[j + ahead]);
-        const auto* v_ahead = static_cast<const char*>(s.v_rows[j + ahead]);
-        for (std::int64_t line = 0; line < row_bytes; line += 64) {
-          hwy::Prefetch(k_ahead + line);
-          hwy::Prefetch(v_ahead + line);
-        }
-      }
-      if (tile_begin + j + 2 * ahead < table_end) {
-        const auto* k_far = static_cast<const char*>(s.k_rows[j + 2 * ahead]);
-        const auto* v_far = static_cast<const char*>(s.v_rows[j + 2 * ahead]);
-        for (std::int64_t line = 0; line < row_bytes; line += 64) {
-          __builtin_prefetch(k_far + line, 0, 2);
-          __builtin_prefetch(v_far + line, 0, 2);
-        }
-      }
-      const T* k = static_cast<const T*>(s.k_rows[j]);
-      if constexpr (std::is_same_v<T, float>) {
-        for (std::int64_t row = 0; row < rows; ++row) {
-          if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
-          s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, k, dim);
-        }
-      } else {
-        // Convert the stored row once for every query row of the group.
-        const hn::ScalableTag<float> d;
-        for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) {
-          hn::Store(LoadAsFloat(d, k, e), d, s.k_row + e);
-        }
-        for (std::int64_t row = 0; row < rows; ++row) {
-          if (j < s.ranges[row].begin || j >= s.ranges[row].end) continue;
-          s.scores[row * kKeyTile + j] = Dot(s.q + row * padded, s.k_row, dim);
-        }
-      }
+  for (std::int64_t j = all.begin; j < all.end; ++j) {
+    PrefetchAhead(f, tile, j, ahead, row_bytes);
+    const T* k = static_cast<const T*>(f.k_rows[j]);
+    const float* k_f32 = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      k_f32 = k;
+    } else {
+      // Convert the stored row once for every query row of the group.
+      const hn::ScalableTag<float> d;
+      for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) hn::Store(LoadAsFloat(d, k, e), d, f.k_row + e);
+      k_f32 = f.k_row;
     }
-    for (std::int64_t row = 0; row < rows; ++row) {
-      const LocalRange range = s.ranges[row];
-      if (range.empty()) continue;
-      float* scores = s.scores + row * kKeyTile;
-      const std::int64_t token = row / group;
-      const std::int64_t head = kv_head * group + row % group;
-      const float slope =
-          params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
-      s.alpha[row] = SoftmaxRow<true>(scores, range, params.softcap, slope,
-                                      static_cast<float>(mask.position(token)),
-                                      static_cast<float>(tile_begin), s.state[row],
-                                      bf16_dots ? params.scale : 1.0f);
-    }
-    // P V: rows that share a key range (the heads of a token) four at a time.
-    const auto* v_rows = reinterpret_cast<const T* const*>(s.v_rows);
-    for (std::int64_t row = 0; row < rows;) {
-      const LocalRange range = s.ranges[row];
-      std::int64_t same = 1;
-      while (same < 4 && row + same < rows && s.ranges[row + same].begin == range.begin &&
-             s.ranges[row + same].end == range.end) {
-        ++same;
-      }
-      if (!range.empty()) {
-        float* acc = s.acc + row * padded;
-        const float* p = s.scores + row * kKeyTile;
-        const float* alpha = s.alpha + row;
-        switch (same) {
-          case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-          case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-          case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-          default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-        }
-      }
-      row += same;
+    for (std::int64_t row = 0; row < f.rows; ++row) {
+      if (j < f.ranges[row].begin || j >= f.ranges[row].end) continue;
+      f.scores[row * kKeyTile + j] = Dot(f.q + row * f.padded, k_f32, dim);
     }
   }
+}
 
-  for (std::int64_t row = 0; row < rows; ++row) {
-    const std::int64_t token = row / group;
-    const std::int64_t head = kv_head * group + row % group;
-    const float normalizer = s.state[row].normalizer();
-    float* out = params.out + (token * params.heads + head) * padded;
-    for (std::int64_t e = 0; e < padded; ++e) out[e] = s.acc[row * padded + e] * normalizer;
-    params.lse[head * params.tokens + token] = s.state[row].lse();
+void Softmax(const DecodeFrame& f, const DecodeTile& tile) {
+  const DecodeParams& params = f.params;
+  for (std::int64_t row = 0; row < f.rows; ++row) {
+    const LocalRange range = f.ranges[row];
+    if (range.empty()) continue;
+    const std::int64_t head = f.head_of_row(row);
+    const float slope = params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
+    f.alpha[row] = SoftmaxRow<true>(f.scores + row * kKeyTile, range, params.softcap, slope,
+                                    static_cast<float>(f.mask.position(row / f.group)),
+                                    static_cast<float>(tile.begin), f.state[row],
+                                    f.plan.bf16_dots ? params.scale : 1.0f);
   }
+}
+
+// O = alpha O + P V: rows that share a key range (the heads of a token) four
+// at a time, so each V row is converted once for them.
+template <typename T>
+void Accumulate(const DecodeFrame& f) {
+  const auto dim = static_cast<std::size_t>(f.padded);
+  const auto* v_rows = reinterpret_cast<const T* const*>(f.v_rows);
+  for (std::int64_t row = 0; row < f.rows;) {
+    const LocalRange range = f.ranges[row];
+    std::int64_t same = 1;
+    while (same < 4 && row + same < f.rows && f.ranges[row + same].begin == range.begin &&
+           f.ranges[row + same].end == range.end) {
+      ++same;
+    }
+    if (!range.empty()) {
+      float* acc = f.acc + row * f.padded;
+      const float* p = f.scores + row * kKeyTile;
+      const float* alpha = f.alpha + row;
+      switch (same) {
+        case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+        case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+        case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+        default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+      }
+    }
+    row += same;
+  }
+}
+
+// The normalised partial output and its LSE.
+void WriteOutputs(const DecodeFrame& f) {
+  const DecodeParams& params = f.params;
+  for (std::int64_t row = 0; row < f.rows; ++row) {
+    const std::int64_t token = row / f.group;
+    const std::int64_t head = f.head_of_row(row);
+    const float normalizer = f.state[row].normalizer();
+    float* out = params.out + (token * params.heads + head) * f.padded;
+    for (std::int64_t e = 0; e < f.padded; ++e) out[e] = f.acc[row * f.padded + e] * normalizer;
+    params.lse[head * params.tokens + token] = f.state[row].lse();
+  }
+}
+
+// One kv head over params.keys, tile by tile.
+template <typename T>
+void DecodeTyped(const DecodeFrame& f) {
+  LoadQueries(f);
+  const std::int64_t row_bytes = f.padded * static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys / 2);
+  KeyRange keys = f.mask.key_range_of_rows(0, f.params.tokens);
+  keys.begin = std::max(keys.begin, f.params.keys.begin);
+  keys.end = std::min(keys.end, f.params.keys.end);
+  std::int64_t run = 0;
+  for (std::int64_t begin = keys.begin; begin < keys.end; begin += kKeyTile) {
+    const std::int64_t end = std::min(keys.end, begin + kKeyTile);
+    const DecodeTile tile{begin, end, std::min(keys.end, end + 2 * ahead)};
+    GatherRows<T>(f, tile, run);
+    const LocalRange all = SetRanges(f, tile);
+    Scores<T>(f, tile, all, ahead, row_bytes);
+    Softmax(f, tile);
+    Accumulate<T>(f);
+  }
+  WriteOutputs(f);
 }
 
 }  // namespace
 
-void DecodeKvHead(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
-  const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
-  const std::int64_t padded = params.padded_dim;
-  DecodeScratch s;
-  auto* base = static_cast<float*>(scratch);
-  s.q = base;
-  s.acc = s.q + rows * padded;
-  s.scores = s.acc + rows * padded;
-  s.state = reinterpret_cast<OnlineSoftmaxState*>(s.scores + rows * kKeyTile);
-  s.ranges = reinterpret_cast<LocalRange*>(s.state + rows);
-  s.alpha = reinterpret_cast<float*>(s.ranges + rows);
-  // 64-byte aligned: whole-vector stores.
-  s.k_row = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(s.alpha + rows) + 63) / 64 * 64);
-  s.k_rows = reinterpret_cast<const void**>(s.k_row + padded);
-  s.v_rows = s.k_rows + kKeyTile + kMaxPrefetchKeys;
-  s.bf16_stride = (padded + 31) / 32 * 32;
-  s.q_bf16 = reinterpret_cast<std::uint16_t*>(
-      (reinterpret_cast<std::uintptr_t>(s.v_rows + kKeyTile + kMaxPrefetchKeys) + 63) / 64 * 64);
+void DecodeKvHead(const DecodeParams& params, const DecodePlan& plan, std::int64_t kv_head,
+                  void* scratch) {
+  const DecodeScratchLayout& s = plan.scratch;
+  const Mask mask(params.tokens, params.seqlen_k,
+                  {.causal = Causal::kBottomRight, .window_left = params.window_left});
+  const std::int64_t group = params.heads / params.kv_heads;
+  const DecodeFrame frame{.params = params,
+                          .plan = plan,
+                          .mask = mask,
+                          .kv_head = kv_head,
+                          .group = group,
+                          .rows = params.tokens * group,  // row = token * group + g
+                          .padded = params.padded_dim,
+                          .q = s.q.in(scratch),
+                          .q_bf16 = s.q_bf16.in(scratch),
+                          .acc = s.acc.in(scratch),
+                          .scores = s.scores.in(scratch),
+                          .alpha = s.alpha.in(scratch),
+                          .k_row = s.k_row.in(scratch),
+                          .state = s.state.in(scratch),
+                          .ranges = s.ranges.in(scratch),
+                          .k_rows = s.k_rows.in(scratch),
+                          .v_rows = s.v_rows.in(scratch)};
   switch (params.storage) {
-    case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(params, kv_head, s); break;
-    case DType::kF16: DecodeTyped<hwy::float16_t>(params, kv_head, s); break;
-    default: DecodeTyped<float>(params, kv_head, s); break;
+    case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(frame); break;
+    case DType::kF16: DecodeTyped<hwy::float16_t>(frame); break;
+    default: DecodeTyped<float>(frame); break;
   }
 }
 
@@ -323,18 +363,33 @@ namespace lookback::kernels {
 
 HWY_EXPORT(DecodeKvHead);
 
-std::size_t decode_scratch_bytes(const DecodeParams& params) {
-  const std::int64_t rows = params.tokens * (params.heads / params.kv_heads);
-  return static_cast<std::size_t>(2 * rows * params.padded_dim + rows * kKeyTile) * sizeof(float) +
-         static_cast<std::size_t>(rows) * (sizeof(OnlineSoftmaxState) + 2 * sizeof(std::int64_t)) +
-         2 * (kKeyTile + kMaxPrefetchKeys) * sizeof(void*) + static_cast<std::size_t>(rows + params.padded_dim) * sizeof(float) +
-         static_cast<std::size_t>(rows * ((params.padded_dim + 31) / 32 * 32)) * sizeof(std::uint16_t) +
-         576;
+DecodePlan plan_decode(const DecodeParams& params) {
+  DecodePlan plan;
+  plan.bf16_dots = use_bf16_decode_dots(params.storage);
+  const auto rows = static_cast<std::size_t>(params.tokens * (params.heads / params.kv_heads));
+  const auto dim = static_cast<std::size_t>(params.padded_dim);
+  const auto table = static_cast<std::size_t>(kKeyTile + kMaxPrefetchKeys);
+  DecodeScratchLayout& s = plan.scratch;
+  s.bf16_stride = (params.padded_dim + 31) / 32 * 32;
+  ScratchLayout layout;
+  s.q = layout.add<float>(plan.bf16_dots ? 0 : rows * dim);
+  s.q_bf16 = layout.add<std::uint16_t>(plan.bf16_dots ? rows * static_cast<std::size_t>(s.bf16_stride) : 0);
+  s.acc = layout.add<float>(rows * dim);
+  s.scores = layout.add<float>(rows * static_cast<std::size_t>(kKeyTile));
+  s.alpha = layout.add<float>(rows);
+  s.k_row = layout.add<float>(params.storage == DType::kF32 ? 0 : dim);
+  s.state = layout.add<OnlineSoftmaxState>(rows);
+  s.ranges = layout.add<LocalRange>(rows);
+  s.k_rows = layout.add<const void*>(table);
+  s.v_rows = layout.add<const void*>(table);
+  s.bytes = layout.bytes();
+  return plan;
 }
 
-void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch) {
+void decode_kv_head(const DecodeParams& params, const DecodePlan& plan, std::int64_t kv_head,
+                    void* scratch) {
   apply_simd_policy();
-  HWY_DYNAMIC_DISPATCH(DecodeKvHead)(params, kv_head, scratch);
+  HWY_DYNAMIC_DISPATCH(DecodeKvHead)(params, plan, kv_head, scratch);
 }
 
 }  // namespace lookback::kernels

@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <optional>
 
+#include "kernels/online_softmax.hpp"
+#include "kernels/scratch.hpp"
+#include "kernels/tiles.hpp"
 #include "lookback/dtype.hpp"
 #include "lookback/mask.hpp"
 
@@ -52,11 +55,38 @@ struct DecodeParams {
   float* lse = nullptr;  // (heads, tokens): its natural-log LSE (-inf: no key)
 };
 
-// Scratch one decode_kv_head call needs.
-std::size_t decode_scratch_bytes(const DecodeParams& params);
+// One task's scratch (rows = tokens * group query rows). Regions a path
+// does not use are empty.
+struct DecodeScratchLayout {
+  ScratchRegion<float> q;              // (rows, padded_dim): scaled f32 queries
+  ScratchRegion<std::uint16_t> q_bf16;  // (rows, bf16_stride): unscaled bf16 queries (bf16 dots)
+  ScratchRegion<float> acc;            // (rows, padded_dim)
+  ScratchRegion<float> scores;         // (rows, kKeyTile)
+  ScratchRegion<float> alpha;          // (rows)
+  ScratchRegion<float> k_row;          // (padded_dim): one key row converted to f32 (f16/bf16)
+  ScratchRegion<OnlineSoftmaxState> state;  // (rows)
+  ScratchRegion<LocalRange> ranges;         // (rows)
+  ScratchRegion<const void*> k_rows;   // (kKeyTile + kMaxPrefetchKeys): the tile's rows and those ahead
+  ScratchRegion<const void*> v_rows;   // (kKeyTile + kMaxPrefetchKeys)
+  std::int64_t bf16_stride = 0;        // padded_dim rounded up to one VDPBF16PS vector (32)
+  std::size_t bytes = 0;
+};
+
+// What one decode call derives from its params, once.
+struct DecodePlan {
+  // bf16 caches on CPUs with AVX512-BF16: scores by VDPBF16PS on the stored
+  // rows, the queries rounded to bf16 (the storage dtype, as prefill holds
+  // them) and the scale applied to the scores.
+  bool bf16_dots = false;
+  DecodeScratchLayout scratch;
+};
+
+DecodePlan plan_decode(const DecodeParams& params);
 
 // Computes the rows of every query head that reads `kv_head`, over
-// params.keys, into params.out and params.lse.
-void decode_kv_head(const DecodeParams& params, std::int64_t kv_head, void* scratch);
+// params.keys, into params.out and params.lse; `scratch` holds
+// plan.scratch.bytes, 64-byte aligned.
+void decode_kv_head(const DecodeParams& params, const DecodePlan& plan, std::int64_t kv_head,
+                    void* scratch);
 
 }  // namespace lookback::kernels

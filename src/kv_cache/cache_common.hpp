@@ -1,14 +1,10 @@
 // What the contiguous cache and the paged pool share: the stored row layout,
-// conversion and RoPE on the way in, validation, and the decode driver that
-// runs the decode kernel over (sequence, kv head, key part) tasks and merges
-// the parts.
+// conversion and RoPE on the way in, and validation. The decode driver is
+// kv_cache/decode_driver.hpp.
 #pragma once
 
 #include <cstdint>
-#include <span>
-#include <vector>
-
-#include "kernels/decode.hpp"
+#include "kv_cache/decode_driver.hpp"
 #include "lookback/kv_cache.hpp"
 
 namespace lookback::detail {
@@ -31,15 +27,5 @@ std::int64_t validate_kv(const CacheConfig& config, const TensorView& k, const T
 void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
                   std::int64_t end, std::int64_t first_position, bool rotate, void* destination,
                   std::int64_t head_stride);
-
-// One sequence as the decode driver sees it.
-struct SequenceKv {
-  std::vector<kernels::KvRun> runs;  // cover [0, length) in order
-  std::int64_t length = 0;
-};
-
-// Validates every step and runs them (batched): steps[i] against sequences[i].
-void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences,
-                std::span<const DecodeStep> steps, const DecodeOptions& options, Context& context);
 
 }  // namespace lookback::detail

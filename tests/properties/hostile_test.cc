@@ -263,5 +263,68 @@ TEST(Hostile, SplitsWithMorePartsThanKeysAndEmptyParts) {
   EXPECT_LE(testing::relative_l2(small.out, small_reference.out), testing::kF32Tolerance);
 }
 
+TEST(Hostile, SplitCountsUpToInt64MaxAreClampedToTheKeys) {
+  // One part per key at most: 2^63 - 1 parts of 16 keys is 16 parts, not a
+  // loop of 2^63 prefill calls.
+  Context context(2);
+  ProblemSpec spec;
+  spec.seqlen_q = 16;
+  spec.seqlen_k = 16;
+  spec.heads = 2;
+  testing::Problem problem = testing::make_problem(spec, 43);
+  const ReferenceResult reference = reference_attention(problem.params());
+  for (std::int64_t splits : {std::int64_t{1} << 40, std::numeric_limits<std::int64_t>::max()}) {
+    problem.poison_outputs();
+    attend_with_mode(problem.params(), {.mode = Mode::kSplit, .splits = splits}, context);
+    const testing::Comparison result = testing::compare(problem, reference);
+    EXPECT_TRUE(result.finite) << result.describe();
+    EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
+  }
+}
+
+TEST(Hostile, WindowsThatReachKeyZeroEqualNoWindowUpToInt64Max) {
+  // p - W must never overflow: a window at least as long as the last row's
+  // position hides nothing, so every path gives no window's bits.
+  Context context(2);
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  struct Case {
+    std::int64_t seqlen_q, seqlen_k;
+    Causal causal;
+  };
+  for (const Case& c : {Case{40, 100, Causal::kBottomRight}, Case{70, 30, Causal::kTopLeft}}) {
+    ProblemSpec spec;
+    spec.seqlen_q = c.seqlen_q;
+    spec.seqlen_k = c.seqlen_k;
+    spec.heads = 2;
+    spec.head_dim = 24;
+    spec.mask.causal = c.causal;
+    testing::Problem problem = testing::make_problem(spec, 47);
+    const std::int64_t last_position =
+        c.causal == Causal::kTopLeft ? c.seqlen_q - 1 : c.seqlen_k - 1;
+    for (const std::string& target : simd_targets()) {
+      force_simd_target(target);
+      for (const ModeOptions& options : kPaths) {
+        const bool uses_cache = options.mode != Mode::kPrefill && options.mode != Mode::kSplit;
+        if (uses_cache && (c.causal != Causal::kBottomRight || c.seqlen_q > c.seqlen_k)) continue;
+        problem.spec.mask.window_left.reset();
+        problem.poison_outputs();
+        attend_with_mode(problem.params(), options, context);
+        const testing::Problem unwindowed = problem;
+        for (std::int64_t window : {last_position, last_position + 1, std::int64_t{1} << 40,
+                                    kMax - 1, kMax}) {
+          SCOPED_TRACE(name(options) + " window " + std::to_string(window) + " target " + target);
+          problem.spec.mask.window_left = window;
+          EXPECT_EQ(Mask(c.seqlen_q, c.seqlen_k, problem.spec.mask).visible_total(),
+                    Mask(c.seqlen_q, c.seqlen_k, {.causal = c.causal}).visible_total());
+          problem.poison_outputs();
+          attend_with_mode(problem.params(), options, context);
+          EXPECT_TRUE(testing::prefix_unchanged(unwindowed, problem, c.seqlen_q - 1));
+        }
+      }
+    }
+    force_simd_target("");
+  }
+}
+
 }  // namespace
 }  // namespace lookback

@@ -1,0 +1,106 @@
+// The plans, on shapes alone: the decode driver's key-split planner and the
+// scratch layouts, against the formulas docs/architecture.md states.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/decode.hpp"
+#include "kernels/prefill.hpp"
+#include "kv_cache/decode_driver.hpp"
+
+namespace lookback {
+namespace {
+
+using detail::plan_key_parts;
+
+void expect_cover(const std::vector<KeyRange>& parts, KeyRange visible) {
+  ASSERT_FALSE(parts.empty());
+  EXPECT_EQ(parts.front().begin, visible.begin);
+  EXPECT_EQ(parts.back().end, std::max(visible.begin, visible.end));
+  for (std::size_t p = 1; p < parts.size(); ++p) EXPECT_EQ(parts[p].begin, parts[p - 1].end);
+  for (const KeyRange& part : parts) EXPECT_LE(part.begin, part.end);
+}
+
+TEST(KeyParts, TheDriverSplitsLongRangesWhenTasksAreFew) {
+  EXPECT_EQ(plan_key_parts({0, 100}, 0, 1).size(), 1u);
+  EXPECT_EQ(plan_key_parts({0, 5000}, 0, 1).size(), 4u);     // 5000 / 1024
+  EXPECT_EQ(plan_key_parts({0, 100000}, 0, 1).size(), 16u);  // capped
+  EXPECT_EQ(plan_key_parts({0, 100000}, 0, 16).size(), 1u);  // enough tasks already
+  for (KeyRange visible : {KeyRange{0, 5000}, KeyRange{17, 70000}}) {
+    expect_cover(plan_key_parts(visible, 0, 2), visible);
+  }
+}
+
+TEST(KeyParts, RequestedSplitsAreClampedToTheKeys) {
+  EXPECT_EQ(plan_key_parts({0, 300}, 3, 64).size(), 3u);
+  const std::vector<KeyRange> single_keys = plan_key_parts({3, 10}, 1000, 1);
+  ASSERT_EQ(single_keys.size(), 7u);
+  for (const KeyRange& part : single_keys) EXPECT_EQ(part.size(), 1);
+  expect_cover(single_keys, {3, 10});
+  // Huge requests cost nothing: one part per key at most.
+  EXPECT_EQ(plan_key_parts({0, 16}, INT64_MAX / 2, 1).size(), 16u);
+  // No visible key: one empty part.
+  const std::vector<KeyRange> empty = plan_key_parts({5, 5}, 4, 1);
+  ASSERT_EQ(empty.size(), 1u);
+  EXPECT_TRUE(empty[0].empty());
+}
+
+template <typename Layout, typename... Regions>
+void expect_disjoint_and_aligned(const Layout& layout, const Regions&... regions) {
+  std::size_t end = 0;
+  auto check = [&](std::size_t offset, std::size_t bytes) {
+    EXPECT_EQ(offset % kernels::kScratchAlign, 0u);
+    EXPECT_GE(offset, end);  // listed in order
+    end = offset + bytes;
+  };
+  (check(regions.offset, regions.count * sizeof(*regions.in(nullptr))), ...);
+  EXPECT_LE(end, layout.bytes);
+}
+
+// docs/architecture.md, "Memory": with G query heads per kv head and D the
+// padded head_dim, a worker's prefill scratch is, in bytes,
+//   f32 path: 4*G*64*D (Q) + 4*G*64*D (acc) + 4*64*64 (S) + 4*64*64 (P)
+//             + 4*64 (alpha) + 8*G*64 (states) + 16*64 (row ranges)
+//   AMX path: 2*G*64*D (bf16 Q) + 4*G*64*D (acc) + 4*64*256 (S of a span)
+//             + 2*64*256 (bf16 P) + 4*64*D (a masked tile's V) + the same
+//             alpha, states and ranges.
+std::size_t documented_prefill_bytes(kernels::PrefillPath path, std::size_t g, std::size_t d) {
+  const std::size_t shared = 4 * 64 + 8 * g * 64 + 16 * 64;
+  if (path == kernels::PrefillPath::kF32) {
+    return 4 * g * 64 * d + 4 * g * 64 * d + 4 * 64 * 64 + 4 * 64 * 64 + shared;
+  }
+  return 2 * g * 64 * d + 4 * g * 64 * d + 4 * 64 * 256 + 2 * 64 * 256 + 4 * 64 * d + shared;
+}
+
+TEST(ScratchLayout, PrefillMatchesTheDocumentedFormula) {
+  for (kernels::PrefillPath path : {kernels::PrefillPath::kF32, kernels::PrefillPath::kAmx}) {
+    for (std::int64_t group : {1, 4, 7}) {
+      for (std::int64_t dim : {16, 64, 128, 256}) {
+        const kernels::PrefillScratchLayout s = kernels::prefill_scratch_layout(path, group, dim);
+        EXPECT_EQ(s.bytes, documented_prefill_bytes(path, static_cast<std::size_t>(group),
+                                                     static_cast<std::size_t>(dim)))
+            << "group " << group << " dim " << dim;
+        expect_disjoint_and_aligned(s, s.q, s.q_bf16, s.acc, s.scores, s.p, s.p_bf16, s.v_rows,
+                                    s.alpha, s.state, s.ranges);
+      }
+    }
+  }
+}
+
+TEST(ScratchLayout, DecodeRegionsAreDisjointAndAligned) {
+  for (DType storage : {DType::kF32, DType::kBF16, DType::kF16}) {
+    const kernels::DecodeParams params{.tokens = 3, .heads = 8, .kv_heads = 2, .padded_dim = 80,
+                                       .storage = storage};
+    const kernels::DecodePlan plan = kernels::plan_decode(params);
+    const kernels::DecodeScratchLayout& s = plan.scratch;
+    EXPECT_EQ(s.bf16_stride, 96);
+    EXPECT_EQ(s.acc.count, 12u * 80u);
+    EXPECT_EQ(plan.bf16_dots ? s.q_bf16.count : s.q.count, plan.bf16_dots ? 12u * 96u : 12u * 80u);
+    expect_disjoint_and_aligned(s, s.q, s.q_bf16, s.acc, s.scores, s.alpha, s.k_row, s.state,
+                                s.ranges, s.k_rows, s.v_rows);
+  }
+}
+
+}  // namespace
+}  // namespace lookback
