@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lookback/error.hpp"
+#include "lookback/output_file.hpp"
 
 namespace lookback {
 namespace {
@@ -537,7 +538,7 @@ TEST(NpyTest, FailedRenameRemovesTheTemporary) {
   fs::create_directory(target);
   std::ofstream(target / "keep").put('x');
   const std::byte bytes[4] = {};
-  EXPECT_TRUE(throws_error([&] { write_file_atomically(target.string(), bytes); },
+  EXPECT_TRUE(throws_error([&] { write_output(target.string(), bytes); },
                            ErrorCode::kIo, target.string() + ": cannot rename"));
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"target"});
   EXPECT_TRUE(fs::is_directory(target));
@@ -547,7 +548,7 @@ TEST(NpyTest, NewFileGetsOrdinaryPermissions) {
   TempDir dir;
   const std::string path = (dir.path() / "perm.npy").string();
   const std::byte bytes[1] = {};
-  write_file_atomically(path, bytes);
+  write_output(path, bytes);
   // mkstemp's 0600 would hide the file from the group; a plain open() would
   // not. Owner read/write at least, and the same as a file made by ofstream.
   const std::string reference = (dir.path() / "reference").string();
