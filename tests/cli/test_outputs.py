@@ -112,24 +112,23 @@ class OutputPathTest(CliTestCase):
 
     def test_symlink_keeps_being_a_link_and_its_target_gets_the_content(self):
         os.mkdir(self.path("sub"))
-        for name in self.writers:
+        for index, name in enumerate(self.writers):
             with self.subTest(writer=name):
                 expected = self.expected(name)
-                target = self.path("sub/target")
+                target = self.path(f"sub/target{index}")
                 with open(target, "wb") as f:
                     f.write(b"previous contents")
                 os.chmod(target, 0o640)
-                link = self.path("link")
-                os.symlink("sub/target", link)  # relative: resolved from the link's folder
+                link = self.path(f"link{index}")
+                os.symlink(f"sub/target{index}", link)  # relative: resolved from the link's folder
                 result = self.write(name, link)
                 self.assertEqual(result.returncode, EXIT_OK, result.stderr)
                 self.assertTrue(os.path.islink(link))
-                self.assertEqual(os.readlink(link), "sub/target")
+                self.assertEqual(os.readlink(link), f"sub/target{index}")
                 with open(target, "rb") as f:
                     self.assertEqual(f.read(), expected)
                 self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o640)
                 self.assert_no_temporaries(self.tmp, self.path("sub"))
-                os.remove(link)
 
     def test_dangling_symlink_creates_its_target(self):
         link = self.path("link")
@@ -141,10 +140,10 @@ class OutputPathTest(CliTestCase):
             self.assertEqual(f.read(), self.expected("pattern"))
 
     def test_fifo_is_written_in_place(self):
-        for name in self.writers:
+        for index, name in enumerate(self.writers):
             with self.subTest(writer=name):
                 expected = self.expected(name)
-                fifo = self.path("fifo")
+                fifo = self.path(f"fifo{index}")
                 os.mkfifo(fifo)
                 reader = FifoReader(fifo)
                 result = self.write(name, fifo)
@@ -153,7 +152,6 @@ class OutputPathTest(CliTestCase):
                 self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced")
                 self.assertEqual(got, expected, "the FIFO's reader did not get the output")
                 self.assert_no_temporaries(self.tmp)
-                os.remove(fifo)
 
     def test_character_device_is_written_in_place(self):
         # A private copy of /dev/null (char 1, 3): the real one must never be
@@ -188,11 +186,12 @@ class OutputPathTest(CliTestCase):
         os.symlink("o.npy", self.path("o_link.npy"))
         for lse in (out, os.path.join(self.tmp, ".", "o.npy"), self.path("o_link.npy")):
             with self.subTest(lse=lse):
-                result = run_bytes(*self.writers["attend --out"][:-1], out, "--lse", lse)
+                result = run_bytes(*self.writers["attend --out"][:-1], out, "--lse", lse,
+                                   cwd=self.tmp)
                 self.assert_usage_error(run_text(result), mentions="the same file as --out")
                 with open(out, "rb") as f:
                     self.assertEqual(f.read(), b"previous contents")
-        result = run_bytes(*self.writers["attend --out"][:-1], "-", "--lse", "-")
+        result = run_bytes(*self.writers["attend --out"][:-1], "-", "--lse", "-", cwd=self.tmp)
         self.assert_usage_error(run_text(result), mentions="--lse -")
 
     def test_help_says_dash_is_standard_output(self):
@@ -223,7 +222,7 @@ class BlockingInputTest(CliTestCase):
         }
         for name, args in cases.items():
             with self.subTest(case=name):
-                result = run_bytes(*args)
+                result = run_bytes(*args, cwd=self.tmp)
                 self.assert_usage_error(run_text(result), mentions="not a regular file")
                 self.assertIn(fifo, result.stderr.decode())
         self.assertFalse(os.path.exists(self.path("o.npy")))
