@@ -276,7 +276,13 @@ struct NpyLayout {
   std::size_t data_bytes;
 };
 
-NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+// The preamble (magic, version, header length): where the header text lies.
+struct HeaderPlace {
+  std::size_t offset;
+  std::size_t bytes;
+};
+
+HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::string_view name) {
   if (bytes.empty()) {
     throw_format(name, "file is empty (expected a .npy file starting with \\x93NUMPY)");
   }
@@ -312,6 +318,11 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) 
                            " runs past the end of the file (" +
                            std::to_string(bytes.size()) + " bytes in all)");
   }
+  return {header_offset, header_bytes};
+}
+
+NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+  const auto [header_offset, header_bytes] = parse_preamble(bytes, name);
   // Latin-1 (1.0, 2.0) and utf-8 (3.0) agree on the ASCII that matters; any
   // other byte can only appear inside a string and then fails the dtype check.
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + header_offset,
