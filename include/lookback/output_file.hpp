@@ -15,8 +15,9 @@
 //   a device node, FIFO  written in place: opened for writing without
 //   or socket            truncation, no temporary, never replaced (so
 //                        /dev/null stays a device, and a FIFO's reader gets
-//                        the bytes). Not atomic: an error midway leaves what
-//                        was written.
+//                        the bytes; a FIFO with no reader waits for one, as
+//                        a shell's > does). Not atomic: an error midway
+//                        leaves what was written.
 //   ""                   lookback::Error (kInvalidArgument).
 //
 // Failures are lookback::Error (kIo) naming the path; a failed atomic write

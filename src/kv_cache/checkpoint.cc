@@ -152,7 +152,8 @@ void require_same_shape(const std::string& path, const Header& header, const Cac
   }
 }
 
-// Copies one file row into a padded stored row, zeroing the padding.
+// Copies one file row into a padded stored row, zeroing the padding. Rows
+// are copied as raw bytes, by the byte-order policy of core/little_endian.hpp.
 void restore_row(std::byte* destination, const std::byte* source, const Header& header,
                  std::int64_t padded_row_bytes) noexcept {
   std::memcpy(destination, source, static_cast<std::size_t>(header.row_bytes));
