@@ -4,8 +4,10 @@
 //
 // The file format, its checksums and what a crash during a save leaves behind
 // are described in docs/checkpoint.md. In short:
-//   - saving is atomic: a temporary file next to the path, fsync, rename, fsync
-//     of the folder; the path holds the old checkpoint or the new one, whole;
+//   - saving is atomic for a regular file: a temporary file next to the path,
+//     fsync, rename, fsync of the folder; the path holds the old checkpoint or
+//     the new one, whole. Symlinks, devices, FIFOs and "-" (stdout) follow
+//     the output-path rules of lookback/output_file.hpp;
 //   - loading trusts nothing: every size is checked against the file's size
 //     before anything is allocated, every section's CRC32 is verified, and the
 //     block tables, reference counts and free list must be consistent. A bad

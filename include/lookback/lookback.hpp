@@ -11,6 +11,7 @@
 #include "lookback/merge.hpp"
 #include "lookback/modes.hpp"
 #include "lookback/npy.hpp"
+#include "lookback/output_file.hpp"
 #include "lookback/reference.hpp"
 #include "lookback/tensor.hpp"
 #include "lookback/version.hpp"

@@ -32,12 +32,11 @@ NpyArray read_npy(const std::string& path);
 // Serialises as format 1.0 (2.0 when the header needs it).
 std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
                                      const void* data);
-// Writes atomically: a temporary file in the same folder, then rename, so the
-// path holds either the old file or the complete new one, never half of it.
+// Writes serialize_npy's bytes by the output-path rules of
+// lookback/output_file.hpp: a regular file is replaced atomically (the path
+// holds the old file or the complete new one, never half of it), "-" is
+// standard output, a device or FIFO is written in place.
 void write_npy(const std::string& path, DType dtype,
                std::span<const std::int64_t> shape, const void* data);
-
-// Writes bytes to path atomically (temporary + fsync + rename).
-void write_file_atomically(const std::string& path, std::span<const std::byte> bytes);
 
 }  // namespace lookback

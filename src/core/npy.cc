@@ -11,31 +11,18 @@
 // the file it came in.
 #include "lookback/npy.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <bit>
-#include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <optional>
 #include <string_view>
 
 #include "core/file_io.hpp"
+#include "core/little_endian.hpp"
 #include "lookback/error.hpp"
+#include "lookback/output_file.hpp"
 
 namespace lookback {
-
-// .npy data is little-endian and is copied as raw bytes, so the host must be
-// little-endian too (x86-64 and ARM64 are). A big-endian port would byte-swap
-// in parse_npy and serialize_npy.
-static_assert(std::endian::native == std::endian::little,
-              "lookback's .npy I/O assumes a little-endian host");
-
 namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
@@ -56,8 +43,6 @@ constexpr std::string_view kExpectedDtypes = "'<f4', '<f2' or '<f8'";
 [[noreturn]] void throw_format(std::string_view name, const std::string& what) {
   throw Error(ErrorCode::kFormat, std::string(name) + ": " + what);
 }
-
-using detail::throw_io;
 
 // Python tuple spelling, as in the header: "()", "(5,)", "(2, 3)".
 std::string tuple_string(std::span<const std::int64_t> shape) {
@@ -291,14 +276,13 @@ struct NpyLayout {
   std::size_t data_bytes;
 };
 
-std::uint32_t read_le(std::span<const std::byte> bytes, std::size_t offset, int width) {
-  std::uint32_t value = 0;
-  for (int i = width - 1; i >= 0; --i)
-    value = (value << 8) | std::to_integer<std::uint32_t>(bytes[offset + i]);
-  return value;
-}
+// The preamble (magic, version, header length): where the header text lies.
+struct HeaderPlace {
+  std::size_t offset;
+  std::size_t bytes;
+};
 
-NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::string_view name) {
   if (bytes.empty()) {
     throw_format(name, "file is empty (expected a .npy file starting with \\x93NUMPY)");
   }
@@ -322,7 +306,8 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) 
     throw_format(name, "file ends inside the .npy preamble (" +
                            std::to_string(bytes.size()) + " bytes)");
   }
-  const std::size_t header_bytes = read_le(bytes, kMagicSize + 2, length_width);
+  const auto header_bytes =
+      static_cast<std::size_t>(detail::get_le(bytes.data() + kMagicSize + 2, length_width));
   if (header_bytes > kMaxHeaderBytes) {
     throw_format(name, "header length " + std::to_string(header_bytes) +
                            " is absurd (expected at most " +
@@ -333,6 +318,11 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) 
                            " runs past the end of the file (" +
                            std::to_string(bytes.size()) + " bytes in all)");
   }
+  return {header_offset, header_bytes};
+}
+
+NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+  const auto [header_offset, header_bytes] = parse_preamble(bytes, name);
   // Latin-1 (1.0, 2.0) and utf-8 (3.0) agree on the ASCII that matters; any
   // other byte can only appear inside a string and then fails the dtype check.
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + header_offset,
@@ -386,19 +376,6 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) 
   return {*dtype, std::move(shape), data_offset, static_cast<std::size_t>(needed_bytes)};
 }
 
-// The process umask, without changing it (umask() both reads and sets, which
-// would race with other threads creating files). Linux reports it in
-// /proc/self/status; elsewhere assume the common 022.
-mode_t current_umask() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("Umask:", 0) == 0)
-      return static_cast<mode_t>(std::strtoul(line.c_str() + 6, nullptr, 8));
-  }
-  return 022;
-}
-
 }  // namespace
 
 std::int64_t NpyArray::numel() const noexcept {
@@ -447,30 +424,7 @@ NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name) {
 }
 
 NpyArray read_npy(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw_io(path, "cannot open for reading", errno);
-  std::vector<std::byte> bytes;
-  try {
-    struct stat info;
-    if (::fstat(fd, &info) != 0) throw_io(path, "cannot stat", errno);
-    if (!S_ISREG(info.st_mode)) throw_io(path, "not a regular file", 0);
-    // The allocation is what the file system says the file holds, never a
-    // size the header claims.
-    bytes.resize(static_cast<std::size_t>(info.st_size));
-    std::size_t filled = 0;
-    while (filled < bytes.size()) {
-      const ssize_t got = ::read(fd, bytes.data() + filled, bytes.size() - filled);
-      if (got < 0 && errno == EINTR) continue;
-      if (got < 0) throw_io(path, "read failed", errno);
-      if (got == 0) break;  // the file shrank while we read it
-      filled += static_cast<std::size_t>(got);
-    }
-    bytes.resize(filled);
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  ::close(fd);
+  std::vector<std::byte> bytes = detail::InputFile(path, "a .npy file").read_all();
 
   // Parse in place and keep the buffer: dropping the header with erase()
   // avoids holding two copies of a large array.
@@ -542,8 +496,7 @@ std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> 
   for (std::size_t i = 0; i < kMagicSize; ++i) bytes.push_back(static_cast<std::byte>(kMagic[i]));
   bytes.push_back(static_cast<std::byte>(length_width == 2 ? 1 : 2));
   bytes.push_back(std::byte{0});
-  for (int i = 0; i < length_width; ++i)
-    bytes.push_back(static_cast<std::byte>((header.size() >> (8 * i)) & 0xff));
+  detail::put_le(bytes, header.size(), length_width);
   for (char c : header) bytes.push_back(static_cast<std::byte>(c));
   const auto* first = static_cast<const std::byte*>(data);
   if (*data_bytes > 0) bytes.insert(bytes.end(), first, first + *data_bytes);
@@ -552,38 +505,7 @@ std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> 
 
 void write_npy(const std::string& path, DType dtype, std::span<const std::int64_t> shape,
                const void* data) {
-  write_file_atomically(path, serialize_npy(dtype, shape, data));
-}
-
-void write_file_atomically(const std::string& path, std::span<const std::byte> bytes) {
-  // The temporary lives in the destination's folder so that rename() is
-  // atomic (same file system) and a failure never leaves a half-written path.
-  std::string temp_path = path + ".tmp.XXXXXX";
-  const int fd = ::mkstemp(temp_path.data());
-  if (fd < 0) throw_io(path, "cannot create a temporary file next to it", errno);
-
-  // For failures while fd is still open.
-  auto fail = [&](const char* what, int err) {
-    ::close(fd);
-    ::unlink(temp_path.c_str());
-    throw_io(path, what, err);
-  };
-
-  // mkstemp makes the file 0600; give it the mode a plain open() would
-  // (0666 less the umask), or keep the mode of the file being replaced.
-  struct stat existing;
-  const mode_t mode = ::stat(path.c_str(), &existing) == 0 ? (existing.st_mode & 07777)
-                                                           : (0666 & ~current_umask());
-  if (::fchmod(fd, mode) != 0) fail("cannot set the permissions of the temporary file", errno);
-
-  std::size_t written = 0;
-  while (written < bytes.size()) {
-    const ssize_t put = ::write(fd, bytes.data() + written, bytes.size() - written);
-    if (put < 0 && errno == EINTR) continue;
-    if (put < 0) fail("write failed", errno);
-    written += static_cast<std::size_t>(put);
-  }
-  detail::commit_temporary(fd, temp_path, path);
+  write_output(path, serialize_npy(dtype, shape, data));
 }
 
 }  // namespace lookback

@@ -1,11 +1,13 @@
 // .npy reading and writing: round trips, files written by NumPy itself
 // (tests/fixtures, made by make_fixtures.py), every kind of malformed file,
-// and the atomic write.
+// the atomic write and the output-path rules.
 #include "lookback/npy.hpp"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -13,9 +15,11 @@
 #include <iterator>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "lookback/error.hpp"
+#include "lookback/output_file.hpp"
 
 namespace lookback {
 namespace {
@@ -537,7 +541,7 @@ TEST(NpyTest, FailedRenameRemovesTheTemporary) {
   fs::create_directory(target);
   std::ofstream(target / "keep").put('x');
   const std::byte bytes[4] = {};
-  EXPECT_TRUE(throws_error([&] { write_file_atomically(target.string(), bytes); },
+  EXPECT_TRUE(throws_error([&] { write_output(target.string(), bytes); },
                            ErrorCode::kIo, target.string() + ": cannot rename"));
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"target"});
   EXPECT_TRUE(fs::is_directory(target));
@@ -547,12 +551,61 @@ TEST(NpyTest, NewFileGetsOrdinaryPermissions) {
   TempDir dir;
   const std::string path = (dir.path() / "perm.npy").string();
   const std::byte bytes[1] = {};
-  write_file_atomically(path, bytes);
+  write_output(path, bytes);
   // mkstemp's 0600 would hide the file from the group; a plain open() would
   // not. Owner read/write at least, and the same as a file made by ofstream.
   const std::string reference = (dir.path() / "reference").string();
   std::ofstream(reference).put('x');
   EXPECT_EQ(fs::status(path).permissions(), fs::status(reference).permissions());
+}
+
+// ---------------------------------------------------------- output paths
+// (lookback/output_file.hpp; the CLI's side is tests/cli/test_outputs.py)
+
+TEST(OutputPathTest, ASymlinkStaysALinkAndItsTargetIsReplaced) {
+  TempDir dir;
+  fs::create_directory(dir.path() / "sub");
+  const fs::path target = dir.path() / "sub" / "target";
+  std::ofstream(target) << "previous contents";
+  const fs::path link = dir.path() / "link";
+  fs::create_symlink("sub/target", link);
+  write_output(link.string(), to_bytes("new"));
+  EXPECT_TRUE(fs::is_symlink(link));
+  EXPECT_EQ(file_bytes(target), to_bytes("new"));
+  std::vector<std::string> names = dir.entries();  // no temporary left beside either
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"link", "sub"}));
+  EXPECT_EQ(fs::directory_iterator(dir.path() / "sub")->path().filename(), "target");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir.path() / "sub"), fs::directory_iterator()), 1);
+}
+
+TEST(OutputPathTest, AFifoIsWrittenInPlace) {
+  TempDir dir;
+  const fs::path fifo = dir.path() / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  std::vector<std::byte> got;
+  std::thread reader([&] { got = file_bytes(fifo); });
+  write_output(fifo.string(), to_bytes("through the pipe"));
+  reader.join();
+  EXPECT_EQ(got, to_bytes("through the pipe"));
+  EXPECT_TRUE(fs::is_fifo(fifo));
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"fifo"});
+}
+
+TEST(OutputPathTest, AnEmptyPathIsAnInvalidArgument) {
+  const float data[1] = {1.0f};
+  const std::int64_t shape[] = {1};
+  EXPECT_TRUE(throws_error([&] { write_npy("", DType::kF32, shape, data); },
+                           ErrorCode::kInvalidArgument, "output path: empty"));
+}
+
+TEST(OutputPathTest, AFifoInputIsRefusedWithoutWaitingForAWriter) {
+  TempDir dir;
+  const fs::path fifo = dir.path() / "fifo.npy";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  // open() of a FIFO with no writer blocks: this would hang without the check.
+  EXPECT_TRUE(throws_error([&] { read_npy(fifo.string()); }, ErrorCode::kIo,
+                           "not a regular file (expected a .npy file)"));
 }
 
 }  // namespace

@@ -56,12 +56,30 @@ void check_output_folder(const std::string& path, const std::string& option) {
   }
 }
 
+// Two outputs on one path would leave only the one written last.
+void check_distinct_outputs(const std::string& out_path, const std::string& lse_path) {
+  std::error_code error;
+  const bool same = out_path == lse_path ||
+                    (out_path != "-" && lse_path != "-" &&
+                     std::filesystem::weakly_canonical(out_path, error) ==
+                         std::filesystem::weakly_canonical(lse_path, error) &&
+                     !error);
+  if (same) {
+    throw Error(fmt::format("--lse {}: the same file as --out {} (expected a different path: "
+                            "the LSE would replace O)",
+                            lse_path, out_path));
+  }
+}
+
 int run_attend(const AttendOptions& options) {
   const Causal causal = parse_causal(options.causal, "--causal");
   const DType storage = parse_dtype(options.dtype, "--dtype");
   if (storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
   check_output_folder(options.out_path, "--out");
-  if (!options.lse_path.empty()) check_output_folder(options.lse_path, "--lse");
+  if (!options.lse_path.empty()) {
+    check_output_folder(options.lse_path, "--lse");
+    check_distinct_outputs(options.out_path, options.lse_path);
+  }
 
   const NpyArray q = read_input(options.q_path, "--q", 4);
   const NpyArray k = read_input(options.k_path, "--k", 4);
@@ -144,8 +162,12 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--q", options->q_path, "queries, (batch, seqlen_q, heads, head_dim)")->required();
   command->add_option("--k", options->k_path, "keys, (batch, seqlen_k, kv_heads, head_dim)")->required();
   command->add_option("--v", options->v_path, "values, (batch, seqlen_k, kv_heads, head_dim)")->required();
-  command->add_option("--out", options->out_path, "output file for O (<f4)")->required();
-  command->add_option("--lse", options->lse_path, "also write LSE (batch, heads, seqlen_q), natural log");
+  command->add_option("--out", options->out_path, "output file for O (<f4); - for standard output")
+      ->required()
+      ->check(kOutputPath);
+  command->add_option("--lse", options->lse_path,
+                      "also write LSE (batch, heads, seqlen_q), natural log; - for standard output")
+      ->check(kOutputPath);
   command->add_option("--scale", options->scale, "score scale (default 1/sqrt(head_dim))");
   command->add_option("--causal", options->causal,
                       "mask alignment: bottom-right (default), top-left (PyTorch is_causal) or "

@@ -923,7 +923,8 @@ void add_bench_command(CLI::App& app, Runner& runner) {
   command->add_flag("--quick", o->quick, "two sizes and two contexts, 2 repetitions");
   command->add_option("--format", o->format, "text (default), json or svg")
       ->check(CLI::IsMember({"text", "json", "svg"}));
-  command->add_option("--out", o->out, "write to FILE (atomically) instead of stdout");
+  command->add_option("--out", o->out, "write to FILE instead of stdout (- is stdout)")
+      ->check(kOutputPath);
   const std::string overrides = "Overrides of the standard cases";
   command->add_option("--sizes", o->sizes, "prefill lengths, comma-separated")
       ->delimiter(',')

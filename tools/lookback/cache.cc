@@ -86,6 +86,7 @@ int run_save(const SaveOptions& options) {
     const SequenceId sequence = pool.create();
     pool.append(sequence, k.view("--k"), v.view("--v"));
     save_checkpoint(pool, options.out);
+    if (options.out == "-") return kExitOk;  // stdout holds the checkpoint
     std::cout << fmt::format(
         "saved a paged pool of {} blocks of {} tokens, one sequence of {} "
         "tokens, to {}\n",
@@ -99,6 +100,7 @@ int run_save(const SaveOptions& options) {
     KvCache cache(config, capacity);
     cache.append(k.view("--k"), v.view("--v"));
     save_checkpoint(cache, options.out);
+    if (options.out == "-") return kExitOk;  // stdout holds the checkpoint
     std::cout << fmt::format("saved a contiguous cache of {} of {} tokens to {}\n", tokens,
                              capacity, options.out);
   }
@@ -243,7 +245,10 @@ void add_cache_command(CLI::App& app, Runner& runner) {
   save_command->add_option("--k", save->k_path, "keys, (tokens, kv_heads, head_dim) .npy")
       ->required();
   save_command->add_option("--v", save->v_path, "values, the shape of --k")->required();
-  save_command->add_option("--out", save->out, "checkpoint file to write (atomically)")->required();
+  save_command
+      ->add_option("--out", save->out, "checkpoint file to write (atomically); - for standard output")
+      ->required()
+      ->check(kOutputPath);
   save_command->add_option("--dtype", save->dtype, "storage dtype: f32 (default), bf16 or f16");
   save->capacity_option =
       save_command

@@ -1,19 +1,15 @@
 #include "common.hpp"
 
 #include <cstddef>
-#include <iostream>
 #include <span>
 
-#include "lookback/npy.hpp"
+#include "lookback/output_file.hpp"
 
 namespace lookback::cli {
 
 void write_output(const std::string& path, const std::string& text) {
-  if (path.empty() || path == "-") {
-    std::cout << text << std::flush;
-    return;
-  }
-  write_file_atomically(path, std::as_bytes(std::span(text.data(), text.size())));
+  lookback::write_output(path.empty() ? "-" : path,
+                         std::as_bytes(std::span(text.data(), text.size())));
 }
 
 namespace {
@@ -36,6 +32,11 @@ CLI::Validator integer_at_least(long long minimum) {
 
 }  // namespace
 
+const CLI::Validator kOutputPath(
+    [](std::string& input) -> std::string {
+      return input.empty() ? "empty path (expected a file name, or - for standard output)" : "";
+    },
+    "");
 const CLI::Validator kPositive = integer_at_least(1);
 const CLI::Validator kNonNegative = integer_at_least(0);
 

@@ -26,8 +26,14 @@ void add_leakcheck_command(CLI::App& app, Runner& runner);
 void add_cache_command(CLI::App& app, Runner& runner);
 void add_bench_command(CLI::App& app, Runner& runner);
 
-// Writes `text` to `path` atomically, or to stdout when path is empty or "-".
+// Writes `text` to the output `path` (lookback::write_output's rules in
+// lookback/output_file.hpp: "-" is stdout, a regular file is replaced
+// atomically, a device or FIFO is written in place); an empty path (an
+// --out that was not given) is stdout too.
 void write_output(const std::string& path, const std::string& text);
+
+// Validator for output-path options (--out, --lse): not empty.
+extern const CLI::Validator kOutputPath;
 
 // Validator for options that must be >= 1.
 extern const CLI::Validator kPositive;

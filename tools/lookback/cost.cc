@@ -269,7 +269,8 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   command->add_flag("--measure", o->measure, "time real decode steps on this machine");
   command->add_option("--threads", o->threads, "threads for --measure (default: all cores)")
       ->check(kPositive);
-  command->add_option("--out", o->out, "write to FILE (atomically) instead of stdout");
+  command->add_option("--out", o->out, "write to FILE instead of stdout (- is stdout)")
+      ->check(kOutputPath);
   command->callback([&runner, o] { runner = [o] { return run_cost(*o); }; });
 }
 

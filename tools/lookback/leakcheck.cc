@@ -945,7 +945,8 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
   command->add_option("--seed", options->seed, "seed of the random inputs (default 1)");
   command->add_option("--format", options->format, "text (default), json or svg")
       ->check(CLI::IsMember({"text", "json", "svg"}));
-  command->add_option("--out", options->out, "write to this file (atomically) instead of stdout");
+  command->add_option("--out", options->out, "write to this file instead of stdout (- is stdout)")
+      ->check(kOutputPath);
   command->add_flag("--progress", options->progress,
                     "show 'run i/n' on stderr (default: only when stderr is a terminal)");
   command->callback([options, &runner] {

@@ -422,7 +422,8 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
   command->add_option("--causal", options->causal,
                       "alignment: bottom-right (default), top-left, or none (every key visible)");
   command->add_option("--format", options->format, "text (default), matrix, json or svg");
-  command->add_option("--out", options->out, "write to this file (atomically) instead of stdout");
+  command->add_option("--out", options->out, "write to this file instead of stdout (- is stdout)")
+      ->check(kOutputPath);
 
   command->callback([options, &runner] {
     runner = [options] {
