@@ -8,35 +8,15 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "ceilings.hpp"
+#include "harness.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/kv_cache.hpp"
 #include "machine.hpp"
-
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-std::vector<std::int64_t> parse_list(const std::string& text) {
-  std::vector<std::int64_t> values;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = text.find(',', start);
-    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    if (!item.empty()) values.push_back(std::stoll(item));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   using namespace lookback;
@@ -59,8 +39,8 @@ int main(int argc, char** argv) {
       return 2;
     }
     ++i;
-    if (arg == "--threads") threads_list = parse_list(value);
-    else if (arg == "--contexts") contexts = parse_list(value);
+    if (arg == "--threads") threads_list = bench::parse_list(value, arg);
+    else if (arg == "--contexts") contexts = bench::parse_list(value, arg);
     else if (arg == "--heads") heads = std::stoll(value);
     else if (arg == "--kv-heads") kv_heads = std::stoll(value);
     else if (arg == "--dim") dim = std::stoll(value);
@@ -101,21 +81,13 @@ int main(int argc, char** argv) {
                    make_view(v.data(), DType::kF32, {n, kv_heads, dim}, "v"));
       const DecodeStep step{.q = make_view(q.data(), DType::kF32, {1, heads, dim}, "q"),
                             .out = make_mutable_view(out.data(), DType::kF32, {1, heads, dim}, "out")};
-      std::vector<double> seconds;
-      cache.attend(step, {}, context);  // warm-up
-      for (int r = 0; r < reps; ++r) {
-        const auto start = Clock::now();
-        cache.attend(step, {}, context);
-        seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-      }
-      std::sort(seconds.begin(), seconds.end());
-      const double median = seconds[seconds.size() / 2];
+      const bench::Timing time = bench::time_it(reps, [&] { cache.attend(step, {}, context); });
+      const double median = time.median;
       const double bytes = 2.0 * static_cast<double>(n * kv_heads * dim) *
                            static_cast<double>(dtype_size(storage));
       const double rate = bytes / median * 1e-9;
       fmt::print("{:>8} {:>10.1f} {:>24} {:>9.1f} {:>7.1f}%\n", n, bytes / 1e6,
-                 fmt::format("{:.3f} ({:.3f}-{:.3f})", median * 1e3, seconds.front() * 1e3,
-                             seconds.back() * 1e3),
+                 bench::ms_text(time),
                  rate, 100.0 * rate / bandwidth);
       std::fflush(stdout);
       xs.push_back(static_cast<double>(n));

@@ -57,6 +57,11 @@ void Document::line(double x1, double y1, double x2, double y2, std::string_view
                  number(x1), number(y1), number(x2), number(y2), attributes);
 }
 
+void Document::circle(double x, double y, double r, std::string_view colour) {
+  fmt::format_to(std::back_inserter(out_), "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{}\"/>\n",
+                 number(x), number(y), number(r), colour);
+}
+
 void Document::axes(double left, double top, double width, double height) {
   line(left, top, left, top + height, "stroke=\"black\"");
   line(left, top + height, left + width, top + height, "stroke=\"black\"");

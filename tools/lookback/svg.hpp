@@ -47,6 +47,8 @@ class Document {
   void vertical_text(double x, double y, std::string_view content,
                      std::string_view attributes = {});
   void line(double x1, double y1, double x2, double y2, std::string_view attributes);
+  // A dot of radius r at (x, y).
+  void circle(double x, double y, double r, std::string_view colour);
   // A chart's axes: the left and bottom edges of the plot, in black.
   void axes(double left, double top, double width, double height);
   // A line through `points` (x, y) in `colour`, 2 px wide.
