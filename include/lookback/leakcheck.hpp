@@ -34,12 +34,9 @@
 
 namespace lookback::diagnostics {
 
+// seqlen_q == seqlen_k == seqlen: position j is both query j and key j.
 struct LeakShape {
-  std::int64_t batch = 1;
-  std::int64_t seqlen = 1;
-  std::int64_t heads = 1;
-  std::int64_t kv_heads = 1;
-  std::int64_t head_dim = 1;
+  std::int64_t batch = 1, seqlen = 1, heads = 1, kv_heads = 1, head_dim = 1;
 };
 
 // Throws lookback::Error naming the field when a size is < 1, heads is not a

@@ -158,9 +158,9 @@ int run_bench(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, Runner& runner) {
   auto o = std::make_shared<BenchOptions>();
-  CLI::App* command = app.add_subcommand(
-      "bench", "Benchmark lookback on this machine, against its measured ceilings and a baseline.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "bench",
+      "Benchmark lookback on this machine, against its measured ceilings and a baseline.",
       "First the ceilings at the chosen thread count (FMA peak on the dispatched vector unit,\n"
       "AMX bf16 tile peak where present, read bandwidth), then the baselines (prefill:\n"
       "materialised attention with OpenBLAS sgemm; decode: a plain C++ loop), then lookback,\n"

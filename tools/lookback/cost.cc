@@ -234,10 +234,9 @@ int run_cost(const CostOptions& o) {
 
 void add_cost_command(CLI::App& app, Runner& runner) {
   auto o = std::make_shared<CostOptions>();
-  CLI::App* command = app.add_subcommand(
-      "cost",
-      "Cost per generated token with a KV cache and without.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "cost",
+      "Cost per generated token with a KV cache and without.",
       "For each position i: the keys attended (i+1, or W+1 with a window), the FLOPs with the\n"
       "cache (4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
       "the KV bytes read, and totals. --measure also times real decode steps on this machine.");

@@ -147,9 +147,9 @@ int run_builtin(const LeakcheckOptions& options) {
 
 void add_leakcheck_command(CLI::App& app, Runner& runner) {
   auto options = std::make_shared<LeakcheckOptions>();
-  CLI::App* command = app.add_subcommand(
-      "leakcheck", "Find future tokens leaking into past outputs of any attention implementation.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "leakcheck",
+      "Find future tokens leaking into past outputs of any attention implementation.",
       "Black-box mode (--exec): CMD runs through /bin/sh with {q} {k} {v} {out} replaced by .npy\n"
       "paths: Q (batch, len, heads, dim), K and V (batch, len, kv_heads, dim), <f4; CMD writes\n"
       "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs once on random inputs, then\n"

@@ -39,15 +39,12 @@ constexpr std::int64_t kMaxSvgRows = std::int64_t{1} << 14;
 
 struct PatternOptions {
   std::int64_t seqlen_q = 0;
-  std::int64_t seqlen_k = 0;     // only read when --seqlen-k was given
-  std::int64_t query = 0;        // only read when --query was given
-  std::int64_t window_left = 0;  // only read when --window was given
+  std::optional<std::int64_t> seqlen_k;  // default: seqlen_q
+  std::optional<std::int64_t> query;     // one row only
+  std::optional<std::int64_t> window_left;
   std::string causal = "bottom-right";
   OutputFormat format = OutputFormat::kText;
   std::string out;
-  CLI::Option* seqlen_k_option = nullptr;
-  CLI::Option* query_option = nullptr;
-  CLI::Option* window_option = nullptr;
 };
 
 // What one invocation shows: the mask and the query rows [row_begin, row_end).
@@ -75,26 +72,24 @@ void check_at_most(const char* argument, std::int64_t value, std::int64_t limit)
 // this returns, so a bad argument never leaves an output file behind.
 Pattern make_pattern(const PatternOptions& options) {
   check_at_most("--len", options.seqlen_q, kMaxLength);
-  const std::int64_t seqlen_k = *options.seqlen_k_option ? options.seqlen_k : options.seqlen_q;
+  const std::int64_t seqlen_k = options.seqlen_k.value_or(options.seqlen_q);
   check_at_most("--seqlen-k", seqlen_k, kMaxLength);
-  MaskSpec spec{.causal = parse_causal(options.causal, "--causal"), .window_left = {}};
-  if (*options.window_option) {
-    check_at_most("--window", options.window_left, kMaxLength);
-    spec.window_left = options.window_left;
-  }
+  if (options.window_left) check_at_most("--window", *options.window_left, kMaxLength);
+  const MaskSpec spec{.causal = parse_causal(options.causal, "--causal"),
+                      .window_left = options.window_left};
   // The Mask checks the window against the alignment (none takes no window).
   Pattern pattern{.mask = Mask(options.seqlen_q, seqlen_k, spec),
                   .row_begin = 0,
                   .row_end = options.seqlen_q,
                   .query = {}};
-  if (*options.query_option) {
-    if (options.query < 0 || options.query >= options.seqlen_q) {
+  if (const std::optional<std::int64_t> query = options.query) {
+    if (*query < 0 || *query >= options.seqlen_q) {
       throw Error(fmt::format("--query: {} (expected a query row from 0 to {}, below --len {})",
-                              options.query, options.seqlen_q - 1, options.seqlen_q));
+                              *query, options.seqlen_q - 1, options.seqlen_q));
     }
-    pattern.query = options.query;
-    pattern.row_begin = options.query;
-    pattern.row_end = options.query + 1;
+    pattern.query = query;
+    pattern.row_begin = *query;
+    pattern.row_end = *query + 1;
   }
   if (options.format == OutputFormat::kSvg) {
     if (pattern.rows() > kMaxSvgRows) {
@@ -326,9 +321,8 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
   auto options = std::make_shared<PatternOptions>();
   // The description is also the one line `lookback --help` lists; the rest
   // goes after the options in `lookback pattern --help`.
-  CLI::App* command = app.add_subcommand(
-      "pattern", "Show which keys each query is scored against under a causal mask.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "pattern", "Show which keys each query is scored against under a causal mask.",
       std::string(
           "In an autoregressive model a token may look only at itself and earlier tokens, so\n"
           "only those query-key scores (q_i·k_jᵀ) are computed; the rest are masked.\n"
@@ -360,18 +354,14 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
   command->add_option("--len", options->seqlen_q, "number of queries, seqlen_q (>= 1)")
       ->required()
       ->check(kPositive);
-  options->seqlen_k_option =
-      command->add_option("--seqlen-k", options->seqlen_k,
-                          "number of keys, seqlen_k (>= 1; default: --len)")
-          ->check(kPositive);
-  options->query_option =
-      command->add_option("--query", options->query, "show only query row I (0 <= I < --len)")
-          ->check(kNonNegative);
-  options->window_option =
-      command
-          ->add_option("--window", options->window_left,
-                       "left window W >= 0: a query sees its own key and the W before it")
-          ->check(kNonNegative);
+  command->add_option("--seqlen-k", options->seqlen_k,
+                      "number of keys, seqlen_k (>= 1; default: --len)")
+      ->check(kPositive);
+  command->add_option("--query", options->query, "show only query row I (0 <= I < --len)")
+      ->check(kNonNegative);
+  command->add_option("--window", options->window_left,
+                      "left window W >= 0: a query sees its own key and the W before it")
+      ->check(kNonNegative);
   command->add_option("--causal", options->causal,
                       "alignment: bottom-right (default), top-left, or none (every key visible)");
   add_format_option(*command, options->format,
