@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -34,10 +35,8 @@ struct Options {
   lookback::DType storage = lookback::DType::kF32;
 };
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  using namespace lookback;
+// The options, or nullopt after a usage line on stderr.
+std::optional<Options> parse_options(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -53,9 +52,11 @@ int main(int argc, char** argv) {
       options.reps = 2;
     } else if (arg == "--threads") {
       options.threads.clear();
-      for (auto t : bench::parse_list(next(), arg)) options.threads.push_back(static_cast<int>(t));
+      for (auto t : lookback::bench::parse_list(next(), arg)) {
+        options.threads.push_back(static_cast<int>(t));
+      }
     } else if (arg == "--sizes") {
-      options.sizes = bench::parse_list(next(), arg);
+      options.sizes = lookback::bench::parse_list(next(), arg);
     } else if (arg == "--heads") {
       options.heads = std::stoll(next());
     } else if (arg == "--kv-heads") {
@@ -72,10 +73,20 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "usage: prefill_bench [--quick] [--threads 1,2] [--sizes 512,1024,2048,4096] "
                  "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16] [--reps R] [--no-baseline]\n");
-      return 2;
+      return std::nullopt;
     }
   }
   if (options.kv_heads > options.heads) options.kv_heads = options.heads;
+  return options;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace lookback;
+  const std::optional<Options> parsed = parse_options(argc, argv);
+  if (!parsed) return 2;
+  const Options& options = *parsed;
 
   // Loaded before anything is timed, so that the report names its core.
   const bench::OpenBlas* blas = options.baseline ? &bench::openblas() : nullptr;
