@@ -1,12 +1,13 @@
-// Compiled with -O3 -ffast-math and cloned for AVX-512 / AVX2 so that the
-// softmax loop vectorises (glibc's vector expf), as a competent user's would;
-// a scalar softmax would flatter lookback.
+// The materialised prefill baseline (baseline.hpp). Compiled with -O3
+// -ffast-math and cloned for AVX-512 / AVX2 so that the softmax loop
+// vectorises (glibc's vector expf), as a competent user's would; a scalar
+// softmax would flatter lookback.
 #include "baseline.hpp"
 
-#include <cblas.h>
-
 #include <cmath>
-#include <thread>
+
+#include "harness.hpp"
+#include "openblas.hpp"
 
 namespace lookback::bench {
 
@@ -35,6 +36,7 @@ void materialised_attention(const std::vector<float>& q, const std::vector<float
                             const std::vector<float>& v, std::vector<float>& out, std::int64_t n,
                             std::int64_t heads, std::int64_t kv_heads, std::int64_t dim,
                             int threads, std::vector<std::vector<float>>& scores) {
+  const auto sgemm = openblas().sgemm;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   const std::int64_t group = heads / kv_heads;
   auto run_heads = [&](int worker) {
@@ -43,20 +45,17 @@ void materialised_attention(const std::vector<float>& q, const std::vector<float
       const float* qh = q.data() + h * dim;
       const float* kh = k.data() + (h / group) * dim;
       const float* vh = v.data() + (h / group) * dim;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
-                  static_cast<int>(dim), scale, qh, static_cast<int>(heads * dim), kh,
-                  static_cast<int>(kv_heads * dim), 0.0f, s.data(), static_cast<int>(n));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(n),
+            static_cast<int>(dim), scale, qh, static_cast<int>(heads * dim), kh,
+            static_cast<int>(kv_heads * dim), 0.0f, s.data(), static_cast<int>(n));
       causal_softmax_rows(s.data(), n);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n),
-                  static_cast<int>(dim), static_cast<int>(n), 1.0f, s.data(), static_cast<int>(n),
-                  vh, static_cast<int>(kv_heads * dim), 0.0f, out.data() + h * dim,
-                  static_cast<int>(heads * dim));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), static_cast<int>(dim),
+            static_cast<int>(n), 1.0f, s.data(), static_cast<int>(n), vh,
+            static_cast<int>(kv_heads * dim), 0.0f, out.data() + h * dim,
+            static_cast<int>(heads * dim));
     }
   };
-  std::vector<std::thread> workers;
-  for (int t = 1; t < threads; ++t) workers.emplace_back(run_heads, t);
-  run_heads(0);
-  for (auto& worker : workers) worker.join();
+  on_threads(threads, run_heads);
 }
 
 }  // namespace lookback::bench

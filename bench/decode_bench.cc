@@ -8,42 +8,30 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cmath>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "ceilings.hpp"
+#include "harness.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/kv_cache.hpp"
 #include "machine.hpp"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-std::vector<std::int64_t> parse_list(const std::string& text) {
-  std::vector<std::int64_t> values;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = text.find(',', start);
-    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    if (!item.empty()) values.push_back(std::stoll(item));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return values;
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  using namespace lookback;
+struct Options {
   std::vector<std::int64_t> threads_list{1, 2}, contexts{1024, 4096, 16384, 65536};
   std::int64_t heads = 32, kv_heads = 8, dim = 128;
   int reps = 7;
-  DType storage = DType::kF32;
+  lookback::DType storage = lookback::DType::kF32;
+};
+
+// The options, or nullopt after a usage line on stderr.
+std::optional<Options> parse_options(int argc, char** argv) {
+  Options o;
+  auto& [threads_list, contexts, heads, kv_heads, dim, reps, storage] = o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const std::string value = i + 1 < argc ? argv[i + 1] : "";
@@ -56,21 +44,55 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "usage: decode_bench [--quick] [--threads 1,2] [--contexts 1024,4096,...] "
                  "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16] [--reps R]\n");
-      return 2;
+      return std::nullopt;
     }
     ++i;
-    if (arg == "--threads") threads_list = parse_list(value);
-    else if (arg == "--contexts") contexts = parse_list(value);
+    if (arg == "--threads") threads_list = lookback::bench::parse_list(value, arg);
+    else if (arg == "--contexts") contexts = lookback::bench::parse_list(value, arg);
     else if (arg == "--heads") heads = std::stoll(value);
     else if (arg == "--kv-heads") kv_heads = std::stoll(value);
     else if (arg == "--dim") dim = std::stoll(value);
     else if (arg == "--reps") reps = std::stoi(value);
-    else if (arg == "--dtype") storage = parse_dtype(value, "--dtype");
+    else if (arg == "--dtype") storage = lookback::parse_dtype(value, "--dtype");
     else {
       fmt::print(stderr, "decode_bench: unknown option {}\n", arg);
-      return 2;
+      return std::nullopt;
     }
   }
+  return o;
+}
+
+// Least-squares line time = a + b * context, and its R^2, printed.
+void print_fit(const std::vector<double>& xs, const std::vector<double>& ys) {
+  const double count = static_cast<double>(xs.size());
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    sx += xs[i];
+    sy += ys[i];
+    sxx += xs[i] * xs[i];
+    sxy += xs[i] * ys[i];
+  }
+  const double slope = (count * sxy - sx * sy) / (count * sxx - sx * sx);
+  const double intercept = (sy - slope * sx) / count;
+  double ss_res = 0, ss_tot = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const double fit = intercept + slope * xs[i];
+    ss_res += (ys[i] - fit) * (ys[i] - fit);
+    ss_tot += (ys[i] - sy / count) * (ys[i] - sy / count);
+  }
+  if (xs.size() >= 2) {
+    fmt::print("fit: time/token = {:.4f} ms + {:.4f} ms per 1k tokens of context, R^2 = {:.4f}\n\n",
+               intercept, slope * 1e3, ss_tot > 0 ? 1 - ss_res / ss_tot : 1.0);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace lookback;
+  const std::optional<Options> parsed = parse_options(argc, argv);
+  if (!parsed) return 2;
+  const auto& [threads_list, contexts, heads, kv_heads, dim, reps, storage] = *parsed;
   fmt::print("machine: {}; lookback SIMD path {}\n", bench::cpu_model(), simd_target_name());
   fmt::print("decode of 1 token, batch 1, {} heads, {} kv heads, head_dim {}, {} KV cache; median "
              "of {} (min-max)\n\n",
@@ -101,47 +123,18 @@ int main(int argc, char** argv) {
                    make_view(v.data(), DType::kF32, {n, kv_heads, dim}, "v"));
       const DecodeStep step{.q = make_view(q.data(), DType::kF32, {1, heads, dim}, "q"),
                             .out = make_mutable_view(out.data(), DType::kF32, {1, heads, dim}, "out")};
-      std::vector<double> seconds;
-      cache.attend(step, {}, context);  // warm-up
-      for (int r = 0; r < reps; ++r) {
-        const auto start = Clock::now();
-        cache.attend(step, {}, context);
-        seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-      }
-      std::sort(seconds.begin(), seconds.end());
-      const double median = seconds[seconds.size() / 2];
+      const bench::Timing time = bench::time_it(reps, [&] { cache.attend(step, {}, context); });
+      const double median = time.median;
       const double bytes = 2.0 * static_cast<double>(n * kv_heads * dim) *
                            static_cast<double>(dtype_size(storage));
       const double rate = bytes / median * 1e-9;
       fmt::print("{:>8} {:>10.1f} {:>24} {:>9.1f} {:>7.1f}%\n", n, bytes / 1e6,
-                 fmt::format("{:.3f} ({:.3f}-{:.3f})", median * 1e3, seconds.front() * 1e3,
-                             seconds.back() * 1e3),
-                 rate, 100.0 * rate / bandwidth);
+                 bench::ms_text(time), rate, 100.0 * rate / bandwidth);
       std::fflush(stdout);
       xs.push_back(static_cast<double>(n));
       ys.push_back(median * 1e3);
     }
-    // Least-squares line time = a + b * context, and its R^2.
-    const double count = static_cast<double>(xs.size());
-    double sx = 0, sy = 0, sxx = 0, sxy = 0;
-    for (std::size_t i = 0; i < xs.size(); ++i) {
-      sx += xs[i];
-      sy += ys[i];
-      sxx += xs[i] * xs[i];
-      sxy += xs[i] * ys[i];
-    }
-    const double slope = (count * sxy - sx * sy) / (count * sxx - sx * sx);
-    const double intercept = (sy - slope * sx) / count;
-    double ss_res = 0, ss_tot = 0;
-    for (std::size_t i = 0; i < xs.size(); ++i) {
-      const double fit = intercept + slope * xs[i];
-      ss_res += (ys[i] - fit) * (ys[i] - fit);
-      ss_tot += (ys[i] - sy / count) * (ys[i] - sy / count);
-    }
-    if (xs.size() >= 2) {
-      fmt::print("fit: time/token = {:.4f} ms + {:.4f} ms per 1k tokens of context, R^2 = {:.4f}\n\n",
-                 intercept, slope * 1e3, ss_tot > 0 ? 1 - ss_res / ss_tot : 1.0);
-    }
+    print_fit(xs, ys);
   }
   return 0;
 }

@@ -6,32 +6,25 @@
 //                 [--heads 32] [--kv-heads 32] [--dim 128] [--reps 3] [--no-baseline]
 //
 // Useful work (DESIGN.md §6): 4 * batch * heads * head_dim * visible pairs.
-#include <cblas.h>
 #include <fmt/format.h>
-#include <unistd.h>
 
-#include <algorithm>
-#include <chrono>
-#include <cmath>
 #include <cstdlib>
-#include <cstring>
+#include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "baseline.hpp"
 #include "ceilings.hpp"
+#include "harness.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/mask.hpp"
 #include "machine.hpp"
-
-extern "C" char* openblas_get_corename(void);
-extern "C" void openblas_set_num_threads(int);
+#include "openblas.hpp"
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 struct Options {
   std::vector<int> threads{1, 2};
@@ -42,42 +35,8 @@ struct Options {
   lookback::DType storage = lookback::DType::kF32;
 };
 
-std::vector<std::int64_t> parse_list(const char* text) {
-  std::vector<std::int64_t> values;
-  std::string item;
-  for (const char* p = text;; ++p) {
-    if (*p == ',' || *p == '\0') {
-      if (!item.empty()) values.push_back(std::stoll(item));
-      item.clear();
-      if (*p == '\0') break;
-    } else {
-      item += *p;
-    }
-  }
-  return values;
-}
-
-struct Timing {
-  double median = 0, min = 0, max = 0;
-};
-
-template <typename Body>
-Timing time_it(int reps, Body&& body) {
-  body();  // warm-up: page faults, caches, thread start
-  std::vector<double> seconds;
-  for (int r = 0; r < reps; ++r) {
-    const auto start = Clock::now();
-    body();
-    seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  std::sort(seconds.begin(), seconds.end());
-  return {seconds[seconds.size() / 2], seconds.front(), seconds.back()};
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  using namespace lookback;
+// The options, or nullopt after a usage line on stderr.
+std::optional<Options> parse_options(int argc, char** argv) {
   Options options;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -93,9 +52,11 @@ int main(int argc, char** argv) {
       options.reps = 2;
     } else if (arg == "--threads") {
       options.threads.clear();
-      for (auto t : parse_list(next())) options.threads.push_back(static_cast<int>(t));
+      for (auto t : lookback::bench::parse_list(next(), arg)) {
+        options.threads.push_back(static_cast<int>(t));
+      }
     } else if (arg == "--sizes") {
-      options.sizes = parse_list(next());
+      options.sizes = lookback::bench::parse_list(next(), arg);
     } else if (arg == "--heads") {
       options.heads = std::stoll(next());
     } else if (arg == "--kv-heads") {
@@ -112,26 +73,27 @@ int main(int argc, char** argv) {
       fmt::print(stderr,
                  "usage: prefill_bench [--quick] [--threads 1,2] [--sizes 512,1024,2048,4096] "
                  "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16] [--reps R] [--no-baseline]\n");
-      return 2;
+      return std::nullopt;
     }
   }
   if (options.kv_heads > options.heads) options.kv_heads = options.heads;
+  return options;
+}
 
-  // OpenBLAS 0.3.21 does not recognise this CPU and falls back to a generic
-  // kernel unless told its core type; it reads the variable when it loads, so
-  // set it and start again.
-  if (bench::cpu_has_flag("avx512f") && std::getenv("OPENBLAS_CORETYPE") == nullptr) {
-    setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
-    execv("/proc/self/exe", argv);
-  }
-  openblas_set_num_threads(1);
+}  // namespace
 
+int main(int argc, char** argv) {
+  using namespace lookback;
+  const std::optional<Options> parsed = parse_options(argc, argv);
+  if (!parsed) return 2;
+  const Options& options = *parsed;
+
+  // Loaded before anything is timed, so that the report names its core.
+  const bench::OpenBlas* blas = options.baseline ? &bench::openblas() : nullptr;
   fmt::print("machine: {}, {} cores online; lookback SIMD path {}; OpenBLAS core {}{}\n",
              bench::cpu_model(), std::thread::hardware_concurrency(), simd_target_name(),
-             openblas_get_corename(),
-             std::getenv("OPENBLAS_CORETYPE")
-                 ? fmt::format(" (OPENBLAS_CORETYPE={})", std::getenv("OPENBLAS_CORETYPE"))
-                 : "");
+             blas ? blas->core : std::string("not loaded (--no-baseline)"),
+             blas && blas->coretype ? fmt::format(" (OPENBLAS_CORETYPE={})", *blas->coretype) : "");
   fmt::print("causal prefill, batch 1, {} heads, {} kv heads, head_dim {}, {} storage; median of "
              "{} (min-max)\n\n",
              options.heads, options.kv_heads, options.dim, dtype_name(options.storage), options.reps);
@@ -166,25 +128,22 @@ int main(int argc, char** argv) {
       params.storage = options.storage;
       const double useful = 4.0 * static_cast<double>(options.heads * options.dim) *
                             static_cast<double>(Mask(n, n).visible_total());
-      const Timing ours = time_it(options.reps, [&] { attend(params, context); });
+      const bench::Timing ours = bench::time_it(options.reps, [&] { attend(params, context); });
       const double ours_rate = useful / ours.median * 1e-9;
       std::string baseline_ms = "-", baseline_rate = "-", speedup = "-";
       if (options.baseline) {
         std::vector<std::vector<float>> scores(static_cast<std::size_t>(threads),
                                                std::vector<float>(static_cast<std::size_t>(n * n)));
         std::vector<float> reference_out(out.size());
-        const Timing base = time_it(options.reps, [&] {
+        const bench::Timing base = bench::time_it(options.reps, [&] {
           bench::materialised_attention(q, k, v, reference_out, n, options.heads, options.kv_heads,
                                  options.dim, threads, scores);
         });
-        baseline_ms = fmt::format("{:.1f} ({:.1f}-{:.1f})", base.median * 1e3, base.min * 1e3,
-                                  base.max * 1e3);
+        baseline_ms = bench::ms_text(base);
         baseline_rate = fmt::format("{:.1f}", useful / base.median * 1e-9);
         speedup = fmt::format("{:.2f}x", base.median / ours.median);
       }
-      fmt::print("{:>6} {:>22} {:>9.1f} {:>6.1f}% {:>22} {:>9} {:>8}\n", n,
-                 fmt::format("{:.1f} ({:.1f}-{:.1f})", ours.median * 1e3, ours.min * 1e3,
-                             ours.max * 1e3),
+      fmt::print("{:>6} {:>22} {:>9.1f} {:>6.1f}% {:>22} {:>9} {:>8}\n", n, bench::ms_text(ours),
                  ours_rate, 100.0 * ours_rate / peak, baseline_ms, baseline_rate, speedup);
       std::fflush(stdout);
     }

@@ -7,6 +7,7 @@
 #include "lookback/dtype.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
+#include "lookback/leakcheck.hpp"
 #include "lookback/mask.hpp"
 #include "lookback/merge.hpp"
 #include "lookback/modes.hpp"

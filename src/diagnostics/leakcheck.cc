@@ -1,4 +1,4 @@
-#include "diagnostics/leakcheck.hpp"
+#include "lookback/leakcheck.hpp"
 
 #include <fmt/format.h>
 
@@ -124,6 +124,29 @@ void check_output(const NpyArray& out, const LeakShape& s, const RunInfo& run,
   if (out.dtype != DType::kF32 && out.dtype != DType::kF64) {
     throw Error(fmt::format("{} of {}: dtype {} (expected f32 <f4 or f64 <f8)", name,
                             run_name(run), dtype_name(out.dtype)));
+  }
+}
+
+// Marks column j of every (batch, head) dependency matrix where the output
+// row changed. Compares each (batch, row, head) slice bit for bit: any change
+// counts, and a NaN differs from every number. Each run writes only its own
+// column j, so runs on several threads never share a byte.
+void record_changes(const NpyArray& base_out, const NpyArray& out, const LeakShape& s,
+                    std::int64_t j, std::vector<std::uint8_t>& per_batch_head) {
+  const std::size_t element_size = dtype_size(out.dtype);
+  const std::size_t slice = static_cast<std::size_t>(s.head_dim) * element_size;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t i = 0; i < s.seqlen; ++i) {
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const std::size_t element =
+            static_cast<std::size_t>(((b * s.seqlen + i) * s.heads + h) * s.head_dim);
+        if (std::memcmp(base_out.data.data() + element * element_size,
+                        out.data.data() + element * element_size, slice) != 0) {
+          per_batch_head[static_cast<std::size_t>(((b * s.heads + h) * s.seqlen + i) * s.seqlen +
+                                                  j)] = 1;
+        }
+      }
+    }
   }
 }
 
@@ -258,26 +281,7 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
                                   options.output_name, run_name(run), dtype_name(out.dtype),
                                   dtype_name(base_out.dtype)));
         }
-        // Compare each (batch, row, head) slice bit for bit: any change counts,
-        // and a NaN differs from every number.
-        const std::size_t element_size = dtype_size(out.dtype);
-        const std::size_t slice = static_cast<std::size_t>(s.head_dim) * element_size;
-        for (std::int64_t b = 0; b < s.batch; ++b) {
-          for (std::int64_t i = 0; i < s.seqlen; ++i) {
-            for (std::int64_t h = 0; h < s.heads; ++h) {
-              const std::size_t element = static_cast<std::size_t>(
-                  ((b * s.seqlen + i) * s.heads + h) * s.head_dim);
-              const bool changed = std::memcmp(base_out.data.data() + element * element_size,
-                                               out.data.data() + element * element_size,
-                                               slice) != 0;
-              // Each run writes only its own column j: no two threads share a byte.
-              if (changed) {
-                report.per_batch_head[static_cast<std::size_t>(
-                    ((b * s.heads + h) * s.seqlen + i) * s.seqlen + j)] = 1;
-              }
-            }
-          }
-        }
+        record_changes(base_out, out, s, j, report.per_batch_head);
         const std::lock_guard lock(mutex);
         ++done;
         if (options.progress) options.progress(done, report.runs);
@@ -309,38 +313,6 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
   }
   report.result = classify(mask, report.dependency);
   return report;
-}
-
-Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
-                                   int jobs) {
-  if (jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", jobs));
-  // A Context runs one call at a time; one per worker lets `jobs` runs overlap.
-  auto contexts = std::make_shared<std::vector<std::unique_ptr<Context>>>();
-  for (int worker = 0; worker < jobs; ++worker) {
-    contexts->push_back(std::make_unique<Context>(1));
-  }
-  return [mode, storage, mask, contexts](const LeakInputs& inputs, const RunInfo& run) {
-    const LeakShape& s = inputs.shape;
-    AttentionParams params;
-    params.q = make_view(inputs.q.data(), DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
-                         "q");
-    params.k = make_view(inputs.k.data(), DType::kF32,
-                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "k");
-    params.v = make_view(inputs.v.data(), DType::kF32,
-                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "v");
-    NpyArray out;
-    out.dtype = DType::kF32;
-    out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
-    std::vector<float> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
-    params.out = make_mutable_view(values.data(), DType::kF32,
-                                   {s.batch, s.seqlen, s.heads, s.head_dim}, "out");
-    params.mask = mask;
-    params.storage = storage;
-    attend_with_mode(params, mode, *contexts->at(static_cast<std::size_t>(run.worker)));
-    out.data.resize(values.size() * sizeof(float));
-    std::memcpy(out.data.data(), values.data(), out.data.size());
-    return out;
-  };
 }
 
 }  // namespace lookback::diagnostics

@@ -18,6 +18,7 @@
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/npy.hpp"
+#include "output_format.hpp"
 
 namespace lookback::cli {
 namespace {
@@ -43,7 +44,7 @@ struct SaveOptions {
 
 struct InspectOptions {
   std::string path;
-  std::string format = "text";
+  OutputFormat format = OutputFormat::kText;
 };
 
 NpyArray read_kv(const std::string& path, const char* option) {
@@ -208,12 +209,9 @@ std::string render_json(const CheckpointInfo& info) {
 }
 
 int run_inspect(const InspectOptions& options) {
-  if (options.format != "text" && options.format != "json") {
-    throw Error(
-        fmt::format("--format: unknown format '{}' (expected text or json)", options.format));
-  }
   const CheckpointInfo info = inspect_checkpoint(options.path);
-  std::cout << (options.format == "json" ? render_json(info) : render_text(info)) << std::flush;
+  std::cout << (options.format == OutputFormat::kJson ? render_json(info) : render_text(info))
+            << std::flush;
   if (info.intact()) return kExitOk;
   std::string problems;
   for (const std::string& problem : info.problems)
@@ -273,7 +271,7 @@ void add_cache_command(CLI::App& app, Runner& runner) {
   CLI::App* inspect_command = command->add_subcommand(
       "inspect", "Print a checkpoint's header and verify its checksums (exit 1 if damaged).");
   inspect_command->add_option("FILE", inspect->path, "checkpoint file")->required();
-  inspect_command->add_option("--format", inspect->format, "text (default) or json");
+  add_format_option(*inspect_command, inspect->format, {OutputFormat::kText, OutputFormat::kJson});
   inspect_command->callback(
       [inspect, &runner] { runner = [inspect] { return run_inspect(*inspect); }; });
 }

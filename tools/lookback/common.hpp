@@ -26,6 +26,15 @@ void add_leakcheck_command(CLI::App& app, Runner& runner);
 void add_cache_command(CLI::App& app, Runner& runner);
 void add_bench_command(CLI::App& app, Runner& runner);
 
+// Adds the subcommand `name` to `app`: `description` is its line in
+// `lookback --help`, `footer` ends its own --help.
+inline CLI::App* add_command(CLI::App& app, const std::string& name,
+                             const std::string& description, const std::string& footer) {
+  CLI::App* command = app.add_subcommand(name, description);
+  command->footer(footer);
+  return command;
+}
+
 // Writes `text` to the output `path` (lookback::write_output's rules in
 // lookback/output_file.hpp: "-" is stdout, a regular file is replaced
 // atomically, a device or FIFO is written in place); an empty path (an

@@ -12,9 +12,12 @@
 #include <cmath>
 #include <optional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "common.hpp"
+#include "output_format.hpp"
+#include "svg.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/mask.hpp"
@@ -29,7 +32,7 @@ struct CostOptions {
   std::int64_t dim = 128;
   std::string dtype = "f32";
   std::optional<std::int64_t> window;
-  std::string format = "text";
+  OutputFormat format = OutputFormat::kText;
   bool measure = false;
   int threads = 0;
   std::string out;
@@ -175,47 +178,34 @@ std::string render_svg(const CostOptions& o, const std::vector<Position>& rows) 
   const double x_max = static_cast<double>(std::max<std::int64_t>(o.len - 1, 1));
   auto x_of = [&](double position) { return left + plot_w * position / x_max; };
   auto y_of = [&](double value) { return top + plot_h * (1.0 - value / y_max); };
-  auto polyline = [&](auto value_of, const char* colour) {
-    std::string points;
-    for (const Position& p : rows) points += fmt::format("{:.1f},{:.1f} ", x_of(static_cast<double>(p.position)), y_of(value_of(p)));
-    return fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>\n",
-                       colour, points);
+  auto points = [&](auto value_of) {
+    std::vector<std::pair<double, double>> list;
+    for (const Position& p : rows) list.emplace_back(x_of(static_cast<double>(p.position)), y_of(value_of(p)));
+    return list;
   };
-  std::string svg = fmt::format(
-      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" "
-      "font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-      width, height);
-  svg += fmt::format("<text x=\"{}\" y=\"22\" font-size=\"15\">Cost per generated token: {} heads, "
-                     "{} kv heads, head_dim {}</text>\n",
-                     left, o.heads, o.kv_heads, o.dim);
-  svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"black\"/>\n", left, top,
-                     top + plot_h);
-  svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/>\n", left,
-                     top + plot_h, left + plot_w);
+  const std::string heading = fmt::format("Cost per generated token: {} heads, {} kv heads, head_dim {}",
+                                          o.heads, o.kv_heads, o.dim);
+  svg::Document doc(width, height, heading, "12");
+  doc.text(left, 22, heading, "font-size=\"15\"");
+  doc.axes(left, top, plot_w, plot_h);
   for (int tick = 0; tick <= 4; ++tick) {
     const double value = y_max * tick / 4, position = x_max * tick / 4;
-    svg += fmt::format("<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n", left - 6,
-                       y_of(value) + 4, human(value));
-    svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{:.0f}</text>\n",
-                       x_of(position), top + plot_h + 18, position);
+    doc.text(left - 6, y_of(value) + 4, human(value), "text-anchor=\"end\"");
+    doc.text(x_of(position), top + plot_h + 18, fmt::format("{:.0f}", position), "text-anchor=\"middle\"");
   }
-  svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">position of the generated token</text>\n",
-                     left + plot_w / 2, height - 15);
-  svg += fmt::format("<text transform=\"translate(18,{}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
-                     top + plot_h / 2, timed ? "measured time per token (us)" : "FLOPs per token");
+  doc.text(left + plot_w / 2, height - 15, "position of the generated token", "text-anchor=\"middle\"");
+  doc.vertical_text(18, top + plot_h / 2, timed ? "measured time per token (us)" : "FLOPs per token",
+                    "text-anchor=\"middle\"");
   if (timed) {
-    svg += polyline([](const Position& p) { return *p.measured_ns / 1e3; }, "#1f77b4");
-    svg += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#1f77b4\">with the KV cache (measured)</text>\n",
-                       left + 10, top + 14);
+    doc.polyline(points([](const Position& p) { return *p.measured_ns / 1e3; }), "#1f77b4");
+    doc.text(left + 10, top + 14, "with the KV cache (measured)", "fill=\"#1f77b4\"");
   } else {
-    svg += polyline([](const Position& p) { return p.flops_uncached; }, "#d62728");
-    svg += polyline([](const Position& p) { return p.flops_cached; }, "#1f77b4");
-    svg += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#d62728\">without a cache (recompute the prefix)</text>\n",
-                       left + 10, top + 14);
-    svg += fmt::format("<text x=\"{}\" y=\"{}\" fill=\"#1f77b4\">with the KV cache</text>\n", left + 10,
-                       top + 30);
+    doc.polyline(points([](const Position& p) { return p.flops_uncached; }), "#d62728");
+    doc.polyline(points([](const Position& p) { return p.flops_cached; }), "#1f77b4");
+    doc.text(left + 10, top + 14, "without a cache (recompute the prefix)", "fill=\"#d62728\"");
+    doc.text(left + 10, top + 30, "with the KV cache", "fill=\"#1f77b4\"");
   }
-  return svg + "</svg>\n";
+  return doc.finish();
 }
 
 int run_cost(const CostOptions& o) {
@@ -229,20 +219,14 @@ int run_cost(const CostOptions& o) {
   if (o.measure && o.len > 1'000'000) {
     throw Error(fmt::format("--len: {} with --measure (expected at most 1000000 decode steps)", o.len));
   }
-  if (o.format == "svg" && o.len > 100'000) {
+  if (o.format == OutputFormat::kSvg && o.len > 100'000) {
     throw Error(fmt::format("--len: {} with --format svg (expected at most 100000 points)", o.len));
   }
   std::vector<Position> rows = model(o, storage);
   if (o.measure) measure(o, storage, rows);
-  std::string text;
-  if (o.format == "json") {
-    text = render_json(rows);
-  } else if (o.format == "svg") {
-    text = render_svg(o, rows);
-  } else {
-    text = render_text(o, rows);
-  }
-  write_output(o.out, text);
+  write_output(o.out, o.format == OutputFormat::kJson ? render_json(rows)
+                     : o.format == OutputFormat::kSvg ? render_svg(o, rows)
+                                                      : render_text(o, rows));
   return kExitOk;
 }
 
@@ -250,10 +234,9 @@ int run_cost(const CostOptions& o) {
 
 void add_cost_command(CLI::App& app, Runner& runner) {
   auto o = std::make_shared<CostOptions>();
-  CLI::App* command = app.add_subcommand(
-      "cost",
-      "Cost per generated token with a KV cache and without.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "cost",
+      "Cost per generated token with a KV cache and without.",
       "For each position i: the keys attended (i+1, or W+1 with a window), the FLOPs with the\n"
       "cache (4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
       "the KV bytes read, and totals. --measure also times real decode steps on this machine.");
@@ -264,13 +247,12 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   command->add_option("--dtype", o->dtype, "KV cache storage: f32 (default), bf16, f16")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   command->add_option("--window", o->window, "left window W (W+1 keys per token)")->check(kNonNegative);
-  command->add_option("--format", o->format, "text (default), json or svg")
-      ->check(CLI::IsMember({"text", "json", "svg"}));
+  add_format_option(*command, o->format,
+                    {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});
   command->add_flag("--measure", o->measure, "time real decode steps on this machine");
   command->add_option("--threads", o->threads, "threads for --measure (default: all cores)")
       ->check(kPositive);
-  command->add_option("--out", o->out, "write to FILE instead of stdout (- is stdout)")
-      ->check(kOutputPath);
+  add_out_option(*command, o->out);
   command->callback([&runner, o] { runner = [o] { return run_cost(*o); }; });
 }
 

@@ -14,8 +14,12 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "common.hpp"
+#include "output_format.hpp"
+#include "svg.hpp"
 #include "lookback/error.hpp"
 #include "lookback/mask.hpp"
 
@@ -33,28 +37,14 @@ constexpr std::int64_t kMaxListedCells = std::int64_t{1} << 22;
 // 16384 rows is about a megabyte.
 constexpr std::int64_t kMaxSvgRows = std::int64_t{1} << 14;
 
-enum class Format { kText, kMatrix, kJson, kSvg };
-
-Format parse_format(const std::string& text) {
-  if (text == "text") return Format::kText;
-  if (text == "matrix") return Format::kMatrix;
-  if (text == "json") return Format::kJson;
-  if (text == "svg") return Format::kSvg;
-  throw Error(fmt::format("--format: unknown format '{}' (expected text, matrix, json or svg)",
-                          text));
-}
-
 struct PatternOptions {
   std::int64_t seqlen_q = 0;
-  std::int64_t seqlen_k = 0;     // only read when --seqlen-k was given
-  std::int64_t query = 0;        // only read when --query was given
-  std::int64_t window_left = 0;  // only read when --window was given
+  std::optional<std::int64_t> seqlen_k;  // default: seqlen_q
+  std::optional<std::int64_t> query;     // one row only
+  std::optional<std::int64_t> window_left;
   std::string causal = "bottom-right";
-  std::string format = "text";
+  OutputFormat format = OutputFormat::kText;
   std::string out;
-  CLI::Option* seqlen_k_option = nullptr;
-  CLI::Option* query_option = nullptr;
-  CLI::Option* window_option = nullptr;
 };
 
 // What one invocation shows: the mask and the query rows [row_begin, row_end).
@@ -80,30 +70,28 @@ void check_at_most(const char* argument, std::int64_t value, std::int64_t limit)
 
 // Validates the options and builds the pattern; nothing is written before
 // this returns, so a bad argument never leaves an output file behind.
-Pattern make_pattern(const PatternOptions& options, Format format) {
+Pattern make_pattern(const PatternOptions& options) {
   check_at_most("--len", options.seqlen_q, kMaxLength);
-  const std::int64_t seqlen_k = *options.seqlen_k_option ? options.seqlen_k : options.seqlen_q;
+  const std::int64_t seqlen_k = options.seqlen_k.value_or(options.seqlen_q);
   check_at_most("--seqlen-k", seqlen_k, kMaxLength);
-  MaskSpec spec{.causal = parse_causal(options.causal, "--causal"), .window_left = {}};
-  if (*options.window_option) {
-    check_at_most("--window", options.window_left, kMaxLength);
-    spec.window_left = options.window_left;
-  }
+  if (options.window_left) check_at_most("--window", *options.window_left, kMaxLength);
+  const MaskSpec spec{.causal = parse_causal(options.causal, "--causal"),
+                      .window_left = options.window_left};
   // The Mask checks the window against the alignment (none takes no window).
   Pattern pattern{.mask = Mask(options.seqlen_q, seqlen_k, spec),
                   .row_begin = 0,
                   .row_end = options.seqlen_q,
                   .query = {}};
-  if (*options.query_option) {
-    if (options.query < 0 || options.query >= options.seqlen_q) {
+  if (const std::optional<std::int64_t> query = options.query) {
+    if (*query < 0 || *query >= options.seqlen_q) {
       throw Error(fmt::format("--query: {} (expected a query row from 0 to {}, below --len {})",
-                              options.query, options.seqlen_q - 1, options.seqlen_q));
+                              *query, options.seqlen_q - 1, options.seqlen_q));
     }
-    pattern.query = options.query;
-    pattern.row_begin = options.query;
-    pattern.row_end = options.query + 1;
+    pattern.query = query;
+    pattern.row_begin = *query;
+    pattern.row_end = *query + 1;
   }
-  if (format == Format::kSvg) {
+  if (options.format == OutputFormat::kSvg) {
     if (pattern.rows() > kMaxSvgRows) {
       throw Error(fmt::format(
           "--len: {} rows are too many to draw (expected at most {}; use --query to draw one row)",
@@ -203,14 +191,6 @@ constexpr const char* kMaskedColour = "#e8e8e8";
 constexpr const char* kVisibleColour = "#3b6ea8";
 constexpr const char* kDiagonalColour = "#e8743b";
 
-// Coordinates with at most two decimals and no trailing zeros.
-std::string px(double value) {
-  std::string text = fmt::format("{:.2f}", value);
-  while (text.back() == '0') text.pop_back();
-  if (text.back() == '.') text.pop_back();
-  return text == "-0" ? "0" : text;
-}
-
 // Smallest step of the form 1, 2, 5, 10, 20, 50, ... whose labels, `cell` px
 // per index apart, are at least kTickSpacing px apart.
 std::int64_t tick_step(double cell) {
@@ -222,149 +202,117 @@ std::int64_t tick_step(double cell) {
   }
 }
 
+// The plot's geometry in px: cells shrink with long sequences.
+struct Plot {
+  double cell_w, cell_h, width, height;
+  bool big_cells() const noexcept { return cell_w >= kGridCell && cell_h >= kGridCell; }
+  double x(double key) const noexcept { return kLeft + key * cell_w; }
+  double y(double shown_row) const noexcept { return kTop + shown_row * cell_h; }
+};
+
+Plot plot_of(const Pattern& pattern) {
+  const auto keys = static_cast<double>(pattern.mask.seqlen_k());
+  const auto rows = static_cast<double>(pattern.rows());
+  const double cell_w = std::min(kMaxCell, kPlotSide / keys);
+  const double cell_h = std::min(kMaxCell, kPlotSide / rows);
+  return {.cell_w = cell_w, .cell_h = cell_h, .width = cell_w * keys, .height = cell_h * rows};
+}
+
+// The cells, in cell units (scaled group): masked background, then one
+// rectangle per row for its visible keys. key_range is one interval per row,
+// so this is exact and the file grows with the rows, not with rows x keys.
+// The rectangles are sub-paths of one path: a renderer fills a path in one
+// pass, so rows under a pixel tall leave no anti-aliased seams between them.
+// The diagonal is the key at the query's own position p(i): big cells get a
+// square each, small ones a line (drawn in px, outside the scaled group, so
+// its width does not grow with the cells), which stays visible when a cell
+// is under a pixel.
+void draw_cells(svg::Document& doc, const Pattern& pattern, const Plot& plot) {
+  const Mask& mask = pattern.mask;
+  doc.raw(fmt::format("<g transform=\"translate({} {}) scale({} {})\">\n"
+                      "<rect width=\"{}\" height=\"{}\" fill=\"{}\"/>\n",
+                      svg::number(kLeft), svg::number(kTop), plot.cell_w, plot.cell_h,
+                      mask.seqlen_k(), pattern.rows(), kMaskedColour));
+  std::string visible;
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const KeyRange keys = mask.key_range(row);
+    if (!keys.empty()) svg::add_cell_run(visible, keys.begin, row - pattern.row_begin, keys.size());
+  }
+  doc.raw(fmt::format("<path fill=\"{}\" d=\"{}\"/>\n", kVisibleColour, visible));
+  std::vector<std::int64_t> diagonal;  // rows whose own position is a key
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    if (!mask.visible(row, mask.position(row))) continue;  // off the key axis
+    diagonal.push_back(row);
+    if (plot.big_cells()) {
+      doc.raw(fmt::format("<rect x=\"{}\" y=\"{}\" width=\"1\" height=\"1\" fill=\"{}\"/>\n",
+                          mask.position(row), row - pattern.row_begin, kDiagonalColour));
+    }
+  }
+  doc.raw("</g>\n");
+  if (!plot.big_cells() && !diagonal.empty()) {
+    const auto centre = [&](std::int64_t row) {
+      return std::pair{plot.x(static_cast<double>(mask.position(row)) + 0.5),
+                       plot.y(static_cast<double>(row - pattern.row_begin) + 0.5)};
+    };
+    const auto [x1, y1] = centre(diagonal.front());
+    const auto [x2, y2] = centre(diagonal.back());
+    doc.line(x1, y1, x2, y2,
+             fmt::format("stroke=\"{}\" stroke-width=\"1.5\" stroke-linecap=\"square\"",
+                         kDiagonalColour));
+  }
+}
+
+// Labels: every row and key when the cells are big enough, else ticks.
+void draw_labels(svg::Document& doc, const Pattern& pattern, const Plot& plot) {
+  doc.raw("<g font-size=\"11\" fill=\"#222\">\n");
+  const std::int64_t key_step = tick_step(plot.cell_w);
+  for (std::int64_t key = 0; key < pattern.mask.seqlen_k(); key += key_step) {
+    doc.text(plot.x(static_cast<double>(key) + 0.5), kTop - 8, fmt::format("k{}", key),
+             "text-anchor=\"middle\"");
+  }
+  const std::int64_t row_step = tick_step(plot.cell_h);
+  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
+    const std::int64_t shown = row - pattern.row_begin;
+    if (row % row_step != 0 && shown != 0) continue;
+    doc.text(kLeft - 6, plot.y(static_cast<double>(shown) + 0.5), fmt::format("q{}", row),
+             "text-anchor=\"end\" dominant-baseline=\"middle\"");
+  }
+  doc.raw("</g>\n");
+}
+
 std::string render_svg(const Pattern& pattern) {
   const Mask& mask = pattern.mask;
-  const std::int64_t rows = pattern.rows();
-  const std::int64_t seqlen_k = mask.seqlen_k();
-  const double cell_w = std::min(kMaxCell, kPlotSide / static_cast<double>(seqlen_k));
-  const double cell_h = std::min(kMaxCell, kPlotSide / static_cast<double>(rows));
-  const double plot_w = cell_w * static_cast<double>(seqlen_k);
-  const double plot_h = cell_h * static_cast<double>(rows);
-  const double width = kLeft + std::max(plot_w, kMinWidth) + 24;
-  const double height = kTop + plot_h + 48;
-
+  const Plot plot = plot_of(pattern);
   const std::string window_text =
       mask.spec().window_left
           ? fmt::format("window {} ({} keys at most)", *mask.spec().window_left,
                         *mask.spec().window_left + 1)
           : std::string("no window");
   const std::string subtitle =
-      fmt::format("seqlen_q {}, seqlen_k {}, {}, {}", mask.seqlen_q(), seqlen_k,
+      fmt::format("seqlen_q {}, seqlen_k {}, {}, {}", mask.seqlen_q(), mask.seqlen_k(),
                   causal_name(mask.spec().causal), window_text);
   const std::string summary = summary_line(pattern);
 
-  std::string svg;
-  auto out = std::back_inserter(svg);
-  fmt::format_to(out,
-                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
-                 "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{0}\" height=\"{1}\" "
-                 "viewBox=\"0 0 {0} {1}\" font-family=\"sans-serif\">\n"
-                 "<title>Attention mask: {2} ({3})</title>\n"
-                 "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-                 "<text x=\"{4}\" y=\"24\" font-size=\"16\" font-weight=\"bold\">{2}</text>\n"
-                 "<text x=\"{4}\" y=\"44\" font-size=\"12\" fill=\"#444\">{3}</text>\n"
-                 "<text x=\"{5}\" y=\"66\" font-size=\"12\" text-anchor=\"middle\">"
-                 "keys k_j</text>\n"
-                 "<text transform=\"translate(16 {6}) rotate(-90)\" font-size=\"12\" "
-                 "text-anchor=\"middle\">queries q_i</text>\n",
-                 px(width), px(height), summary, subtitle, px(kLeft), px(kLeft + plot_w / 2),
-                 px(kTop + plot_h / 2));
-
-  // The cells, in cell units (scaled group): masked background, then one
-  // rectangle per row for its visible keys. key_range is one interval per row,
-  // so this is exact and the file grows with the rows, not with rows x keys.
-  // The rectangles are sub-paths of one path: a renderer fills a path in one
-  // pass, so rows under a pixel tall leave no anti-aliased seams between them.
-  fmt::format_to(out,
-                 "<g transform=\"translate({} {}) scale({} {})\">\n"
-                 "<rect width=\"{}\" height=\"{}\" fill=\"{}\"/>\n"
-                 "<path fill=\"{}\" d=\"",
-                 px(kLeft), px(kTop), cell_w, cell_h, seqlen_k, rows, kMaskedColour,
-                 kVisibleColour);
-  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const KeyRange keys = mask.key_range(row);
-    if (keys.empty()) continue;
-    fmt::format_to(out, "M{} {}h{}v1h-{}z", keys.begin, row - pattern.row_begin, keys.size(),
-                   keys.size());
+  svg::Document doc(kLeft + std::max(plot.width, kMinWidth) + 24, kTop + plot.height + 48,
+                    fmt::format("Attention mask: {} ({})", summary, subtitle));
+  doc.matrix_titles({.heading = summary,
+                     .heading_attributes = "font-size=\"16\" font-weight=\"bold\"",
+                     .subtitle = subtitle,
+                     .columns = "keys k_j",
+                     .rows = "queries q_i",
+                     .rows_x = 16},
+                    kLeft, kTop, plot.width, plot.height);
+  draw_cells(doc, pattern, plot);
+  if (plot.big_cells()) {
+    doc.grid(kLeft, kTop, plot.cell_w, plot.cell_h, mask.seqlen_k(), pattern.rows());
   }
-  svg += "\"/>\n";
-
-  // The diagonal: the key at the query's own position p(i). It is a straight
-  // line (p grows by one per row); big cells get a square each, small ones a
-  // line, which stays visible when a cell is under a pixel.
-  const bool big_cells = cell_w >= kGridCell && cell_h >= kGridCell;
-  std::optional<std::int64_t> first_diagonal;
-  std::optional<std::int64_t> last_diagonal;
-  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const std::int64_t position = mask.position(row);
-    if (!mask.visible(row, position)) continue;  // off the key axis
-    if (!first_diagonal) first_diagonal = row;
-    last_diagonal = row;
-    if (big_cells) {
-      fmt::format_to(out,
-                     "<rect x=\"{}\" y=\"{}\" width=\"1\" height=\"1\" fill=\"{}\"/>\n",
-                     position, row - pattern.row_begin, kDiagonalColour);
-    }
-  }
-  svg += "</g>\n";
-
-  // Strokes are drawn in px, outside the scaled group, so their width does not
-  // grow with the cells (vector-effect="non-scaling-stroke" is not honoured by
-  // every renderer, librsvg among them).
-  const auto cell_x = [&](double key) { return px(kLeft + key * cell_w); };
-  const auto cell_y = [&](double shown_row) { return px(kTop + shown_row * cell_h); };
-  if (!big_cells && first_diagonal) {
-    fmt::format_to(out,
-                   "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" "
-                   "stroke-width=\"1.5\" stroke-linecap=\"square\"/>\n",
-                   cell_x(static_cast<double>(mask.position(*first_diagonal)) + 0.5),
-                   cell_y(static_cast<double>(*first_diagonal - pattern.row_begin) + 0.5),
-                   cell_x(static_cast<double>(mask.position(*last_diagonal)) + 0.5),
-                   cell_y(static_cast<double>(*last_diagonal - pattern.row_begin) + 0.5),
-                   kDiagonalColour);
-  }
-  if (big_cells) {
-    // White grid lines between cells, as one path.
-    svg += "<path fill=\"none\" stroke=\"white\" stroke-width=\"1\" d=\"";
-    for (std::int64_t key = 1; key < seqlen_k; ++key) {
-      fmt::format_to(out, "M{} {}V{}", cell_x(static_cast<double>(key)), cell_y(0),
-                     cell_y(static_cast<double>(rows)));
-    }
-    for (std::int64_t row = 1; row < rows; ++row) {
-      fmt::format_to(out, "M{} {}H{}", cell_x(0), cell_y(static_cast<double>(row)),
-                     cell_x(static_cast<double>(seqlen_k)));
-    }
-    svg += "\"/>\n";
-  }
-
-  // Labels: every row and key when the cells are big enough, else ticks.
-  svg += "<g font-size=\"11\" fill=\"#222\">\n";
-  const std::int64_t key_step = tick_step(cell_w);
-  for (std::int64_t key = 0; key < seqlen_k; key += key_step) {
-    fmt::format_to(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">k{}</text>\n",
-                   px(kLeft + (static_cast<double>(key) + 0.5) * cell_w), px(kTop - 8), key);
-  }
-  const std::int64_t row_step = tick_step(cell_h);
-  for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const std::int64_t shown = row - pattern.row_begin;
-    if (row % row_step != 0 && shown != 0) continue;
-    fmt::format_to(out,
-                   "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" dominant-baseline=\"middle\">"
-                   "q{}</text>\n",
-                   px(kLeft - 6), px(kTop + (static_cast<double>(shown) + 0.5) * cell_h), row);
-  }
-  svg += "</g>\n";
-
-  // Legend.
-  const double legend_y = kTop + plot_h + 20;
-  struct Swatch {
-    const char* colour;
-    const char* label;
-  };
-  double legend_x = kLeft;
-  for (const Swatch& swatch : {Swatch{kVisibleColour, "score computed"},
-                               Swatch{kDiagonalColour, "own position j = p(i)"},
-                               Swatch{kMaskedColour, "masked"}}) {
-    fmt::format_to(out,
-                   "<rect x=\"{0}\" y=\"{1}\" width=\"12\" height=\"12\" fill=\"{2}\"/>\n"
-                   "<text x=\"{3}\" y=\"{4}\" font-size=\"12\">{5}</text>\n",
-                   px(legend_x), px(legend_y), swatch.colour, px(legend_x + 17),
-                   px(legend_y + 10.5), swatch.label);
-    // About 6.5 px per character at font-size 12, plus the swatch and a gap.
-    legend_x += 17 + 6.5 * static_cast<double>(std::string_view(swatch.label).size()) + 20;
-  }
-  svg += "</svg>\n";
-  return svg;
+  draw_labels(doc, pattern, plot);
+  doc.legend(kLeft, kTop + plot.height + 20,
+             {{kVisibleColour, "score computed"},
+              {kDiagonalColour, "own position j = p(i)"},
+              {kMaskedColour, "masked"}},
+             20);
+  return doc.finish();
 }
 
 }  // namespace
@@ -373,9 +321,8 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
   auto options = std::make_shared<PatternOptions>();
   // The description is also the one line `lookback --help` lists; the rest
   // goes after the options in `lookback pattern --help`.
-  CLI::App* command = app.add_subcommand(
-      "pattern", "Show which keys each query is scored against under a causal mask.");
-  command->footer(
+  CLI::App* command = add_command(
+      app, "pattern", "Show which keys each query is scored against under a causal mask.",
       std::string(
           "In an autoregressive model a token may look only at itself and earlier tokens, so\n"
           "only those query-key scores (q_i·k_jᵀ) are computed; the rest are masked.\n"
@@ -407,34 +354,30 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
   command->add_option("--len", options->seqlen_q, "number of queries, seqlen_q (>= 1)")
       ->required()
       ->check(kPositive);
-  options->seqlen_k_option =
-      command->add_option("--seqlen-k", options->seqlen_k,
-                          "number of keys, seqlen_k (>= 1; default: --len)")
-          ->check(kPositive);
-  options->query_option =
-      command->add_option("--query", options->query, "show only query row I (0 <= I < --len)")
-          ->check(kNonNegative);
-  options->window_option =
-      command
-          ->add_option("--window", options->window_left,
-                       "left window W >= 0: a query sees its own key and the W before it")
-          ->check(kNonNegative);
+  command->add_option("--seqlen-k", options->seqlen_k,
+                      "number of keys, seqlen_k (>= 1; default: --len)")
+      ->check(kPositive);
+  command->add_option("--query", options->query, "show only query row I (0 <= I < --len)")
+      ->check(kNonNegative);
+  command->add_option("--window", options->window_left,
+                      "left window W >= 0: a query sees its own key and the W before it")
+      ->check(kNonNegative);
   command->add_option("--causal", options->causal,
                       "alignment: bottom-right (default), top-left, or none (every key visible)");
-  command->add_option("--format", options->format, "text (default), matrix, json or svg");
-  command->add_option("--out", options->out, "write to this file instead of stdout (- is stdout)")
-      ->check(kOutputPath);
+  add_format_option(*command, options->format,
+                    {OutputFormat::kText, OutputFormat::kMatrix, OutputFormat::kJson,
+                     OutputFormat::kSvg});
+  add_out_option(*command, options->out);
 
   command->callback([options, &runner] {
     runner = [options] {
-      const Format format = parse_format(options->format);
-      const Pattern pattern = make_pattern(*options, format);
+      const Pattern pattern = make_pattern(*options);
       std::string output;
-      switch (format) {
-        case Format::kText: output = render_text(pattern); break;
-        case Format::kMatrix: output = render_matrix(pattern); break;
-        case Format::kJson: output = render_json(pattern); break;
-        case Format::kSvg: output = render_svg(pattern); break;
+      switch (options->format) {
+        case OutputFormat::kText: output = render_text(pattern); break;
+        case OutputFormat::kMatrix: output = render_matrix(pattern); break;
+        case OutputFormat::kJson: output = render_json(pattern); break;
+        case OutputFormat::kSvg: output = render_svg(pattern); break;
       }
       write_output(options->out, output);
       return kExitOk;

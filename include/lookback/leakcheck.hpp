@@ -10,11 +10,20 @@
 // never seen is "missing" (a warning: e.g. an output that ignores its own
 // token). seqlen_q == seqlen_k == seqlen, so position j is both query j and
 // key j. Total runs: seqlen + 1, independent of each other after the base.
+//
+// Two implementations come with it: a user's command run on .npy files
+// (command_implementation, the black box of `lookback leakcheck --exec`) and
+// lookback's own paths (mode_implementation), and the built-in plan that
+// checks every path, storage dtype and window (run_builtin_checks). The CLI,
+// the tests and future bindings all call these; docs/leakage.md explains the
+// experiment.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -25,12 +34,9 @@
 
 namespace lookback::diagnostics {
 
+// seqlen_q == seqlen_k == seqlen: position j is both query j and key j.
 struct LeakShape {
-  std::int64_t batch = 1;
-  std::int64_t seqlen = 1;
-  std::int64_t heads = 1;
-  std::int64_t kv_heads = 1;
-  std::int64_t head_dim = 1;
+  std::int64_t batch = 1, seqlen = 1, heads = 1, kv_heads = 1, head_dim = 1;
 };
 
 // Throws lookback::Error naming the field when a size is < 1, heads is not a
@@ -124,5 +130,67 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
 // single-threaded Context per worker (so `jobs` runs can share it).
 Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
                                    int jobs);
+
+// ---- the black box: a user's command --------------------------------------
+
+// Throws lookback::Error naming --exec unless `command` holds each of {q},
+// {k}, {v} and {out}.
+void check_command_template(const std::string& command);
+
+// The user's command as an Implementation: each run writes q.npy, k.npy and
+// v.npy (<f4) into a folder of its own, runs `command` through /bin/sh -c
+// with {q}, {k}, {v} and {out} replaced by those paths (quoted for the
+// shell), and reads the O it wrote at {out}. A command that fails, is killed
+// or writes no readable output throws lookback::Error with the tail of what
+// it printed. The folders live in a private temporary folder that goes with
+// the last copy of the returned Implementation.
+Implementation command_implementation(const std::string& command);
+
+// ---- the built-in plan: every path of lookback itself ---------------------
+
+// Small enough for 30 checks of N + 1 runs each to take well under a second,
+// large enough to cross every boundary the paths have. The length is odd on
+// purpose: chunks of 5, pages of 4 and 3 splits all end with a partial piece,
+// where off-by-one bugs live.
+inline constexpr LeakShape kBuiltinShape{
+    .batch = 2, .seqlen = 23, .heads = 4, .kv_heads = 2, .head_dim = 16};
+inline constexpr std::int64_t kBuiltinChunk = 5;
+inline constexpr std::int64_t kBuiltinBlockSize = 4;
+inline constexpr std::int64_t kBuiltinSplits = 3;
+inline constexpr std::int64_t kBuiltinWindow = 6;
+
+enum class Verdict { kCausal, kLeak, kError };
+std::string_view verdict_name(Verdict verdict) noexcept;  // "causal", "leak", "error"
+
+// One path x storage dtype x window of the plan, and how its check went.
+struct BuiltinCheck {
+  std::string label;  // "paged (block 4, chunk 5), window 6"
+  ModeOptions mode;
+  DType storage = DType::kF32;
+  std::optional<std::int64_t> window;
+  Verdict verdict = Verdict::kCausal;
+  std::optional<LeakReport> report;  // when the check ran to the end
+  std::string message;               // what a path threw (kError)
+};
+
+// "paged (block 4, chunk 5)": the path and the sizes that shape it.
+std::string path_label(const ModeOptions& mode);
+
+// Every path (all_modes()) without a window and with `window`, each in f32,
+// bf16 and f16 storage, in that order: three checks per path row.
+std::vector<BuiltinCheck> builtin_plan(std::int64_t window = kBuiltinWindow);
+
+struct BuiltinOptions {
+  LeakShape shape = kBuiltinShape;
+  std::int64_t window = kBuiltinWindow;
+  std::uint64_t seed = 1;
+  int jobs = 1;
+  // (runs done, runs in all the checks), as in LeakCheckOptions; optional.
+  std::function<void(std::int64_t done, std::int64_t total)> progress;
+};
+
+// Runs the plan with bottom-right masks (the alignment the cache paths use).
+// A path that throws is a check with Verdict::kError, not an exception.
+std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options);
 
 }  // namespace lookback::diagnostics

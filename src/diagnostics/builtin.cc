@@ -1,0 +1,123 @@
+// The built-in leak check: lookback's own paths as implementations, and the
+// plan that checks every path, storage dtype and window (DESIGN.md §4).
+#include <fmt/format.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lookback/attention.hpp"
+#include "lookback/context.hpp"
+#include "lookback/error.hpp"
+#include "lookback/leakcheck.hpp"
+#include "lookback/tensor.hpp"
+
+namespace lookback::diagnostics {
+
+Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
+                                   int jobs) {
+  if (jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", jobs));
+  // A Context runs one call at a time; one per worker lets `jobs` runs overlap.
+  auto contexts = std::make_shared<std::vector<std::unique_ptr<Context>>>();
+  for (int worker = 0; worker < jobs; ++worker) {
+    contexts->push_back(std::make_unique<Context>(1));
+  }
+  return [mode, storage, mask, contexts](const LeakInputs& inputs, const RunInfo& run) {
+    const LeakShape& s = inputs.shape;
+    AttentionParams params;
+    params.q = make_view(inputs.q.data(), DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
+                         "q");
+    params.k = make_view(inputs.k.data(), DType::kF32,
+                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "k");
+    params.v = make_view(inputs.v.data(), DType::kF32,
+                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "v");
+    NpyArray out;
+    out.dtype = DType::kF32;
+    out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
+    std::vector<float> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
+    params.out = make_mutable_view(values.data(), DType::kF32,
+                                   {s.batch, s.seqlen, s.heads, s.head_dim}, "out");
+    params.mask = mask;
+    params.storage = storage;
+    attend_with_mode(params, mode, *contexts->at(static_cast<std::size_t>(run.worker)));
+    out.data.resize(values.size() * sizeof(float));
+    std::memcpy(out.data.data(), values.data(), out.data.size());
+    return out;
+  };
+}
+
+std::string_view verdict_name(Verdict verdict) noexcept {
+  switch (verdict) {
+    case Verdict::kCausal: return "causal";
+    case Verdict::kLeak: return "leak";
+    case Verdict::kError: return "error";
+  }
+  return "?";
+}
+
+std::string path_label(const ModeOptions& mode) {
+  switch (mode.mode) {
+    case Mode::kPrefill:
+    case Mode::kDecode: return std::string(mode_name(mode.mode));
+    case Mode::kChunked: return fmt::format("chunked (chunk {})", mode.chunk);
+    case Mode::kPaged: return fmt::format("paged (block {}, chunk {})", mode.block_size, mode.chunk);
+    case Mode::kSplit: return fmt::format("split ({} parts)", mode.splits);
+  }
+  return std::string(mode_name(mode.mode));
+}
+
+std::vector<BuiltinCheck> builtin_plan(std::int64_t window) {
+  std::vector<BuiltinCheck> checks;
+  for (Mode mode : all_modes()) {
+    const ModeOptions mode_options{.mode = mode,
+                                   .chunk = kBuiltinChunk,
+                                   .block_size = kBuiltinBlockSize,
+                                   .splits = kBuiltinSplits};
+    for (std::optional<std::int64_t> path_window :
+         {std::optional<std::int64_t>{}, std::optional<std::int64_t>{window}}) {
+      for (DType storage : {DType::kF32, DType::kBF16, DType::kF16}) {
+        BuiltinCheck check;
+        check.label = path_label(mode_options) +
+                      (path_window ? fmt::format(", window {}", *path_window) : std::string());
+        check.mode = mode_options;
+        check.storage = storage;
+        check.window = path_window;
+        checks.push_back(std::move(check));
+      }
+    }
+  }
+  return checks;
+}
+
+std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options) {
+  validate(options.shape);
+  std::vector<BuiltinCheck> checks = builtin_plan(options.window);
+  const std::int64_t runs_per_check = options.shape.seqlen + 1;
+  const std::int64_t total_runs = static_cast<std::int64_t>(checks.size()) * runs_per_check;
+  std::int64_t runs_before = 0;
+  for (BuiltinCheck& check : checks) {
+    const MaskSpec mask{.causal = Causal::kBottomRight, .window_left = check.window};
+    LeakCheckOptions leak_options{.shape = options.shape, .mask = mask, .seed = options.seed,
+                                  .jobs = options.jobs};
+    if (options.progress) {
+      leak_options.progress = [&](std::int64_t done, std::int64_t) {
+        options.progress(runs_before + done, total_runs);
+      };
+    }
+    try {
+      check.report = check_leaks(
+          mode_implementation(check.mode, check.storage, mask, options.jobs), leak_options);
+      check.verdict = check.report->result.causal() ? Verdict::kCausal : Verdict::kLeak;
+    } catch (const Error& e) {
+      // Any error a path throws fails its check; the other checks still run.
+      check.verdict = Verdict::kError;
+      check.message = e.what();
+    }
+    runs_before += runs_per_check;
+    if (options.progress) options.progress(runs_before, total_runs);
+  }
+  return checks;
+}
+
+}  // namespace lookback::diagnostics
