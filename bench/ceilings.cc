@@ -6,10 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #if defined(__linux__) && defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #include <cstdlib>
 #include <cstring>
@@ -17,6 +14,7 @@
 #include <vector>
 
 #include "ceilings.hpp"
+#include "lookback/kernel_caps.hpp"
 
 HWY_BEFORE_NAMESPACE();
 namespace lookback::bench::HWY_NAMESPACE {
@@ -156,23 +154,10 @@ __attribute__((target("amx-tile,amx-bf16"))) std::uint64_t AmxLoop(std::uint64_t
   return iterations * 4 * 16 * 16 * 32 * 2;
 }
 
-bool amx_available() {
-  static const bool available = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;  // CPUID 7: EDX 22 AMX-BF16, 24 AMX-TILE
-    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || ((edx >> 22) & 1u) == 0 ||
-        ((edx >> 24) & 1u) == 0) {
-      return false;
-    }
-    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return available;
-}
-
 }  // namespace
 
 double measure_amx_peak_gflops(int threads) {
-  if (!amx_available()) return 0.0;
+  if (!kernel_caps().amx_bf16) return 0.0;  // and Linux granted the tile state
   const std::uint64_t iterations = 2'000'000;
   return best_gflops(threads, [&](int) { return AmxLoop(iterations); });
 }

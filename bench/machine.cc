@@ -1,7 +1,6 @@
 #include "machine.hpp"
 
 #include <fstream>
-#include <sstream>
 
 namespace lookback::bench {
 
@@ -24,15 +23,6 @@ std::string cpuinfo_field(const std::string& name) {
 std::string cpu_model() {
   const std::string model = cpuinfo_field("model name");
   return model.empty() ? "unknown CPU" : model;
-}
-
-bool cpu_has_flag(const std::string& flag) {
-  std::istringstream flags(cpuinfo_field("flags"));
-  std::string word;
-  while (flags >> word) {
-    if (word == flag) return true;
-  }
-  return false;
 }
 
 }  // namespace lookback::bench

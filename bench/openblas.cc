@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "lookback/error.hpp"
+#include "lookback/kernel_caps.hpp"
 #include "machine.hpp"
 
 namespace lookback::bench {
@@ -25,7 +26,7 @@ Function symbol(void* library, const char* name) {
 }
 
 OpenBlas load() {
-  if (cpu_has_flag("avx512f") && std::getenv("OPENBLAS_CORETYPE") == nullptr) {
+  if (kernel_caps().avx512 && std::getenv("OPENBLAS_CORETYPE") == nullptr) {
     setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);
   }
   void* library = nullptr;

@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
   for (int threads : options.threads) {
     const double fma_peak = bench::measure_fma_peak_gflops(threads);
     const double amx_peak = options.storage == DType::kBF16 ? bench::measure_amx_peak_gflops(threads) : 0.0;
-    const bool amx = amx_peak > 0.0 && describe_kernels().find("AMX") != std::string::npos;
+    const bool amx = amx_peak > 0.0 && kernel_caps().amx_prefill;
     // bf16 work on AMX is measured against the tile unit's peak.
     const double peak = amx ? amx_peak : fma_peak;
     fmt::print("threads {}: FMA peak {:.1f} GFLOP/s ({}){}\n", threads, fma_peak,

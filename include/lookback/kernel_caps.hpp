@@ -18,7 +18,9 @@ struct KernelCaps {
   // LOOKBACK_SIMD as set in the environment ("" when unset).
   std::string simd_cap;
 
-  // CPU features beyond what Highway's targets use.
+  // CPU features. avx512: the CPU runs Highway's AVX3 target (AVX-512 F,
+  // BW, DQ, VL), whatever the cap; the others go beyond Highway's targets.
+  bool avx512 = false;
   bool avx512_bf16 = false;  // VDPBF16PS, VCVTNEPS2BF16
   bool amx_bf16 = false;     // AMX-TILE and AMX-BF16, and Linux granted the tile state
   bool amx_disabled = false;  // LOOKBACK_DISABLE_AMX is set (amx_bf16 is then false)

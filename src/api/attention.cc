@@ -19,6 +19,9 @@ bool is_input_dtype(DType dtype) {
          dtype == DType::kF64;
 }
 
+void validate_outputs(const AttentionParams& params, const AttentionShape& shape);
+void validate_scores(const AttentionParams& params, const AttentionShape& shape);
+
 }  // namespace
 
 AttentionShape validate(const AttentionParams& params) {
@@ -62,6 +65,15 @@ AttentionShape validate(const AttentionParams& params) {
                             shape.kv_heads, shape.heads));
   }
 
+  validate_outputs(params, shape);
+  validate_scores(params, shape);
+  Mask(shape.seqlen_q, shape.seqlen_k, params.mask);  // validates the window
+  return shape;
+}
+
+namespace {
+
+void validate_outputs(const AttentionParams& params, const AttentionShape& shape) {
   validate_view(params.out, 4, "out");
   if (params.out.dtype != DType::kF32) {
     throw Error(fmt::format("out: dtype {} (expected f32)", dtype_name(params.out.dtype)));
@@ -82,6 +94,9 @@ AttentionShape validate(const AttentionParams& params) {
                               shape.seqlen_q));
     }
   }
+}
+
+void validate_scores(const AttentionParams& params, const AttentionShape& shape) {
   if (params.scale && !std::isfinite(*params.scale)) {
     throw Error(fmt::format("scale: {} (expected a finite number)", *params.scale));
   }
@@ -101,9 +116,9 @@ AttentionShape validate(const AttentionParams& params) {
       params.storage != DType::kBF16) {
     throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));
   }
-  Mask(shape.seqlen_q, shape.seqlen_k, params.mask);  // validates the window
-  return shape;
 }
+
+}  // namespace
 
 void attend(const AttentionParams& params, Context& context) {
   const AttentionShape shape = validate(params);

@@ -170,6 +170,11 @@ KernelCaps kernel_caps() {
   caps.target = hwy::TargetName(kernels::dispatched_target());
   for (std::int64_t target : kernels::allowed_targets()) caps.targets.emplace_back(hwy::TargetName(target));
   caps.simd_cap = kernels::simd_cap_setting();
+#if HWY_ARCH_X86
+  for (std::int64_t target : kernels::all_targets()) {
+    caps.avx512 = caps.avx512 || target == HWY_AVX3 || target == HWY_AVX3_DL;
+  }
+#endif
   caps.avx512_bf16 = cpu.avx512_bf16;
   caps.amx_bf16 = cpu.amx_bf16;
   caps.amx_disabled = cpu.amx_disabled;

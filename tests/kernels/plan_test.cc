@@ -8,6 +8,8 @@
 #include "kernels/decode.hpp"
 #include "kernels/prefill.hpp"
 #include "kv_cache/decode_driver.hpp"
+#include "lookback/attention.hpp"
+#include "lookback/kernel_caps.hpp"
 
 namespace lookback {
 namespace {
@@ -100,6 +102,34 @@ TEST(ScratchLayout, DecodeRegionsAreDisjointAndAligned) {
     expect_disjoint_and_aligned(s, s.q, s.q_bf16, s.acc, s.scores, s.alpha, s.k_row, s.state,
                                 s.ranges, s.k_rows, s.v_rows);
   }
+}
+
+TEST(KernelCaps, PathsFollowTheDispatchedTarget) {
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    const KernelCaps caps = kernel_caps();
+    EXPECT_EQ(caps.target, target);
+    EXPECT_EQ(caps.targets, simd_targets());
+    const bool avx512_target = target == "AVX3" || target == "AVX3_DL";
+    if (!avx512_target) {
+      EXPECT_FALSE(caps.amx_prefill) << target;
+      EXPECT_FALSE(caps.bf16_decode_dots) << target;
+    }
+    EXPECT_EQ(caps.amx_prefill, caps.amx_bf16 && avx512_target);
+    EXPECT_EQ(caps.bf16_decode_dots, caps.avx512_bf16 && avx512_target);
+    // The prefill plan takes the path the capabilities name (head_dim 128
+    // pads to whole AMX rows; 80 does not).
+    kernels::PrefillParams params{.shape = {.batch = 1, .seqlen_q = 9, .seqlen_k = 9, .heads = 2,
+                                            .kv_heads = 1, .head_dim = 128},
+                                  .storage = DType::kBF16};
+    EXPECT_EQ(kernels::plan_prefill(params).path == kernels::PrefillPath::kAmx, caps.amx_prefill);
+    params.shape.head_dim = 80;
+    EXPECT_EQ(kernels::plan_prefill(params).path, kernels::PrefillPath::kF32);
+    params.storage = DType::kF32;
+    params.shape.head_dim = 128;
+    EXPECT_EQ(kernels::plan_prefill(params).path, kernels::PrefillPath::kF32);
+  }
+  force_simd_target("");
 }
 
 }  // namespace
