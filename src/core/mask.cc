@@ -106,13 +106,14 @@ std::int64_t Mask::visible_in_tile(std::int64_t row_begin, std::int64_t row_end,
 TileVisibility Mask::tile_visibility(std::int64_t row_begin, std::int64_t row_end,
                                      std::int64_t key_begin,
                                      std::int64_t key_end) const noexcept {
+  const std::int64_t count = visible_in_tile(row_begin, row_end, key_begin, key_end);
+  if (count == 0) return TileVisibility::kEmpty;
+  // Clipped as visible_in_tile clips: a full tile is full over its part
+  // inside the mask.
   row_begin = std::max<std::int64_t>(row_begin, 0);
   row_end = std::min(row_end, seqlen_q_);
   key_begin = std::max<std::int64_t>(key_begin, 0);
   key_end = std::min(key_end, seqlen_k_);
-  if (row_end <= row_begin || key_end <= key_begin) return TileVisibility::kEmpty;
-  const std::int64_t count = visible_in_tile(row_begin, row_end, key_begin, key_end);
-  if (count == 0) return TileVisibility::kEmpty;
   if (count == (row_end - row_begin) * (key_end - key_begin)) return TileVisibility::kFull;
   return TileVisibility::kPartial;
 }
