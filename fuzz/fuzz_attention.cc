@@ -439,6 +439,7 @@ void run_case(const Case& c, const std::vector<float>& values) {
     return reference_attention(r);
   };
   const ReferenceResult expected = reference_on(v.effective);
+  const std::string where = c.describe();
   if (c.large_scores) {
     check_large_scores(c, first, expected, v.effective);
   } else {
@@ -446,7 +447,6 @@ void run_case(const Case& c, const std::vector<float>& values) {
     for (double& value : v_abs) value = std::fabs(value);
     const ReferenceResult expected_abs = reference_on(v_abs);
 
-    const std::string where = c.describe();
     Comparison comparison(c.storage);
     std::vector<float> row(static_cast<std::size_t>(c.head_dim));
     for (std::int64_t b = 0; b < c.batch; ++b) {

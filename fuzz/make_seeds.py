@@ -78,6 +78,9 @@ def attention_seed(batch=1, seqlen_q=7, seqlen_k=7, heads=1, kv_heads=1, head_di
         e.int_in_range(window, -2, 44)
     if scale is None:  # default 1/sqrt(head_dim)
         e.int_in_range(0, 0, 7)
+    elif isinstance(scale, tuple):  # ("large", k): scale = 10^k / sqrt(head_dim), k in 4..10
+        e.int_in_range(4, 0, 7)
+        e.int_in_range(scale[1], 4, 10)
     elif isinstance(scale, str):  # "inf", "-inf", "nan", "zero"
         e.int_in_range(7, 0, 7)
         e.int_in_range(["inf", "-inf", "nan", "zero"].index(scale), 0, 3)
@@ -264,6 +267,12 @@ def attention_seeds():
         "byte_values_ties": attention_seed(seqlen_q=3, seqlen_k=3, head_dim=2, values=[64, -64] * 24),
         "custom_scale": attention_seed(scale=48, seqlen_q=8, seqlen_k=8, head_dim=12),
         "zero_scale_bf16": attention_seed(scale="zero", storage="bf16", seqlen_q=1, seqlen_k=1, head_dim=1),
+        "large_scores_1e8_split": attention_seed(scale=("large", 8), mode="split", splits=3, seqlen_q=20,
+                                                 seqlen_k=37, head_dim=24),
+        "large_scores_1e10_bf16": attention_seed(scale=("large", 10), storage="bf16", seqlen_q=30,
+                                                 seqlen_k=40, head_dim=128, heads=2, kv_heads=1),
+        "large_scores_1e9_paged_f16": attention_seed(scale=("large", 9), storage="f16", mode="paged",
+                                                     chunk=3, block_size=4, seqlen_q=9, seqlen_k=30),
         "head_dim_256": attention_seed(head_dim=256, seqlen_q=2, seqlen_k=3),
         # Invalid: each must be rejected with lookback::Error.
         "invalid_kv_heads": attention_seed(heads=3, kv_heads=2),
