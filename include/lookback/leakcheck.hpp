@@ -9,7 +9,9 @@
 // on a key the mask hides from row i is a leak; a visible key whose change was
 // never seen is "missing" (a warning: e.g. an output that ignores its own
 // token). seqlen_q == seqlen_k == seqlen, so position j is both query j and
-// key j. Total runs: seqlen + 1, independent of each other after the base.
+// key j. Total runs: seqlen + 2: the base run, its repeat (identical inputs
+// must give identical outputs, or the check cannot tell a dependency from
+// noise), then one per position, independent of each other.
 //
 // Two implementations come with it: a user's command run on .npy files
 // (command_implementation, the black box of `lookback leakcheck --exec`) and
@@ -21,6 +23,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -39,6 +42,9 @@ struct LeakShape {
   std::int64_t batch = 1, seqlen = 1, heads = 1, kv_heads = 1, head_dim = 1;
 };
 
+// The runs of one check: the base run, its repeat, one per position.
+constexpr std::int64_t leak_runs(const LeakShape& shape) noexcept { return shape.seqlen + 2; }
+
 // Throws lookback::Error naming the field when a size is < 1, heads is not a
 // multiple of kv_heads, or a tensor or the dependency matrices would be too
 // large to hold.
@@ -53,13 +59,14 @@ struct LeakInputs {
 };
 
 struct RunInfo {
-  std::int64_t run = 0;       // 0 is the base run; run r perturbs position r - 1
-  std::int64_t total = 0;     // seqlen + 1
+  std::int64_t run = 0;       // 0 the base run, 1 its repeat; run r >= 2 perturbs position r - 2
+  std::int64_t total = 0;     // seqlen + 2
   int worker = 0;             // 0 <= worker < jobs; no two runs share one at a time
   std::int64_t position = -1; // the perturbed position, -1 for the base run
 };
 
-// "the base run" or "run 3 of 9 (position 1 perturbed)", for messages.
+// "the base run", "the repeat of the base run (run 2 of 10)" or "run 4 of 10
+// (position 1 perturbed)", for messages.
 std::string run_name(const RunInfo& run);
 
 // Computes O (batch, seqlen, heads, head_dim) as f32 or f64. Called from
@@ -77,6 +84,16 @@ struct LeakCheckOptions {
   std::function<void(std::int64_t done, std::int64_t total)> progress;
   // Names O in error messages: "output of the base run: shape ...".
   std::string output_name = "output";
+  // A row's change counts only when max |o - base| over its head_dim values
+  // exceeds tolerance * max |base| (relative); 0: any changed bit counts. The
+  // repeat of the base run must stay within it, or check_leaks throws
+  // ("nondeterministic: ..."). For implementations nondeterministic by design.
+  double tolerance = 0;
+  // The inputs never hold NaN, so an output NaN is a finding of its own: a
+  // NaN equals no number, and NaN everywhere would hide every dependency.
+  // check_leaks throws on the first run whose output holds one, unless
+  // allowed; then LeakReport::nan_rows counts them.
+  bool allow_nan = false;
 };
 
 using Pair = std::pair<std::int64_t, std::int64_t>;  // (output row i, position j)
@@ -104,7 +121,11 @@ Classification classify(const Mask& mask, const std::vector<std::uint8_t>& depen
 struct LeakReport {
   LeakShape shape;
   MaskSpec mask_spec;
-  std::int64_t runs = 0;  // seqlen + 1
+  std::int64_t runs = 0;  // seqlen + 2
+  double tolerance = 0;   // as in LeakCheckOptions
+  // Output rows (run, batch, position, head) holding NaN, summed over the
+  // runs; non-zero only with LeakCheckOptions::allow_nan.
+  std::int64_t nan_rows = 0;
   // (batch, heads, seqlen, seqlen): 1 where output row i of that batch element
   // and head changed when position j was perturbed.
   std::vector<std::uint8_t> per_batch_head;
@@ -120,9 +141,11 @@ struct LeakReport {
   std::vector<Pair> where_observed(std::int64_t row, std::int64_t position) const;
 };
 
-// Runs `implementation` seqlen + 1 times (the base run first and alone, so a
-// command that fails at once fails once) and builds the report. Rethrows the
-// first error of a run, after the runs in flight have finished.
+// Runs `implementation` seqlen + 2 times (the base run and its repeat first
+// and alone, so a command that fails at once fails once) and builds the
+// report. Rethrows the first error of a run, after the runs in flight have
+// finished; throws lookback::Error when the repeat differs from the base run
+// by more than the tolerance, or an output holds NaN (unless allowed).
 LeakReport check_leaks(const Implementation& implementation, const LeakCheckOptions& options);
 
 // lookback's own attention through one path (attend_with_mode), as an
@@ -137,18 +160,50 @@ Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskS
 // {k}, {v} and {out}.
 void check_command_template(const std::string& command);
 
+struct CommandOptions {
+  // Each run's limit. Past it the run's process group is killed and the run
+  // throws lookback::Error naming it. Must be > 0.
+  double timeout_seconds = 300;
+};
+
 // The user's command as an Implementation: each run writes q.npy, k.npy and
 // v.npy (<f4) into a folder of its own, runs `command` through /bin/sh -c
 // with {q}, {k}, {v} and {out} replaced by those paths (quoted for the
 // shell), and reads the O it wrote at {out}. A command that fails, is killed
 // or writes no readable output throws lookback::Error with the tail of what
-// it printed. The folders live in a private temporary folder that goes with
-// the last copy of the returned Implementation.
-Implementation command_implementation(const std::string& command);
+// it printed. Each run is a process group of its own (the shell and all it
+// starts), killed as a whole on timeout or on a signal (SignalCleanup). The
+// folders live in a private temporary folder that goes with the last copy of
+// the returned Implementation. The command should be deterministic.
+Implementation command_implementation(const std::string& command,
+                                      const CommandOptions& options = {});
+
+// While one lives, SIGINT, SIGTERM and SIGHUP do not end the process at once:
+// every command run in flight has its process group killed and throws
+// lookback::Error, no new run starts, so check_leaks throws after the runs in
+// flight and the temporary folders go with the Implementation as usual. The
+// caller then calls reraise() to end as the signal asked. The previous
+// handlers come back with the destructor. One at a time per process.
+class SignalCleanup {
+ public:
+  SignalCleanup();
+  ~SignalCleanup();
+  SignalCleanup(const SignalCleanup&) = delete;
+  SignalCleanup& operator=(const SignalCleanup&) = delete;
+
+  int received() const noexcept;  // the first signal caught, or 0
+  // Restores the default action of received() and raises it; returns only
+  // when no signal was received.
+  void reraise() const;
+
+ private:
+  struct Saved;
+  std::unique_ptr<Saved> saved_;
+};
 
 // ---- the built-in plan: every path of lookback itself ---------------------
 
-// Small enough for 30 checks of N + 1 runs each to take well under a second,
+// Small enough for 30 checks of N + 2 runs each to take well under a second,
 // large enough to cross every boundary the paths have. The length is odd on
 // purpose: chunks of 5, pages of 4 and 3 splits all end with a partial piece,
 // where off-by-one bugs live.

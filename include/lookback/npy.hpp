@@ -28,6 +28,10 @@ struct NpyArray {
 // Parses a whole .npy file held in memory.
 NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name = "npy");
 NpyArray read_npy(const std::string& path);
+// As read_npy, accepting only the dtypes in `accepted` (some of kF32, kF16,
+// kF64, in the order the error message lists them): any other dtype is a
+// kFormat error naming exactly those.
+NpyArray read_npy(const std::string& path, std::span<const DType> accepted);
 
 // Serialises as format 1.0 (2.0 when the header needs it).
 std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,

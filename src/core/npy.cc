@@ -38,7 +38,6 @@ constexpr std::size_t kArrayAlign = 64;
 // digits (GROWTH_AXIS_MAX_DIGITS) so a file can be appended to in place;
 // matching it makes our files byte-identical to NumPy's.
 constexpr std::size_t kGrowthAxisMaxDigits = 21;
-constexpr std::string_view kExpectedDtypes = "'<f4', '<f2' or '<f8'";
 
 [[noreturn]] void throw_format(std::string_view name, const std::string& what) {
   throw Error(ErrorCode::kFormat, std::string(name) + ": " + what);
@@ -93,6 +92,20 @@ std::optional<std::string_view> descr_from_dtype(DType dtype) {
   return std::nullopt;
 }
 
+constexpr DType kNpyDtypes[] = {DType::kF32, DType::kF16, DType::kF64};
+
+// The accepted spellings for error messages: "'<f4', '<f2' or '<f8'".
+std::string expected_dtypes(std::span<const DType> accepted) {
+  std::string text;
+  for (std::size_t i = 0; i < accepted.size(); ++i) {
+    if (i > 0) text += i + 1 == accepted.size() ? " or " : ", ";
+    text += '\'';
+    text += descr_from_dtype(accepted[i]).value_or("?");
+    text += '\'';
+  }
+  return text;
+}
+
 // Bytes needed by `shape` of `itemsize`-byte elements, or nullopt when that
 // overflows int64. Zero extents count as one, so a shape accepted here also
 // has overflow-free contiguous strides even when it holds no elements.
@@ -121,7 +134,8 @@ struct NpyHeader {
 // in Python. NumPy uses ast.literal_eval; we need no more than this.
 class HeaderParser {
  public:
-  HeaderParser(std::string_view text, std::string_view name) : text_(text), name_(name) {}
+  HeaderParser(std::string_view text, std::string_view name, std::string_view expected_dtypes)
+      : text_(text), name_(name), expected_dtypes_(expected_dtypes) {}
 
   NpyHeader parse() {
     NpyHeader header;
@@ -139,7 +153,7 @@ class HeaderParser {
         if (header.descr) fail_at(key_position, "duplicate key 'descr'");
         if (peek() == '[' || peek() == '(' || peek() == '{') {
           throw_format(name_, "structured dtypes are not supported (expected descr " +
-                                  std::string(kExpectedDtypes) + ")");
+                                  std::string(expected_dtypes_) + ")");
         }
         header.descr = parse_string("a quoted dtype string for 'descr'");
       } else if (key == "fortran_order") {
@@ -265,6 +279,7 @@ class HeaderParser {
 
   std::string_view text_;
   std::string_view name_;
+  std::string_view expected_dtypes_;  // "'<f4' or '<f8'", for messages
   std::size_t position_ = 0;
 };
 
@@ -321,13 +336,15 @@ HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::string_view na
   return {header_offset, header_bytes};
 }
 
-NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) {
+NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name,
+                       std::span<const DType> accepted = kNpyDtypes) {
+  const std::string expected = expected_dtypes(accepted);
   const auto [header_offset, header_bytes] = parse_preamble(bytes, name);
   // Latin-1 (1.0, 2.0) and utf-8 (3.0) agree on the ASCII that matters; any
   // other byte can only appear inside a string and then fails the dtype check.
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + header_offset,
                               header_bytes);
-  NpyHeader header = HeaderParser(text, name).parse();
+  NpyHeader header = HeaderParser(text, name, expected).parse();
 
   if (!header.descr || !header.fortran_order || !header.shape) {
     const char* missing = !header.descr ? "descr" : !header.fortran_order ? "fortran_order"
@@ -336,16 +353,25 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name) 
                            "' key (expected 'descr', 'fortran_order' and 'shape')");
   }
   const std::string& descr = *header.descr;
-  const std::optional<DType> dtype = dtype_from_descr(descr);
+  std::optional<DType> dtype = dtype_from_descr(descr);
+  if (dtype && std::find(accepted.begin(), accepted.end(), *dtype) == accepted.end()) {
+    dtype.reset();
+  }
   if (!dtype) {
-    if (descr.size() == 3 && descr[0] == '>' && dtype_from_descr("<" + descr.substr(1))) {
-      throw_format(name, "big-endian dtype '" + descr +
-                             "' is not supported (expected little-endian " +
-                             std::string(kExpectedDtypes) + "; convert with a.astype('<" +
-                             descr.substr(1) + "'))");
+    std::optional<DType> swapped;  // a big-endian spelling of one we read
+    if (descr.size() == 3 && descr[0] == '>') {
+      std::string little = descr;
+      little[0] = '<';
+      swapped = dtype_from_descr(little);
     }
-    throw_format(name, "unsupported dtype '" + descr + "' (expected " +
-                           std::string(kExpectedDtypes) + ")");
+    if (swapped && std::find(accepted.begin(), accepted.end(), *swapped) != accepted.end()) {
+      throw_format(name, "big-endian dtype '" + descr +
+                             "' is not supported (expected little-endian " + expected +
+                             "; convert with a.astype('<" + descr.substr(1) + "'))");
+    }
+    std::string message = "unsupported dtype '";
+    message.append(descr).append("' (expected ").append(expected).append(")");
+    throw_format(name, message);
   }
   if (*header.fortran_order) {
     throw_format(name, "Fortran-order arrays are not supported (expected fortran_order "
@@ -423,12 +449,14 @@ NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name) {
   return array;
 }
 
-NpyArray read_npy(const std::string& path) {
+NpyArray read_npy(const std::string& path) { return read_npy(path, kNpyDtypes); }
+
+NpyArray read_npy(const std::string& path, std::span<const DType> accepted) {
   std::vector<std::byte> bytes = detail::InputFile(path, "a .npy file").read_all();
 
   // Parse in place and keep the buffer: dropping the header with erase()
   // avoids holding two copies of a large array.
-  NpyLayout layout = parse_layout(bytes, path);
+  NpyLayout layout = parse_layout(bytes, path, accepted);
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(layout.data_offset));
   NpyArray array;
   array.dtype = layout.dtype;

@@ -14,6 +14,44 @@
 #include "lookback/tensor.hpp"
 
 namespace lookback::diagnostics {
+namespace {
+
+// The inputs as lookback's attention reads them; `out` holds
+// (batch, seqlen, heads, head_dim) f32.
+AttentionParams attention_params(const LeakInputs& inputs, float* out, MaskSpec mask,
+                                 DType storage) {
+  const LeakShape& s = inputs.shape;
+  AttentionParams params;
+  params.q = make_view(inputs.q.data(), DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
+                       "q");
+  params.k = make_view(inputs.k.data(), DType::kF32, {s.batch, s.seqlen, s.kv_heads, s.head_dim},
+                       "k");
+  params.v = make_view(inputs.v.data(), DType::kF32, {s.batch, s.seqlen, s.kv_heads, s.head_dim},
+                       "v");
+  params.out = make_mutable_view(out, DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
+                                 "out");
+  params.mask = mask;
+  params.storage = storage;
+  return params;
+}
+
+// Refuses, before any check runs, a shape or window no path can take (a
+// head_dim past kMaxHeadDim, say): that is a bad argument, not a failed check.
+void validate_builtin(const BuiltinOptions& options) {
+  validate(options.shape);
+  const LeakShape& s = options.shape;
+  const auto kv_size = static_cast<std::size_t>(s.batch * s.seqlen * s.kv_heads * s.head_dim);
+  const LeakInputs inputs{  // zeros: validation reads only the shapes
+      .shape = s,
+      .q = std::vector<float>(static_cast<std::size_t>(s.batch * s.seqlen * s.heads * s.head_dim)),
+      .k = std::vector<float>(kv_size),
+      .v = std::vector<float>(kv_size)};
+  std::vector<float> out(inputs.q.size());  // (batch, seqlen, heads, head_dim)
+  const MaskSpec mask{.causal = Causal::kBottomRight, .window_left = options.window};
+  validate(attention_params(inputs, out.data(), mask, DType::kF32));
+}
+
+}  // namespace
 
 Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
                                    int jobs) {
@@ -25,21 +63,11 @@ Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskS
   }
   return [mode, storage, mask, contexts](const LeakInputs& inputs, const RunInfo& run) {
     const LeakShape& s = inputs.shape;
-    AttentionParams params;
-    params.q = make_view(inputs.q.data(), DType::kF32, {s.batch, s.seqlen, s.heads, s.head_dim},
-                         "q");
-    params.k = make_view(inputs.k.data(), DType::kF32,
-                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "k");
-    params.v = make_view(inputs.v.data(), DType::kF32,
-                         {s.batch, s.seqlen, s.kv_heads, s.head_dim}, "v");
     NpyArray out;
     out.dtype = DType::kF32;
     out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
     std::vector<float> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
-    params.out = make_mutable_view(values.data(), DType::kF32,
-                                   {s.batch, s.seqlen, s.heads, s.head_dim}, "out");
-    params.mask = mask;
-    params.storage = storage;
+    const AttentionParams params = attention_params(inputs, values.data(), mask, storage);
     attend_with_mode(params, mode, *contexts->at(static_cast<std::size_t>(run.worker)));
     out.data.resize(values.size() * sizeof(float));
     std::memcpy(out.data.data(), values.data(), out.data.size());
@@ -91,9 +119,9 @@ std::vector<BuiltinCheck> builtin_plan(std::int64_t window) {
 }
 
 std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options) {
-  validate(options.shape);
+  validate_builtin(options);
   std::vector<BuiltinCheck> checks = builtin_plan(options.window);
-  const std::int64_t runs_per_check = options.shape.seqlen + 1;
+  const std::int64_t runs_per_check = leak_runs(options.shape);
   const std::int64_t total_runs = static_cast<std::int64_t>(checks.size()) * runs_per_check;
   std::int64_t runs_before = 0;
   for (BuiltinCheck& check : checks) {

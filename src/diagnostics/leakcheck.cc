@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,6 +27,7 @@ namespace {
 constexpr std::int64_t kMaxTensorElements = std::int64_t{1} << 28;
 // The per-(batch, head) dependency matrices take one byte per cell.
 constexpr std::int64_t kMaxMatrixCells = std::int64_t{1} << 28;
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
 // splitmix64's finaliser: a stateless hash, so that the value of an element
 // depends only on (seed, stream, index), never on which thread drew it or in
@@ -127,21 +130,67 @@ void check_output(const NpyArray& out, const LeakShape& s, const RunInfo& run,
   }
 }
 
+// Element e of an f32 or f64 output, as a double.
+double element(const NpyArray& out, std::size_t e) noexcept {
+  if (out.dtype == DType::kF64) {
+    double value;
+    std::memcpy(&value, out.data.data() + e * sizeof(double), sizeof value);
+    return value;
+  }
+  float value;
+  std::memcpy(&value, out.data.data() + e * sizeof(float), sizeof value);
+  return value;
+}
+
+// How much output row slice `row` (head_dim values from element `first`)
+// changed from the base: 0 when every bit is the same, else max |o - base|
+// relative to max |base| (infinite where a NaN met a number or base is 0).
+// Any changed bit counts as changed, so a tolerance of 0 is a bitwise test.
+struct RowChange {
+  bool bits = false;   // some bit differs
+  double relative = 0;
+  bool exceeds(double tolerance) const noexcept {
+    return bits && (tolerance == 0 || !(relative <= tolerance));
+  }
+};
+
+RowChange row_change(const NpyArray& base, const NpyArray& out, std::size_t first,
+                     std::int64_t head_dim) {
+  const std::size_t size = dtype_size(out.dtype);
+  if (std::memcmp(base.data.data() + first * size, out.data.data() + first * size,
+                  static_cast<std::size_t>(head_dim) * size) == 0) {
+    return {};
+  }
+  double largest_base = 0, largest_change = 0;
+  for (std::int64_t d = 0; d < head_dim; ++d) {
+    const double was = element(base, first + static_cast<std::size_t>(d));
+    const double now = element(out, first + static_cast<std::size_t>(d));
+    if (std::isnan(was) != std::isnan(now)) return {.bits = true, .relative = kInfinity};
+    if (std::isnan(was)) continue;
+    largest_base = std::max(largest_base, std::abs(was));
+    largest_change = std::max(largest_change, std::abs(now - was));
+  }
+  const double relative = largest_change == 0 ? 0
+                          : largest_base == 0 ? kInfinity
+                                              : largest_change / largest_base;
+  return {.bits = true, .relative = relative};
+}
+
+// The first element of output row slice (b, i, h).
+std::size_t row_start(const LeakShape& s, std::int64_t b, std::int64_t i, std::int64_t h) {
+  return static_cast<std::size_t>(((b * s.seqlen + i) * s.heads + h) * s.head_dim);
+}
+
 // Marks column j of every (batch, head) dependency matrix where the output
-// row changed. Compares each (batch, row, head) slice bit for bit: any change
-// counts, and a NaN differs from every number. Each run writes only its own
-// column j, so runs on several threads never share a byte.
+// row changed by more than the tolerance (with 0: any bit; a NaN differs
+// from every number). Each run writes only its own column j, so runs on
+// several threads never share a byte.
 void record_changes(const NpyArray& base_out, const NpyArray& out, const LeakShape& s,
-                    std::int64_t j, std::vector<std::uint8_t>& per_batch_head) {
-  const std::size_t element_size = dtype_size(out.dtype);
-  const std::size_t slice = static_cast<std::size_t>(s.head_dim) * element_size;
+                    double tolerance, std::int64_t j, std::vector<std::uint8_t>& per_batch_head) {
   for (std::int64_t b = 0; b < s.batch; ++b) {
     for (std::int64_t i = 0; i < s.seqlen; ++i) {
       for (std::int64_t h = 0; h < s.heads; ++h) {
-        const std::size_t element =
-            static_cast<std::size_t>(((b * s.seqlen + i) * s.heads + h) * s.head_dim);
-        if (std::memcmp(base_out.data.data() + element * element_size,
-                        out.data.data() + element * element_size, slice) != 0) {
+        if (row_change(base_out, out, row_start(s, b, i, h), s.head_dim).exceeds(tolerance)) {
           per_batch_head[static_cast<std::size_t>(((b * s.heads + h) * s.seqlen + i) * s.seqlen +
                                                   j)] = 1;
         }
@@ -150,13 +199,69 @@ void record_changes(const NpyArray& base_out, const NpyArray& out, const LeakSha
   }
 }
 
+// The repeat of the base run must give the base run's output: otherwise a
+// change after a perturbation could be noise, and the check cannot judge.
+void check_repeat(const NpyArray& base_out, const NpyArray& repeat_out, const LeakShape& s,
+                  const LeakCheckOptions& options) {
+  double largest = 0;
+  bool changed = false;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t i = 0; i < s.seqlen; ++i) {
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const RowChange change = row_change(base_out, repeat_out, row_start(s, b, i, h), s.head_dim);
+        changed = changed || change.exceeds(options.tolerance);
+        largest = std::max(largest, change.relative);
+      }
+    }
+  }
+  if (changed) {
+    throw Error(fmt::format(
+        "nondeterministic: identical inputs changed outputs by up to {:.3g} (relative to the "
+        "output row; the base run and its repeat differ), so a change cannot be told from noise "
+        "(expected a deterministic implementation, or for one nondeterministic by design a "
+        "tolerance above that, --tolerance; it is {:g})",
+        largest, options.tolerance));
+  }
+}
+
+// Output rows holding NaN. The inputs never hold NaN, so each one is a
+// finding: without options.allow_nan it stops the check.
+std::int64_t check_nan(const NpyArray& out, const LeakShape& s, const RunInfo& run,
+                       const LeakCheckOptions& options) {
+  std::int64_t rows = 0;
+  std::string first;
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t i = 0; i < s.seqlen; ++i) {
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const std::size_t start = row_start(s, b, i, h);
+        for (std::int64_t d = 0; d < s.head_dim; ++d) {
+          if (std::isnan(element(out, start + static_cast<std::size_t>(d)))) {
+            if (rows++ == 0) first = fmt::format("row {} of batch element {} head {}", i, b, h);
+            break;
+          }
+        }
+      }
+    }
+  }
+  if (rows > 0 && !options.allow_nan) {
+    throw Error(fmt::format(
+        "{} of {}: NaN in {} of {} output rows (first: {}), though no input held NaN; a NaN "
+        "equals no number, so leakcheck cannot judge these rows (expected finite outputs; "
+        "--allow-nan checks anyway)",
+        options.output_name, run_name(run), rows, s.batch * s.seqlen * s.heads, first));
+  }
+  return rows;
+}
+
 }  // namespace
 
 std::string run_name(const RunInfo& run) {
-  return run.position < 0
-             ? std::string("the base run")
-             : fmt::format("run {} of {} (position {} perturbed)", run.run + 1, run.total,
-                           run.position);
+  if (run.run == 0) return "the base run";
+  if (run.position < 0) {
+    return fmt::format("the repeat of the base run (run {} of {})", run.run + 1, run.total);
+  }
+  return fmt::format("run {} of {} (position {} perturbed)", run.run + 1, run.total,
+                     run.position);
 }
 
 void validate(const LeakShape& shape) {
@@ -238,26 +343,69 @@ std::vector<Pair> LeakReport::where_observed(std::int64_t row, std::int64_t posi
   return found;
 }
 
+namespace {
+
+// One run: its output, checked for shape, dtype (that of the base run, when
+// there is one: comparing f32 with f64 bits would flag every row) and NaN.
+NpyArray run_checked(const Implementation& implementation, const LeakInputs& inputs,
+                     const RunInfo& run, const LeakCheckOptions& options, const NpyArray* base,
+                     std::atomic<std::int64_t>& nan_rows) {
+  NpyArray out = implementation(inputs, run);
+  check_output(out, inputs.shape, run, options.output_name);
+  if (base != nullptr && out.dtype != base->dtype) {
+    throw Error(fmt::format("{} of {}: dtype {} (expected {}, as in the base run)",
+                            options.output_name, run_name(run), dtype_name(out.dtype),
+                            dtype_name(base->dtype)));
+  }
+  nan_rows += check_nan(out, inputs.shape, run, options);
+  return out;
+}
+
+// (seqlen, seqlen): the OR of the (batch, heads, seqlen, seqlen) matrices.
+std::vector<std::uint8_t> union_over_heads(const std::vector<std::uint8_t>& per_batch_head,
+                                           const LeakShape& s) {
+  const std::int64_t cells = s.seqlen * s.seqlen;
+  std::vector<std::uint8_t> dependency(static_cast<std::size_t>(cells), 0);
+  for (std::int64_t bh = 0; bh < s.batch * s.heads; ++bh) {
+    const std::uint8_t* source = per_batch_head.data() + bh * cells;
+    for (std::int64_t c = 0; c < cells; ++c) dependency[static_cast<std::size_t>(c)] |= source[c];
+  }
+  return dependency;
+}
+
+}  // namespace
+
 LeakReport check_leaks(const Implementation& implementation, const LeakCheckOptions& options) {
   const LeakShape& s = options.shape;
   validate(s);
   const Mask mask(s.seqlen, s.seqlen, options.mask);  // validates the window
   if (options.jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", options.jobs));
+  if (!(options.tolerance >= 0 && options.tolerance < kInfinity)) {
+    throw Error(fmt::format("tolerance: {} (expected a finite number >= 0)", options.tolerance));
+  }
 
   LeakReport report;
   report.shape = s;
   report.mask_spec = options.mask;
-  report.runs = s.seqlen + 1;
+  report.runs = leak_runs(s);
+  report.tolerance = options.tolerance;
   report.per_batch_head.assign(static_cast<std::size_t>(s.batch * s.heads * s.seqlen * s.seqlen),
                                0);
+  std::atomic<std::int64_t> nan_rows{0};
 
+  // The base run and its repeat, alone: a command that fails at once fails
+  // once, and noise is found before it can pass for a dependency.
   const LeakInputs base = make_base_inputs(s, options.seed);
-  const RunInfo base_run{.run = 0, .total = report.runs, .worker = 0, .position = -1};
-  const NpyArray base_out = implementation(base, base_run);
-  check_output(base_out, s, base_run, options.output_name);
+  const NpyArray base_out = run_checked(
+      implementation, base, {.run = 0, .total = report.runs, .worker = 0, .position = -1},
+      options, nullptr, nan_rows);
+  const NpyArray repeat_out = run_checked(
+      implementation, base, {.run = 1, .total = report.runs, .worker = 0, .position = -1},
+      options, &base_out, nan_rows);
+  check_repeat(base_out, repeat_out, s, options);
 
   std::mutex mutex;  // guards done, first_error and the progress callback
-  std::int64_t done = 1;
+  std::int64_t done = 2;
   if (options.progress) options.progress(done, report.runs);
   std::exception_ptr first_error;
   std::atomic<std::int64_t> next_position{0};
@@ -272,16 +420,9 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
         perturb(inputs.q, s.seqlen, s.heads, s.head_dim, j, kQ, options.seed);
         perturb(inputs.k, s.seqlen, s.kv_heads, s.head_dim, j, kK, options.seed);
         perturb(inputs.v, s.seqlen, s.kv_heads, s.head_dim, j, kV, options.seed);
-        const RunInfo run{.run = j + 1, .total = report.runs, .worker = worker, .position = j};
-        const NpyArray out = implementation(inputs, run);
-        check_output(out, s, run, options.output_name);
-        if (out.dtype != base_out.dtype) {
-          // Comparing f32 with f64 bits would flag every row as changed.
-          throw Error(fmt::format("{} of {}: dtype {} (expected {}, as in the base run)",
-                                  options.output_name, run_name(run), dtype_name(out.dtype),
-                                  dtype_name(base_out.dtype)));
-        }
-        record_changes(base_out, out, s, j, report.per_batch_head);
+        const RunInfo run{.run = j + 2, .total = report.runs, .worker = worker, .position = j};
+        const NpyArray out = run_checked(implementation, inputs, run, options, &base_out, nan_rows);
+        record_changes(base_out, out, s, options.tolerance, j, report.per_batch_head);
         const std::lock_guard lock(mutex);
         ++done;
         if (options.progress) options.progress(done, report.runs);
@@ -303,14 +444,8 @@ LeakReport check_leaks(const Implementation& implementation, const LeakCheckOpti
   for (std::thread& helper : helpers) helper.join();
   if (first_error) std::rethrow_exception(first_error);
 
-  const std::int64_t cells = s.seqlen * s.seqlen;
-  report.dependency.assign(static_cast<std::size_t>(cells), 0);
-  for (std::int64_t bh = 0; bh < s.batch * s.heads; ++bh) {
-    const std::uint8_t* source = report.per_batch_head.data() + bh * cells;
-    for (std::int64_t c = 0; c < cells; ++c) {
-      report.dependency[static_cast<std::size_t>(c)] |= source[c];
-    }
-  }
+  report.dependency = union_over_heads(report.per_batch_head, s);
+  report.nan_rows = nan_rows.load();
   report.result = classify(mask, report.dependency);
   return report;
 }

@@ -9,14 +9,18 @@ check the tool against the contract, not against itself.
 """
 
 import functools
+import glob
 import json
 import os
 import shlex
+import signal
+import subprocess
+import time
 import unittest
 import xml.etree.ElementTree as ElementTree
 
 import clitest
-from clitest import run
+from clitest import binary, run
 
 PROGRAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leak_programs")
 # Debian's interpreter, with python3-numpy; the python3 on PATH may lack NumPy.
@@ -24,7 +28,7 @@ PYTHON = "/usr/bin/python3"
 SVG_NS = "{http://www.w3.org/2000/svg}"
 LEAK_RED = "#d62728"
 
-# Small sizes: every check is len + 1 runs of a Python program (~0.1 s each).
+# Small sizes: every check is len + 2 runs of a Python program (~0.1 s each).
 LEN = 8
 SHAPE = ("--len", LEN, "--heads", 2, "--kv-heads", 1, "--dim", 8)
 SIZES = (*SHAPE, "--jobs", 2)
@@ -85,7 +89,7 @@ class LeakcheckBlackBox(clitest.CliTestCase):
     def test_json_keys_come_in_the_documented_order(self):
         report = self.report("causal", exit_code=clitest.EXIT_OK)
         self.assertEqual(list(report)[:5], ["len", "verdict", "leaks", "missing", "dependency"])
-        self.assertEqual(report["runs"], LEN + 1)
+        self.assertEqual(report["runs"], LEN + 2)
 
     def test_missing_mask_leaks_every_future_position(self):
         report = self.report("no_mask", exit_code=clitest.EXIT_FAILURE)
@@ -126,6 +130,18 @@ class LeakcheckBlackBox(clitest.CliTestCase):
         self.assertEqual(pairs(report["leaks"]),
                          sorted(set(causal_pairs(LEN)) - set(causal_pairs(LEN, window=2))))
         self.assertEqual(report["window"], 2)
+
+    def test_tolerance_accepts_noise_below_it(self):
+        report = self.report("noisy", "--tolerance", 1e-4, exit_code=clitest.EXIT_OK)
+        self.assertEqual(report["verdict"], "causal")
+        self.assertEqual(report["tolerance"], 1e-4)
+        self.assertEqual(report["dependency"],
+                         [[1 if j <= i else 0 for j in range(LEN)] for i in range(LEN)])
+
+    def test_allow_nan_checks_and_reports_the_nan(self):
+        report = self.report("all_nan", "--allow-nan", exit_code=clitest.EXIT_OK)
+        # Every row of every run: (len + 2) runs x len rows x 2 heads.
+        self.assertEqual(report["nan_rows"], (LEN + 2) * LEN * 2)
 
     def test_an_ignored_own_token_is_a_warning_not_a_leak(self):
         # Row 0 reads no key, so it never changes; row 1 reads key 0 only, and
@@ -188,7 +204,7 @@ class LeakcheckText(clitest.CliTestCase):
     def test_progress_goes_to_stderr_on_request(self):
         result = leakcheck("causal", *SIZES, "--progress", "--format", "json")
         self.assertEqual(result.returncode, clitest.EXIT_OK)
-        self.assertIn(f"run {LEN + 1}/{LEN + 1}", result.stderr)
+        self.assertIn(f"run {LEN + 2}/{LEN + 2}", result.stderr)
         self.assertEqual(json.loads(result.stdout)["verdict"], "causal")
 
 
@@ -233,9 +249,101 @@ class LeakcheckCommandErrors(clitest.CliTestCase):
     def test_missing_output_is_refused(self):
         self.assert_usage_error(leakcheck("no_output", *SIZES), mentions="wrote no output")
 
+    def assert_refused(self, program, *parts):
+        """leakcheck on PROGRAM exits 2 with one line on stderr holding each of PARTS."""
+        result = leakcheck(program, *SIZES)
+        self.assert_usage_error(result, mentions=parts[0])
+        for part in parts[1:]:
+            self.assertIn(part, result.stderr)
+        return result
+
+    def test_integer_output_message_lists_exactly_the_accepted_dtypes(self):
+        result = self.assert_refused("int_output", "'<i4'", "'<f4' or '<f8'")
+        self.assertNotIn("<f2", result.stderr)
+
+    def test_nondeterminism_is_not_a_leak(self):
+        # Causal, with 1e-6 relative noise per run: the repeat of the base run
+        # differs, so the check cannot judge, and says why.
+        self.assert_refused("noisy", "nondeterministic: identical inputs changed outputs by up to",
+                            "--tolerance")
+
+    def test_all_nan_output_cannot_pass(self):
+        self.assert_refused("all_nan", "NaN", "the base run", "--allow-nan")
+
     def test_command_must_name_every_file(self):
         result = run("leakcheck", "--exec", f"{PYTHON} prog.py {{q}} {{k}} {{v}}", *SIZES)
         self.assert_usage_error(result, mentions="{out}")
+
+
+class LeakcheckHangs(clitest.CliTestCase):
+    """A command that never ends: each test gives leakcheck a TMPDIR of its
+    own, to see what it leaves there."""
+
+    def setUp(self):
+        super().setUp()
+        self.tmpdir = self.path("tmp")
+        os.mkdir(self.tmpdir)
+        self.pids = self.path("pids")
+
+    def sleeper(self):
+        """A CMD that writes its shell's pid and its child's, then sleeps."""
+        return (f"sleep 60 & echo $$ $! >> {shlex.quote(self.pids)}; wait # {{q}} {{k}} {{v}} "
+                "{out}")
+
+    def start(self, *args):
+        return subprocess.Popen([binary(), "leakcheck", "--exec", self.sleeper(), *map(str, SIZES),
+                                 *map(str, args)],
+                                env={**os.environ, "TMPDIR": self.tmpdir},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_pids(self, process):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            if os.path.exists(self.pids) and os.path.getsize(self.pids) > 0:
+                return
+            time.sleep(0.05)
+        self.fail(f"the command never started (exit {process.poll()})")
+
+    def assert_cleaned_up(self):
+        self.assertEqual(glob.glob(os.path.join(self.tmpdir, "lookback-leakcheck-*")), [])
+        with open(self.pids, encoding="utf-8") as file:
+            pids = [int(pid) for pid in file.read().split()]
+        # SIGKILL is delivered at once but a process takes a moment to end;
+        # only the shell is leakcheck's child to wait for.
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            with self.subTest(pid=pid):
+                self.assertFalse(alive(pid), f"process {pid} of the command survived")
+
+    def test_timeout_kills_the_run_and_names_it(self):
+        began = time.monotonic()
+        process = self.start("--timeout", 1)
+        _, stderr = process.communicate(timeout=clitest.TIMEOUT_S)
+        self.assertLess(time.monotonic() - began, 30)
+        self.assertEqual(process.returncode, clitest.EXIT_USAGE, stderr)
+        self.assertIn("timeout of 1 s on the base run", stderr)
+        self.assert_cleaned_up()
+
+    def test_sigterm_kills_the_command_and_removes_the_files(self):
+        process = self.start()
+        self.wait_for_pids(process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        self.assert_cleaned_up()
+        self.assertEqual(process.returncode, -signal.SIGTERM, stderr)
+        self.assertIn("interrupted by signal 15", stderr)
+        self.assertIn("the base run", stderr)
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 class LeakcheckUsage(clitest.CliTestCase):
@@ -303,8 +411,14 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         self.assert_ok(result)
         self.assertEqual(json.loads(result.stdout)["len"], 9)
 
+    def test_head_dim_past_the_limit_is_a_usage_error(self):
+        self.assert_usage_error(run("leakcheck", "--dim", 257), mentions="head_dim 257")
+
     def test_exec_only_options_are_refused(self):
         self.assert_usage_error(run("leakcheck", "--per-head"), mentions="--per-head")
+        self.assert_usage_error(run("leakcheck", "--tolerance", 0.1), mentions="--tolerance")
+        self.assert_usage_error(run("leakcheck", "--timeout", 5), mentions="--timeout")
+        self.assert_usage_error(run("leakcheck", "--allow-nan"), mentions="--allow-nan")
         self.assert_usage_error(run("leakcheck", "--causal", "top-left"), mentions="--causal")
 
 

@@ -6,10 +6,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <string>
+#include <string_view>
 
 #include "lookback/error.hpp"
+#include "lookback/shape.hpp"
 
 namespace lookback::diagnostics {
 namespace {
@@ -37,11 +42,93 @@ NpyArray next_value(const LeakInputs& inputs, const RunInfo&) {
 
 TEST(LeakCheck, FindsAReadOfTheNextPosition) {
   const LeakReport report = check_leaks(next_value, {.shape = kShape, .mask = {}, .jobs = 2});
-  EXPECT_EQ(report.runs, kShape.seqlen + 1);
+  EXPECT_EQ(report.runs, kShape.seqlen + 2);  // the base run, its repeat, one per position
   ASSERT_FALSE(report.result.causal());
   // Rows 0..n-2 read the next position; the last row reads itself.
   EXPECT_EQ(report.result.leaks.size(), static_cast<std::size_t>(kShape.seqlen - 1));
   EXPECT_EQ(report.result.leaks.front(), (Pair{0, 1}));
+}
+
+// O = V row by row, each run scaled by 1 + run * 1e-6: causal, but identical
+// inputs give outputs that differ by about 1e-6 relative.
+NpyArray noisy_own_value(const LeakInputs& inputs, const RunInfo& run) {
+  const LeakShape& s = inputs.shape;
+  NpyArray out;
+  out.dtype = DType::kF64;
+  out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
+  std::vector<double> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
+  const double noise = 1 + 1e-6 * static_cast<double>(run.run);
+  for (std::int64_t i = 0; i < s.seqlen; ++i) {
+    for (std::int64_t h = 0; h < s.heads; ++h) {
+      for (std::int64_t d = 0; d < s.head_dim; ++d) {
+        values[static_cast<std::size_t>((i * s.heads + h) * s.head_dim + d)] =
+            noise * inputs.v[static_cast<std::size_t>(
+                        (i * s.kv_heads + h / (s.heads / s.kv_heads)) * s.head_dim + d)];
+      }
+    }
+  }
+  out.data.resize(values.size() * sizeof(double));
+  std::memcpy(out.data.data(), values.data(), out.data.size());
+  return out;
+}
+
+// Runs `body`, expecting a lookback::Error whose message holds each of `parts`.
+template <typename Body>
+void expect_error(Body body, std::initializer_list<std::string_view> parts) {
+  try {
+    body();
+    ADD_FAILURE() << "expected lookback::Error";
+  } catch (const Error& e) {
+    for (std::string_view part : parts) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(LeakCheck, NondeterminismIsReportedNotCountedAsLeaks) {
+  expect_error([] { check_leaks(noisy_own_value, {.shape = kShape, .mask = {}, .jobs = 2}); },
+               {"nondeterministic: identical inputs changed outputs by up to 1e-06"});
+  // Below the tolerance, the noise is no change: each row depends on its own v only.
+  const LeakReport report =
+      check_leaks(noisy_own_value, {.shape = kShape, .mask = {}, .jobs = 2, .tolerance = 1e-4});
+  EXPECT_TRUE(report.result.causal());
+  EXPECT_EQ(report.result.missing.size(),
+            static_cast<std::size_t>(kShape.seqlen * (kShape.seqlen - 1) / 2));
+}
+
+TEST(LeakCheck, NanOutputIsAFindingOfItsOwn) {
+  const auto all_nan = [](const LeakInputs& inputs, const RunInfo& run) {
+    NpyArray out = noisy_own_value(inputs, run);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (std::size_t at = 0; at < out.data.size(); at += sizeof nan) {
+      std::memcpy(out.data.data() + at, &nan, sizeof nan);
+    }
+    return out;
+  };
+  expect_error([&] { check_leaks(all_nan, {.shape = kShape, .mask = {}, .jobs = 2}); },
+               {"output of the base run: NaN in 14 of 14 output rows", "--allow-nan"});
+  const LeakReport report =
+      check_leaks(all_nan, {.shape = kShape, .mask = {}, .jobs = 2, .allow_nan = true});
+  EXPECT_EQ(report.nan_rows, report.runs * kShape.seqlen * kShape.heads);
+}
+
+TEST(LeakCheck, CommandPastItsTimeoutIsKilledAndNamed) {
+  const auto began = std::chrono::steady_clock::now();
+  expect_error(
+      [] {
+        check_leaks(command_implementation("sleep 30 # {q} {k} {v} {out}",
+                                           {.timeout_seconds = 0.2}),
+                    {.shape = kShape, .mask = {}, .jobs = 2});
+      },
+      {"timeout of 0.2 s on the base run"});
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(20));
+}
+
+TEST(LeakCheck, BuiltinRefusesAHeadDimNoPathTakes) {
+  LeakShape shape = kShape;
+  shape.head_dim = kMaxHeadDim + 1;
+  expect_error([&] { run_builtin_checks({.shape = shape, .window = 3, .jobs = 1}); },
+               {"head_dim 257"});
 }
 
 TEST(LeakCheck, CommandTemplateNeedsEveryPath) {
@@ -87,7 +174,7 @@ TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
     EXPECT_EQ(check.verdict, Verdict::kCausal)
         << check.label << " " << dtype_name(check.storage) << ": " << check.message;
   }
-  EXPECT_EQ(last_total, static_cast<std::int64_t>(checks.size()) * (kShape.seqlen + 1));
+  EXPECT_EQ(last_total, static_cast<std::int64_t>(checks.size()) * (kShape.seqlen + 2));
   EXPECT_EQ(last_done, last_total);
 }
 

@@ -32,9 +32,11 @@ std::string describe_mask(const MaskSpec& spec) {
 
 std::string describe_problem(const LeakReport& report) {
   const LeakShape& s = report.shape;
-  return fmt::format("len {}, batch {}, heads {}, kv_heads {}, dim {}, {}; {} runs", s.seqlen,
+  return fmt::format("len {}, batch {}, heads {}, kv_heads {}, dim {}, {}; {} runs{}", s.seqlen,
                      s.batch, s.heads, s.kv_heads, s.head_dim, describe_mask(report.mask_spec),
-                     report.runs);
+                     report.runs,
+                     report.tolerance > 0 ? fmt::format(", tolerance {:g}", report.tolerance)
+                                          : std::string());
 }
 
 // One row per output position i, one cell per perturbed position j: S
@@ -194,6 +196,12 @@ std::string render_report_text(const LeakReport& report, bool per_head) {
   }
   text += '\n';
   text += missing_line(report.result.missing, "");
+  if (report.nan_rows > 0) {
+    text += fmt::format(
+        "warning: {} output rows held NaN (summed over the runs; allowed by --allow-nan); a NaN "
+        "row that stays NaN shows no dependency\n",
+        report.nan_rows);
+  }
   text += verdict_line(report);
   return text;
 }
@@ -216,6 +224,8 @@ std::string render_report_json(const LeakReport& report, bool per_head) {
                       ? nlohmann::ordered_json(*report.mask_spec.window_left)
                       : nlohmann::ordered_json(nullptr);
   doc["runs"] = report.runs;
+  doc["tolerance"] = report.tolerance;
+  doc["nan_rows"] = report.nan_rows;
   if (per_head) {
     const Mask mask = report.mask();
     auto& heads = doc["per_head"] = nlohmann::ordered_json::array();
@@ -296,7 +306,7 @@ std::string render_builtin_json(const std::vector<BuiltinCheck>& checks, const L
   doc["heads"] = shape.heads;
   doc["kv_heads"] = shape.kv_heads;
   doc["dim"] = shape.head_dim;
-  doc["runs_per_check"] = shape.seqlen + 1;
+  doc["runs_per_check"] = diagnostics::leak_runs(shape);
   auto& list = doc["checks"] = nlohmann::ordered_json::array();
   for (const BuiltinCheck& check : checks) {
     nlohmann::ordered_json item;
@@ -325,7 +335,7 @@ std::string render_builtin_text(const std::vector<BuiltinCheck>& checks, const L
                  "len {}, batch {}, heads {}, kv_heads {}, dim {}, bottom-right; {} runs per "
                  "check\n\n",
                  shape.seqlen, shape.batch, shape.heads, shape.kv_heads, shape.head_dim,
-                 shape.seqlen + 1);
+                 diagnostics::leak_runs(shape));
   std::size_t width = 4;
   for (const BuiltinCheck& check : checks) width = std::max(width, check.label.size());
   fmt::format_to(out, "{:<{}}  {:<12} {:<12} {}\n", "path", width, "f32", "bf16", "f16");

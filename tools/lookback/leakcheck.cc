@@ -2,13 +2,14 @@
 // attention implementation, by experiment (docs/leakage.md).
 //
 // With --exec, the implementation is a user's command: it reads Q, K, V from
-// .npy files and writes O, once on base inputs and once per perturbed position
-// (N + 1 runs). Without --exec, every path of lookback itself is checked
+// .npy files and writes O, twice on base inputs and once per perturbed position
+// (N + 2 runs). Without --exec, every path of lookback itself is checked
 // in-process. The experiment, the command runner and the built-in plan live
 // in the library (include/lookback/leakcheck.hpp); the reports are printed by
 // leak_report.cc. This file holds the flags and the glue.
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,7 +30,7 @@ using diagnostics::LeakShape;
 
 // text and json print every cell (N^2); svg draws a run of cells per class
 // and row, which a noisy leak can make N^2 too. Past these the output is too
-// large to read, and N + 1 runs of the command would take very long anyway.
+// large to read, and N + 2 runs of the command would take very long anyway.
 constexpr std::int64_t kMaxPrintedLen = 4096;
 constexpr std::int64_t kMaxSvgLen = 1024;
 
@@ -43,6 +44,8 @@ struct LeakcheckOptions {
   OutputFormat format = OutputFormat::kText;
   std::string out;
   bool progress = false;
+  std::optional<double> tolerance, timeout;  // --exec only
+  bool allow_nan = false;                    // --exec only
 };
 
 int jobs_of(const LeakcheckOptions& options) {
@@ -94,9 +97,27 @@ int run_black_box(const LeakcheckOptions& options) {
       .progress = [&progress](std::int64_t done, std::int64_t total) {
         progress.count(done, total);
       },
-      .output_name = "--exec: output"};
-  const diagnostics::LeakReport report =
-      diagnostics::check_leaks(diagnostics::command_implementation(command), check);
+      .output_name = "--exec: output",
+      .tolerance = options.tolerance.value_or(0.0),
+      .allow_nan = options.allow_nan};
+  diagnostics::CommandOptions runner;
+  if (options.timeout) runner.timeout_seconds = *options.timeout;
+  // A signal kills the runs' process groups and stops the check; the
+  // temporary folder goes with the implementation, then the signal ends us.
+  const diagnostics::SignalCleanup cleanup;
+  std::optional<diagnostics::LeakReport> checked;
+  try {
+    checked = diagnostics::check_leaks(diagnostics::command_implementation(command, runner), check);
+  } catch (const Error& e) {
+    if (cleanup.received() != 0) {  // say which run it stopped, then end by the signal
+      fmt::print(stderr, "lookback: {}\n", e.what());
+      std::fflush(stderr);
+      cleanup.reraise();
+    }
+    throw;
+  }
+  cleanup.reraise();
+  const diagnostics::LeakReport& report = *checked;
   progress.finish();
 
   std::string output;
@@ -115,7 +136,13 @@ int run_builtin(const LeakcheckOptions& options) {
         "--causal: only with --exec (built-in mode checks bottom-right alignment, the one the "
         "cache paths use)");
   }
-  if (options.per_head) throw Error("--per-head: only with --exec (expected --exec 'CMD')");
+  const std::pair<bool, const char*> exec_only[] = {{options.per_head, "--per-head"},
+                                                    {options.tolerance.has_value(), "--tolerance"},
+                                                    {options.timeout.has_value(), "--timeout"},
+                                                    {options.allow_nan, "--allow-nan"}};
+  for (const auto& [given, name] : exec_only) {
+    if (given) throw Error(fmt::format("{}: only with --exec (expected --exec 'CMD')", name));
+  }
   if (options.format == OutputFormat::kSvg) {
     throw Error("--format: svg needs --exec (built-in mode prints a table; expected text or json)");
   }
@@ -152,8 +179,8 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       "Find future tokens leaking into past outputs of any attention implementation.",
       "Black-box mode (--exec): CMD runs through /bin/sh with {q} {k} {v} {out} replaced by .npy\n"
       "paths: Q (batch, len, heads, dim), K and V (batch, len, kv_heads, dim), <f4; CMD writes\n"
-      "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs once on random inputs, then\n"
-      "once per position j with the q, k and v rows at j changed: len + 1 runs. Output row i\n"
+      "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs twice on random inputs, then\n"
+      "once per position j with the q, k and v rows at j changed: len + 2 runs. Output row i\n"
       "depends on j when any bit of it changed. A leak is a dependency on a position the mask\n"
       "hides from row i (--causal, --window; docs/semantics.md).\n"
       "\n"
@@ -163,7 +190,16 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       "Built-in mode (no --exec): checks every lookback path, storage dtype, with and without\n"
       "a window, in-process, and prints a table.\n"
       "\n"
-      "Exit codes: 0 no leak, 1 leak found, 2 usage error, CMD failed or wrote a wrong output.\n"
+      "CMD should be deterministic: the base run is run twice, and when identical inputs give\n"
+      "different outputs leakcheck says so ('nondeterministic: ...') and exits 2; for an\n"
+      "implementation nondeterministic by design, --tolerance T counts a change only when it\n"
+      "exceeds T relative to the output row. The inputs hold no NaN, so NaN in an output is a\n"
+      "finding of its own: exit 2 (cannot judge) unless --allow-nan. Each run may take\n"
+      "--timeout seconds (default 300); past it, or on SIGINT, SIGTERM or SIGHUP, the run's\n"
+      "process group is killed and the temporary files removed.\n"
+      "\n"
+      "Exit codes: 0 no leak, 1 leak found, 2 usage error, CMD failed, timed out, wrote a wrong\n"
+      "output, was nondeterministic or wrote NaN.\n"
       "\n"
       "Examples:\n"
       "  lookback leakcheck --exec 'python3 attn.py {q} {k} {v} {out}' --len 8 --heads 2 --dim 16\n"
@@ -189,6 +225,14 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
   command->add_option("--jobs", options->jobs, "runs in parallel (default: one per core)")
       ->check(kPositive);
   command->add_option("--seed", options->seed, "seed of the random inputs (default 1)");
+  command->add_option("--tolerance", options->tolerance,
+                      "count a change only past T relative to the row (default 0: any bit)")
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--timeout", options->timeout,
+                      "seconds each run may take (default 300); then its processes are killed")
+      ->check(CLI::PositiveNumber);
+  command->add_flag("--allow-nan", options->allow_nan,
+                    "check outputs that hold NaN instead of refusing them (exit 2)");
   add_format_option(*command, options->format,
                     {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});
   add_out_option(*command, options->out);
