@@ -6,7 +6,7 @@ import unittest
 
 import numpy as np
 
-from clitest import CliTestCase, fixture, run
+from clitest import CliTestCase, fixture, run, run_measured
 
 
 def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
@@ -43,6 +43,16 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
                 out[b, i, h] = (p / p.sum()) @ v[b, visible[i], kh, :]
                 lse[b, h, i] = m + np.log(p.sum())
     return out, lse
+
+
+def sparse_npy(path, shape):
+    """A <f4 .npy file of `shape` whose data is a hole (f.truncate): its
+    header claims gigabytes that cost no disk."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.truncate(f.tell() + 4 * int(np.prod(shape)))
+    return path
 
 
 def rel_l2(actual, expected):
@@ -210,6 +220,28 @@ class AttendTest(CliTestCase):
                     self.assertEqual(f.read(), b"previous contents")
         leftovers = [n for n in os.listdir(self.tmp) if ".tmp" in n]
         self.assertEqual(leftovers, [])
+
+    def test_headers_are_checked_before_any_data_is_read(self):
+        """A q whose header claims 4 GiB next to an input that does not fit it
+        fails at once, naming the argument: q's data is never read (before,
+        a mismatched k took 59 s and 8.4 GB to be reported)."""
+        big_q = sparse_npy(self.path("q_4gib.npy"), (1, 1 << 24, 4, 16))
+        narrow_k = self.save("k_dim8.npy", np.zeros((1, 16, 4, 8), np.float32))
+        k = self.save("k.npy", np.zeros((1, 16, 4, 16), np.float32))
+        slopes = self.save("slopes.npy", np.ones(3, np.float32))
+        base = ["attend", "--q", big_q, "--out", self.path("o.npy")]
+        cases = [
+            (["--k", narrow_k, "--v", k], "k: head_dim 8 (expected 16"),
+            (["--k", k, "--v", narrow_k], "v: shape (1, 16, 4, 8)"),
+            (["--k", k, "--v", k, "--alibi", slopes], "--alibi"),
+            (["--k", k, "--v", k, "--mode", "decode"], "seqlen_q 16777216 > seqlen_k 16"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra[-2:]):
+                result, seconds, peak_bytes = run_measured(*base, *extra, timeout=10)
+                self.assert_usage_error(result, mention)
+                self.assertLess(seconds, 1.0)
+                self.assertLess(peak_bytes, 256 << 20)
 
 
 if __name__ == "__main__":
