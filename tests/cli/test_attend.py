@@ -221,6 +221,30 @@ class AttendTest(CliTestCase):
         leftovers = [n for n in os.listdir(self.tmp) if ".tmp" in n]
         self.assertEqual(leftovers, [])
 
+    def test_number_errors_read_well(self):
+        """Bounds in a few readable digits, never DBL_MAX's 309; a value float32
+        cannot hold is quoted as typed, not reported as inf or 0."""
+        q, k, v = self.random_inputs()
+        rank1 = self.save("rank1.npy", np.zeros(5, np.float32))
+        cases = [
+            (["--softcap", "-1"], "--softcap: expected a number >= 0, got '-1'"),
+            (["--scale", "1e39"], "--scale: '1e39' is out of float range"),
+            (["--scale", "-1e39"], "--scale: '-1e39' is out of float range"),
+            (["--scale", "1e-50"], "--scale: '1e-50' rounds to 0 in float"),
+            (["--softcap", "1e400"], "--softcap: '1e400' is out of float range"),
+            (["--scale", "abc"], "--scale: expected a number, got 'abc'"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra[:2]):
+                result, _, _ = self.attend(q, k, v, *extra)
+                self.assert_usage_error(result, mention)
+                self.assertLess(len(result.stderr), 200, result.stderr)
+                self.assertNotIn("inf", result.stderr.replace("--", ""))
+        k_path = self.save("k.npy", k)
+        result = run("attend", "--q", rank1, "--k", k_path, "--v", k_path,
+                     "--out", self.path("o.npy"))
+        self.assert_usage_error(result, "shape (5,) has 1 dimension (expected 4")
+
     def test_headers_are_checked_before_any_data_is_read(self):
         """A q whose header claims 4 GiB next to an input that does not fit it
         fails at once, naming the argument: q's data is never read (before,

@@ -100,12 +100,20 @@ void check_outputs(const AttendOptions& options) {
   }
 }
 
+// --chunk, --block-size and --splits each steer some modes only; given to
+// another they would be ignored, so they are refused.
 ModeOptions parse_mode_options(const AttendOptions& options) {
   const Mode mode = parse_mode(options.mode, "--mode");
-  if (mode == Mode::kDecode && options.chunk.value_or(1) > 1) {
-    throw Error("--chunk: decode appends one token at a time (expected --mode chunked or paged for "
-                "chunks)");
-  }
+  const auto refuse_unless = [mode](const auto& value, std::string_view option,
+                                    std::initializer_list<Mode> users, std::string_view names) {
+    if (value && std::find(users.begin(), users.end(), mode) == users.end()) {
+      throw Error(fmt::format("{} {}: --mode {} does not use it (expected {} only with --mode {})",
+                              option, *value, mode_name(mode), option, names));
+    }
+  };
+  refuse_unless(options.chunk, "--chunk", {Mode::kChunked, Mode::kPaged}, "chunked or paged");
+  refuse_unless(options.block_size, "--block-size", {Mode::kPaged}, "paged");
+  refuse_unless(options.splits, "--splits", {Mode::kSplit}, "split");
   if (mode == Mode::kChunked && !options.chunk) {
     throw Error("--chunk: missing (expected the tokens per step with --mode chunked)");
   }
@@ -225,7 +233,8 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--lse", options->lse_path,
                       "also write LSE (batch, heads, seqlen_q), natural log; - for standard output")
       ->check(kOutputPath);
-  command->add_option("--scale", options->scale, "score scale (default 1/sqrt(head_dim))");
+  command->add_option("--scale", options->scale, "score scale (default 1/sqrt(head_dim))")
+      ->check(kFloat);
   command->add_option("--causal", options->causal,
                       "mask alignment: bottom-right (default), top-left (PyTorch is_causal) or "
                       "none (bidirectional)")
@@ -234,7 +243,7 @@ void add_attend_command(CLI::App& app, Runner& runner) {
                       "left window W: query at position p sees keys p-W..p (W+1 keys)")
       ->check(kNonNegative);
   command->add_option("--softcap", options->softcap, "softcap c > 0: s = c*tanh(s/c) (0: off)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegativeFloat);
   command->add_option("--alibi", options->alibi_path, "ALiBi slopes, (heads,) .npy");
   command->add_option("--threads", options->threads, "worker threads (default: all cores)")
       ->check(kPositive);
