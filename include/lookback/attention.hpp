@@ -44,6 +44,13 @@ struct AttentionParams {
 // message names the argument and the expected value.
 AttentionShape validate(const AttentionParams& params);
 
+// The checks of validate() that need no data, for inputs described before
+// they are read (e.g. from .npy headers, lookback::read_npy_header), so that
+// a bad shape fails before gigabytes are read: q, k and v may have null data;
+// out and maybe_lse are not checked (they are usually allocated from the
+// shape this returns); slopes are checked when given.
+AttentionShape validate_shapes(const AttentionParams& params);
+
 // Prefill: all of Q against all of K/V in one call, on the fastest SIMD path
 // this CPU supports, spread over the context's threads. Output is bitwise
 // identical for any thread count.

@@ -59,6 +59,10 @@ struct DecodeStep {
 
 class KvCache {
  public:
+  // Allocates K and V for `capacity` tokens without writing them: memory is
+  // touched only as tokens are appended. Throws lookback::Error (kCapacity)
+  // naming `capacity` and the bytes when they exceed this machine's physical
+  // memory (before allocating) or cannot be allocated.
   KvCache(const CacheConfig& config, std::int64_t capacity);
   ~KvCache();
   KvCache(KvCache&&) noexcept;
@@ -93,7 +97,10 @@ using SequenceId = std::int64_t;
 class PagedKvPool {
  public:
   // A pool of `num_blocks` blocks of `block_size` tokens (K and V for every kv
-  // head). block_size >= 1: any size works.
+  // head). block_size >= 1: any size works. Memory is touched block by block
+  // as blocks are handed out; sizes beyond this machine's physical memory, or
+  // that cannot be allocated, are lookback::Error (kCapacity) naming
+  // block_size or num_blocks and the bytes.
   PagedKvPool(const CacheConfig& config, std::int64_t block_size, std::int64_t num_blocks);
   ~PagedKvPool();
   PagedKvPool(PagedKvPool&&) noexcept;

@@ -42,4 +42,8 @@ struct ModeOptions {
 void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
                       Context& context);
 
+// attend_with_mode's checks that need no data: validate_shapes(params) plus
+// the mode's own rules (see validate_shapes in lookback/attention.hpp).
+AttentionShape validate_shapes(const AttentionParams& params, const ModeOptions& options);
+
 }  // namespace lookback

@@ -25,6 +25,20 @@ struct NpyArray {
   TensorView view(std::string_view argument = "array") const;
 };
 
+// What a .npy file's header says, checked as read_npy checks it (the file
+// must hold exactly the bytes its shape needs) but without reading the data:
+// to check every input of a call before reading any.
+struct NpyHeader {
+  DType dtype = DType::kF32;        // kF32, kF16 or kF64
+  std::vector<std::int64_t> shape;  // C order; empty for a 0-d array
+
+  std::int64_t numel() const noexcept;
+  // A contiguous view with null data, for lookback::validate_shapes;
+  // requires 1 <= rank <= 4.
+  TensorView view(std::string_view argument = "array") const;
+};
+NpyHeader read_npy_header(const std::string& path);
+
 // Parses a whole .npy file held in memory.
 NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name = "npy");
 NpyArray read_npy(const std::string& path);

@@ -103,6 +103,11 @@ MutableTensorView make_mutable_view(void* data, DType dtype,
 template <typename Pointer>
 void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
                    std::string_view argument);
+// The same checks but the data pointer's: for a view that describes a tensor
+// before its data is read (e.g. from a file header), whose data may be null.
+template <typename Pointer>
+void validate_view_layout(const BasicTensorView<Pointer>& view, int expected_rank,
+                          std::string_view argument);
 
 // "(2, 7, 4, 64)"
 template <typename Pointer>

@@ -24,10 +24,10 @@ void validate_scores(const AttentionParams& params, const AttentionShape& shape)
 
 }  // namespace
 
-AttentionShape validate(const AttentionParams& params) {
-  validate_view(params.q, 4, "q");
-  validate_view(params.k, 4, "k");
-  validate_view(params.v, 4, "v");
+AttentionShape validate_shapes(const AttentionParams& params) {
+  validate_view_layout(params.q, 4, "q");
+  validate_view_layout(params.k, 4, "k");
+  validate_view_layout(params.v, 4, "v");
   for (const auto& [view, name] : {std::pair{&params.q, "q"}, std::pair{&params.k, "k"},
                                    std::pair{&params.v, "v"}}) {
     if (!is_input_dtype(view->dtype)) {
@@ -65,9 +65,17 @@ AttentionShape validate(const AttentionParams& params) {
                             shape.kv_heads, shape.heads));
   }
 
-  validate_outputs(params, shape);
   validate_scores(params, shape);
   Mask(shape.seqlen_q, shape.seqlen_k, params.mask);  // validates the window
+  return shape;
+}
+
+AttentionShape validate(const AttentionParams& params) {
+  validate_view(params.q, 4, "q");
+  validate_view(params.k, 4, "k");
+  validate_view(params.v, 4, "v");
+  const AttentionShape shape = validate_shapes(params);
+  validate_outputs(params, shape);
   return shape;
 }
 

@@ -185,11 +185,9 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
   }
 }
 
-}  // namespace
-
-void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
-                      Context& context) {
-  const AttentionShape shape = validate(params);
+// The mode's own rules, on top of validate_shapes().
+void validate_mode(const AttentionParams& params, const AttentionShape& shape,
+                   const ModeOptions& options) {
   if (options.chunk < 1) throw Error(fmt::format("chunk: {} (expected >= 1)", options.chunk));
   if (options.block_size < 1) {
     throw Error(fmt::format("block_size: {} (expected >= 1)", options.block_size));
@@ -209,6 +207,20 @@ void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
                               shape.seqlen_q, shape.seqlen_k, mode_name(options.mode)));
     }
   }
+}
+
+}  // namespace
+
+AttentionShape validate_shapes(const AttentionParams& params, const ModeOptions& options) {
+  const AttentionShape shape = validate_shapes(params);
+  validate_mode(params, shape, options);
+  return shape;
+}
+
+void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
+                      Context& context) {
+  const AttentionShape shape = validate(params);
+  validate_mode(params, shape, options);
   if (shape.batch == 0 || shape.seqlen_q == 0) return;
   switch (options.mode) {
     case Mode::kPrefill: attend(params, context); return;

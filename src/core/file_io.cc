@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <new>
+#include <string>
 #include <utility>
 
 #include "lookback/error.hpp"
@@ -117,7 +119,13 @@ InputFile::InputFile(const std::string& path, std::string_view expected) : path_
 InputFile::~InputFile() { ::close(fd_); }
 
 std::vector<std::byte> InputFile::read(std::int64_t offset, std::int64_t bytes) const {
-  std::vector<std::byte> out(static_cast<std::size_t>(bytes));
+  std::vector<std::byte> out;
+  try {
+    out.resize(static_cast<std::size_t>(bytes));
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::kCapacity, path_ + ": out of memory allocating " +
+                                          std::to_string(bytes) + " bytes to read it");
+  }
   std::size_t filled = 0;
   while (filled < out.size()) {
     const ssize_t got = ::pread(fd_, out.data() + filled, out.size() - filled,

@@ -42,7 +42,8 @@ class InputFile {
   std::int64_t size() const noexcept { return size_; }
 
   // Up to `bytes` from `offset`; fewer if the file shrank meanwhile. Callers
-  // pass ranges inside size(), so the allocation is one the file holds.
+  // pass ranges inside size(), so the allocation is one the file holds; when
+  // memory runs out it is lookback::Error (kCapacity) naming the path.
   std::vector<std::byte> read(std::int64_t offset, std::int64_t bytes) const;
   std::vector<std::byte> read_all() const { return read(0, size_); }
 

@@ -30,6 +30,8 @@ constexpr std::size_t kMagicSize = 6;
 // Larger than any header NumPy writes for a sane array (NumPy itself refuses
 // headers over 10 KB unless told otherwise); a bigger claim is a bad file.
 constexpr std::size_t kMaxHeaderBytes = std::size_t{1} << 20;
+// Magic, version and the longest header-length field (4 bytes, 2.0 and 3.0).
+constexpr std::size_t kPreambleMaxBytes = kMagicSize + 2 + 4;
 // NumPy 2's NPY_MAXDIMS. Bounds the shape vector a header can make us build.
 constexpr std::size_t kMaxNpyRank = 64;
 // NumPy aligns the start of the data to 64 bytes (numpy.lib.format.ARRAY_ALIGN).
@@ -122,7 +124,7 @@ std::optional<std::int64_t> checked_byte_count(std::span<const std::int64_t> sha
 }
 
 // The three keys NumPy writes, once each; anything else is an error.
-struct NpyHeader {
+struct HeaderFields {
   std::optional<std::string> descr;
   std::optional<bool> fortran_order;
   std::optional<std::vector<std::int64_t>> shape;
@@ -137,8 +139,8 @@ class HeaderParser {
   HeaderParser(std::string_view text, std::string_view name, std::string_view expected_dtypes)
       : text_(text), name_(name), expected_dtypes_(expected_dtypes) {}
 
-  NpyHeader parse() {
-    NpyHeader header;
+  HeaderFields parse() {
+    HeaderFields header;
     skip_space();
     expect('{', "'{' starting the header dict");
     while (true) {
@@ -297,7 +299,10 @@ struct HeaderPlace {
   std::size_t bytes;
 };
 
-HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::string_view name) {
+// `bytes` starts the file (at least its first kPreambleMaxBytes, or all of a
+// shorter file); `file_size` is the whole file's.
+HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::uint64_t file_size,
+                           std::string_view name) {
   if (bytes.empty()) {
     throw_format(name, "file is empty (expected a .npy file starting with \\x93NUMPY)");
   }
@@ -328,23 +333,28 @@ HeaderPlace parse_preamble(std::span<const std::byte> bytes, std::string_view na
                            " is absurd (expected at most " +
                            std::to_string(kMaxHeaderBytes) + " bytes)");
   }
-  if (header_bytes > bytes.size() - header_offset) {
+  if (header_bytes > file_size - header_offset) {
     throw_format(name, "header length " + std::to_string(header_bytes) +
-                           " runs past the end of the file (" +
-                           std::to_string(bytes.size()) + " bytes in all)");
+                           " runs past the end of the file (" + std::to_string(file_size) +
+                           " bytes in all)");
   }
   return {header_offset, header_bytes};
 }
 
-NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name,
-                       std::span<const DType> accepted = kNpyDtypes) {
+// `bytes` starts the file and holds at least its header; `file_size` is the
+// whole file's, which must be exactly what the header's shape needs.
+NpyLayout parse_layout(std::span<const std::byte> bytes, std::uint64_t file_size,
+                       std::string_view name, std::span<const DType> accepted = kNpyDtypes) {
   const std::string expected = expected_dtypes(accepted);
-  const auto [header_offset, header_bytes] = parse_preamble(bytes, name);
+  const auto [header_offset, header_bytes] = parse_preamble(bytes, file_size, name);
+  if (bytes.size() < header_offset + header_bytes) {
+    throw_format(name, "file ends inside the .npy header (it shrank while being read)");
+  }
   // Latin-1 (1.0, 2.0) and utf-8 (3.0) agree on the ASCII that matters; any
   // other byte can only appear inside a string and then fails the dtype check.
   const std::string_view text(reinterpret_cast<const char*>(bytes.data()) + header_offset,
                               header_bytes);
-  NpyHeader header = HeaderParser(text, name, expected).parse();
+  HeaderFields header = HeaderParser(text, name, expected).parse();
 
   if (!header.descr || !header.fortran_order || !header.shape) {
     const char* missing = !header.descr ? "descr" : !header.fortran_order ? "fortran_order"
@@ -385,7 +395,7 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name,
                            "' overflows a 64-bit byte count");
   }
   const std::size_t data_offset = header_offset + header_bytes;
-  const std::size_t present = bytes.size() - data_offset;
+  const std::uint64_t present = file_size - data_offset;
   const auto needed_bytes = static_cast<std::uint64_t>(*needed);
   if (present < needed_bytes) {
     throw_format(name, "data is truncated: shape " + tuple_string(shape) + " of '" + descr +
@@ -402,15 +412,15 @@ NpyLayout parse_layout(std::span<const std::byte> bytes, std::string_view name,
   return {*dtype, std::move(shape), data_offset, static_cast<std::size_t>(needed_bytes)};
 }
 
-}  // namespace
-
-std::int64_t NpyArray::numel() const noexcept {
+std::int64_t product(std::span<const std::int64_t> shape) noexcept {
   std::int64_t count = 1;
   for (std::int64_t extent : shape) count *= extent;
   return count;
 }
 
-TensorView NpyArray::view(std::string_view argument) const {
+// A contiguous view of `shape` over `data` (null for a header's description).
+TensorView contiguous_view(const void* data, DType dtype, std::span<const std::int64_t> shape,
+                           std::string_view argument) {
   const int rank = static_cast<int>(shape.size());
   if (rank < 1 || rank > kMaxRank) {
     throw Error(ErrorCode::kInvalidArgument,
@@ -418,6 +428,26 @@ TensorView NpyArray::view(std::string_view argument) const {
                     " dimensions, got " + std::to_string(rank) + " (shape " +
                     tuple_string(shape) + ")");
   }
+  TensorView result;
+  result.data = data;
+  result.dtype = dtype;
+  result.rank = rank;
+  for (int axis = 0; axis < rank; ++axis) result.shape[axis] = shape[axis];
+  result.strides = contiguous_strides(result.shape, rank);
+  return result;
+}
+
+}  // namespace
+
+std::int64_t NpyArray::numel() const noexcept { return product(shape); }
+std::int64_t NpyHeader::numel() const noexcept { return product(shape); }
+
+TensorView NpyHeader::view(std::string_view argument) const {
+  return contiguous_view(nullptr, dtype, shape, argument);
+}
+
+TensorView NpyArray::view(std::string_view argument) const {
+  const TensorView result = contiguous_view(data.data(), dtype, shape, argument);
   // An NpyArray may be built by hand, so check that the data covers the
   // shape rather than trusting it: a view must never read out of bounds.
   const std::optional<std::int64_t> needed =
@@ -430,17 +460,11 @@ TensorView NpyArray::view(std::string_view argument) const {
                     std::string(dtype_name(dtype)) + " does not match its " +
                     std::to_string(data.size()) + " data bytes");
   }
-  TensorView result;
-  result.data = data.data();
-  result.dtype = dtype;
-  result.rank = rank;
-  for (int axis = 0; axis < rank; ++axis) result.shape[axis] = shape[axis];
-  result.strides = contiguous_strides(result.shape, rank);
   return result;
 }
 
 NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name) {
-  NpyLayout layout = parse_layout(bytes, name);
+  NpyLayout layout = parse_layout(bytes, bytes.size(), name);
   NpyArray array;
   array.dtype = layout.dtype;
   array.shape = std::move(layout.shape);
@@ -456,13 +480,26 @@ NpyArray read_npy(const std::string& path, std::span<const DType> accepted) {
 
   // Parse in place and keep the buffer: dropping the header with erase()
   // avoids holding two copies of a large array.
-  NpyLayout layout = parse_layout(bytes, path, accepted);
+  NpyLayout layout = parse_layout(bytes, bytes.size(), path, accepted);
   bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(layout.data_offset));
   NpyArray array;
   array.dtype = layout.dtype;
   array.shape = std::move(layout.shape);
   array.data = std::move(bytes);
   return array;
+}
+
+NpyHeader read_npy_header(const std::string& path) {
+  const detail::InputFile file(path, "a .npy file");
+  const auto file_size = static_cast<std::uint64_t>(file.size());
+  const std::vector<std::byte> preamble =
+      file.read(0, std::min<std::int64_t>(file.size(), kPreambleMaxBytes));
+  const HeaderPlace place = parse_preamble(preamble, file_size, path);
+  // At most kMaxHeaderBytes past the preamble, and inside the file.
+  const std::vector<std::byte> head =
+      file.read(0, static_cast<std::int64_t>(place.offset + place.bytes));
+  NpyLayout layout = parse_layout(head, file_size, path);
+  return {.dtype = layout.dtype, .shape = std::move(layout.shape)};
 }
 
 std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,

@@ -33,11 +33,11 @@ std::string shape_string(const BasicTensorView<Pointer>& view) {
 }
 
 template <typename Pointer>
-void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
-                   std::string_view argument) {
+void validate_view_layout(const BasicTensorView<Pointer>& view, int expected_rank,
+                          std::string_view argument) {
   if (view.rank != expected_rank) {
-    throw Error(fmt::format("{}: expected {} dimensions, got {} {}", argument,
-                            expected_rank, view.rank, shape_string(view)));
+    throw Error(fmt::format("{}: expected {} dimension{}, got {} {}", argument, expected_rank,
+                            expected_rank == 1 ? "" : "s", view.rank, shape_string(view)));
   }
   std::int64_t numel = 1;
   std::int64_t max_offset = 0;
@@ -52,11 +52,7 @@ void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
                               argument, shape_string(view)));
     }
   }
-  if (numel == 0) return;  // nothing is read; data may be anything
-  if (view.data == nullptr) {
-    throw Error(fmt::format("{}: data is null (expected a pointer to {} elements)",
-                            argument, numel));
-  }
+  if (numel == 0) return;  // nothing is read; data and strides may be anything
   for (int axis = 0; axis < view.rank; ++axis) {
     std::int64_t reach;
     const std::int64_t magnitude = view.strides[axis] < 0 ? -view.strides[axis]
@@ -73,10 +69,23 @@ void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
   }
 }
 
+template <typename Pointer>
+void validate_view(const BasicTensorView<Pointer>& view, int expected_rank,
+                   std::string_view argument) {
+  validate_view_layout(view, expected_rank, argument);
+  // numel cannot overflow here: validate_view_layout checked it.
+  if (view.numel() != 0 && view.data == nullptr) {
+    throw Error(fmt::format("{}: data is null (expected a pointer to {} elements)",
+                            argument, view.numel()));
+  }
+}
+
 template std::string shape_string(const TensorView&);
 template std::string shape_string(const MutableTensorView&);
 template void validate_view(const TensorView&, int, std::string_view);
 template void validate_view(const MutableTensorView&, int, std::string_view);
+template void validate_view_layout(const TensorView&, int, std::string_view);
+template void validate_view_layout(const MutableTensorView&, int, std::string_view);
 
 namespace {
 

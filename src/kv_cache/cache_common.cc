@@ -1,10 +1,13 @@
 #include "kv_cache/cache_common.hpp"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <new>
 
 #include "kernels/pack.hpp"
 #include "kernels/tiles.hpp"
@@ -19,6 +22,66 @@ std::int64_t stored_padded_dim(const CacheConfig& config) {
 std::int64_t stored_token_bytes(const CacheConfig& config) {
   return config.kv_heads * stored_padded_dim(config) *
          static_cast<std::int64_t>(dtype_size(config.storage));
+}
+
+std::int64_t cache_bytes(const CacheConfig& config, std::int64_t slots) {
+  std::int64_t bytes;
+  if (__builtin_mul_overflow(slots, stored_token_bytes(config), &bytes) ||
+      __builtin_mul_overflow(bytes, std::int64_t{2}, &bytes)) {
+    return std::numeric_limits<std::int64_t>::max();
+  }
+  return bytes;
+}
+
+std::int64_t physical_memory() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page = ::sysconf(_SC_PAGESIZE);
+  std::int64_t bytes;
+  if (pages <= 0 || page <= 0 ||
+      __builtin_mul_overflow(static_cast<std::int64_t>(pages), static_cast<std::int64_t>(page),
+                             &bytes)) {
+    return std::numeric_limits<std::int64_t>::max();
+  }
+  return bytes;
+}
+
+std::string bytes_text(std::int64_t bytes) {
+  constexpr const char* kUnits[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  if (bytes < 1024) return fmt::format("{} bytes", bytes);
+  double scaled = static_cast<double>(bytes) / 1024;
+  int unit = 0;
+  while (scaled >= 1024 && unit + 1 < static_cast<int>(std::size(kUnits))) {
+    scaled /= 1024;
+    ++unit;
+  }
+  return fmt::format("{} bytes ({:.1f} {})", bytes, scaled, kUnits[unit]);
+}
+
+void check_memory(const std::string& argument, std::int64_t count, const std::string& unit,
+                  std::int64_t kv_bytes, std::int64_t table_bytes) {
+  // 128-bit: 2 * count * kv_bytes may pass the int64 range, and is then too much anyway.
+  const __int128 per_unit = 2 * static_cast<__int128>(kv_bytes) + table_bytes;
+  const __int128 needed = per_unit * count;
+  const std::int64_t memory = physical_memory();
+  if (needed <= memory) return;
+  const __int128 saturated = std::min<__int128>(needed, std::numeric_limits<std::int64_t>::max());
+  throw Error(ErrorCode::kCapacity,
+              fmt::format("{}: {} {} need {} for K and V{}, more than this machine's memory of {} "
+                          "(expected at most {} {})",
+                          argument, count, unit, bytes_text(static_cast<std::int64_t>(saturated)),
+                          table_bytes > 0 ? " and their tables" : "", bytes_text(memory),
+                          static_cast<std::int64_t>(memory / per_unit), unit));
+}
+
+CacheStorage::CacheStorage(std::int64_t bytes, const std::string& argument) : size_(bytes) {
+  try {
+    data_ = std::make_unique_for_overwrite<std::byte[]>(static_cast<std::size_t>(bytes));
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("{}: out of memory allocating {} (expected a size this process "
+                            "can allocate)",
+                            argument, bytes_text(bytes)));
+  }
 }
 
 void validate_config(const CacheConfig& config) {

@@ -12,7 +12,6 @@
 #include "lookback/checkpoint.hpp"
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -69,31 +68,9 @@ void require_kind(const std::string& path, const Header& header, CheckpointKind 
   }
 }
 
-std::int64_t physical_memory() {
-  const long pages = ::sysconf(_SC_PHYS_PAGES);
-  const long page = ::sysconf(_SC_PAGESIZE);
-  if (pages <= 0 || page <= 0) return kMaxInt64;
-  std::int64_t bytes;
-  if (__builtin_mul_overflow(static_cast<std::int64_t>(pages), static_cast<std::int64_t>(page),
-                             &bytes)) {
-    return kMaxInt64;
-  }
-  return bytes;
-}
-
-// K and V of `slots` stored tokens, saturating at the int64 maximum.
-std::int64_t cache_bytes(const CacheConfig& config, std::int64_t slots) {
-  std::int64_t bytes;
-  if (__builtin_mul_overflow(slots, detail::stored_token_bytes(config), &bytes) ||
-      __builtin_mul_overflow(bytes, std::int64_t{2}, &bytes)) {
-    return kMaxInt64;
-  }
-  return bytes;
-}
-
 void check_limit(const std::string& path, const Header& header, const CheckpointLimits& limits) {
   const std::int64_t limit =
-      limits.max_cache_bytes > 0 ? limits.max_cache_bytes : physical_memory();
+      limits.max_cache_bytes > 0 ? limits.max_cache_bytes : detail::physical_memory();
   const bool contiguous = header.kind == CheckpointKind::kContiguous;
   std::int64_t slots;
   if (contiguous) {
@@ -101,7 +78,7 @@ void check_limit(const std::string& path, const Header& header, const Checkpoint
   } else if (__builtin_mul_overflow(header.num_blocks, header.block_size, &slots)) {
     slots = kMaxInt64;
   }
-  const std::int64_t bytes = cache_bytes(header.config, slots);
+  const std::int64_t bytes = detail::cache_bytes(header.config, slots);
   if (bytes > limit) {
     throw Error(ErrorCode::kCapacity,
                 fmt::format("{}: the checkpoint's cache ({}) needs {} bytes for K and V, more than "
@@ -184,7 +161,7 @@ struct CacheState {
         checkpoint_format::contiguous_header(impl.config, impl.capacity, impl.length);
     const std::int64_t row_stride = padded_row_bytes(impl.config);
     // (kv_heads, length, head_dim): the filled tokens, without the padding.
-    const auto rows_of = [&](const std::vector<std::byte>& data) -> SectionWriter {
+    const auto rows_of = [&](const detail::CacheStorage& data) -> SectionWriter {
       return [&impl, &header, base = data.data(), row_stride](const ByteSink& sink) {
         for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
           for (std::int64_t t = 0; t < impl.length; ++t) {
@@ -212,7 +189,7 @@ struct CacheState {
     // (used_blocks, kv_heads, block_size, head_dim): the blocks in use, in
     // ascending id order (the loader finds them from the reference counts);
     // the free ones are not written.
-    const auto rows_of = [&](const std::vector<std::byte>& data) -> SectionWriter {
+    const auto rows_of = [&](const detail::CacheStorage& data) -> SectionWriter {
       return [&impl, &header, base = data.data(), row_stride](const ByteSink& sink) {
         for (std::int64_t b = 0; b < impl.num_blocks; ++b) {
           if (impl.references[static_cast<std::size_t>(b)] == 0) continue;
@@ -234,7 +211,7 @@ struct CacheState {
     KvCache::Impl& impl = *cache.impl_;
     const Header& header = parsed.header;
     const std::int64_t row_stride = padded_row_bytes(impl.config);
-    const std::pair<std::vector<std::byte>*, Bytes> parts[] = {{&impl.k, parsed.keys},
+    const std::pair<detail::CacheStorage*, Bytes> parts[] = {{&impl.k, parsed.keys},
                                                                {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
       for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
@@ -261,7 +238,7 @@ struct CacheState {
     const std::int64_t row_stride = padded_row_bytes(impl.config);
     const std::int64_t file_block_bytes =
         header.config.kv_heads * header.block_size * header.row_bytes;
-    const std::pair<std::vector<std::byte>*, Bytes> parts[] = {{&impl.k, parsed.keys},
+    const std::pair<detail::CacheStorage*, Bytes> parts[] = {{&impl.k, parsed.keys},
                                                                {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
       std::int64_t saved = 0;  // index of the block among the saved ones

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <vector>
 
@@ -20,8 +21,8 @@ struct KvCache::Impl {
   CacheConfig config;
   std::int64_t capacity = 0;
   std::int64_t length = 0;
-  std::vector<std::byte> k;  // (kv_heads, capacity, padded_dim) of storage
-  std::vector<std::byte> v;
+  detail::CacheStorage k;  // (kv_heads, capacity, padded_dim) of storage, not zeroed
+  detail::CacheStorage v;
 
   std::int64_t head_stride() const { return capacity * detail::stored_padded_dim(config); }
 
@@ -43,8 +44,11 @@ struct PagedKvPool::Impl {
   std::int64_t block_size = 0;
   std::int64_t num_blocks = 0;
   std::int64_t block_bytes = 0;
-  std::vector<std::byte> k;  // (num_blocks, kv_heads, block_size, padded_dim)
-  std::vector<std::byte> v;
+  // (num_blocks, kv_heads, block_size, padded_dim), not zeroed: a block is
+  // zeroed when take_block hands it out, so blocks in use hold no stale or
+  // uninitialised bytes (checkpoints save whole blocks).
+  detail::CacheStorage k;
+  detail::CacheStorage v;
   std::vector<std::int32_t> references;  // per block
   std::vector<std::int64_t> free_list;   // taken from the back
   std::map<SequenceId, Sequence> sequences;
@@ -71,6 +75,8 @@ struct PagedKvPool::Impl {
     const std::int64_t block = free_list.back();
     free_list.pop_back();
     references[static_cast<std::size_t>(block)] = 1;
+    std::memset(k_block(block), 0, static_cast<std::size_t>(block_bytes));
+    std::memset(v_block(block), 0, static_cast<std::size_t>(block_bytes));
     return block;
   }
   void drop_block(std::int64_t block) {

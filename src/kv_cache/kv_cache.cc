@@ -17,10 +17,12 @@ KvCache::KvCache(const CacheConfig& config, std::int64_t capacity) : impl_(std::
   if (__builtin_mul_overflow(capacity, detail::stored_token_bytes(config), &bytes)) {
     throw Error(ErrorCode::kCapacity, fmt::format("capacity: {} tokens overflow a byte count", capacity));
   }
+  detail::check_memory("capacity", capacity, "tokens", detail::stored_token_bytes(config));
   impl_->config = config;
   impl_->capacity = capacity;
-  impl_->k.resize(static_cast<std::size_t>(bytes));
-  impl_->v.resize(static_cast<std::size_t>(bytes));
+  // Not zeroed: only rows below the length are ever read or saved.
+  impl_->k = detail::CacheStorage(bytes, "capacity");
+  impl_->v = detail::CacheStorage(bytes, "capacity");
 }
 
 KvCache::~KvCache() = default;

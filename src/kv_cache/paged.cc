@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <new>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -17,6 +18,12 @@
 #include "lookback/kv_cache.hpp"
 
 namespace lookback {
+namespace {
+
+// Bookkeeping per block: its reference count and its place in the free list.
+constexpr std::int64_t kTableBytesPerBlock = sizeof(std::int32_t) + sizeof(std::int64_t);
+
+}  // namespace
 
 PagedKvPool::PagedKvPool(const CacheConfig& config, std::int64_t block_size,
                          std::int64_t num_blocks)
@@ -31,16 +38,27 @@ PagedKvPool::PagedKvPool(const CacheConfig& config, std::int64_t block_size,
                 fmt::format("num_blocks: {} blocks of {} tokens overflow a byte count", num_blocks,
                             block_size));
   }
+  // Before any allocation: one block alone, then the whole pool.
+  detail::check_memory("block_size", block_size, "tokens per block",
+                       detail::stored_token_bytes(config));
+  detail::check_memory("num_blocks", num_blocks, fmt::format("blocks of {} tokens", block_size),
+                       block_bytes, kTableBytesPerBlock);
   Impl& pool = *impl_;
   pool.config = config;
   pool.block_size = block_size;
   pool.num_blocks = num_blocks;
   pool.block_bytes = block_bytes;
-  pool.k.resize(static_cast<std::size_t>(total));
-  pool.v.resize(static_cast<std::size_t>(total));
-  pool.references.assign(static_cast<std::size_t>(num_blocks), 0);
-  // Hand out block 0 first.
-  pool.free_list.resize(static_cast<std::size_t>(num_blocks));
+  pool.k = detail::CacheStorage(total, "num_blocks");
+  pool.v = detail::CacheStorage(total, "num_blocks");
+  try {
+    pool.references.assign(static_cast<std::size_t>(num_blocks), 0);
+    // Hand out block 0 first.
+    pool.free_list.resize(static_cast<std::size_t>(num_blocks));
+  } catch (const std::bad_alloc&) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("num_blocks: out of memory allocating the tables of {} blocks",
+                            num_blocks));
+  }
   std::iota(pool.free_list.rbegin(), pool.free_list.rend(), 0);
 }
 
@@ -156,14 +174,15 @@ void PagedKvPool::shuffle_blocks(std::uint64_t seed) {
   std::vector<std::int64_t> new_id(static_cast<std::size_t>(pool.num_blocks));
   std::iota(new_id.begin(), new_id.end(), 0);
   std::shuffle(new_id.begin(), new_id.end(), std::mt19937_64(seed));
-  std::vector<std::byte> k(pool.k.size()), v(pool.v.size());
+  detail::CacheStorage k(pool.k.size(), "num_blocks"), v(pool.v.size(), "num_blocks");
   std::vector<std::int32_t> references(pool.references.size());
   for (std::int64_t old = 0; old < pool.num_blocks; ++old) {
     const std::int64_t now = new_id[static_cast<std::size_t>(old)];
-    const auto bytes = static_cast<std::size_t>(pool.block_bytes);
-    std::memcpy(k.data() + now * pool.block_bytes, pool.k.data() + old * pool.block_bytes, bytes);
-    std::memcpy(v.data() + now * pool.block_bytes, pool.v.data() + old * pool.block_bytes, bytes);
     references[static_cast<std::size_t>(now)] = pool.references[static_cast<std::size_t>(old)];
+    if (references[static_cast<std::size_t>(now)] == 0) continue;  // free: nothing to keep
+    const auto bytes = static_cast<std::size_t>(pool.block_bytes);
+    std::memcpy(k.data() + now * pool.block_bytes, pool.k_block(old), bytes);
+    std::memcpy(v.data() + now * pool.block_bytes, pool.v_block(old), bytes);
   }
   pool.k = std::move(k);
   pool.v = std::move(v);

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import unittest
 
 # The tool's exit codes (tools/lookback/common.hpp).
@@ -47,6 +48,43 @@ def run(*args, input=None):
     stderr (UTF-8) and returncode. Never raises on a non-zero exit."""
     return subprocess.run([binary(), *map(str, args)], input=input, capture_output=True,
                           text=True, encoding="utf-8", timeout=TIMEOUT_S, check=False)
+
+
+def run_measured(*args, timeout=TIMEOUT_S):
+    """Runs `lookback ARGS...` as run() does and measures that one process.
+    Returns (CompletedProcess, seconds it took, its peak resident set in bytes);
+    raises subprocess.TimeoutExpired (the process killed) past `timeout`."""
+    command = [binary(), *map(str, args)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.monotonic()
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        while True:
+            # wait4 gives this child's own rusage (getrusage would mix in every child's).
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - start > timeout:
+                process.kill()
+                os.wait4(process.pid, 0)
+                process.returncode = -9
+                raise subprocess.TimeoutExpired(command, timeout)
+            time.sleep(0.005)
+        seconds = time.monotonic() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode,
+                                             out.read().decode("utf-8"),
+                                             err.read().decode("utf-8"))
+    return result, seconds, usage.ru_maxrss * 1024
+
+
+def sanitized():
+    """Whether the binary is built with AddressSanitizer or ThreadSanitizer
+    (linked statically or not: the instrumented code calls their init)."""
+    with open(binary(), "rb") as f:
+        image = f.read()
+    return b"__asan_init" in image or b"__tsan_init" in image
 
 
 class CliTestCase(unittest.TestCase):

@@ -6,7 +6,7 @@ import unittest
 
 import numpy as np
 
-from clitest import CliTestCase, fixture, run
+from clitest import CliTestCase, fixture, run, run_measured
 
 
 def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
@@ -43,6 +43,16 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
                 out[b, i, h] = (p / p.sum()) @ v[b, visible[i], kh, :]
                 lse[b, h, i] = m + np.log(p.sum())
     return out, lse
+
+
+def sparse_npy(path, shape):
+    """A <f4 .npy file of `shape` whose data is a hole (f.truncate): its
+    header claims gigabytes that cost no disk."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.truncate(f.tell() + 4 * int(np.prod(shape)))
+    return path
 
 
 def rel_l2(actual, expected):
@@ -210,6 +220,54 @@ class AttendTest(CliTestCase):
                     self.assertEqual(f.read(), b"previous contents")
         leftovers = [n for n in os.listdir(self.tmp) if ".tmp" in n]
         self.assertEqual(leftovers, [])
+
+    def test_number_errors_read_well(self):
+        """Bounds in a few readable digits, never DBL_MAX's 309; a value float32
+        cannot hold is quoted as typed, not reported as inf or 0."""
+        q, k, v = self.random_inputs()
+        rank1 = self.save("rank1.npy", np.zeros(5, np.float32))
+        cases = [
+            (["--softcap", "-1"], "--softcap: expected a number >= 0, got '-1'"),
+            (["--scale", "1e39"], "--scale: '1e39' is out of float range"),
+            (["--scale", "-1e39"], "--scale: '-1e39' is out of float range"),
+            (["--scale", "1e-50"], "--scale: '1e-50' rounds to 0 in float"),
+            (["--softcap", "1e400"], "--softcap: '1e400' is out of float range"),
+            (["--scale", "abc"], "--scale: expected a number, got 'abc'"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra[:2]):
+                result, _, _ = self.attend(q, k, v, *extra)
+                self.assert_usage_error(result, mention)
+                self.assertLess(len(result.stderr), 200, result.stderr)
+                self.assertNotIn("inf", result.stderr.replace("--", ""))
+        k_path = self.save("k.npy", k)
+        result = run("attend", "--q", rank1, "--k", k_path, "--v", k_path,
+                     "--out", self.path("o.npy"))
+        self.assert_usage_error(result, "shape (5,) has 1 dimension (expected 4")
+
+    def test_headers_are_checked_before_any_data_is_read(self):
+        """A q whose header claims 4 GiB next to an input that does not fit it
+        fails naming the argument, without reading q's data (before,
+        a mismatched k took 59 s and 8.4 GB to be reported)."""
+        big_q = sparse_npy(self.path("q_4gib.npy"), (1, 1 << 24, 4, 16))
+        narrow_k = self.save("k_dim8.npy", np.zeros((1, 16, 4, 8), np.float32))
+        k = self.save("k.npy", np.zeros((1, 16, 4, 16), np.float32))
+        slopes = self.save("slopes.npy", np.ones(3, np.float32))
+        base = ["attend", "--q", big_q, "--out", self.path("o.npy")]
+        cases = [
+            (["--k", narrow_k, "--v", k], "k: head_dim 8 (expected 16"),
+            (["--k", k, "--v", narrow_k], "v: shape (1, 16, 4, 8)"),
+            (["--k", k, "--v", k, "--alibi", slopes], "--alibi"),
+            (["--k", k, "--v", k, "--mode", "decode"], "seqlen_q 16777216 > seqlen_k 16"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra[-2:]):
+                # Judged by memory, not time (timings stay out of pass/fail
+                # tests): reading q's data would take 4 GiB; the timeout
+                # only stops a hang.
+                result, _, peak_bytes = run_measured(*base, *extra, timeout=60)
+                self.assert_usage_error(result, mention)
+                self.assertLess(peak_bytes, 256 << 20)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,32 @@ class CacheTest(CliTestCase):
             run("cache", "save", "--k", bad, "--v", v, "--out", self.path("x.lbkv")), mentions="--k")
         self.assertFalse(os.path.exists(self.path("x.lbkv")))
 
+    def test_options_of_the_other_kind_of_cache_are_refused(self):
+        """--block-size and --num-blocks size a paged pool, --capacity a
+        contiguous cache; given to the other kind they used to be ignored."""
+        k, v = self.save_kv()
+        out = self.path("x.lbkv")
+        cases = [
+            (["--block-size", "4"], "--block-size: given without --paged"),
+            (["--num-blocks", "4"], "--num-blocks: given without --paged"),
+            (["--paged", "--capacity", "64"], "--capacity: given with --paged"),
+        ]
+        for extra, mention in cases:
+            with self.subTest(extra=extra):
+                result = run("cache", "save", "--k", k, "--v", v, "--out", out, *extra)
+                self.assert_usage_error(result, mention)
+                self.assertFalse(os.path.exists(out))
+
+    def test_number_errors_read_well(self):
+        k, v = self.save_kv()
+        result = run("cache", "save", "--k", k, "--v", v, "--out", self.path("x.lbkv"),
+                     "--rope-theta", "1e39")
+        self.assert_usage_error(result, "--rope-theta: '1e39' is out of float range")
+        flat = self.path("flat.npy")
+        np.save(flat, np.zeros(4, dtype=np.float32))
+        result = run("cache", "save", "--k", flat, "--v", flat, "--out", self.path("x.lbkv"))
+        self.assert_usage_error(result, "1 dimension (expected 3")
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -50,6 +50,14 @@ class ModesTest(CliTestCase):
             (["--mode", "paged", "--block-size", "0"], "--block-size"),
             (["--mode", "split", "--splits", "0"], "--splits"),
             (["--mode", "teleport"], "--mode"),
+            # Options that another mode would silently ignore.
+            (["--chunk", "4"], "--chunk 4: --mode prefill does not use it"),
+            (["--mode", "decode", "--chunk", "1"], "--chunk 1: --mode decode does not use it"),
+            (["--mode", "split", "--chunk", "2"], "--chunk 2: --mode split does not use it"),
+            (["--block-size", "8"], "--block-size 8: --mode prefill does not use it"),
+            (["--mode", "chunked", "--chunk", "3", "--block-size", "8"],
+             "--block-size 8: --mode chunked does not use it"),
+            (["--mode", "paged", "--splits", "3"], "--splits 3: --mode paged does not use it"),
         ]
         for extra, mention in cases:
             with self.subTest(extra=extra):

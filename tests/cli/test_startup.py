@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 
-from clitest import CliTestCase, binary
+from clitest import CliTestCase, binary, sanitized
 
 # A limit under which OpenBLAS 0.3.21's thread pool cannot start but lookback
 # itself runs: 150 MB of address space (`ulimit -v 150000`).
@@ -24,14 +24,6 @@ def linked_libraries():
     dependencies' included."""
     return subprocess.run(["ldd", binary()], capture_output=True, text=True, check=True,
                           timeout=60).stdout
-
-
-def sanitized():
-    """Whether the binary is built with AddressSanitizer or ThreadSanitizer
-    (linked statically or not: the instrumented code calls their init)."""
-    with open(binary(), "rb") as f:
-        image = f.read()
-    return b"__asan_init" in image or b"__tsan_init" in image
 
 
 def limit_address_space():

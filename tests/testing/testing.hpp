@@ -1,18 +1,24 @@
-// The one shared testing module: random problems, the tolerances, and the
-// comparison against the float64 reference. No test file re-derives the mask
-// or re-implements the reference.
+// The one shared testing module: random problems, the tolerances, the
+// comparison against the float64 reference, and the checks of errors and the
+// temporary folders that many test files need. No test file re-derives the
+// mask or re-implements the reference.
 #pragma once
 
+#include <stdlib.h>
+
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <ostream>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "lookback/attention.hpp"
+#include "lookback/error.hpp"
 #include "lookback/reference.hpp"
 
 namespace lookback::testing {
@@ -94,5 +100,55 @@ Comparison compare(const Problem& problem, const ReferenceResult& reference);
 Comparison check_against_reference(Problem& problem);
 
 double relative_l2(const std::vector<float>& actual, const std::vector<double>& expected);
+
+// Succeeds when `statement` throws lookback::Error with `code` and a message
+// containing `needle`; the failure says what happened instead.
+template <typename Statement>
+::testing::AssertionResult throws_error(Statement&& statement, ErrorCode code,
+                                        std::string_view needle) {
+  try {
+    statement();
+  } catch (const Error& error) {
+    const std::string message = error.what();
+    if (error.code() != code) {
+      return ::testing::AssertionFailure()
+             << "error code " << static_cast<int>(error.code()) << ", expected "
+             << static_cast<int>(code) << "; message: " << message;
+    }
+    if (message.find(needle) == std::string::npos) {
+      return ::testing::AssertionFailure()
+             << "message \"" << message << "\" does not contain \"" << needle << "\"";
+    }
+    return ::testing::AssertionSuccess();
+  } catch (const std::exception& other) {
+    return ::testing::AssertionFailure() << "threw a non-lookback exception: " << other.what();
+  }
+  return ::testing::AssertionFailure() << "did not throw";
+}
+
+// A fresh directory under the system temporary folder, removed afterwards.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "lookback_test.XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::filesystem::path& path() const { return path_; }
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path_))
+      names.push_back(entry.path().filename().string());
+    return names;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
 
 }  // namespace lookback::testing

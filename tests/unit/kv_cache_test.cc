@@ -1,13 +1,20 @@
-// The caches as data structures: capacity and pool exhaustion, release,
-// fork and copy-on-write, shuffled block tables, slots past a sequence's
-// length, RoPE on the way in, and merge. Attention results are checked
+// The caches as data structures: capacity and pool exhaustion, sizes beyond
+// the machine's memory, release, fork and copy-on-write, shuffled block
+// tables, slots past a sequence's length (never read, saved as zeros), RoPE on
+// the way in, and merge. Attention results are checked
 // against the float64 reference (on inputs pre-rotated for RoPE).
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
 #include <limits>
+#include <memory>
 #include <random>
+#include <string>
 
+#include "lookback/checkpoint.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/merge.hpp"
@@ -218,6 +225,52 @@ TEST(PagedKvPool, SlotsPastTheLengthAreNeverRead) {
   const std::vector<float> out = attend_last(pool, clean, t, 5, context);
   for (float x : out) ASSERT_TRUE(std::isfinite(x));
   EXPECT_LE(testing::relative_l2(out, expected_last(t, 5, 5)), testing::kF32Tolerance);
+}
+
+TEST(KvCache, SizesBeyondTheMachinesMemoryAreRefusedBeforeAllocating) {
+  using testing::throws_error;
+  // 2^40 tokens of 256 bytes, for K and again for V: 512 TiB.
+  EXPECT_TRUE(throws_error([] { KvCache(config(), std::int64_t{1} << 40); }, ErrorCode::kCapacity,
+                           "capacity: 1099511627776 tokens need 562949953421312 bytes"));
+  EXPECT_TRUE(throws_error([] { PagedKvPool(config(), 16, std::int64_t{1} << 36); },
+                           ErrorCode::kCapacity,
+                           "num_blocks: 68719476736 blocks of 16 tokens need"));
+  EXPECT_TRUE(throws_error([] { PagedKvPool(config(), std::int64_t{1} << 40, 1); },
+                           ErrorCode::kCapacity,
+                           "block_size: 1099511627776 tokens per block need 562949953421312"));
+  // Still a clear error when the byte count overflows.
+  EXPECT_TRUE(throws_error([] { KvCache(config(), std::int64_t{1} << 60); }, ErrorCode::kCapacity,
+                           "capacity"));
+}
+
+TEST(PagedKvPool, CheckpointsHoldNoUninitialisedBytes) {
+  // The pool's memory is not zeroed when allocated; the slots past the
+  // sequence's length in its last block are still saved as zeros, whatever
+  // the allocator handed out: pools built over different garbage save
+  // byte-identical files.
+  constexpr std::int64_t kBlockSize = 8, kBlocks = 3;
+  constexpr std::size_t kPoolBytes = kBlocks * kBlockSize * kKvHeads * 32 * sizeof(float);
+  const testing::TempDir dir;
+  const Tokens t(3, 9);
+  std::vector<std::string> files;
+  for (const int garbage : {0xab, 0xcd}) {
+    {  // Freed chunks of the pool's size, full of garbage, for malloc to reuse.
+      std::vector<std::unique_ptr<std::byte[]>> chunks;
+      for (int i = 0; i < 16; ++i) {
+        chunks.push_back(std::make_unique<std::byte[]>(kPoolBytes));
+        std::memset(chunks.back().get(), garbage, kPoolBytes);
+      }
+    }
+    PagedKvPool pool(config(), kBlockSize, kBlocks);
+    const SequenceId id = pool.create();
+    pool.append(id, t.k_rows(0, 3), t.v_rows(0, 3));
+    const std::string path = (dir.path() / ("pool" + std::to_string(garbage))).string();
+    save_checkpoint(pool, path);
+    std::ifstream in(path, std::ios::binary);
+    files.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  ASSERT_FALSE(files[0].empty());
+  EXPECT_TRUE(files[0] == files[1]) << "the saved slots past the length differ";
 }
 
 TEST(KvCache, RopeMatchesTheReferenceOnPreRotatedInputs) {

@@ -20,11 +20,14 @@
 
 #include "lookback/error.hpp"
 #include "lookback/output_file.hpp"
+#include "testing/testing.hpp"
 
 namespace lookback {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::TempDir;
+using testing::throws_error;
 
 // Located from this file so the tests need no build-system help.
 fs::path fixture(std::string_view name) {
@@ -52,31 +55,6 @@ std::vector<T> values_of(const NpyArray& array) {
   return values;
 }
 
-// Succeeds when `statement` throws lookback::Error with `code` and a message
-// containing `needle`; the failure says what happened instead.
-template <typename Statement>
-::testing::AssertionResult throws_error(Statement&& statement, ErrorCode code,
-                                        std::string_view needle) {
-  try {
-    statement();
-  } catch (const Error& error) {
-    const std::string message = error.what();
-    if (error.code() != code) {
-      return ::testing::AssertionFailure()
-             << "error code " << static_cast<int>(error.code()) << ", expected "
-             << static_cast<int>(code) << "; message: " << message;
-    }
-    if (message.find(needle) == std::string::npos) {
-      return ::testing::AssertionFailure()
-             << "message \"" << message << "\" does not contain \"" << needle << "\"";
-    }
-    return ::testing::AssertionSuccess();
-  } catch (const std::exception& other) {
-    return ::testing::AssertionFailure() << "threw a non-lookback exception: " << other.what();
-  }
-  return ::testing::AssertionFailure() << "did not throw";
-}
-
 // A .npy file with a hand-written header (no padding) and raw data bytes.
 std::vector<std::byte> handmade_npy(std::string_view header, std::size_t data_bytes,
                                     int major = 1) {
@@ -100,30 +78,6 @@ std::string dict(std::string_view descr, std::string_view fortran, std::string_v
   return "{'descr': '" + std::string(descr) + "', 'fortran_order': " + std::string(fortran) +
          ", 'shape': " + std::string(shape) + ", }";
 }
-
-// A fresh directory under the system temporary folder, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "lookback_npy_test.XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  const fs::path& path() const { return path_; }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path_))
-      names.push_back(entry.path().filename().string());
-    return names;
-  }
-
- private:
-  fs::path path_;
-};
 
 // ---------------------------------------------------------------- round trips
 

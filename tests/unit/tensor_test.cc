@@ -42,6 +42,20 @@ TEST(TensorView, ValidationNamesTheArgument) {
   EXPECT_NE(message_of([&] { validate_view(view, 4, "q"); }).find("q: expected 4 dimensions, got 2"),
             std::string::npos);
   EXPECT_THROW(make_view(data.data(), DType::kF32, {1, 1, 1, 1, 1}, "x"), Error);
+  EXPECT_NE(message_of([&] { validate_view(view, 1, "slopes"); })
+                .find("slopes: expected 1 dimension, got 2"),
+            std::string::npos);
+}
+
+TEST(TensorView, LayoutValidationNeedsNoData) {
+  TensorView described = make_view(nullptr, DType::kF32, {0, 5}, "q");
+  described.shape[0] = 3;  // (3, 5), no data: a shape read from a file header
+  EXPECT_NO_THROW(validate_view_layout(described, 2, "q"));
+  EXPECT_NE(message_of([&] { validate_view(described, 2, "q"); }).find("q: data is null"),
+            std::string::npos);
+  EXPECT_NE(message_of([&] { validate_view_layout(described, 3, "q"); })
+                .find("q: expected 3 dimensions, got 2"),
+            std::string::npos);
 }
 
 TEST(TensorView, EmptyTensorsNeedNoData) {

@@ -1,6 +1,7 @@
 // lookback attend: attention on NumPy files.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 #include <vector>
@@ -25,23 +26,43 @@ struct AttendOptions {
   int threads = 0;
   std::string dtype = "f32";
   std::string mode = "prefill";
-  std::int64_t chunk = 0;  // 0: not given
-  std::int64_t block_size = 16;
-  std::int64_t splits = 2;
+  std::optional<std::int64_t> chunk;       // chunked (required), paged (default 1)
+  std::optional<std::int64_t> block_size;  // paged (default 16)
+  std::optional<std::int64_t> splits;      // split (default 2)
   bool reference = false;
 };
 
-NpyArray read_input(const std::string& path, const std::string& option, int rank) {
-  NpyArray array = read_npy(path);
-  if (static_cast<int>(array.shape.size()) != rank) {
-    std::string shape = "(";
-    for (std::size_t i = 0; i < array.shape.size(); ++i) {
-      shape += (i ? ", " : "") + std::to_string(array.shape[i]);
-    }
-    shape += array.shape.size() == 1 ? ",)" : ")";
-    throw Error(fmt::format("{} {}: shape {} has {} dimensions (expected {})", option, path, shape,
-                            array.shape.size(),
+// "(3,)", "(1, 7, 2, 8)": Python's spelling, as in the .npy header.
+std::string tuple_text(const std::vector<std::int64_t>& shape) {
+  std::string text = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
+// An input's header, its rank checked; no data is read.
+NpyHeader read_header(const std::string& path, const std::string& option, int rank) {
+  NpyHeader header = read_npy_header(path);
+  if (static_cast<int>(header.shape.size()) != rank) {
+    throw Error(fmt::format("{} {}: shape {} has {} dimension{} (expected {})", option, path,
+                            tuple_text(header.shape), header.shape.size(),
+                            header.shape.size() == 1 ? "" : "s",
                             rank == 4 ? "4: (batch, seqlen, heads, head_dim)" : "1: (heads,)"));
+  }
+  return header;
+}
+
+// The data of an input whose header was checked: the file must still be
+// what its header said, or every check made on the header would be void.
+NpyArray read_checked(const std::string& path, const std::string& option,
+                      const NpyHeader& header) {
+  NpyArray array = read_npy(path);
+  if (array.shape != header.shape || array.dtype != header.dtype) {
+    throw Error(ErrorCode::kIo, fmt::format("{} {}: the file changed while it was read (shape "
+                                            "{}, expected {} as its header said)",
+                                            option, path, tuple_text(array.shape),
+                                            tuple_text(header.shape)));
   }
   return array;
 }
@@ -71,35 +92,98 @@ void check_distinct_outputs(const std::string& out_path, const std::string& lse_
   }
 }
 
-int run_attend(const AttendOptions& options) {
-  const Causal causal = parse_causal(options.causal, "--causal");
-  const DType storage = parse_dtype(options.dtype, "--dtype");
-  if (storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
+void check_outputs(const AttendOptions& options) {
   check_output_folder(options.out_path, "--out");
   if (!options.lse_path.empty()) {
     check_output_folder(options.lse_path, "--lse");
     check_distinct_outputs(options.out_path, options.lse_path);
   }
+}
 
-  const NpyArray q = read_input(options.q_path, "--q", 4);
-  const NpyArray k = read_input(options.k_path, "--k", 4);
-  const NpyArray v = read_input(options.v_path, "--v", 4);
-  std::vector<float> slopes;
-  if (!options.alibi_path.empty()) {
-    const NpyArray alibi = read_input(options.alibi_path, "--alibi", 1);
-    if (alibi.shape[0] != q.shape[2]) {
-      throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
-                              options.alibi_path, alibi.shape[0], q.shape[2]));
+// --chunk, --block-size and --splits each steer some modes only; given to
+// another they would be ignored, so they are refused.
+ModeOptions parse_mode_options(const AttendOptions& options) {
+  const Mode mode = parse_mode(options.mode, "--mode");
+  const auto refuse_unless = [mode](const auto& value, std::string_view option,
+                                    std::initializer_list<Mode> users, std::string_view names) {
+    if (value && std::find(users.begin(), users.end(), mode) == users.end()) {
+      throw Error(fmt::format("{} {}: --mode {} does not use it (expected {} only with --mode {})",
+                              option, *value, mode_name(mode), option, names));
     }
-    for (std::int64_t h = 0; h < alibi.shape[0]; ++h) {
-      slopes.push_back(load_as_float(alibi.data.data(), alibi.dtype, h));
-    }
+  };
+  refuse_unless(options.chunk, "--chunk", {Mode::kChunked, Mode::kPaged}, "chunked or paged");
+  refuse_unless(options.block_size, "--block-size", {Mode::kPaged}, "paged");
+  refuse_unless(options.splits, "--splits", {Mode::kSplit}, "split");
+  if (mode == Mode::kChunked && !options.chunk) {
+    throw Error("--chunk: missing (expected the tokens per step with --mode chunked)");
   }
+  return {.mode = mode,
+          .chunk = options.chunk.value_or(1),
+          .block_size = options.block_size.value_or(16),
+          .splits = options.splits.value_or(2)};
+}
 
+// Every option and every input header, checked before any data is read: a
+// mismatched k next to a 4 GiB q fails in milliseconds, not after reading q.
+// Returns the params with shape-only q, k and v views (null data).
+AttentionParams check_before_reading(const AttendOptions& options, const ModeOptions& modes,
+                                     const std::vector<NpyHeader>& inputs) {
   AttentionParams params;
+  params.q = inputs[0].view("--q");
+  params.k = inputs[1].view("--k");
+  params.v = inputs[2].view("--v");
+  params.scale = options.scale;
+  params.softcap = options.softcap;
+  params.mask = {.causal = parse_causal(options.causal, "--causal"),
+                 .window_left = options.window};
+  params.storage = parse_dtype(options.dtype, "--dtype");
+  if (params.storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
+  validate_shapes(params, modes);
+  if (inputs.size() > 3 && inputs[3].shape[0] != inputs[0].shape[2]) {
+    throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
+                            options.alibi_path, inputs[3].shape[0], inputs[0].shape[2]));
+  }
+  return params;
+}
+
+// The input files in order: q, k, v and, when given, the ALiBi slopes.
+struct Input {
+  std::string path;
+  std::string option;
+  int rank;
+};
+
+std::vector<Input> inputs_of(const AttendOptions& options) {
+  std::vector<Input> inputs{
+      {options.q_path, "--q", 4}, {options.k_path, "--k", 4}, {options.v_path, "--v", 4}};
+  if (!options.alibi_path.empty()) inputs.push_back({options.alibi_path, "--alibi", 1});
+  return inputs;
+}
+
+int run_attend(const AttendOptions& options) {
+  const ModeOptions modes = parse_mode_options(options);
+  check_outputs(options);
+  std::vector<NpyHeader> headers;
+  for (const Input& input : inputs_of(options)) {
+    headers.push_back(read_header(input.path, input.option, input.rank));
+  }
+  AttentionParams params = check_before_reading(options, modes, headers);
+
+  std::vector<NpyArray> inputs;
+  for (const Input& input : inputs_of(options)) {
+    inputs.push_back(read_checked(input.path, input.option, headers[inputs.size()]));
+  }
+  const NpyArray& q = inputs[0];
   params.q = q.view("--q");
-  params.k = k.view("--k");
-  params.v = v.view("--v");
+  params.k = inputs[1].view("--k");
+  params.v = inputs[2].view("--v");
+  std::vector<float> slopes;
+  if (inputs.size() > 3) {
+    for (std::int64_t h = 0; h < inputs[3].shape[0]; ++h) {
+      slopes.push_back(load_as_float(inputs[3].data.data(), inputs[3].dtype, h));
+    }
+    params.maybe_alibi_slopes = slopes.data();
+  }
   std::vector<float> out(static_cast<std::size_t>(q.numel()));
   params.out = make_mutable_view(out.data(), DType::kF32,
                                  {q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, "out");
@@ -109,25 +193,6 @@ int run_attend(const AttendOptions& options) {
     params.maybe_lse =
         make_mutable_view(lse.data(), DType::kF32, {q.shape[0], q.shape[2], q.shape[1]}, "lse");
   }
-  params.maybe_alibi_slopes = slopes.empty() ? nullptr : slopes.data();
-  params.scale = options.scale;
-  params.softcap = options.softcap;
-  params.mask = {.causal = causal, .window_left = options.window};
-  params.storage = storage;
-  validate(params);
-
-  const Mode mode = parse_mode(options.mode, "--mode");
-  ModeOptions mode_options{.mode = mode,
-                           .chunk = options.chunk > 0 ? options.chunk : 1,
-                           .block_size = options.block_size,
-                           .splits = options.splits};
-  if (mode == Mode::kDecode && options.chunk > 1) {
-    throw Error("--chunk: decode appends one token at a time (expected --mode chunked or paged for "
-                "chunks)");
-  }
-  if (mode == Mode::kChunked && options.chunk == 0) {
-    throw Error("--chunk: missing (expected the tokens per step with --mode chunked)");
-  }
 
   if (options.reference) {
     const ReferenceResult result = reference_attention(params);
@@ -135,7 +200,7 @@ int run_attend(const AttendOptions& options) {
     for (std::size_t i = 0; i < lse.size(); ++i) lse[i] = static_cast<float>(result.lse[i]);
   } else {
     Context context(options.threads);
-    attend_with_mode(params, mode_options, context);
+    attend_with_mode(params, modes, context);
   }
 
   write_npy(options.out_path, DType::kF32, q.shape, out.data());
@@ -168,7 +233,8 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--lse", options->lse_path,
                       "also write LSE (batch, heads, seqlen_q), natural log; - for standard output")
       ->check(kOutputPath);
-  command->add_option("--scale", options->scale, "score scale (default 1/sqrt(head_dim))");
+  command->add_option("--scale", options->scale, "score scale (default 1/sqrt(head_dim))")
+      ->check(kFloat);
   command->add_option("--causal", options->causal,
                       "mask alignment: bottom-right (default), top-left (PyTorch is_causal) or "
                       "none (bidirectional)")
@@ -177,7 +243,7 @@ void add_attend_command(CLI::App& app, Runner& runner) {
                       "left window W: query at position p sees keys p-W..p (W+1 keys)")
       ->check(kNonNegative);
   command->add_option("--softcap", options->softcap, "softcap c > 0: s = c*tanh(s/c) (0: off)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegativeFloat);
   command->add_option("--alibi", options->alibi_path, "ALiBi slopes, (heads,) .npy");
   command->add_option("--threads", options->threads, "worker threads (default: all cores)")
       ->check(kPositive);

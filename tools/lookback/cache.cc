@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "common.hpp"
 #include "lookback/checkpoint.hpp"
@@ -38,6 +39,7 @@ struct SaveOptions {
   std::int64_t block_size = 16;
   std::int64_t num_blocks = 0;  // only read when --num-blocks was given
   CLI::Option* capacity_option = nullptr;
+  CLI::Option* block_size_option = nullptr;
   CLI::Option* num_blocks_option = nullptr;
   CLI::Option* rope_theta_option = nullptr;
 };
@@ -50,13 +52,33 @@ struct InspectOptions {
 NpyArray read_kv(const std::string& path, const char* option) {
   NpyArray array = read_npy(path);
   if (array.shape.size() != 3) {
-    throw Error(fmt::format("{} {}: {} dimensions (expected 3: (tokens, kv_heads, head_dim))",
-                            option, path, array.shape.size()));
+    throw Error(fmt::format("{} {}: {} dimension{} (expected 3: (tokens, kv_heads, head_dim))",
+                            option, path, array.shape.size(),
+                            array.shape.size() == 1 ? "" : "s"));
   }
   return array;
 }
 
+// --capacity sizes a contiguous cache, --block-size and --num-blocks a paged
+// pool: given to the other kind they would be ignored, so they are refused.
+void check_kind_options(const SaveOptions& options) {
+  const std::pair<const CLI::Option*, const char*> paged_only[] = {
+      {options.block_size_option, "--block-size"}, {options.num_blocks_option, "--num-blocks"}};
+  for (const auto& [option, name] : paged_only) {
+    if (!options.paged && *option) {
+      throw Error(fmt::format("{}: given without --paged (expected it only with --paged: a "
+                              "contiguous cache has no blocks; its size is --capacity)",
+                              name));
+    }
+  }
+  if (options.paged && *options.capacity_option) {
+    throw Error("--capacity: given with --paged (expected --num-blocks and --block-size to size "
+                "a paged pool; --capacity sizes a contiguous cache)");
+  }
+}
+
 int run_save(const SaveOptions& options) {
+  check_kind_options(options);
   const DType storage = parse_dtype(options.dtype, "--dtype");
   if (storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
   const NpyArray k = read_kv(options.k_path, "--k");
@@ -253,13 +275,18 @@ void add_cache_command(CLI::App& app, Runner& runner) {
           ->add_option("--capacity", save->capacity,
                        "contiguous cache capacity in tokens (default: the tokens given)")
           ->check(kNonNegative);
-  save->rope_theta_option = save_command->add_option(
-      "--rope-theta", save->rope_theta, "rotate keys by RoPE with this base on the way in");
+  save->rope_theta_option =
+      save_command
+          ->add_option("--rope-theta", save->rope_theta,
+                       "rotate keys by RoPE with this base on the way in")
+          ->check(kFloat);
   save_command->add_flag("--rope-interleaved", save->rope_interleaved,
                          "RoPE on pairs (2e, 2e + 1) instead of halves (e, e + d/2)");
   save_command->add_flag("--paged", save->paged, "save a paged pool with one sequence");
-  save_command->add_option("--block-size", save->block_size, "paged: tokens per block (default 16)")
-      ->check(kPositive);
+  save->block_size_option =
+      save_command
+          ->add_option("--block-size", save->block_size, "paged: tokens per block (default 16)")
+          ->check(kPositive);
   save->num_blocks_option =
       save_command
           ->add_option("--num-blocks", save->num_blocks,

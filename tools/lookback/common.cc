@@ -1,6 +1,9 @@
 #include "common.hpp"
 
+#include <cmath>
 #include <cstddef>
+#include <cstdlib>
+#include <limits>
 #include <span>
 
 #include "lookback/output_file.hpp"
@@ -30,6 +33,31 @@ CLI::Validator integer_at_least(long long minimum) {
       "INT>=" + std::to_string(minimum));
 }
 
+// A float option (>= 0 when `non_negative`), checked on the text the user
+// typed, before CLI11 converts it: a value float32 cannot hold would become
+// inf or 0 and be reported as such.
+CLI::Validator float_option(bool non_negative) {
+  return CLI::Validator(
+      [non_negative](std::string& input) -> std::string {
+        const char* text = input.c_str();
+        char* end = nullptr;
+        const double value = std::strtod(text, &end);
+        if (end == text || *end != '\0' || std::isnan(value)) {
+          return "expected a number, got '" + input + "'";
+        }
+        if (std::isinf(value) || std::fabs(value) > std::numeric_limits<float>::max()) {
+          return "'" + input + "' is out of float range (expected a magnitude of at most 3.4e38)";
+        }
+        if (value != 0 && static_cast<float>(value) == 0.0f) {
+          return "'" + input + "' rounds to 0 in float (expected 0, or a magnitude of at least "
+                 "1.4e-45)";
+        }
+        if (non_negative && value < 0) return "expected a number >= 0, got '" + input + "'";
+        return {};
+      },
+      non_negative ? "FLOAT>=0" : "FLOAT");
+}
+
 }  // namespace
 
 const CLI::Validator kOutputPath(
@@ -39,5 +67,7 @@ const CLI::Validator kOutputPath(
     "");
 const CLI::Validator kPositive = integer_at_least(1);
 const CLI::Validator kNonNegative = integer_at_least(0);
+const CLI::Validator kFloat = float_option(false);
+const CLI::Validator kNonNegativeFloat = float_option(true);
 
 }  // namespace lookback::cli

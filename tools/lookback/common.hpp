@@ -49,4 +49,10 @@ extern const CLI::Validator kPositive;
 // Validator for options that must be >= 0.
 extern const CLI::Validator kNonNegative;
 
+// Validators for float options: a number that float32 holds, quoted back when
+// it does not (e.g. "'1e39' is out of float range"), and >= 0. CLI11's own
+// range validators print DBL_MAX in 309 digits.
+extern const CLI::Validator kFloat;
+extern const CLI::Validator kNonNegativeFloat;
+
 }  // namespace lookback::cli

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <iostream>
+#include <new>
 
 #include "common.hpp"
 #include "lookback/attention.hpp"
@@ -21,7 +22,7 @@ int main(int argc, char** argv) {
                        lookback::describe_kernels());
   });
   app.footer("Run 'lookback COMMAND --help' for a command's options. Exit codes: 0 ok, 1 check "
-             "failed, 2 usage or input error.");
+             "failed, 2 usage or input error (out of memory included).");
 
   lookback::cli::Runner runner;
   lookback::cli::add_pattern_command(app, runner);
@@ -31,8 +32,8 @@ int main(int argc, char** argv) {
   lookback::cli::add_cache_command(app, runner);
   lookback::cli::add_bench_command(app, runner);
 
-  // Every error, from parsing or from the command, is one line on stderr
-  // and exit code 2 (help and --version exit 0 through CLI11).
+  // Every error, from parsing or from the command, out of memory included, is
+  // one line on stderr and exit code 2 (help and --version exit 0 through CLI11).
   try {
     app.parse(argc, argv);
     return runner ? runner() : lookback::cli::kExitUsage;
@@ -42,6 +43,12 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
+  } catch (const std::bad_alloc&) {
+    // The library names what it allocates (kCapacity); anything else that
+    // runs out of memory ends here, with no more than this to say.
+    std::cerr << "lookback: out of memory: an allocation failed (expected inputs and options "
+                 "whose buffers fit in this machine's memory)\n";
+    return lookback::cli::kExitUsage;
   } catch (const std::exception& e) {  // CLI::Error, lookback::Error, the rest
     std::cerr << "lookback: " << e.what() << "\n";
     return lookback::cli::kExitUsage;
