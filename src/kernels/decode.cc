@@ -227,6 +227,13 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
     }
   }
 #endif
+  // Locals: the stores to scores below must not make the compiler reload
+  // the frame's fields.
+  const std::int64_t rows = f.rows, padded = f.padded;
+  const LocalRange* HWY_RESTRICT ranges = f.ranges;
+  const float* HWY_RESTRICT q = f.q;
+  float* HWY_RESTRICT k_row = f.k_row;
+  float* HWY_RESTRICT scores = f.scores;
   for (std::int64_t j = all.begin; j < all.end; ++j) {
     PrefetchAhead(f, tile, j, ahead, row_bytes);
     const T* k = static_cast<const T*>(f.k_rows[j]);
@@ -236,12 +243,12 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
     } else {
       // Convert the stored row once for every query row of the group.
       const hn::ScalableTag<float> d;
-      for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) hn::Store(LoadAsFloat(d, k, e), d, f.k_row + e);
-      k_f32 = f.k_row;
+      for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) hn::Store(LoadAsFloat(d, k, e), d, k_row + e);
+      k_f32 = k_row;
     }
-    for (std::int64_t row = 0; row < f.rows; ++row) {
-      if (j < f.ranges[row].begin || j >= f.ranges[row].end) continue;
-      f.scores[row * kKeyTile + j] = Dot(f.q + row * f.padded, k_f32, dim);
+    for (std::int64_t row = 0; row < rows; ++row) {
+      if (j < ranges[row].begin || j >= ranges[row].end) continue;
+      scores[row * kKeyTile + j] = Dot(q + row * padded, k_f32, dim);
     }
   }
 }

@@ -96,6 +96,22 @@ inline constexpr float kLog2e = 1.44269504088896341f;
 // one-pass softmax step rescales: 8 ln 2, probabilities up to 256.
 inline constexpr float kLazyMargin = 5.54517744f;
 
+// v as computed, kept from being fused into the operation that consumes it:
+// GCC contracts a product feeding a subtraction into one FMA (its default
+// -ffp-contract=fast), which would skip the product's rounding. An empty
+// asm that claims to change v costs no instruction.
+template <class V>
+HWY_INLINE V RoundedHere(V v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+  asm("" : "+v"(v.raw));
+#elif HWY_ARCH_X86 && (HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_SSE4)
+  asm("" : "+x"(v.raw));
+#else
+  asm("" : "+m"(v));
+#endif
+  return v;
+}
+
 // The exponent, base 2, of a score's probability: (k s - max) log2(e), where
 // max is the largest k s so far. k s is rounded once, before the max is
 // subtracted, exactly as the max was formed from it: the row maximum's own
@@ -104,7 +120,7 @@ inline constexpr float kLazyMargin = 5.54517744f;
 // apart, an error of a few ulps of |s log2(e)|: 2^16 for scores near 1e8).
 template <class D, class V = hn::Vec<D>>
 HWY_INLINE V ExponentOf(D d, V s, float k, V max) {
-  if (k != 1.0f) s = hn::Mul(s, hn::Set(d, k));
+  if (k != 1.0f) s = RoundedHere(hn::Mul(s, hn::Set(d, k)));
   return hn::Mul(hn::Sub(s, max), hn::Set(d, kLog2e));
 }
 
