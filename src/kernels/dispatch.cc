@@ -150,14 +150,22 @@ bool avx512_kernels_dispatched() {
 #endif
 }
 
+namespace {
+
+// The paths as KernelCaps names them, for any bf16 call.
+bool amx_prefill_enabled() { return cpu_features().amx_bf16 && avx512_kernels_dispatched(); }
+bool bf16_dots_enabled() { return cpu_features().avx512_bf16 && avx512_kernels_dispatched(); }
+
+}  // namespace
+
 PrefillPath prefill_path(DType storage, std::int64_t padded_dim) {
-  const bool amx = storage == DType::kBF16 && cpu_features().amx_bf16 &&
-                   avx512_kernels_dispatched() && padded_dim % kAmxPairDims == 0;
+  const bool amx =
+      storage == DType::kBF16 && padded_dim % kAmxPairDims == 0 && amx_prefill_enabled();
   return amx ? PrefillPath::kAmx : PrefillPath::kF32;
 }
 
 bool use_bf16_decode_dots(DType storage) {
-  return storage == DType::kBF16 && cpu_features().avx512_bf16 && avx512_kernels_dispatched();
+  return storage == DType::kBF16 && bf16_dots_enabled();
 }
 
 }  // namespace lookback::kernels
@@ -178,9 +186,8 @@ KernelCaps kernel_caps() {
   caps.avx512_bf16 = cpu.avx512_bf16;
   caps.amx_bf16 = cpu.amx_bf16;
   caps.amx_disabled = cpu.amx_disabled;
-  const bool avx512 = kernels::avx512_kernels_dispatched();
-  caps.amx_prefill = cpu.amx_bf16 && avx512;
-  caps.bf16_decode_dots = cpu.avx512_bf16 && avx512;
+  caps.amx_prefill = kernels::amx_prefill_enabled();
+  caps.bf16_decode_dots = kernels::bf16_dots_enabled();
   return caps;
 }
 

@@ -15,12 +15,12 @@ namespace lookback::kernels {
 // The packed K and V of one call, carved from the shared scratch by a
 // PackedLayout (shapes there); pointers a path does not use are null.
 struct PackedKV {
-  float* k_transposed = nullptr;
-  float* v = nullptr;
-  std::uint32_t* k_pairs = nullptr;
-  std::uint32_t* v_pairs = nullptr;
-  std::int64_t key_tiles = 0;
-  std::int64_t padded_dim = 0;
+  float* k_transposed;
+  float* v;
+  std::uint32_t* k_pairs;
+  std::uint32_t* v_pairs;
+  std::int64_t key_tiles;
+  std::int64_t padded_dim;
 
   PackedKV(const PackedLayout& layout, void* base, std::int64_t tiles, std::int64_t padded)
       : k_transposed(layout.k_transposed.count != 0 ? layout.k_transposed.in(base) : nullptr),

@@ -132,66 +132,66 @@ inline float Poison(OnlineSoftmaxState& state) {
   return std::numeric_limits<float>::quiet_NaN();
 }
 
-// Scores of one row -> probabilities. Multiplies the scores by score_scale,
-// applies softcap and ALiBi, hides columns outside `range` (only when
-// kMasked), updates the row state. The probabilities go to p_bf16 rounded to
-// bf16 (nearest even) when it is given, else to p_out when it is given, else
-// replace the scores. Returns alpha, the factor for the row's accumulator.
-template <bool kMasked>
-HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
-                            float alibi_slope, float position, float first_key,
-                            OnlineSoftmaxState& state, float score_scale = 1.0f,
-                            std::uint16_t* HWY_RESTRICT p_bf16 = nullptr,
-                            float* HWY_RESTRICT p_out = nullptr) {
-  const hn::ScalableTag<float> d;
-  using V = hn::Vec<decltype(d)>;
+// Stores a vector of probabilities where the caller wants P: as bf16 when
+// p_bf16 is given, else to p_out when it is given, else over the scores.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE void StoreP(D d, V p, std::int64_t col, float* HWY_RESTRICT scores,
+                       std::uint16_t* HWY_RESTRICT p_bf16, float* HWY_RESTRICT p_out) {
+  if (p_bf16 != nullptr) {
+    StoreBf16(d, p, p_bf16 + col);
+  } else if (p_out != nullptr) {
+    hn::Store(p, d, p_out + col);
+  } else {
+    hn::Store(p, d, scores + col);
+  }
+}
+
+// The one-pass step for plain rows of a full tile whose P goes elsewhere
+// (the scores stay for a second try), once the row has a max: P against the
+// running max. While the tile's max stays within kLazyMargin of it,
+// probabilities may exceed 1 (by at most 2^8) and the max is not raised
+// (FlashAttention-4's conditional rescaling: the same softmax, alpha 1).
+// Returns false, the tile to be redone by the two passes, when the max would
+// move further, or on a NaN or infinite score.
+template <class D>
+HWY_INLINE bool OnePassAgainstRunningMax(D d, const float* HWY_RESTRICT scores, LocalRange range,
+                                         float score_scale, OnlineSoftmaxState& state,
+                                         std::uint16_t* HWY_RESTRICT p_bf16,
+                                         float* HWY_RESTRICT p_out) {
+  using V = hn::Vec<D>;
+  const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const V max = hn::Set(d, state.max);
+  V running_max = hn::Set(d, kMinusInf);
+  V sum = hn::Zero(d);
+  for (std::int64_t col = range.begin; col < range.end; col += lanes) {
+    const V s = hn::Load(d, scores + col);
+    running_max = hn::Max(running_max, s);
+    const V p = Exp2(d, ExponentOf(d, s, score_scale, max));
+    sum = hn::Add(sum, p);
+    StoreP(d, p, col, nullptr, p_bf16, p_out);
+  }
+  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * score_scale;
+  const float tile_sum = hn::GetLane(hn::SumOfLanes(d, sum));
+  if (!(tile_max <= state.max + kLazyMargin) || !std::isfinite(tile_sum)) return false;
+  state.update_sum(tile_sum);
+  return true;
+}
+
+// The first pass over columns [begin, end): unless `plain`, multiplies the
+// scores by score_scale, applies softcap and ALiBi, hides columns outside
+// `range` (only when kMasked) and writes them back. Returns the largest
+// score, NaN when any score is NaN.
+template <bool kMasked, class D>
+HWY_INLINE float TransformAndMax(D d, float* HWY_RESTRICT scores, std::int64_t begin,
+                                 std::int64_t end, LocalRange range, bool plain, float softcap,
+                                 float alibi_slope, float position, float first_key,
+                                 float score_scale) {
+  using V = hn::Vec<D>;
   const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
   const V minus_inf = hn::Set(d, kMinusInf);
   const V lane_index = hn::Iota(d, 0.0f);
-  // Full tiles cover whole vectors [range.begin, range.end) = [0, width) with
-  // width a multiple of the vector; masked ones test every column.
-  const std::int64_t begin = kMasked ? 0 : range.begin;
-  const std::int64_t end = kMasked ? kKeyTile : range.end;
   const V range_begin = hn::Set(d, static_cast<float>(range.begin));
   const V range_end = hn::Set(d, static_cast<float>(range.end));
-
-  // Plain rows (a full tile, no softcap or ALiBi, a positive scale) are only
-  // read here: max(k s) = k max(s) for k > 0, and k is folded into the
-  // exponent below. Other rows are transformed and written back.
-  const bool plain = !kMasked && softcap == 0.0f && alibi_slope == 0.0f && score_scale > 0.0f;
-#if LOOKBACK_EXP2_AVX512
-  if constexpr (!kMasked && hn::MaxLanes(d) == 16) {
-    // Plain rows whose P goes elsewhere (the scores stay for a second try)
-    // once the row has a max: one pass against the running max instead of
-    // two. While the tile's max
-    // stays within kLazyMargin of it, probabilities may exceed 1 (by at most
-    // 2^8) and the max is not raised (FlashAttention-4's conditional
-    // rescaling: the same softmax, alpha 1); otherwise, or on a NaN or
-    // infinite score, the two passes below redo the tile.
-    if (plain && (p_bf16 != nullptr || p_out != nullptr) && std::isfinite(state.max)) {
-      const V max = hn::Set(d, state.max);
-      V running_max = minus_inf;
-      V sum = hn::Zero(d);
-      for (std::int64_t col = begin; col < end; col += lanes) {
-        const V s = hn::Load(d, scores + col);
-        running_max = hn::Max(running_max, s);
-        const V p = Exp2(d, ExponentOf(d, s, score_scale, max));
-        sum = hn::Add(sum, p);
-        if (p_bf16 != nullptr) {
-          StoreBf16(d, p, p_bf16 + col);
-        } else {
-          hn::Store(p, d, p_out + col);
-        }
-      }
-      const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * score_scale;
-      const float tile_sum = hn::GetLane(hn::SumOfLanes(d, sum));
-      if (tile_max <= state.max + kLazyMargin && std::isfinite(tile_sum)) {
-        state.update_sum(tile_sum);
-        return 1.0f;
-      }
-    }
-  }
-#endif
   V running_max = minus_inf;
   auto nan_seen = hn::IsNaN(running_max);  // all false
   for (std::int64_t col = begin; col < end; col += lanes) {
@@ -216,9 +216,46 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     running_max = hn::Max(running_max, s);
     nan_seen = hn::Or(nan_seen, hn::IsNaN(s));
   }
+  if (!hn::AllFalse(d, nan_seen)) return std::numeric_limits<float>::quiet_NaN();
+  return hn::GetLane(hn::MaxOfLanes(d, running_max));
+}
+
+// Scores of one row -> probabilities. Multiplies the scores by score_scale,
+// applies softcap and ALiBi, hides columns outside `range` (only when
+// kMasked), updates the row state. The probabilities go to p_bf16 rounded to
+// bf16 (nearest even) when it is given, else to p_out when it is given, else
+// replace the scores. Returns alpha, the factor for the row's accumulator.
+template <bool kMasked>
+HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float softcap,
+                            float alibi_slope, float position, float first_key,
+                            OnlineSoftmaxState& state, float score_scale = 1.0f,
+                            std::uint16_t* HWY_RESTRICT p_bf16 = nullptr,
+                            float* HWY_RESTRICT p_out = nullptr) {
+  const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
+  const std::int64_t lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  // Full tiles cover whole vectors [range.begin, range.end) = [0, width) with
+  // width a multiple of the vector; masked ones test every column.
+  const std::int64_t begin = kMasked ? 0 : range.begin;
+  const std::int64_t end = kMasked ? kKeyTile : range.end;
+
+  // Plain rows (a full tile, no softcap or ALiBi, a positive scale) are only
+  // read here: max(k s) = k max(s) for k > 0, and k is folded into the
+  // exponent below. Other rows are transformed and written back.
+  const bool plain = !kMasked && softcap == 0.0f && alibi_slope == 0.0f && score_scale > 0.0f;
+#if LOOKBACK_EXP2_AVX512
+  if constexpr (!kMasked && hn::MaxLanes(d) == 16) {
+    if (plain && (p_bf16 != nullptr || p_out != nullptr) && std::isfinite(state.max) &&
+        OnePassAgainstRunningMax(d, scores, range, score_scale, state, p_bf16, p_out)) {
+      return 1.0f;
+    }
+  }
+#endif
   const float k = plain ? score_scale : 1.0f;  // the scale still to apply
-  const float tile_max = hn::GetLane(hn::MaxOfLanes(d, running_max)) * k;
-  if (!hn::AllFalse(d, nan_seen) || tile_max == -kMinusInf) {
+  const float tile_max = TransformAndMax<kMasked>(d, scores, begin, end, range, plain, softcap,
+                                                  alibi_slope, position, first_key, score_scale) *
+                         k;
+  if (std::isnan(tile_max) || tile_max == -kMinusInf) {
     // A NaN score, or an infinite one (whose probability is Inf - Inf),
     // from a visible input poisons the row: its output and LSE become NaN,
     // never a silently finite value (Max and Exp2 would drop the NaN).
@@ -226,6 +263,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
   }
   const float alpha = state.update_max(tile_max);
   const V max = hn::Set(d, state.max);
+  const V minus_inf = hn::Set(d, kMinusInf);
   V sum = hn::Zero(d);
   for (std::int64_t col = begin; col < end; col += lanes) {
     const V s = hn::Load(d, scores + col);
@@ -233,13 +271,7 @@ HWY_INLINE float SoftmaxRow(float* HWY_RESTRICT scores, LocalRange range, float 
     // max is -inf too.
     const V p = hn::IfThenElseZero(hn::Ne(s, minus_inf), Exp2(d, ExponentOf(d, s, k, max)));
     sum = hn::Add(sum, p);
-    if (p_bf16 != nullptr) {
-      StoreBf16(d, p, p_bf16 + col);
-    } else if (p_out != nullptr) {
-      hn::Store(p, d, p_out + col);
-    } else {
-      hn::Store(p, d, scores + col);
-    }
+    StoreP(d, p, col, scores, p_bf16, p_out);
   }
   state.update_sum(hn::GetLane(hn::SumOfLanes(d, sum)));
   return alpha;

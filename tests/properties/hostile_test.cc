@@ -9,6 +9,7 @@
 #include <string>
 #include <limits>
 
+#include "kernels/pack.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/modes.hpp"
@@ -61,13 +62,8 @@ TEST(Hostile, HugeScoresDoNotOverflow) {
 // 1e10 the storage rounding of an input moves a score by far more than the
 // gap between the two largest ones).
 void round_inputs_to(testing::Problem& problem, DType storage) {
-  auto round = [storage](float x) {
-    if (storage == DType::kBF16) return bf16_to_f32(f32_to_bf16(x));
-    if (storage == DType::kF16) return f16_to_f32(f32_to_f16(x));
-    return x;
-  };
   for (auto* values : {&problem.q, &problem.k, &problem.v}) {
-    for (float& x : *values) x = round(x);
+    for (float& x : *values) x = kernels::round_to_storage(x, storage);
   }
 }
 
