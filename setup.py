@@ -28,7 +28,8 @@ class CMakeBuild(build_ext):
             ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
              "-DLOOKBACK_BUILD_TESTS=OFF", "-DLOOKBACK_BUILD_TOOLS=OFF",
              "-DLOOKBACK_BUILD_BENCH=OFF", "-DLOOKBACK_BUILD_EXAMPLES=OFF",
-             "-DLOOKBACK_BUILD_PYTHON=ON", f"-DPython_EXECUTABLE={sys.executable}"],
+             "-DLOOKBACK_BUILD_PYTHON=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+             f"-DPython_EXECUTABLE={sys.executable}"],
             check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", "--build", str(build), "--target", "lookback_python",

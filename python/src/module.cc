@@ -106,9 +106,9 @@ View view_of(const py::handle& object, const char* argument, py::object& keep) {
   py::array array = py::reinterpret_borrow<py::array>(object);
   const py::dtype dtype = array.dtype();
   DType element;
-  if (dtype.is(py::dtype::of<float>())) {
+  if (dtype.kind() == 'f' && dtype.itemsize() == 4) {
     element = DType::kF32;
-  } else if (dtype.is(py::dtype::of<double>())) {
+  } else if (dtype.kind() == 'f' && dtype.itemsize() == 8) {
     element = DType::kF64;
   } else if (dtype.kind() == 'f' && dtype.itemsize() == 2) {
     element = DType::kF16;
@@ -193,7 +193,13 @@ std::optional<std::int64_t> window_of(const py::handle& object) {
   if (py::isinstance<py::bool_>(object) || !py::isinstance<py::int_>(object)) {
     type_error("window: expected None or an int >= 0, got " + type_name(object));
   }
-  return object.cast<std::int64_t>();
+  int overflow = 0;
+  const long long window = PyLong_AsLongLongAndOverflow(object.ptr(), &overflow);
+  if (overflow != 0) {
+    throw Error("window: " + py::str(object).cast<std::string>() +
+                " (expected None or an int >= 0 that fits in 64 bits)");
+  }
+  return window;
 }
 
 MaskSpec mask_of(const py::handle& causal, const py::handle& window) {
