@@ -96,6 +96,7 @@ def attention(
     dtype: str = "f32",
     return_lse: bool = False,
     threads: Optional[int] = None,
+    out: Any = None,
 ) -> Any:
     """Causal attention of q over k, v (FlashAttention layout).
 
@@ -121,13 +122,26 @@ def attention(
 
     Returns out (batch, seqlen_q, heads, head_dim) float32, or (out, lse)
     with return_lse=True, lse (batch, heads, seqlen_q) in natural log.
+    out=: a float32 array (or tensor) of that shape, any strides, to write
+    into instead of a new one (it must not overlap q, k or v); it is returned.
     """
     torch_out = _is_tensor(q)
+    arrays = [_as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v")]
+    out_array = None
+    if out is not None:
+        if _is_tensor(out) and out.requires_grad:
+            raise ValueError("out: a tensor that requires grad (lookback computes no gradients)")
+        out_array = _as_array(out, "out")
+        for name, array in zip("qkv", arrays):
+            if isinstance(out_array, np.ndarray) and isinstance(array, np.ndarray) and \
+                    np.may_share_memory(out_array, array):
+                raise ValueError(f"out: overlaps {name} (expected an array of its own)")
     result = _lookback.attention(
-        _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v"),
-        causal=causal, window=window, softcap=softcap,
+        *arrays, causal=causal, window=window, softcap=softcap,
         alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"), scale=scale, dtype=dtype,
-        return_lse=return_lse, threads=threads, reference=False)
+        return_lse=return_lse, threads=threads, out=out_array, reference=False)
+    if out is not None:
+        return (out, _like(result[1], torch_out)) if return_lse else out
     return _like(result, torch_out)
 
 
@@ -150,7 +164,7 @@ def reference_attention(
         _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v"),
         causal=causal, window=window, softcap=softcap,
         alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"), scale=scale, dtype="f32",
-        return_lse=return_lse, threads=1, reference=True)
+        return_lse=return_lse, threads=1, out=None, reference=True)
     return _like(result, torch_out)
 
 

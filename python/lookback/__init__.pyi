@@ -24,6 +24,7 @@ def attention(
     dtype: Storage = ...,
     return_lse: bool = ...,
     threads: Optional[int] = ...,
+    out: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array]]: ...
 def reference_attention(
     q: Array,

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -218,7 +219,7 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
                      const py::object& causal, const py::object& window, float softcap,
                      const py::object& alibi_slopes, std::optional<float> scale,
                      const std::string& dtype, bool return_lse, std::optional<int> threads,
-                     bool reference) {
+                     const py::object& out_object, bool reference) {
   py::object keep_q, keep_k, keep_v;
   const std::optional<std::vector<float>> slopes = slopes_of(alibi_slopes);
   AttentionParams params{
@@ -236,8 +237,24 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
     throw Error("alibi_slopes: " + std::to_string(slopes->size()) + " slopes (expected heads = " +
                 std::to_string(shape.heads) + ")");
   }
-  auto [out, out_view] =
-      new_output({shape.batch, shape.seqlen_q, shape.heads, shape.head_dim});
+  py::object keep_out;
+  py::array_t<float> out;
+  MutableTensorView out_view;
+  if (out_object.is_none()) {
+    std::tie(out, out_view) =
+        new_output({shape.batch, shape.seqlen_q, shape.heads, shape.head_dim});
+  } else {
+    // The caller's array, written in place (attend checks its shape and dtype).
+    if (py::isinstance<py::array>(out_object) &&
+        !py::reinterpret_borrow<py::array>(out_object).writeable()) {
+      throw Error("out: a read-only array (expected a writeable float32 array)");
+    }
+    out_view = view_of<MutableTensorView>(out_object, "out", keep_out);
+    if (keep_out.ptr() != out_object.ptr()) {
+      throw Error("out: strides that are not whole elements, or big-endian data "
+                  "(expected a native float32 array)");
+    }
+  }
   py::array_t<float> lse;
   if (return_lse) {
     auto [array, view] = new_output({shape.batch, shape.heads, shape.seqlen_q});
@@ -252,7 +269,7 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
       py::gil_scoped_release released;
       result = reference_attention(params);
     }
-    float* o = out.mutable_data();
+    float* o = out.mutable_data();  // reference=True never takes out=
     for (std::size_t i = 0; i < result.out.size(); ++i) o[i] = static_cast<float>(result.out[i]);
     if (return_lse) {
       float* l = lse.mutable_data();
@@ -264,8 +281,9 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
     auto lease = context_pool().borrow(thread_number);
     attend(params, lease.context());
   }
-  if (return_lse) return py::make_tuple(out, lse);
-  return std::move(out);
+  py::object result = out_object.is_none() ? py::object(std::move(out)) : out_object;
+  if (return_lse) return py::make_tuple(result, lse);
+  return result;
 }
 
 // ---- caches ---------------------------------------------------------------------
@@ -583,7 +601,7 @@ PYBIND11_MODULE(_lookback, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
         py::arg("causal"), py::arg("window"), py::arg("softcap"), py::arg("alibi_slopes"),
         py::arg("scale"), py::arg("dtype"), py::arg("return_lse"), py::arg("threads"),
-        py::arg("reference"));
+        py::arg("out"), py::arg("reference"));
 
   py::class_<PyKvCache>(m, "KvCache")
       .def(py::init<std::int64_t, std::int64_t, std::int64_t, const std::string&,

@@ -224,3 +224,26 @@ def test_version_and_kernel_info():
     info = lookback.kernel_info()
     assert info["target"] in info["targets"]
     assert info["target"] in info["description"]
+
+
+def test_out_is_written_in_place(rng):
+    q, k, v = random_qkv(rng, 2, 10, 12, 4, 2, 16)
+    expected, expected_lse = lookback.attention(q, k, v, window=3, return_lse=True)
+    buffer = np.full((2, 4, 10, 16), np.nan, dtype=np.float32)  # (B, H, S, D)
+    out = buffer.transpose(0, 2, 1, 3)
+    result, lse = lookback.attention(q, k, v, window=3, return_lse=True, out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(lse, expected_lse)
+
+
+@pytest.mark.parametrize("make_out, match", [
+    (lambda q: q, "overlaps q"),
+    (lambda q: np.zeros(q.shape, np.float64), "out: dtype"),
+    (lambda q: np.zeros(q.shape[:3] + (8,), np.float32), "out: shape"),
+    (lambda q: np.broadcast_to(np.zeros(1, np.float32), q.shape), "read-only"),
+], ids=["overlap", "dtype", "shape", "read-only"])
+def test_bad_out(rng, make_out, match):
+    q, k, v = random_qkv(rng, 1, 4, 4, 2, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        lookback.attention(q, k, v, out=make_out(q))

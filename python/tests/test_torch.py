@@ -126,3 +126,10 @@ def test_leakcheck_with_torch_functions(torch):
 
     report = lookback.leakcheck(unmasked, 6, 2, 2, 8, framework="torch")
     assert report.leaks == [(i, j) for i in range(6) for j in range(i + 1, 6)]
+
+
+def test_out_tensor(torch, rng):
+    q, k, v = tensors(torch, *random_qkv(rng, 1, 9, 9, 2, 1, 16))
+    out = torch.empty(1, 9, 2, 16)
+    assert lookback.attention(q, k, v, out=out) is out
+    assert_close(out.numpy(), oracle(q.numpy(), k.numpy(), v.numpy())[0])
