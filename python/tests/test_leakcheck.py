@@ -1,5 +1,12 @@
 """lookback.leakcheck finds exactly the leaks planted in Python functions."""
 
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,3 +121,37 @@ def test_non_array_output_is_a_value_or_type_error():
 def test_nan_output_is_a_value_error():
     with pytest.raises(ValueError, match="NaN"):
         check(lambda q, k, v: np.full_like(q, np.nan))
+
+
+# ---- the same report as `lookback leakcheck --exec` ---------------------------
+
+PROGRAMS = Path(__file__).resolve().parents[2] / "tests" / "cli" / "leak_programs"
+RULES = {  # each program of tests/cli/leak_programs and its rule
+    "causal.py": lambda b, h, i, j: j <= i,
+    "no_mask.py": lambda b, h, i, j: True,
+    "off_by_one.py": lambda b, h, i, j: j <= i + 1,
+    "one_head_leak.py": lambda b, h, i, j: j <= i or (b == 1 and h == HEADS - 1 and (i, j) == (2, 5)),
+}
+
+
+@pytest.mark.parametrize("program", sorted(RULES))
+def test_same_report_as_the_cli(program, monkeypatch):
+    binary = os.environ.get("LOOKBACK_BIN")
+    if not binary:
+        pytest.skip("LOOKBACK_BIN (the lookback CLI) is not set; ctest sets it")
+    command = f"{sys.executable} {PROGRAMS / program} {{q}} {{k}} {{v}} {{out}}"
+    completed = subprocess.run(
+        [binary, "leakcheck", "--exec", command, "--len", str(LENGTH), "--heads", str(HEADS),
+         "--kv-heads", str(KV_HEADS), "--dim", str(DIM), "--batch", "2", "--format", "json"],
+        capture_output=True, text=True)
+    assert completed.returncode in (0, 1), completed.stderr
+    cli = json.loads(completed.stdout)
+    monkeypatch.syspath_prepend(str(PROGRAMS))
+    attention = importlib.import_module("attention")
+    rule = RULES[program]
+    report = lookback.leakcheck(lambda q, k, v: attention.attend(q, k, v, rule),
+                                LENGTH, HEADS, KV_HEADS, DIM, batch=2)
+    assert report.verdict == cli["verdict"]
+    assert report.leaks == [tuple(p) for p in cli["leaks"]]
+    assert report.missing == [tuple(p) for p in cli["missing"]]
+    np.testing.assert_array_equal(report.dependency, np.array(cli["dependency"], dtype=bool))
