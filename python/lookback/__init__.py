@@ -29,6 +29,13 @@ from . import _lookback
 
 __version__: str = _lookback.__version__
 
+# A child made by fork() (multiprocessing, DataLoader workers) gets fresh
+# contexts: the parent's worker threads do not exist in it.
+import os as _os
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_lookback.forget_contexts_after_fork)
+
 __all__ = [
     "attention",
     "reference_attention",

@@ -74,10 +74,15 @@ class ContextPool {
 
 // Never destroyed: joining worker threads while the interpreter shuts down
 // gains nothing.
-ContextPool& context_pool() {
-  static ContextPool* pool = new ContextPool;
-  return *pool;
-}
+ContextPool* current_pool = new ContextPool;
+
+ContextPool& context_pool() { return *current_pool; }
+
+// In a child process after fork() the pool's contexts have lost their worker
+// threads (and its mutex may be held by a thread that is gone): the child
+// starts a new pool and leaves the old one alone, never using or destroying
+// it. Called by os.register_at_fork (the package's __init__.py).
+void forget_contexts_after_fork() { current_pool = new ContextPool; }
 
 int thread_count(const std::optional<int>& threads) {
   if (!threads) return 0;
@@ -660,4 +665,5 @@ PYBIND11_MODULE(_lookback, m) {
         py::arg("causal"), py::arg("window"));
   m.def("merge_rows", &merge_rows);
   m.def("kernel_info", &kernel_info);
+  m.def("forget_contexts_after_fork", &forget_contexts_after_fork);
 }

@@ -247,3 +247,24 @@ def test_bad_out(rng, make_out, match):
     q, k, v = random_qkv(rng, 1, 4, 4, 2, 2, 16)
     with pytest.raises(ValueError, match=match):
         lookback.attention(q, k, v, out=make_out(q))
+
+
+def _attend_in_child(q, k, v, expected, queue):
+    queue.put(bool(np.array_equal(lookback.attention(q, k, v, threads=2), expected)))
+
+
+def test_a_forked_child_can_attend(rng):
+    # The parent's contexts (and their threads) exist before the fork.
+    import multiprocessing
+
+    q, k, v = random_qkv(rng, 1, 70, 70, 2, 1, 32)
+    expected = lookback.attention(q, k, v, threads=2)
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_attend_in_child, args=(q, k, v, expected, queue))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in attention")
+    assert child.exitcode == 0 and queue.get(timeout=10)
