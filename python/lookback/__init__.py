@@ -9,7 +9,7 @@ Arrays use FlashAttention's layout (DESIGN.md §1, docs/semantics.md):
 
 Inputs are NumPy arrays of float32, float16 or float64 with any strides (read
 in place, no copy), or CPU torch.Tensors (read in place through their NumPy
-view; bfloat16 tensors are converted to float32 first). NumPy in, NumPy out;
+view; bfloat16 ones as their 16-bit words). NumPy in, NumPy out;
 torch in, torch out. The GIL is released while the kernels run.
 
 Errors: the library's message as ValueError (shapes, dtypes, options),
@@ -73,9 +73,16 @@ def _as_array(x: Any, name: str) -> Any:
     if x.device.type != "cpu":
         raise ValueError(f"{name}: a tensor on {x.device} (expected a CPU tensor; move it with .cpu())")
     x = x.detach()
-    if x.dtype == torch.bfloat16:
-        x = x.float()  # NumPy has no bfloat16
+    if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: its 16-bit words, read as bf16
+        return _lookback.Bf16Array(x.view(torch.int16).numpy())
     return x.numpy()
+
+
+def _as_numpy(x: Any, name: str) -> Any:
+    """Like _as_array, but always a NumPy array (bfloat16 becomes float32)."""
+    if _is_tensor(x) and x.dtype == _torch().bfloat16:
+        x = x.detach().float()
+    return _as_array(x, name)
 
 
 def _like(result: Any, torch_out: bool) -> Any:
@@ -145,7 +152,7 @@ def attention(
                 raise ValueError(f"out: overlaps {name} (expected an array of its own)")
     result = _lookback.attention(
         *arrays, causal=causal, window=window, softcap=softcap,
-        alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"), scale=scale, dtype=dtype,
+        alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"), scale=scale, dtype=dtype,
         return_lse=return_lse, threads=threads, out=out_array, reference=False)
     if out is not None:
         return (out, _like(result[1], torch_out)) if return_lse else out
@@ -170,7 +177,7 @@ def reference_attention(
     result = _lookback.attention(
         _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v"),
         causal=causal, window=window, softcap=softcap,
-        alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"), scale=scale, dtype="f32",
+        alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"), scale=scale, dtype="f32",
         return_lse=return_lse, threads=1, out=None, reference=True)
     return _like(result, torch_out)
 
@@ -276,7 +283,7 @@ class KVCache:
         heads, head_dim) float32, or (out, lse) with lse (heads, tokens)."""
         result = self._cache.attend(_as_array(q, "q"), scale=scale, softcap=softcap,
                                     window=window,
-                                    alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"),
+                                    alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"),
                                     return_lse=return_lse, threads=threads)
         return _like(result, _is_tensor(q))
 
@@ -364,7 +371,7 @@ class PagedKVPool:
         """As KVCache.attend, for one sequence of the pool."""
         result = self._pool.attend(sequence, _as_array(q, "q"), scale=scale, softcap=softcap,
                                    window=window,
-                                   alibi_slopes=_as_array(alibi_slopes, "alibi_slopes"),
+                                   alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"),
                                    return_lse=return_lse, threads=threads)
         return _like(result, _is_tensor(q))
 
@@ -464,7 +471,7 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
     else:
         def call(q, k, v):
             out = fn(q, k, v)
-            return _as_array(out, "output of fn") if _is_tensor(out) else np.asarray(out)
+            return _as_numpy(out, "output of fn") if _is_tensor(out) else np.asarray(out)
 
     result = _lookback.leakcheck(call, length, heads, kv_heads, dim, batch=batch, causal=causal,
                                  window=window, seed=seed)
@@ -493,7 +500,7 @@ def merge_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Tuple[Any, A
     changes nothing. Returns (out, lse) float32 in the same layout.
     """
     torch_out = _is_tensor(out_a)
-    arrays = [np.asarray(_as_array(x, name)) for x, name in
+    arrays = [np.asarray(_as_numpy(x, name)) for x, name in
               ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b"))]
     oa, la, ob, lb = arrays
     if oa.ndim not in (3, 4) or ob.shape != oa.shape:

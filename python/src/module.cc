@@ -100,11 +100,24 @@ std::string type_name(const py::handle& object) {
   return py::str(py::type::handle_of(object).attr("__name__")).cast<std::string>();
 }
 
+// The 16-bit words of a bfloat16 tensor (NumPy has no bfloat16): the
+// package wraps a torch bfloat16 tensor's int16 view in it, so that it is
+// read in place as bf16.
+struct Bf16Array {
+  py::array words;  // int16 or uint16, any strides
+};
+
 // A NumPy array as a tensor view over its memory: float32, float16 or
-// float64, any strides that are whole elements (others are copied). `keep`
-// holds the array the view points into.
+// float64 (or a Bf16Array), any strides that are whole elements (others are
+// copied). `keep` holds the array the view points into.
 template <typename View>
 View view_of(const py::handle& object, const char* argument, py::object& keep) {
+  if (py::isinstance<Bf16Array>(object)) {
+    const py::array& words = object.cast<const Bf16Array&>().words;
+    View view = view_of<View>(words.attr("view")(py::dtype("<f2")), argument, keep);
+    view.dtype = DType::kBF16;  // the same 16-bit words, read as bfloat16
+    return view;
+  }
   if (!py::isinstance<py::array>(object)) {
     type_error(std::string(argument) + ": expected a NumPy array or a CPU torch.Tensor, got " +
                type_name(object));
@@ -250,6 +263,7 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
         new_output({shape.batch, shape.seqlen_q, shape.heads, shape.head_dim});
   } else {
     // The caller's array, written in place (attend checks its shape and dtype).
+    if (py::isinstance<Bf16Array>(out_object)) throw Error("out: dtype bf16 (expected f32)");
     if (py::isinstance<py::array>(out_object) &&
         !py::reinterpret_borrow<py::array>(out_object).writeable()) {
       throw Error("out: a read-only array (expected a writeable float32 array)");
@@ -664,6 +678,11 @@ PYBIND11_MODULE(_lookback, m) {
   m.def("visible_mask", &visible_mask, py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("causal"), py::arg("window"));
   m.def("merge_rows", &merge_rows);
+  py::class_<Bf16Array>(m, "Bf16Array")
+      .def(py::init([](py::array words) {
+        if (words.itemsize() != 2) throw Error("Bf16Array: expected 16-bit words");
+        return Bf16Array{std::move(words)};
+      }));
   m.def("kernel_info", &kernel_info);
   m.def("forget_contexts_after_fork", &forget_contexts_after_fork);
 }

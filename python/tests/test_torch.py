@@ -133,3 +133,20 @@ def test_out_tensor(torch, rng):
     out = torch.empty(1, 9, 2, 16)
     assert lookback.attention(q, k, v, out=out) is out
     assert_close(out.numpy(), oracle(q.numpy(), k.numpy(), v.numpy())[0])
+
+
+def test_bfloat16_tensors_are_read_in_place_as_bf16(torch, rng):
+    # Inputs already on the bf16 grid: reading them as bf16 loses nothing,
+    # so f32 storage must match the reference on the same values to 1e-5.
+    q, k, v = random_qkv(rng, 1, 15, 15, 4, 2, 32)
+    inputs = [t.to(torch.bfloat16) for t in tensors(torch, q, k, v)]
+    exact = [t.float().numpy() for t in inputs]
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in inputs]  # (B, H, S, D) memory
+    assert not strided[0].is_contiguous()
+    out = lookback.attention(*strided, dtype="f32")
+    assert_close(out.numpy(), oracle(*exact)[0])
+    cache = lookback.KVCache(16, 2, 32)
+    cache.append(inputs[1][0], inputs[2][0])
+    assert_close(cache.attend(inputs[0][0]).numpy()[None], oracle(*exact)[0])
+    with pytest.raises(ValueError, match="out: dtype bf16"):
+        lookback.attention(*inputs, out=torch.empty(1, 15, 4, 32, dtype=torch.bfloat16))
