@@ -268,3 +268,25 @@ def test_a_forked_child_can_attend(rng):
         child.kill()
         pytest.fail("the forked child hung in attention")
     assert child.exitcode == 0 and queue.get(timeout=10)
+
+
+def test_threads_attending_at_once_get_the_serial_results(rng):
+    # The GIL is released during the kernels: each thread borrows a context.
+    import threading
+
+    problems = [random_qkv(rng, 1, 60 + 7 * i, 60 + 7 * i, 4, 2, 32) for i in range(4)]
+    expected = [lookback.attention(*p, threads=1) for p in problems]
+    results = [[None] * 3 for _ in problems]
+
+    def work(index):
+        for repeat in range(3):
+            results[index][repeat] = lookback.attention(*problems[index], threads=1 + repeat % 2)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for index, runs in enumerate(results):
+        for result in runs:
+            np.testing.assert_array_equal(result, expected[index])
