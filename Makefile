@@ -8,6 +8,7 @@
 #                   an AVX2-only machine (LOOKBACK_SIMD=AVX2 LOOKBACK_DISABLE_AMX=1)
 #   make fuzz       build the libFuzzer targets with clang and run each for FUZZ_SECONDS
 #   make bench      lookback bench: prefill and decode against this machine's ceilings
+#   make python     the Python package in the build tree (PYTHONPATH=build/python; docs/python.md)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -16,7 +17,7 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench clean
+.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench python clean
 
 all: build
 
@@ -76,8 +77,11 @@ fuzz: deps
 	  grep -E "^stat::number_of_executed_units|^Done" $$work/log; \
 	done
 
+python: configure
+	@cmake --build $(BUILD) -j $(JOBS) --target lookback_python
+
 bench: build
 	@$(BUILD)/bin/lookback bench --dtype all $(BENCH_ARGS)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) build-python

@@ -15,6 +15,8 @@ packages=(
   python3-numpy         # writes and reads .npy fixtures in CLI tests
   zlib1g-dev            # CRC32 of KV-cache checkpoints
   clang-14 libclang-rt-14-dev  # libFuzzer targets (make fuzz)
+  python3-dev pybind11-dev python3-pybind11 python3-pytest  # the Python package and its tests
+  python3-venv python3-pip python3-setuptools  # pip install . into a venv, offline
 )
 
 missing=()
