@@ -15,6 +15,7 @@ packages=(
   python3-numpy         # writes and reads .npy fixtures in CLI tests
   zlib1g-dev            # CRC32 of KV-cache checkpoints
   clang-14 libclang-rt-14-dev  # libFuzzer targets (make fuzz)
+  libopenmpi-dev openmpi-bin   # lookback::lookback_mpi and mpirun (ring prefill, sharded decode)
 )
 
 missing=()
