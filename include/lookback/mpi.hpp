@@ -74,6 +74,22 @@ void scatter_local_rows(const float* local, const ZigzagLayout& layout, int rank
 // the mask.
 std::vector<int> ring_steps(const ZigzagLayout& layout, const MaskSpec& mask);
 
+// The work of each ring step, for the scaling model (`lookback cost
+// --ranks`). A pure function: visible (query, key) pairs counted by the mask,
+// no data. kZigzag is the layout above; kContiguous gives rank r positions
+// [r n / P, (r + 1) n / P), the plain ring, for comparison.
+enum class RingLayout : std::uint8_t { kZigzag, kContiguous };
+struct RingStepWork {
+  int step = 0;
+  std::int64_t slowest_pairs = 0;  // visible pairs of the busiest rank at this step
+  std::int64_t total_pairs = 0;    // over all ranks
+  std::int64_t largest_block_tokens = 0;  // tokens of the largest K/V block passed on after it
+};
+// The steps that do work, in order (step 0 first; with kZigzag the steps of
+// ring_steps()).
+std::vector<RingStepWork> ring_work(std::int64_t seqlen, int ranks, RingLayout layout,
+                                    const MaskSpec& mask);
+
 // ---------------------------------------------------------------------------
 // Ring prefill.
 

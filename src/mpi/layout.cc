@@ -108,6 +108,48 @@ std::vector<int> ring_steps(const ZigzagLayout& layout, const MaskSpec& mask) {
   return steps;
 }
 
+std::vector<RingStepWork> ring_work(std::int64_t seqlen, int ranks, RingLayout layout,
+                                    const MaskSpec& mask) {
+  if (ranks < 1) throw Error(fmt::format("ranks: {} (expected >= 1)", ranks));
+  const ZigzagLayout zigzag{.seqlen = seqlen, .ranks = ranks};
+  // A rank's blocks of positions in either layout.
+  auto blocks_of = [&](int rank) -> std::vector<KeyRange> {
+    if (layout == RingLayout::kZigzag) {
+      const auto chunks = zigzag.rank_chunks(rank);
+      return {chunks[0], chunks[1]};
+    }
+    return {{seqlen * rank / ranks, seqlen * (rank + 1) / ranks}};
+  };
+  auto pairs = [&](const KeyRange& queries, const KeyRange& keys) -> std::int64_t {
+    if (queries.empty() || keys.empty()) return 0;
+    return Mask(queries.size(), keys.size(),
+                {.causal = mask.causal,
+                 .window_left = mask.window_left,
+                 .query_offset = queries.begin - keys.begin})
+        .visible_total();
+  };
+  std::vector<RingStepWork> steps;
+  for (int step = 0; step < ranks; ++step) {
+    RingStepWork work{.step = step};
+    for (int rank = 0; rank < ranks; ++rank) {
+      const int origin = (rank - step + ranks) % ranks;
+      std::int64_t mine = 0;
+      std::int64_t block_tokens = 0;
+      for (const KeyRange& keys : blocks_of(origin)) block_tokens += keys.size();
+      for (const KeyRange& queries : blocks_of(rank)) {
+        for (const KeyRange& keys : blocks_of(origin)) mine += pairs(queries, keys);
+      }
+      work.slowest_pairs = std::max(work.slowest_pairs, mine);
+      work.total_pairs += mine;
+      work.largest_block_tokens = std::max(work.largest_block_tokens, block_tokens);
+    }
+    if (step == 0 || work.total_pairs > 0) steps.push_back(work);
+  }
+  // Only blocks that travel on count: the last step passes nothing.
+  if (!steps.empty()) steps.back().largest_block_tokens = 0;
+  return steps;
+}
+
 ShardOwnership::ShardOwnership(int ranks, std::int64_t segment)
     : ranks_(ranks), segment_(segment), counts_(static_cast<std::size_t>(ranks), 0) {
   if (ranks < 1) throw Error(fmt::format("ranks: {} (expected >= 1)", ranks));
