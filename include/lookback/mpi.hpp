@@ -25,6 +25,8 @@
 
 #include <array>
 #include <cstdint>
+#include <exception>
+#include <new>
 #include <optional>
 #include <vector>
 
@@ -210,6 +212,8 @@ void checked_on_every_rank(MPI_Comm comm, Check&& check) {
     local = error;
   } catch (const std::bad_alloc&) {
     local = Error(ErrorCode::kCapacity, "out of memory");
+  } catch (const std::exception& other) {
+    local = Error(ErrorCode::kInternal, other.what());
   }
   agree(comm, local);
 }

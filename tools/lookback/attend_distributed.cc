@@ -323,6 +323,11 @@ int run_distributed_attend(const DistributedAttend& options,
     // Every rank holds the same agreed error: rank 0 says it once.
     if (rank == 0) std::cerr << "lookback: " << error.what() << "\n";
     code = kExitUsage;
+  } catch (const std::exception& error) {
+    // Not agreed on (memory exhausted outside the checked steps): the other
+    // ranks may be waiting for this one, so the whole job ends here.
+    std::cerr << "lookback: rank " << rank << ": " << error.what() << "\n";
+    MPI_Abort(MPI_COMM_WORLD, kExitUsage);
   }
   if (!initialized) MPI_Finalize();
   return code;
