@@ -17,6 +17,7 @@ packages=(
   clang-14 libclang-rt-14-dev  # libFuzzer targets (make fuzz)
   python3-dev pybind11-dev python3-pybind11 python3-pytest  # the Python package and its tests
   python3-venv python3-pip python3-setuptools  # pip install . into a venv, offline
+  libopenmpi-dev openmpi-bin   # lookback::lookback_mpi and mpirun (ring prefill, sharded decode)
 )
 
 missing=()

@@ -25,7 +25,15 @@ Causal parse_causal(std::string_view text, std::string_view argument = "causal")
 struct MaskSpec {
   Causal causal = Causal::kBottomRight;
   std::optional<std::int64_t> window_left;  // W >= 0, or none for no window
+  // Queries and keys as two slices of one longer sequence: query row i sits
+  // at p(i) = i + query_offset in the keys' numbering, whatever the
+  // alignment (which is then only causal or not). Queries starting at
+  // absolute position a against keys starting at b: query_offset = a - b
+  // (ring attention's block pairs). |query_offset| <= kMaxQueryOffset.
+  std::optional<std::int64_t> query_offset;
 };
+
+inline constexpr std::int64_t kMaxQueryOffset = std::int64_t{1} << 52;
 
 // Half-open range of key indices [begin, end); empty when begin >= end.
 struct KeyRange {
@@ -39,8 +47,8 @@ enum class TileVisibility : std::uint8_t { kEmpty, kPartial, kFull };
 
 class Mask {
  public:
-  // Throws lookback::Error for negative lengths, a negative window, or a window
-  // with Causal::kNone.
+  // Throws lookback::Error for negative lengths, a negative window, a window
+  // with Causal::kNone, or a query_offset beyond kMaxQueryOffset.
   Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec = {});
 
   std::int64_t seqlen_q() const noexcept { return seqlen_q_; }

@@ -201,6 +201,11 @@ void validate_mode(const AttentionParams& params, const AttentionShape& shape,
                               "alignment: new tokens come after the cached ones)",
                               causal_name(params.mask.causal), mode_name(options.mode)));
     }
+    if (params.mask.query_offset) {
+      throw Error(fmt::format("query_offset: {} (mode {} keeps a KV cache, whose new tokens are "
+                              "its last keys: expected no query_offset)",
+                              *params.mask.query_offset, mode_name(options.mode)));
+    }
     if (shape.seqlen_q > shape.seqlen_k) {
       throw Error(fmt::format("q: seqlen_q {} > seqlen_k {} (mode {} appends each query's own "
                               "key, so expected seqlen_q <= seqlen_k)",

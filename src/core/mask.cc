@@ -37,8 +37,14 @@ Mask::Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec)
       throw Error("window: a window needs a causal mask (expected bottom-right or top-left)");
     }
   }
+  if (spec.query_offset &&
+      (*spec.query_offset > kMaxQueryOffset || *spec.query_offset < -kMaxQueryOffset)) {
+    throw Error(fmt::format("query_offset: {} (expected within +-2^52)", *spec.query_offset));
+  }
   // Causal::kNone sees every key; its positions (for ALiBi) are bottom-right.
-  offset_ = spec.causal == Causal::kTopLeft ? 0 : seqlen_k - seqlen_q;
+  offset_ = spec.query_offset ? *spec.query_offset
+            : spec.causal == Causal::kTopLeft ? 0
+                                              : seqlen_k - seqlen_q;
   // A window that reaches key 0 from the last row's position hides nothing:
   // it is no window (so W up to INT64_MAX never overflows p - W below).
   const std::int64_t last_position = seqlen_q - 1 + offset_;

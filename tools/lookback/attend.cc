@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "attend_distributed.hpp"
 #include "common.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/error.hpp"
@@ -29,6 +30,7 @@ struct AttendOptions {
   std::optional<std::int64_t> chunk;       // chunked (required), paged (default 1)
   std::optional<std::int64_t> block_size;  // paged (default 16)
   std::optional<std::int64_t> splits;      // split (default 2)
+  std::optional<std::int64_t> segment;     // sharded-decode (default 256)
   bool reference = false;
 };
 
@@ -160,30 +162,60 @@ std::vector<Input> inputs_of(const AttendOptions& options) {
   return inputs;
 }
 
-int run_attend(const AttendOptions& options) {
-  const ModeOptions modes = parse_mode_options(options);
+// Checks every option and input header, then reads the inputs (also rank
+// 0's part of a distributed run).
+AttendInputs read_inputs(const AttendOptions& options, const ModeOptions& modes) {
   check_outputs(options);
   std::vector<NpyHeader> headers;
   for (const Input& input : inputs_of(options)) {
     headers.push_back(read_header(input.path, input.option, input.rank));
   }
-  AttentionParams params = check_before_reading(options, modes, headers);
-
-  std::vector<NpyArray> inputs;
+  AttendInputs result;
+  result.params = check_before_reading(options, modes, headers);
   for (const Input& input : inputs_of(options)) {
-    inputs.push_back(read_checked(input.path, input.option, headers[inputs.size()]));
+    result.arrays.push_back(read_checked(input.path, input.option, headers[result.arrays.size()]));
   }
-  const NpyArray& q = inputs[0];
-  params.q = q.view("--q");
-  params.k = inputs[1].view("--k");
-  params.v = inputs[2].view("--v");
-  std::vector<float> slopes;
-  if (inputs.size() > 3) {
-    for (std::int64_t h = 0; h < inputs[3].shape[0]; ++h) {
-      slopes.push_back(load_as_float(inputs[3].data.data(), inputs[3].dtype, h));
+  AttentionParams& params = result.params;
+  params.q = result.arrays[0].view("--q");
+  params.k = result.arrays[1].view("--k");
+  params.v = result.arrays[2].view("--v");
+  if (result.arrays.size() > 3) {
+    const NpyArray& alibi = result.arrays[3];
+    for (std::int64_t h = 0; h < alibi.shape[0]; ++h) {
+      result.slopes.push_back(load_as_float(alibi.data.data(), alibi.dtype, h));
     }
-    params.maybe_alibi_slopes = slopes.data();
+    params.maybe_alibi_slopes = result.slopes.data();
   }
+  return result;
+}
+
+// --mode ring and sharded-decode: across the ranks of an MPI job.
+int run_distributed(const AttendOptions& options) {
+  const auto refuse = [&options](bool given, std::string_view option) {
+    if (given) {
+      throw Error(fmt::format("{}: --mode {} does not use it", option, options.mode));
+    }
+  };
+  refuse(options.chunk.has_value(), "--chunk");
+  refuse(options.block_size.has_value(), "--block-size");
+  refuse(options.splits.has_value(), "--splits");
+  refuse(options.reference, "--reference");
+  refuse(options.segment.has_value() && options.mode != "sharded-decode", "--segment");
+  return run_distributed_attend({.mode = options.mode,
+                                 .segment = options.segment.value_or(256),
+                                 .threads = options.threads,
+                                 .out_path = options.out_path,
+                                 .lse_path = options.lse_path},
+                                [&options] { return read_inputs(options, ModeOptions{}); });
+}
+
+int run_attend(const AttendOptions& options) {
+  if (is_distributed_mode(options.mode)) return run_distributed(options);
+  if (options.segment) throw Error("--segment: only --mode sharded-decode uses it");
+  const ModeOptions modes = parse_mode_options(options);
+  AttendInputs inputs = read_inputs(options, modes);
+  AttentionParams& params = inputs.params;
+  const NpyArray& q = inputs.arrays[0];
   std::vector<float> out(static_cast<std::size_t>(q.numel()));
   params.out = make_mutable_view(out.data(), DType::kF32,
                                  {q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, "out");
@@ -254,14 +286,21 @@ void add_attend_command(CLI::App& app, Runner& runner) {
                       "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "
                       "(--chunk tokens at a time), paged (decode or chunked over a paged cache "
                       "of --block-size blocks), split (key range cut into --splits parts, merged "
-                      "through their LSEs)")
-      ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split"}));
+                      "through their LSEs); under mpirun: ring (one sequence cut across the "
+                      "ranks, K/V passed around a ring) or sharded-decode (decode over a KV "
+                      "cache spread across the ranks); see docs/distributed.md")
+      ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split", "ring",
+                             "sharded-decode"}));
   command->add_option("--chunk", options->chunk, "tokens per step for chunked and paged (>= 1)")
       ->check(kPositive);
   command->add_option("--block-size", options->block_size,
                       "tokens per block of the paged cache (>= 1, default 16)")
       ->check(kPositive);
   command->add_option("--splits", options->splits, "parts of the key range for split (>= 1, default 2)")
+      ->check(kPositive);
+  command->add_option("--segment", options->segment,
+                      "tokens per segment of the sharded cache for sharded-decode (>= 1, "
+                      "default 256): each new segment goes to the rank holding the fewest")
       ->check(kPositive);
   command->add_flag("--reference", options->reference,
                     "use the float64 reference instead of the fast kernel (slow; for checking)");

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "cost_ranks.hpp"
 #include "output_format.hpp"
 #include "svg.hpp"
 #include "lookback/error.hpp"
@@ -36,6 +37,7 @@ struct CostOptions {
   bool measure = false;
   int threads = 0;
   std::string out;
+  RankCostOptions ranks;  // --ranks: ring prefill across ranks (cost_ranks.hpp)
 };
 
 struct Position {
@@ -209,6 +211,17 @@ std::string render_svg(const CostOptions& o, const std::vector<Position>& rows) 
 }
 
 int run_cost(const CostOptions& o) {
+  if (o.ranks.ranks > 1 || o.ranks.context > 0) {
+    RankCostOptions ranks = o.ranks;
+    ranks.heads = o.heads, ranks.kv_heads = o.kv_heads, ranks.dim = o.dim, ranks.dtype = o.dtype;
+    ranks.window = o.window, ranks.threads = o.threads, ranks.measure = o.measure;
+    ranks.json = o.format == OutputFormat::kJson, ranks.out = o.out;
+    if (ranks.context < 1) throw Error("--context: missing (expected the tokens with --ranks)");
+    if (o.len > 0) throw Error("--len: not with --ranks (expected --context)");
+    if (o.format == OutputFormat::kSvg) throw Error("--format: svg not with --ranks (expected text or json)");
+    return run_rank_cost(ranks);
+  }
+  if (o.len < 1) throw Error("--len: missing (expected the tokens generated)");
   const DType storage = parse_dtype(o.dtype, "--dtype");
   if (o.heads % o.kv_heads != 0) {
     throw Error(fmt::format("--kv-heads: {} does not divide --heads {} (expected a divisor)",
@@ -240,7 +253,7 @@ void add_cost_command(CLI::App& app, Runner& runner) {
       "For each position i: the keys attended (i+1, or W+1 with a window), the FLOPs with the\n"
       "cache (4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
       "the KV bytes read, and totals. --measure also times real decode steps on this machine.");
-  command->add_option("--len", o->len, "tokens generated")->required()->check(kPositive);
+  command->add_option("--len", o->len, "tokens generated")->check(kPositive);
   command->add_option("--heads", o->heads, "query heads (default 32)")->check(kPositive);
   command->add_option("--kv-heads", o->kv_heads, "kv heads (default 8)")->check(kPositive);
   command->add_option("--dim", o->dim, "head_dim (default 128)")->check(kPositive);
@@ -253,6 +266,19 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   command->add_option("--threads", o->threads, "threads for --measure (default: all cores)")
       ->check(kPositive);
   add_out_option(*command, o->out);
+  command->add_option("--ranks", o->ranks.ranks,
+                      "ring prefill across P ranks: model per-rank compute, bytes per step, "
+                      "overlap and zigzag vs plain-ring efficiency (docs/distributed.md); "
+                      "--measure under mpirun -np P also runs and times the ring")
+      ->check(kPositive);
+  command->add_option("--context", o->ranks.context, "with --ranks: tokens of the sequence")
+      ->check(kPositive);
+  command->add_option("--link-gbps", o->ranks.link_gbps,
+                      "with --ranks: link bandwidth per rank, Gbit/s (default 100)");
+  command->add_option("--latency-us", o->ranks.latency_us,
+                      "with --ranks: latency per message, microseconds (default 5)");
+  command->add_option("--rate", o->ranks.rate_gflops,
+                      "with --ranks: kernel rate per rank in GFLOP/s (default: measured here)");
   command->callback([&runner, o] { runner = [o] { return run_cost(*o); }; });
 }
 
