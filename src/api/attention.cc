@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core/quant.hpp"
 #include "kernels/dispatch.hpp"
 #include "kernels/prefill.hpp"
 #include "lookback/error.hpp"
@@ -121,8 +122,9 @@ void validate_scores(const AttentionParams& params, const AttentionShape& shape)
     }
   }
   if (params.storage != DType::kF32 && params.storage != DType::kF16 &&
-      params.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));
+      params.storage != DType::kBF16 && !is_quantized(params.storage)) {
+    throw Error(fmt::format("storage: {} (expected f32, f16, bf16, int8, fp8e4m3 or fp8e5m2)",
+                            dtype_name(params.storage)));
   }
 }
 
