@@ -27,6 +27,11 @@ enum class DType : std::uint8_t {
 };
 
 std::size_t dtype_size(DType dtype) noexcept;
+// True for the 8-bit K/V storage dtypes (int8, fp8e4m3, fp8e5m2), whose rows
+// carry one f32 scale each beside their codes.
+constexpr bool is_quantized(DType dtype) noexcept {
+  return dtype == DType::kI8 || dtype == DType::kFP8E4M3 || dtype == DType::kFP8E5M2;
+}
 // "f32", "f16", "bf16", "f64", "int8", "fp8e4m3", "fp8e5m2"
 std::string_view dtype_name(DType dtype) noexcept;
 // Parses "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16", "f64"/"float64",

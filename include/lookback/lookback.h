@@ -25,7 +25,12 @@ typedef enum lookback_dtype {
   LOOKBACK_F32 = 0,
   LOOKBACK_F16 = 1,
   LOOKBACK_BF16 = 2,
-  LOOKBACK_F64 = 3
+  LOOKBACK_F64 = 3,
+  /* 8-bit K/V storage only (docs/semantics.md): codes with one f32 scale per
+     (token, kv head) row. */
+  LOOKBACK_INT8 = 4,
+  LOOKBACK_FP8E4M3 = 5,
+  LOOKBACK_FP8E5M2 = 6
 } lookback_dtype;
 
 typedef enum lookback_causal {
@@ -54,7 +59,7 @@ typedef struct lookback_attention_params {
   float softcap;     /* 0 disables */
   lookback_causal causal;
   int64_t window_left; /* -1: no window; W >= 0: keys p-W..p */
-  lookback_dtype storage; /* F32, F16 or BF16 */
+  lookback_dtype storage; /* F32, F16, BF16, INT8, FP8E4M3 or FP8E5M2 */
 } lookback_attention_params;
 
 typedef struct lookback_context lookback_context;

@@ -44,9 +44,13 @@ lookback::DType to_dtype(lookback_dtype dtype, const char* argument) {
     case LOOKBACK_F16: return lookback::DType::kF16;
     case LOOKBACK_BF16: return lookback::DType::kBF16;
     case LOOKBACK_F64: return lookback::DType::kF64;
+    case LOOKBACK_INT8: return lookback::DType::kI8;
+    case LOOKBACK_FP8E4M3: return lookback::DType::kFP8E4M3;
+    case LOOKBACK_FP8E5M2: return lookback::DType::kFP8E5M2;
   }
   throw lookback::Error(std::string(argument) + ": unknown dtype value (expected LOOKBACK_F32, "
-                        "LOOKBACK_F16, LOOKBACK_BF16 or LOOKBACK_F64)");
+                        "LOOKBACK_F16, LOOKBACK_BF16, LOOKBACK_F64, LOOKBACK_INT8, "
+                        "LOOKBACK_FP8E4M3 or LOOKBACK_FP8E5M2)");
 }
 
 lookback::TensorView to_view(const lookback_tensor& tensor, const char* argument) {

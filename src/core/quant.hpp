@@ -19,11 +19,6 @@
 
 namespace lookback {
 
-// True for the 8-bit K/V storage dtypes.
-constexpr bool is_quantized(DType dtype) noexcept {
-  return dtype == DType::kI8 || dtype == DType::kFP8E4M3 || dtype == DType::kFP8E5M2;
-}
-
 // R: the largest code magnitude, as a value.
 float quant_range(DType dtype) noexcept;
 

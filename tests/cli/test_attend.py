@@ -45,6 +45,43 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
     return out, lse
 
 
+def fp8_values(exponent_bits):
+    """Every non-negative finite value of an OCP fp8 format, by code."""
+    mantissa_bits = 7 - exponent_bits
+    bias = 2 ** (exponent_bits - 1) - 1
+    values = []
+    for code in range(128):
+        field, mantissa = code >> mantissa_bits, code & (2 ** mantissa_bits - 1)
+        if exponent_bits == 4 and code == 0x7F:
+            break  # e4m3fn: the only NaN; no infinities
+        if exponent_bits == 5 and field == 31:
+            break  # e5m2: infinities and NaNs
+        fraction = mantissa / 2 ** mantissa_bits
+        values.append(fraction * 2.0 ** (1 - bias) if field == 0
+                      else (1 + fraction) * 2.0 ** (field - bias))
+    return np.array(values)
+
+
+def quantize_kv(x, dtype):
+    """The 8-bit rule of docs/semantics.md, in NumPy, per (.., token, kv head)
+    row of head_dim values: what the kernels must attend to."""
+    x = np.asarray(x, np.float32)
+    limit = {"int8": 127, "fp8e4m3": 448, "fp8e5m2": 57344}[dtype]
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(limit)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    r = (x / safe).astype(np.float32)
+    if dtype == "int8":
+        codes = np.clip(np.rint(r), -127, 127)  # rint: ties to even
+    else:
+        table = fp8_values(4 if dtype == "fp8e4m3" else 5)
+        a = np.minimum(np.abs(r).astype(np.float64), table[-1])
+        index = np.clip(np.searchsorted(table, a), 1, len(table) - 1)
+        low, high = table[index - 1], table[index]
+        pick_high = (high - a < a - low) | ((high - a == a - low) & (index % 2 == 0))
+        codes = np.sign(r) * np.where(pick_high, high, low)
+    return np.where(scale == 0, np.float32(0), codes.astype(np.float32) * scale).astype(np.float32)
+
+
 def sparse_npy(path, shape):
     """A <f4 .npy file of `shape` whose data is a hole (f.truncate): its
     header claims gigabytes that cost no disk."""
@@ -147,6 +184,27 @@ class AttendTest(CliTestCase):
                 expected, _ = numpy_attention(q, k, v)
                 self.assertLess(rel_l2(np.load(out), expected), 1e-2)
 
+    def test_8bit_kv_storage_on_every_path(self):
+        # Against NumPy on the K and V quantized here, by the rule; and the
+        # cost of 8 bits against unquantized K and V.
+        q, k, v = self.random_inputs(batch=1, sq=9, sk=40, heads=4, kv_heads=2, dim=24)
+        exact, _ = numpy_attention(q, k, v)
+        for dtype, bound in (("int8", 3e-2), ("fp8e4m3", 8e-2), ("fp8e5m2", 0.2)):
+            expected, expected_lse = numpy_attention(q, quantize_kv(k, dtype), quantize_kv(v, dtype))
+            for mode, extra in (("prefill", []), ("decode", []), ("chunked", ["--chunk", "4"]),
+                                ("paged", ["--chunk", "4", "--block-size", "3"]),
+                                ("split", ["--splits", "3"])):
+                with self.subTest(dtype=dtype, mode=mode):
+                    result, out, lse = self.attend(q, k, v, "--dtype", dtype, "--mode", mode,
+                                                   *extra)
+                    self.assert_ok(result)
+                    o = np.load(out)
+                    self.assertFalse(np.isnan(o).any())
+                    self.assertLess(rel_l2(o, expected), 1e-4)
+                    np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-4)
+                    self.assertLess(rel_l2(o, exact), bound)
+                    self.assertGreater(rel_l2(o, exact), 1e-5)
+
     def test_reference_flag_and_threads_agree(self):
         q, k, v = self.random_inputs(sq=70, sk=70, dim=40)
         outputs = []
@@ -204,7 +262,7 @@ class AttendTest(CliTestCase):
             (with_(alibi=slopes), "--alibi"),
             (with_(window="-1"), "--window"),
             (with_(causal="diagonal"), "--causal"),
-            (with_(dtype="int8"), "--dtype"),
+            (with_(dtype="int4"), "--dtype"),
             (with_(threads="0"), "--threads"),
             (with_(softcap="-1"), "--softcap"),
             (with_(mode="bogus"), "--mode"),

@@ -14,6 +14,7 @@
 
 #include "core/quant.hpp"
 #include "lookback/attention.hpp"
+#include "lookback/checkpoint.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/modes.hpp"
 #include "testing/testing.hpp"
@@ -359,6 +360,58 @@ TEST(QuantCache, PagedEqualsContiguousAndZeroRowsDecodeToZero) {
                 options, context);
     EXPECT_EQ(out_cache, out_pool) << dtype_name(dtype);
     for (float x : out_cache) EXPECT_TRUE(std::isfinite(x));
+  }
+}
+
+// Checkpoints keep the codes and their scales: a loaded cache or pool
+// attends bit for bit like the one saved, and its file size counts one f32
+// scale per row.
+TEST(QuantCache, CheckpointsRoundTripCodesAndScales) {
+  testing::TempDir dir;
+  for (DType dtype : kQuantized) {
+    SCOPED_TRACE(std::string(dtype_name(dtype)));
+    const CacheConfig config{.kv_heads = 2, .head_dim = 19, .storage = dtype};
+    std::mt19937_64 rng(4);
+    std::normal_distribution<float> normal(0.0f, 2.0f);
+    std::vector<float> k(static_cast<std::size_t>(23 * 2 * 19)), v(k.size()), q(4 * 19);
+    for (float& x : k) x = normal(rng);
+    for (float& x : v) x = normal(rng);
+    for (float& x : q) x = normal(rng);
+    const TensorView kk = make_view(k.data(), DType::kF32, {23, 2, 19});
+    const TensorView vv = make_view(v.data(), DType::kF32, {23, 2, 19});
+    KvCache cache(config, 40);
+    cache.append(kk, vv);
+    PagedKvPool pool(config, 4, 12);
+    pool.shuffle_blocks(2);
+    const SequenceId id = pool.create();
+    pool.append(id, kk, vv);
+    const std::string cache_path = (dir.path() / "cache.lbkv").string();
+    const std::string pool_path = (dir.path() / "pool.lbkv").string();
+    save_checkpoint(cache, cache_path);
+    save_checkpoint(pool, pool_path);
+    const CheckpointInfo info = inspect_checkpoint(cache_path);
+    ASSERT_TRUE(info.config.has_value());
+    EXPECT_EQ(info.config->storage, dtype);
+    KvCache loaded = load_kv_cache(cache_path);
+    PagedKvPool loaded_pool = load_paged_pool(pool_path);
+    Context context(1);
+    auto attend_cache = [&](const KvCache& c) {
+      std::vector<float> out(q.size());
+      c.attend({.q = make_view(q.data(), DType::kF32, {1, 4, 19}),
+                .out = make_mutable_view(out.data(), DType::kF32, {1, 4, 19})},
+               {}, context);
+      return out;
+    };
+    auto attend_pool = [&](const PagedKvPool& p) {
+      std::vector<float> out(q.size());
+      p.attend(id, {.q = make_view(q.data(), DType::kF32, {1, 4, 19}),
+                    .out = make_mutable_view(out.data(), DType::kF32, {1, 4, 19})},
+               {}, context);
+      return out;
+    };
+    EXPECT_EQ(attend_cache(cache), attend_cache(loaded));
+    EXPECT_EQ(attend_pool(pool), attend_pool(loaded_pool));
+    EXPECT_EQ(loaded.config().storage, dtype);
   }
 }
 

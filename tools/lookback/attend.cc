@@ -137,7 +137,9 @@ AttentionParams check_before_reading(const AttendOptions& options, const ModeOpt
   params.mask = {.causal = parse_causal(options.causal, "--causal"),
                  .window_left = options.window};
   params.storage = parse_dtype(options.dtype, "--dtype");
-  if (params.storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
+  if (params.storage == DType::kF64) {
+    throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
+  }
   validate_shapes(params, modes);
   if (inputs.size() > 3 && inputs[3].shape[0] != inputs[0].shape[2]) {
     throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
@@ -247,8 +249,10 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--alibi", options->alibi_path, "ALiBi slopes, (heads,) .npy");
   command->add_option("--threads", options->threads, "worker threads (default: all cores)")
       ->check(kPositive);
-  command->add_option("--dtype", options->dtype, "storage dtype of Q/K/V: f32 (default), bf16, f16")
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  command->add_option("--dtype", options->dtype,
+                      "storage dtype of Q/K/V: f32 (default), bf16, f16; or K/V in 8 bits with "
+                      "an f32 scale per row (Q stays f32): int8, fp8e4m3, fp8e5m2")
+      ->check(CLI::IsMember({"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"}));
   command->add_option("--mode", options->mode,
                       "path (all compute the same function): prefill (one call), decode (cache "
                       "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "
