@@ -104,6 +104,7 @@ lookback_status lookback_attend(lookback_context* context,
       p.maybe_lse.strides = lookback::contiguous_strides(p.maybe_lse.shape, 3);
     }
     p.maybe_alibi_slopes = params->maybe_alibi_slopes;
+    p.maybe_sink_logits = params->maybe_sink_logits;
     if (params->has_scale) p.scale = params->scale;
     p.softcap = params->softcap;
     switch (params->causal) {

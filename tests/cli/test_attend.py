@@ -10,7 +10,7 @@ from clitest import CliTestCase, fixture, run, run_measured
 
 
 def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
-                    softcap=0.0, slopes=None):
+                    softcap=0.0, slopes=None, sinks=None):
     """DESIGN.md §3 in float64, written independently of the C++ reference."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, sq, heads, dim = q.shape
@@ -37,11 +37,14 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
             for i in range(sq):
                 row = s[i][visible[i]]
                 if row.size == 0:
+                    if sinks is not None:
+                        lse[b, h, i] = sinks[h]
                     continue
-                m = row.max()
+                m = row.max() if sinks is None else max(row.max(), sinks[h])
                 p = np.exp(row - m)
-                out[b, i, h] = (p / p.sum()) @ v[b, visible[i], kh, :]
-                lse[b, h, i] = m + np.log(p.sum())
+                total = p.sum() + (0.0 if sinks is None else np.exp(sinks[h] - m))
+                out[b, i, h] = (p / total) @ v[b, visible[i], kh, :]
+                lse[b, h, i] = m + np.log(total)
     return out, lse
 
 
@@ -204,6 +207,31 @@ class AttendTest(CliTestCase):
                     np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-4)
                     self.assertLess(rel_l2(o, exact), bound)
                     self.assertGreater(rel_l2(o, exact), 1e-5)
+
+    def test_sink_logits_on_every_path(self):
+        q, k, v = self.random_inputs(batch=1, sq=12, sk=8, heads=4, kv_heads=2, dim=24)
+        sinks = np.array([0.5, -1.0, 2.0, 3.5], np.float32)
+        path = self.save("sinks.npy", sinks)
+        expected, expected_lse = numpy_attention(q, k, v, sinks=sinks)
+        for mode, extra in (("prefill", []), ("split", ["--splits", "3"])):
+            with self.subTest(mode=mode):
+                result, out, lse = self.attend(q, k, v, "--sink-logits", path, "--mode", mode, *extra)
+                self.assert_ok(result)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+                np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-5)
+        # The first sq - sk rows see no key: zeros and lse = the sink.
+        self.assertTrue((np.load(lse)[0, :, :4] == sinks[:, None]).all())
+        q2, k2, v2 = self.random_inputs(batch=1, sq=5, sk=30, heads=4, kv_heads=2, dim=24)
+        expected, _ = numpy_attention(q2, k2, v2, window=6, sinks=sinks)
+        for mode, extra in (("decode", []), ("paged", ["--chunk", "2", "--block-size", "4"])):
+            with self.subTest(mode=mode):
+                result, out, _ = self.attend(q2, k2, v2, "--sink-logits", path, "--window", "6",
+                                             "--mode", mode, *extra)
+                self.assert_ok(result)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+        wrong = self.save("sinks3.npy", sinks[:3])
+        result, _, _ = self.attend(q, k, v, "--sink-logits", wrong)
+        self.assert_usage_error(result, mentions="--sink-logits")
 
     def test_reference_flag_and_threads_agree(self):
         q, k, v = self.random_inputs(sq=70, sk=70, dim=40)

@@ -43,6 +43,7 @@ struct ProblemSpec {
   MaskSpec mask;
   float softcap = 0.0f;
   bool alibi = false;
+  bool sinks = false;  // learned sink logits, one per head, in [-2, 3]
   std::optional<float> scale;
   DType storage = DType::kF32;
   // Store Q/K/V as (batch, heads, seqlen, head_dim + 3) and view them through
@@ -61,6 +62,7 @@ struct Problem {
   ProblemSpec spec;
   std::vector<float> q, k, v;  // physical storage (see ProblemSpec::strided)
   std::vector<float> slopes;   // (heads,) when spec.alibi
+  std::vector<float> sink_logits;  // (heads,) when spec.sinks
   std::vector<float> out;      // (batch, seqlen_q, heads, head_dim)
   std::vector<float> lse;      // (batch, heads, seqlen_q)
 

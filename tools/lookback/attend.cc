@@ -18,7 +18,7 @@ namespace lookback::cli {
 namespace {
 
 struct AttendOptions {
-  std::string q_path, k_path, v_path, out_path, lse_path, alibi_path;
+  std::string q_path, k_path, v_path, out_path, lse_path, alibi_path, sink_path;
   std::optional<float> scale;
   std::string causal = "bottom-right";
   std::optional<std::int64_t> window;
@@ -123,6 +123,9 @@ ModeOptions parse_mode_options(const AttendOptions& options) {
           .splits = options.splits.value_or(2)};
 }
 
+// Where the sink logits are among the inputs (q, k, v, [alibi], [sinks]).
+std::size_t sink_index(const AttendOptions& options) { return options.alibi_path.empty() ? 3 : 4; }
+
 // Every option and every input header, checked before any data is read: a
 // mismatched k next to a 4 GiB q fails in milliseconds, not after reading q.
 // Returns the params with shape-only q, k and v views (null data).
@@ -141,9 +144,14 @@ AttentionParams check_before_reading(const AttendOptions& options, const ModeOpt
     throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
   }
   validate_shapes(params, modes);
-  if (inputs.size() > 3 && inputs[3].shape[0] != inputs[0].shape[2]) {
+  if (!options.alibi_path.empty() && inputs[3].shape[0] != inputs[0].shape[2]) {
     throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
                             options.alibi_path, inputs[3].shape[0], inputs[0].shape[2]));
+  }
+  const std::size_t sinks = sink_index(options);
+  if (!options.sink_path.empty() && inputs[sinks].shape[0] != inputs[0].shape[2]) {
+    throw Error(fmt::format("--sink-logits {}: {} logits (expected {}, one per query head)",
+                            options.sink_path, inputs[sinks].shape[0], inputs[0].shape[2]));
   }
   return params;
 }
@@ -159,6 +167,7 @@ std::vector<Input> inputs_of(const AttendOptions& options) {
   std::vector<Input> inputs{
       {options.q_path, "--q", 4}, {options.k_path, "--k", 4}, {options.v_path, "--v", 4}};
   if (!options.alibi_path.empty()) inputs.push_back({options.alibi_path, "--alibi", 1});
+  if (!options.sink_path.empty()) inputs.push_back({options.sink_path, "--sink-logits", 1});
   return inputs;
 }
 
@@ -179,12 +188,19 @@ int run_attend(const AttendOptions& options) {
   params.q = q.view("--q");
   params.k = inputs[1].view("--k");
   params.v = inputs[2].view("--v");
-  std::vector<float> slopes;
-  if (inputs.size() > 3) {
+  std::vector<float> slopes, sinks;
+  if (!options.alibi_path.empty()) {
     for (std::int64_t h = 0; h < inputs[3].shape[0]; ++h) {
       slopes.push_back(load_as_float(inputs[3].data.data(), inputs[3].dtype, h));
     }
     params.maybe_alibi_slopes = slopes.data();
+  }
+  if (!options.sink_path.empty()) {
+    const NpyArray& logits = inputs[sink_index(options)];
+    for (std::int64_t h = 0; h < logits.shape[0]; ++h) {
+      sinks.push_back(load_as_float(logits.data.data(), logits.dtype, h));
+    }
+    params.maybe_sink_logits = sinks.data();
   }
   std::vector<float> out(static_cast<std::size_t>(q.numel()));
   params.out = make_mutable_view(out.data(), DType::kF32,
@@ -247,6 +263,9 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--softcap", options->softcap, "softcap c > 0: s = c*tanh(s/c) (0: off)")
       ->check(kNonNegativeFloat);
   command->add_option("--alibi", options->alibi_path, "ALiBi slopes, (heads,) .npy");
+  command->add_option("--sink-logits", options->sink_path,
+                      "learned attention sinks (gpt-oss), (heads,) .npy: one more term "
+                      "e^sink in each row's softmax denominator, with no value");
   command->add_option("--threads", options->threads, "worker threads (default: all cores)")
       ->check(kPositive);
   command->add_option("--dtype", options->dtype,
