@@ -24,6 +24,9 @@ enum class DType : std::uint8_t {
   kI8,
   kFP8E4M3,  // OCP fp8 "e4m3fn": 4 exponent bits, 3 mantissa bits, no infinities
   kFP8E5M2,  // OCP fp8 e5m2: the top byte of an IEEE f16
+  // Integer offsets (varlen's cu_seqlens; .npy '<i4', '<i8'), never attention data.
+  kI32,
+  kI64,
 };
 
 std::size_t dtype_size(DType dtype) noexcept;
@@ -32,7 +35,7 @@ std::size_t dtype_size(DType dtype) noexcept;
 constexpr bool is_quantized(DType dtype) noexcept {
   return dtype == DType::kI8 || dtype == DType::kFP8E4M3 || dtype == DType::kFP8E5M2;
 }
-// "f32", "f16", "bf16", "f64", "int8", "fp8e4m3", "fp8e5m2"
+// "f32", "f16", "bf16", "f64", "int8", "fp8e4m3", "fp8e5m2", "i32", "i64"
 std::string_view dtype_name(DType dtype) noexcept;
 // Parses "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16", "f64"/"float64",
 // "int8", "fp8e4m3"/"fp8_e4m3fn", "fp8e5m2"/"fp8_e5m2"; throws lookback::Error
@@ -110,7 +113,8 @@ inline std::uint16_t f32_to_f16(float value) noexcept {
 
 
 // Reads element `index` (in elements, not bytes) of an array of `dtype` as double
-// (f32, f16, bf16, f64; 8-bit codes have no value without their scale: 0).
+// (f32, f16, bf16, f64, i32, i64; 8-bit codes have no value without their
+// scale: 0).
 double load_as_double(const void* data, DType dtype, std::int64_t index) noexcept;
 // Reads element `index` as float (f64 is rounded).
 float load_as_float(const void* data, DType dtype, std::int64_t index) noexcept;

@@ -72,6 +72,17 @@ void lookback_context_destroy(lookback_context* context);
 lookback_status lookback_attend(lookback_context* context,
                                 const lookback_attention_params* params);
 
+/* Variable-length packed batch (FlashAttention's varlen): `batch` sequences
+   packed end to end. params->q is (1, total_q, heads, head_dim), k and v
+   (1, total_k, kv_heads, head_dim), out like q, maybe_lse (1, heads, total_q);
+   cu_seqlens_q and cu_seqlens_k hold batch + 1 ascending offsets from 0 to
+   the totals. Sequence b is q[cu_q[b]:cu_q[b+1]] against k, v[cu_k[b]:cu_k[b+1]],
+   masked as a sequence of its own. */
+lookback_status lookback_attend_varlen(lookback_context* context,
+                                       const lookback_attention_params* params,
+                                       const int64_t* cu_seqlens_q, const int64_t* cu_seqlens_k,
+                                       int64_t batch);
+
 const char* lookback_last_error(void);
 const char* lookback_version(void);
 

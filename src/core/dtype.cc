@@ -17,6 +17,8 @@ std::size_t dtype_size(DType dtype) noexcept {
     case DType::kI8:
     case DType::kFP8E4M3:
     case DType::kFP8E5M2: return 1;
+    case DType::kI32: return 4;
+    case DType::kI64: return 8;
   }
   return 0;
 }
@@ -30,6 +32,8 @@ std::string_view dtype_name(DType dtype) noexcept {
     case DType::kI8: return "int8";
     case DType::kFP8E4M3: return "fp8e4m3";
     case DType::kFP8E5M2: return "fp8e5m2";
+    case DType::kI32: return "i32";
+    case DType::kI64: return "i64";
   }
   return "?";
 }
@@ -55,6 +59,8 @@ double load_as_double(const void* data, DType dtype, std::int64_t index) noexcep
     case DType::kI8:
     case DType::kFP8E4M3:
     case DType::kFP8E5M2: return 0.0;
+    case DType::kI32: return static_cast<double>(static_cast<const std::int32_t*>(data)[index]);
+    case DType::kI64: return static_cast<double>(static_cast<const std::int64_t*>(data)[index]);
   }
   return 0.0;
 }

@@ -134,6 +134,37 @@ int main(void) {
   params.q.dtype = LOOKBACK_F32;
   params.storage = LOOKBACK_F32;
 
+  /* A packed batch of two sequences (2 and 3 tokens): each equals its run
+     alone; offsets that go down are a clear error. */
+  {
+    const int64_t cu[3] = {0, 2, 5};
+    float packed_out[kSeq * kHeads * kDim], packed_lse[kHeads * kSeq];
+    params.out = packed_out;
+    params.maybe_lse = packed_lse;
+    CHECK(lookback_attend_varlen(context, &params, cu, cu, 2) == LOOKBACK_OK);
+    for (int b = 0; b < 2; ++b) {
+      const int64_t first = cu[b], count = cu[b + 1] - cu[b];
+      lookback_attention_params alone = params;
+      alone.q = (lookback_tensor){q + first * kHeads * kDim, LOOKBACK_F32, {1, count, kHeads, kDim}, {0, 0, 0, 0}};
+      alone.k = (lookback_tensor){k + first * kDim, LOOKBACK_F32, {1, count, 1, kDim}, {0, 0, 0, 0}};
+      alone.v = (lookback_tensor){v + first * kDim, LOOKBACK_F32, {1, count, 1, kDim}, {0, 0, 0, 0}};
+      alone.out = out;
+      alone.maybe_lse = lse;
+      CHECK(lookback_attend(context, &alone) == LOOKBACK_OK);
+      for (int64_t i = 0; i < count * kHeads * kDim; ++i) {
+        CHECK(out[i] == packed_out[first * kHeads * kDim + i]);
+      }
+      for (int h = 0; h < kHeads; ++h) {
+        for (int64_t i = 0; i < count; ++i) CHECK(lse[h * count + i] == packed_lse[h * kSeq + first + i]);
+      }
+    }
+    const int64_t down[3] = {0, 4, 2};
+    CHECK(lookback_attend_varlen(context, &params, down, cu, 2) == LOOKBACK_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(lookback_last_error(), "cu_seqlens_q") != NULL);
+    params.out = out;
+    params.maybe_lse = lse;
+  }
+
   /* heads (2) not a multiple of kv_heads (3): a clear error. */
   params.k.shape[2] = 3;
   params.v.shape[2] = 3;

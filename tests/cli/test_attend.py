@@ -233,6 +233,52 @@ class AttendTest(CliTestCase):
         result, _, _ = self.attend(q, k, v, "--sink-logits", wrong)
         self.assert_usage_error(result, mentions="--sink-logits")
 
+    def test_varlen_packed_batch(self):
+        # Lengths 1, 7, 300 and 0, seqlen_q != seqlen_k, against NumPy per sequence.
+        rng = np.random.default_rng(7)
+        lengths = [(1, 1), (7, 7), (0, 3), (300, 300), (5, 40), (2, 0)]
+        cu_q = np.cumsum([0] + [a for a, _ in lengths])
+        cu_k = np.cumsum([0] + [b for _, b in lengths])
+        q = rng.standard_normal((cu_q[-1], 4, 24)).astype(np.float32)
+        k = rng.standard_normal((cu_k[-1], 2, 24)).astype(np.float32)
+        v = rng.standard_normal((cu_k[-1], 2, 24)).astype(np.float32)
+        paths = {n: self.save(n + ".npy", x) for n, x in
+                 (("q", q), ("k", k), ("v", v), ("cu_q", cu_q.astype(np.int32)),
+                  ("cu_k", cu_k.astype(np.int64)))}
+        out, lse = self.path("o.npy"), self.path("lse.npy")
+        base = ["attend", "--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
+                "--cu-seqlens-q", paths["cu_q"], "--cu-seqlens-k", paths["cu_k"], "--out", out]
+        for window in (None, 5):
+            with self.subTest(window=window):
+                extra = [] if window is None else ["--window", str(window)]
+                result = run(*base, "--lse", lse, *extra)
+                self.assert_ok(result)
+                o, l = np.load(out), np.load(lse)
+                self.assertEqual(o.shape, q.shape)
+                self.assertEqual(l.shape, (4, cu_q[-1]))
+                for b, (sq, sk) in enumerate(lengths):
+                    if sq == 0:
+                        continue
+                    qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+                    expected, expected_lse = numpy_attention(q[None, qs], k[None, ks], v[None, ks],
+                                                             window=window)
+                    np.testing.assert_allclose(o[qs], expected[0], atol=2e-5)
+                    np.testing.assert_array_equal(np.isinf(l[:, qs]), np.isinf(expected_lse[0]))
+        bad = {"down": [0, 5, 3, 300, 310, 312, 320], "start": [1, 1, 8, 8, 308, 313, 315],
+               "end": [0, 1, 8, 8, 308, 313, 314], "negative": [0, -1, 8, 8, 308, 313, 315],
+               "length": [0, 8, 315]}
+        for name, values in bad.items():
+            with self.subTest(bad=name):
+                path = self.save("bad_" + name + ".npy", np.array(values, np.int64))
+                args = list(base)
+                args[args.index("--cu-seqlens-q") + 1] = path
+                self.assert_usage_error(run(*args), mentions="cu_seqlens_q" if name != "length" else "cu_seqlens")
+        self.assert_usage_error(run(*base, "--mode", "decode"), mentions="--mode")
+        floats = self.save("cu_f.npy", cu_q.astype(np.float32))
+        args = list(base)
+        args[args.index("--cu-seqlens-q") + 1] = floats
+        self.assert_usage_error(run(*args), mentions="cu_f.npy")
+
     def test_reference_flag_and_threads_agree(self):
         q, k, v = self.random_inputs(sq=70, sk=70, dim=40)
         outputs = []
