@@ -22,9 +22,7 @@
 namespace lookback {
 namespace {
 
-// Relative L2 against the reference on the dequantized K and V: the kernels
-// compute in f32 on exactly those values, so only f32 rounding remains.
-constexpr double kQuantTolerance = 1e-4;
+using testing::kQuantTolerance;  // against the reference on the dequantized K and V
 
 const DType kQuantized[] = {DType::kI8, DType::kFP8E4M3, DType::kFP8E5M2};
 

@@ -26,11 +26,16 @@ namespace lookback::testing {
 // Relative L2 error against the float64 reference (DESIGN.md §4).
 inline constexpr double kF32Tolerance = 1e-5;
 inline constexpr double kHalfTolerance = 1e-2;  // bf16 / f16 storage
+// 8-bit K/V storage, against the reference on the dequantized K and V: the
+// kernels compute in f32 on exactly those values.
+inline constexpr double kQuantTolerance = 1e-4;
 // Absolute error of the natural-log LSE.
 inline constexpr double kLseTolerance = 1e-4;
 
 inline double tolerance_for(DType storage) {
-  return storage == DType::kF32 ? kF32Tolerance : kHalfTolerance;
+  return storage == DType::kF32 ? kF32Tolerance
+         : is_quantized(storage) ? kQuantTolerance
+                                 : kHalfTolerance;
 }
 
 struct ProblemSpec {
