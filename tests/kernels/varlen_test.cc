@@ -93,7 +93,9 @@ void expect_equals_alone(Packed& packed, std::size_t b, const MaskSpec& mask, DT
           << "sequence " << b << " head " << h << " row " << i;
     }
   }
-  if (storage == DType::kF32) {
+  // The reference on the shorter sequences (the kernel on long ones is the
+  // prefill tests' subject; here the check is the bitwise one above).
+  if (storage == DType::kF32 && sq * sk <= 300 * 300) {
     const ReferenceResult reference = reference_attention(params);
     EXPECT_LE(testing::relative_l2(out, reference.out), testing::kF32Tolerance) << "sequence " << b;
   }
