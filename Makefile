@@ -58,7 +58,7 @@ test-tsan: deps
 # $(FUZZ_BUILD), so a run never writes into the repository; a crash, a
 # sanitizer report or a mismatch leaves its input in
 # $(FUZZ_BUILD)/fuzz-work/<target>/artifacts and fails the make.
-FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint
+FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint fuzz_varlen
 
 fuzz: deps
 	@CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -4,7 +4,7 @@
 // linear fit of time per token against context length.
 //
 //   decode_bench [--quick] [--threads 1,2] [--contexts 1024,4096,16384,65536]
-//                [--heads 32] [--kv-heads 8] [--dim 128] [--dtype f32|bf16|f16] [--reps 7]
+//                [--heads 32] [--kv-heads 8] [--dim 128] [--dtype f32|bf16|f16|int8|fp8e4m3|fp8e5m2] [--reps 7]
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -43,7 +43,7 @@ std::optional<Options> parse_options(int argc, char** argv) {
     if (value.empty()) {
       fmt::print(stderr,
                  "usage: decode_bench [--quick] [--threads 1,2] [--contexts 1024,4096,...] "
-                 "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16] [--reps R]\n");
+                 "[--heads H] [--kv-heads HK] [--dim D] [--dtype f32|bf16|f16|int8|fp8e4m3|fp8e5m2] [--reps R]\n");
       return std::nullopt;
     }
     ++i;
@@ -125,8 +125,10 @@ int main(int argc, char** argv) {
                             .out = make_mutable_view(out.data(), DType::kF32, {1, heads, dim}, "out")};
       const bench::Timing time = bench::time_it(reps, [&] { cache.attend(step, {}, context); });
       const double median = time.median;
-      const double bytes = 2.0 * static_cast<double>(n * kv_heads * dim) *
-                           static_cast<double>(dtype_size(storage));
+      // 8-bit rows carry one f32 scale each.
+      const double bytes = 2.0 * static_cast<double>(n * kv_heads) *
+                           (static_cast<double>(dim) * static_cast<double>(dtype_size(storage)) +
+                            (is_quantized(storage) ? 4.0 : 0.0));
       const double rate = bytes / median * 1e-9;
       fmt::print("{:>8} {:>10.1f} {:>24} {:>9.1f} {:>7.1f}%\n", n, bytes / 1e6,
                  bench::ms_text(time), rate, 100.0 * rate / bandwidth);

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/quant.hpp"
 #include "fuzz_common.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/error.hpp"
@@ -167,11 +168,13 @@ Case decode_case(FuzzedDataProvider& in) {
   c.options.splits = (in.ConsumeIntegralInRange(0, 10) + 1) % 11;
   c.threads = in.ConsumeIntegralInRange(1, 3);
 
-  const int storage_pick = in.ConsumeIntegralInRange(0, 15);
+  const int storage_pick = in.ConsumeIntegralInRange(0, 18);
+  constexpr DType kEightBit[] = {DType::kI8, DType::kFP8E4M3, DType::kFP8E5M2};
   c.storage = storage_pick < 10   ? DType::kF32
               : storage_pick < 13 ? DType::kBF16
               : storage_pick < 15 ? DType::kF16
-                                  : DType::kF64;  // not a storage dtype
+              : storage_pick == 15 ? DType::kF64  // not a storage dtype
+                                   : kEightBit[storage_pick - 16];
   constexpr DType kInputs[] = {DType::kF32, DType::kF32, DType::kF32,  DType::kF32,
                                DType::kF32, DType::kF16, DType::kBF16, DType::kF64};
   c.input = kInputs[in.ConsumeIntegralInRange(0, 7)];
@@ -209,7 +212,8 @@ bool predicted_valid(const Case& c) {
   for (float slope : c.slopes) {
     if (!std::isfinite(slope)) return false;
   }
-  if (c.storage != DType::kF32 && c.storage != DType::kF16 && c.storage != DType::kBF16)
+  if (c.storage != DType::kF32 && c.storage != DType::kF16 && c.storage != DType::kBF16 &&
+      !is_quantized(c.storage))
     return false;
   if (c.mask.window_left && (*c.mask.window_left < 0 || c.mask.causal == Causal::kNone))
     return false;
@@ -263,6 +267,18 @@ struct Input {
     }
   }
 
+  // 8-bit storage quantizes K and V rows (one token of one kv head) by the
+  // rule of core/quant.hpp; the reference then runs on decode(code) * scale.
+  void quantize_rows(DType storage, std::int64_t head_dim) {
+    if (!is_quantized(storage) || head_dim < 1) return;
+    std::vector<float> row(static_cast<std::size_t>(head_dim));
+    for (std::size_t first = 0; first + row.size() <= effective.size(); first += row.size()) {
+      for (std::size_t e = 0; e < row.size(); ++e) row[e] = static_cast<float>(effective[first + e]);
+      round_row_to_quantized(row.data(), head_dim, storage);
+      for (std::size_t e = 0; e < row.size(); ++e) effective[first + e] = row[e];
+    }
+  }
+
   void store(float value, void* slot) const {
     switch (view.dtype) {
       case DType::kF32:
@@ -283,6 +299,8 @@ struct Input {
         std::memcpy(slot, &bits, sizeof bits);
         break;
       }
+      default:  // inputs are f32, f64, f16 or bf16 (kInputs)
+        break;
     }
   }
 };
@@ -394,9 +412,11 @@ void check_large_scores(const Case& c, const Outputs& actual, const ReferenceRes
 void run_case(const Case& c, const std::vector<float>& values) {
   // Q, K and V take consecutive stretches of the values, so no two alias.
   const Input q(c, c.seqlen_q, c.heads, values, 0);
-  const Input k(c, c.seqlen_k, c.kv_heads, values, q.effective.size());
+  Input k(c, c.seqlen_k, c.kv_heads, values, q.effective.size());
   const std::int64_t v_seqlen = c.hostile == Hostile::kVShape ? c.seqlen_k - 1 : c.seqlen_k;
-  const Input v(c, v_seqlen, c.kv_heads, values, q.effective.size() + k.effective.size());
+  Input v(c, v_seqlen, c.kv_heads, values, q.effective.size() + k.effective.size());
+  k.quantize_rows(c.storage, c.head_dim);
+  v.quantize_rows(c.storage, c.head_dim);
 
   Outputs first(c);
   AttentionParams params{.q = q.view,

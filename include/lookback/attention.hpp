@@ -6,7 +6,11 @@
 // Scores (DESIGN.md §3):
 //   s_ij = scale * dot(q_i, k_j); softcap c > 0: s_ij = c * tanh(s_ij / c);
 //   ALiBi slope m_h: s_ij += -m_h * |p(i) - j|; masked by lookback::Mask.
-// A row with no visible key outputs zeros and lse = -inf, never NaN.
+// Learned sink logits (gpt-oss), one per query head, join the softmax
+// denominator only: o_i = sum_j e^s_ij v_j / (e^sink_h + sum_j e^s_ij),
+// lse_i = log(e^sink_h + sum_j e^s_ij).
+// A row with no visible key outputs zeros and lse = -inf (sink_h with a
+// sink), never NaN.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +36,7 @@ struct AttentionParams {
 
   MutableTensorView maybe_lse;           // (batch, heads, seqlen_q), f32; optional
   const float* maybe_alibi_slopes = nullptr;  // (heads,); optional
+  const float* maybe_sink_logits = nullptr;   // (heads,), finite; optional
 
   std::optional<float> scale;  // default 1 / sqrt(head_dim)
   float softcap = 0.0f;        // 0 disables; must be >= 0

@@ -1,5 +1,7 @@
 // Element types: what inputs may be (f32, f16, bf16, f64) and what the kernels
-// and caches store (f32, f16, bf16). Accumulation is always float32.
+// and caches store (f32, f16, bf16, and for K/V the 8-bit int8, fp8e4m3 and
+// fp8e5m2 with one f32 scale per row; docs/semantics.md). Accumulation is
+// always float32.
 #pragma once
 
 #include <cstddef>
@@ -12,12 +14,32 @@
 
 namespace lookback {
 
-enum class DType : std::uint8_t { kF32, kF16, kBF16, kF64 };
+enum class DType : std::uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kF64,
+  // 8-bit K/V storage only (never an input): codes beside one f32 scale per
+  // (token, kv head) row.
+  kI8,
+  kFP8E4M3,  // OCP fp8 "e4m3fn": 4 exponent bits, 3 mantissa bits, no infinities
+  kFP8E5M2,  // OCP fp8 e5m2: the top byte of an IEEE f16
+  // Integer offsets (varlen's cu_seqlens; .npy '<i4', '<i8'), never attention data.
+  kI32,
+  kI64,
+};
 
 std::size_t dtype_size(DType dtype) noexcept;
-std::string_view dtype_name(DType dtype) noexcept;  // "f32", "f16", "bf16", "f64"
-// Parses "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16", "f64"/"float64";
-// throws lookback::Error naming `argument` otherwise.
+// True for the 8-bit K/V storage dtypes (int8, fp8e4m3, fp8e5m2), whose rows
+// carry one f32 scale each beside their codes.
+constexpr bool is_quantized(DType dtype) noexcept {
+  return dtype == DType::kI8 || dtype == DType::kFP8E4M3 || dtype == DType::kFP8E5M2;
+}
+// "f32", "f16", "bf16", "f64", "int8", "fp8e4m3", "fp8e5m2", "i32", "i64"
+std::string_view dtype_name(DType dtype) noexcept;
+// Parses "f32"/"float32", "f16"/"float16", "bf16"/"bfloat16", "f64"/"float64",
+// "int8", "fp8e4m3"/"fp8_e4m3fn", "fp8e5m2"/"fp8_e5m2"; throws lookback::Error
+// naming `argument` otherwise.
 DType parse_dtype(std::string_view text, std::string_view argument = "dtype");
 
 // Scalar conversions, round-to-nearest-even, NaN preserved.
@@ -90,7 +112,9 @@ inline std::uint16_t f32_to_f16(float value) noexcept {
 }
 
 
-// Reads element `index` (in elements, not bytes) of an array of `dtype` as double.
+// Reads element `index` (in elements, not bytes) of an array of `dtype` as double
+// (f32, f16, bf16, f64, i32, i64; 8-bit codes have no value without their
+// scale: 0).
 double load_as_double(const void* data, DType dtype, std::int64_t index) noexcept;
 // Reads element `index` as float (f64 is rounded).
 float load_as_float(const void* data, DType dtype, std::int64_t index) noexcept;

@@ -43,6 +43,9 @@ struct DecodeOptions {
   float softcap = 0.0f;                       // 0 disables
   std::optional<std::int64_t> window_left;    // keys p - W .. p
   const float* maybe_alibi_slopes = nullptr;  // (heads,)
+  // Learned sink logits (gpt-oss), (heads,), finite: one more term e^sink_h
+  // in each row's softmax denominator, added once after the parts merge.
+  const float* maybe_sink_logits = nullptr;
   // Split each sequence's key range into this many parts computed in
   // parallel and merged exactly through their LSEs (flash-decoding). 0 picks
   // a number from the context length and thread count; 1 disables.

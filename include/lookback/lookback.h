@@ -25,7 +25,12 @@ typedef enum lookback_dtype {
   LOOKBACK_F32 = 0,
   LOOKBACK_F16 = 1,
   LOOKBACK_BF16 = 2,
-  LOOKBACK_F64 = 3
+  LOOKBACK_F64 = 3,
+  /* 8-bit K/V storage only (docs/semantics.md): codes with one f32 scale per
+     (token, kv head) row. */
+  LOOKBACK_INT8 = 4,
+  LOOKBACK_FP8E4M3 = 5,
+  LOOKBACK_FP8E5M2 = 6
 } lookback_dtype;
 
 typedef enum lookback_causal {
@@ -54,7 +59,8 @@ typedef struct lookback_attention_params {
   float softcap;     /* 0 disables */
   lookback_causal causal;
   int64_t window_left; /* -1: no window; W >= 0: keys p-W..p */
-  lookback_dtype storage; /* F32, F16 or BF16 */
+  lookback_dtype storage; /* F32, F16, BF16, INT8, FP8E4M3 or FP8E5M2 */
+  const float* maybe_sink_logits; /* (heads,), or NULL: learned sinks (gpt-oss) */
 } lookback_attention_params;
 
 typedef struct lookback_context lookback_context;
@@ -65,6 +71,17 @@ void lookback_context_destroy(lookback_context* context);
 
 lookback_status lookback_attend(lookback_context* context,
                                 const lookback_attention_params* params);
+
+/* Variable-length packed batch (FlashAttention's varlen): `batch` sequences
+   packed end to end. params->q is (1, total_q, heads, head_dim), k and v
+   (1, total_k, kv_heads, head_dim), out like q, maybe_lse (1, heads, total_q);
+   cu_seqlens_q and cu_seqlens_k hold batch + 1 ascending offsets from 0 to
+   the totals. Sequence b is q[cu_q[b]:cu_q[b+1]] against k, v[cu_k[b]:cu_k[b+1]],
+   masked as a sequence of its own. */
+lookback_status lookback_attend_varlen(lookback_context* context,
+                                       const lookback_attention_params* params,
+                                       const int64_t* cu_seqlens_q, const int64_t* cu_seqlens_k,
+                                       int64_t batch);
 
 const char* lookback_last_error(void);
 const char* lookback_version(void);

@@ -17,4 +17,5 @@
 #include "lookback/reference.hpp"
 #include "lookback/shape.hpp"
 #include "lookback/tensor.hpp"
+#include "lookback/varlen.hpp"
 #include "lookback/version.hpp"

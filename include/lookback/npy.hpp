@@ -43,8 +43,9 @@ NpyHeader read_npy_header(const std::string& path);
 NpyArray parse_npy(std::span<const std::byte> bytes, std::string_view name = "npy");
 NpyArray read_npy(const std::string& path);
 // As read_npy, accepting only the dtypes in `accepted` (some of kF32, kF16,
-// kF64, in the order the error message lists them): any other dtype is a
-// kFormat error naming exactly those.
+// kF64, and kI32 / kI64 ('<i4', '<i8', which only such a call reads), in the
+// order the error message lists them): any other dtype is a kFormat error
+// naming exactly those.
 NpyArray read_npy(const std::string& path, std::span<const DType> accepted);
 
 // Serialises as format 1.0 (2.0 when the header needs it).

@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core/quant.hpp"
 #include "kernels/dispatch.hpp"
 #include "kernels/prefill.hpp"
 #include "lookback/error.hpp"
@@ -120,9 +121,18 @@ void validate_scores(const AttentionParams& params, const AttentionShape& shape)
       }
     }
   }
+  if (params.maybe_sink_logits != nullptr) {
+    for (std::int64_t h = 0; h < shape.heads; ++h) {
+      if (!std::isfinite(params.maybe_sink_logits[h])) {
+        throw Error(fmt::format("sink_logits: logit {} of head {} (expected finite)",
+                                params.maybe_sink_logits[h], h));
+      }
+    }
+  }
   if (params.storage != DType::kF32 && params.storage != DType::kF16 &&
-      params.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));
+      params.storage != DType::kBF16 && !is_quantized(params.storage)) {
+    throw Error(fmt::format("storage: {} (expected f32, f16, bf16, int8, fp8e4m3 or fp8e5m2)",
+                            dtype_name(params.storage)));
   }
 }
 
@@ -137,6 +147,7 @@ void attend(const AttentionParams& params, Context& context) {
       .out = params.out,
       .maybe_lse = params.maybe_lse,
       .maybe_alibi_slopes = params.maybe_alibi_slopes,
+      .maybe_sink_logits = params.maybe_sink_logits,
       .shape = shape,
       .scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(shape.head_dim))),
       .softcap = params.softcap,

@@ -75,7 +75,8 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
   const DecodeOptions options{.scale = params.scale,
                               .softcap = params.softcap,
                               .window_left = params.mask.window_left,
-                              .maybe_alibi_slopes = params.maybe_alibi_slopes};
+                              .maybe_alibi_slopes = params.maybe_alibi_slopes,
+                              .maybe_sink_logits = params.maybe_sink_logits};
   const std::int64_t prompt = shape.seqlen_k - shape.seqlen_q;
   std::vector<KvCache> caches;
   std::optional<PagedKvPool> pool;
@@ -166,6 +167,14 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
   if (shape.seqlen_k == 0) {  // no part ran
     std::fill(out.begin(), out.end(), 0.0f);
     std::fill(lse.begin(), lse.end(), -std::numeric_limits<float>::infinity());
+  }
+  // The parts left the sink out (prefill.maybe_sink_logits is null): it is
+  // added once, to the merged rows.
+  if (params.maybe_sink_logits != nullptr) {
+    for (std::int64_t row = 0; row < rows; ++row) {
+      kernels::add_sink(out.data() + row * dim, lse[static_cast<std::size_t>(row)],
+                        params.maybe_sink_logits[row % shape.heads], static_cast<std::size_t>(dim));
+    }
   }
   auto* destination = static_cast<float*>(params.out.data);
   auto* lse_destination = static_cast<float*>(params.maybe_lse.data);

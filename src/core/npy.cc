@@ -80,7 +80,8 @@ struct DtypeSpelling {
   std::string_view descr;
 };
 constexpr DtypeSpelling kDtypeSpellings[] = {
-    {DType::kF32, "<f4"}, {DType::kF16, "<f2"}, {DType::kF64, "<f8"}};
+    {DType::kF32, "<f4"}, {DType::kF16, "<f2"}, {DType::kF64, "<f8"},
+    {DType::kI32, "<i4"}, {DType::kI64, "<i8"}};  // integers only where a reader accepts them
 
 std::optional<DType> dtype_from_descr(std::string_view descr) {
   for (const auto& spelling : kDtypeSpellings)

@@ -104,7 +104,8 @@ std::vector<BuiltinCheck> builtin_plan(std::int64_t window) {
                                    .splits = kBuiltinSplits};
     for (std::optional<std::int64_t> path_window :
          {std::optional<std::int64_t>{}, std::optional<std::int64_t>{window}}) {
-      for (DType storage : {DType::kF32, DType::kBF16, DType::kF16}) {
+      for (DType storage : {DType::kF32, DType::kBF16, DType::kF16, DType::kI8, DType::kFP8E4M3,
+                            DType::kFP8E5M2}) {
         BuiltinCheck check;
         check.label = path_label(mode_options) +
                       (path_window ? fmt::format(", window {}", *path_window) : std::string());

@@ -1,7 +1,8 @@
 // The decode kernel. One call handles one kv head: its query heads (a GQA
 // group) times the step's tokens are the rows; keys stream in tiles of
 // kKeyTile straight from the cache (contiguous runs or paged blocks), in the
-// storage dtype, converted to f32 in registers. Per tile: one dot product
+// storage dtype, converted to f32 in registers (8-bit codes too, their
+// row's scale applied to K's row and folded into P for V). Per tile: one dot product
 // per (row, visible key), the shared online-softmax step, then O += P V over
 // each row's visible keys only (hidden slots are never read).
 
@@ -20,6 +21,7 @@
 #include "kernels/dispatch.hpp"
 #include "kernels/online_softmax.hpp"
 #include "kernels/pack.hpp"
+#include "kernels/quant-inl.h"
 #include "kernels/softmax-inl.h"
 #include "kernels/tiles.hpp"
 
@@ -34,6 +36,8 @@ template <typename T, class D>
 HWY_INLINE hn::Vec<D> LoadAsFloat(D d, const T* HWY_RESTRICT row, std::size_t offset) {
   if constexpr (std::is_same_v<T, float>) {
     return hn::LoadU(d, row + offset);
+  } else if constexpr (kIsCode<T>) {
+    return LoadCodes(d, row, offset);
   } else {
     const hn::Rebind<T, D> narrow;
     return hn::PromoteTo(d, hn::LoadU(narrow, row + offset));
@@ -119,6 +123,8 @@ struct DecodeFrame {
   LocalRange* ranges;
   const void** k_rows;
   const void** v_rows;
+  float* k_scales;
+  float* v_scales;
 
   std::int64_t head_of_row(std::int64_t row) const { return kv_head * group + row % group; }
 };
@@ -169,6 +175,11 @@ void GatherRows(const DecodeFrame& f, const DecodeTile& tile, std::int64_t& run)
     const std::int64_t offset = f.kv_head * r.head_stride + (key - r.first_key) * f.padded;
     f.k_rows[key - tile.begin] = static_cast<const T*>(r.k) + offset;
     f.v_rows[key - tile.begin] = static_cast<const T*>(r.v) + offset;
+    if constexpr (kIsCode<T>) {
+      const std::int64_t scale = f.kv_head * r.scale_head_stride + (key - r.first_key);
+      f.k_scales[key - tile.begin] = r.k_scales[scale];
+      f.v_scales[key - tile.begin] = r.v_scales[scale];
+    }
   }
 }
 
@@ -243,7 +254,14 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
     } else {
       // Convert the stored row once for every query row of the group.
       const hn::ScalableTag<float> d;
-      for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) hn::Store(LoadAsFloat(d, k, e), d, k_row + e);
+      if constexpr (kIsCode<T>) {
+        const auto scale = hn::Set(d, f.k_scales[j]);
+        for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) {
+          hn::Store(hn::Mul(LoadAsFloat(d, k, e), scale), d, k_row + e);
+        }
+      } else {
+        for (std::size_t e = 0; e < dim; e += hn::Lanes(d)) hn::Store(LoadAsFloat(d, k, e), d, k_row + e);
+      }
       k_f32 = k_row;
     }
     for (std::int64_t row = 0; row < rows; ++row) {
@@ -264,6 +282,16 @@ void Softmax(const DecodeFrame& f, const DecodeTile& tile) {
                                     static_cast<float>(f.mask.position(row / f.group)),
                                     static_cast<float>(tile.begin), f.state[row],
                                     f.plan.bf16_dots ? params.scale : 1.0f);
+  }
+}
+
+// 8-bit V: p_ij * (decode(code_j) * scale_j) = (p_ij * scale_j) * decode(code_j),
+// so each row's P takes its keys' V scales and Accumulate reads bare codes.
+void ScaleProbabilitiesByV(const DecodeFrame& f) {
+  for (std::int64_t row = 0; row < f.rows; ++row) {
+    const LocalRange range = f.ranges[row];
+    float* p = f.scores + row * kKeyTile;
+    for (std::int64_t j = range.begin; j < range.end; ++j) p[j] *= f.v_scales[j];
   }
 }
 
@@ -325,6 +353,7 @@ void DecodeTyped(const DecodeFrame& f) {
     const LocalRange all = SetRanges(f, tile);
     Scores<T>(f, tile, all, ahead, row_bytes);
     Softmax(f, tile);
+    if constexpr (kIsCode<T>) ScaleProbabilitiesByV(f);
     Accumulate<T>(f);
   }
   WriteOutputs(f);
@@ -354,10 +383,15 @@ void DecodeKvHead(const DecodeParams& params, const DecodePlan& plan, std::int64
                           .state = s.state.in(scratch),
                           .ranges = s.ranges.in(scratch),
                           .k_rows = s.k_rows.in(scratch),
-                          .v_rows = s.v_rows.in(scratch)};
+                          .v_rows = s.v_rows.in(scratch),
+                          .k_scales = s.k_scales.in(scratch),
+                          .v_scales = s.v_scales.in(scratch)};
   switch (params.storage) {
     case DType::kBF16: DecodeTyped<hwy::bfloat16_t>(frame); break;
     case DType::kF16: DecodeTyped<hwy::float16_t>(frame); break;
+    case DType::kI8: DecodeTyped<Int8Code>(frame); break;
+    case DType::kFP8E4M3: DecodeTyped<E4M3Code>(frame); break;
+    case DType::kFP8E5M2: DecodeTyped<E5M2Code>(frame); break;
     default: DecodeTyped<float>(frame); break;
   }
 }
@@ -389,6 +423,8 @@ DecodePlan plan_decode(const DecodeParams& params) {
   s.ranges = layout.add<LocalRange>(rows);
   s.k_rows = layout.add<const void*>(table);
   s.v_rows = layout.add<const void*>(table);
+  s.k_scales = layout.add<float>(is_quantized(params.storage) ? table : 0);
+  s.v_scales = layout.add<float>(is_quantized(params.storage) ? table : 0);
   s.bytes = layout.bytes();
   return plan;
 }

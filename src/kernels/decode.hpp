@@ -25,6 +25,12 @@ struct KvRun {
   std::int64_t first_key = 0;
   std::int64_t count = 0;
   std::int64_t head_stride = 0;  // elements between kv heads
+  // 8-bit storage (core/quant.hpp): the rows' f32 scales, key first_key + t
+  // of kv head h at k_scales + h * scale_head_stride + t (same for v); null
+  // for other storage.
+  const float* k_scales = nullptr;
+  const float* v_scales = nullptr;
+  std::int64_t scale_head_stride = 0;
 };
 
 // How far ahead of the current key the decode kernel prefetches K and V
@@ -68,6 +74,8 @@ struct DecodeScratchLayout {
   ScratchRegion<LocalRange> ranges;         // (rows)
   ScratchRegion<const void*> k_rows;   // (kKeyTile + kMaxPrefetchKeys): the tile's rows and those ahead
   ScratchRegion<const void*> v_rows;   // (kKeyTile + kMaxPrefetchKeys)
+  ScratchRegion<float> k_scales;       // (kKeyTile + kMaxPrefetchKeys): the tile's K scales (8-bit)
+  ScratchRegion<float> v_scales;       // (kKeyTile + kMaxPrefetchKeys): the tile's V scales (8-bit)
   std::int64_t bf16_stride = 0;        // padded_dim rounded up to one VDPBF16PS vector (32)
   std::size_t bytes = 0;
 };

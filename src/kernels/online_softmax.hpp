@@ -62,6 +62,25 @@ struct OnlineSoftmaxState {
   }
 };
 
+// The LSE of a row with a learned sink logit (gpt-oss) added to its
+// denominator: log(e^lse + e^sink), exactly `sink` for an empty row (lse =
+// -inf). A normalised output row is then scaled by exp(lse - result), which
+// is 0 for an empty row. Added once per row, after every key part is merged.
+inline float lse_with_sink(float lse, float sink) noexcept {
+  if (lse == kMinusInf) return sink;
+  const float high = lse > sink ? lse : sink;
+  const float low = lse > sink ? sink : lse;
+  return high + std::log1p(std::exp(low - high));
+}
+
+// Adds a sink logit to a normalised row (out, lse) of `dim` values.
+inline void add_sink(float* out, float& lse, float sink, std::size_t dim) noexcept {
+  const float merged = lse_with_sink(lse, sink);
+  const float factor = std::exp(lse - merged);
+  for (std::size_t e = 0; e < dim; ++e) out[e] *= factor;
+  lse = merged;
+}
+
 // Merges a normalised partial result (other_out, other_lse) into (out, lse),
 // both over `dim` values: the states (lse, sum 1, acc = out) merged exactly.
 // An empty partial (lse = -inf) changes nothing.

@@ -20,6 +20,7 @@
 #include "kernels/amx-inl.h"
 #include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
+#include "kernels/quant-inl.h"
 #include "kernels/tiles.hpp"
 #include "lookback/context.hpp"
 
@@ -142,6 +143,10 @@ inline void PackKV(const PrefillParams& params, const PrefillPlan& plan, const P
       return;
     }
 #endif
+    if (is_quantized(params.storage)) {
+      PackQuantizedTile(params, packed, b, kv_head, tile);
+      return;
+    }
     PackF32Tile(params, packed, b, kv_head, tile);
   });
 }

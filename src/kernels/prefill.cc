@@ -221,13 +221,19 @@ void WriteOutputs(const TaskFrame& f) {
     const float* acc = f.acc_of(g);
     const OnlineSoftmaxState* state = f.state + g * kQueryTile;
     for (std::int64_t r = 0; r < f.rows; ++r) {
-      const float normalizer = state[r].normalizer();
+      float normalizer = state[r].normalizer();
+      float row_lse = state[r].lse();
+      if (params.maybe_sink_logits != nullptr) {  // one more term in the denominator
+        const float with_sink = lse_with_sink(row_lse, params.maybe_sink_logits[f.head(g)]);
+        normalizer *= std::exp(row_lse - with_sink);
+        row_lse = with_sink;
+      }
       const std::int64_t base = params.out.offset(f.b, f.row_begin + r, f.head(g), 0);
       for (std::int64_t e = 0; e < params.shape.head_dim; ++e) {
         out[base + e * params.out.strides[3]] = acc[r * f.padded + e] * normalizer;
       }
       if (lse != nullptr) {
-        lse[params.maybe_lse.offset(f.b, f.head(g), f.row_begin + r)] = state[r].lse();
+        lse[params.maybe_lse.offset(f.b, f.head(g), f.row_begin + r)] = row_lse;
       }
     }
   }

@@ -30,6 +30,9 @@ struct PrefillParams {
   MutableTensorView out;        // (batch, seqlen_q, heads, head_dim), f32
   MutableTensorView maybe_lse;  // (batch, heads, seqlen_q), f32; optional
   const float* maybe_alibi_slopes = nullptr;  // (heads,); optional
+  // (heads,); optional. Added at finalisation: only for the whole key range
+  // (split-KV parts leave it null and their merge adds it once).
+  const float* maybe_sink_logits = nullptr;
   AttentionShape shape;
   float scale = 1.0f;
   float softcap = 0.0f;  // 0 disables

@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 
+#include "core/quant.hpp"
 #include "kernels/pack.hpp"
 #include "kernels/tiles.hpp"
 #include "lookback/error.hpp"
@@ -20,8 +21,15 @@ std::int64_t stored_padded_dim(const CacheConfig& config) {
 }
 
 std::int64_t stored_token_bytes(const CacheConfig& config) {
-  return config.kv_heads * stored_padded_dim(config) *
-         static_cast<std::int64_t>(dtype_size(config.storage));
+  const std::int64_t scale_bytes = is_quantized(config.storage) ? sizeof(float) : 0;
+  return config.kv_heads * (stored_padded_dim(config) *
+                                static_cast<std::int64_t>(dtype_size(config.storage)) +
+                            scale_bytes);
+}
+
+std::int64_t scales_offset(const CacheConfig& config, std::int64_t slots) {
+  if (!is_quantized(config.storage)) return 0;
+  return config.kv_heads * slots * stored_padded_dim(config);  // one byte per code
 }
 
 std::int64_t cache_bytes(const CacheConfig& config, std::int64_t slots) {
@@ -90,8 +98,9 @@ void validate_config(const CacheConfig& config) {
     throw Error(fmt::format("head_dim: {} (expected 1 to {})", config.head_dim, kMaxHeadDim));
   }
   if (config.storage != DType::kF32 && config.storage != DType::kF16 &&
-      config.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(config.storage)));
+      config.storage != DType::kBF16 && !is_quantized(config.storage)) {
+    throw Error(fmt::format("storage: {} (expected f32, f16, bf16, int8, fp8e4m3 or fp8e5m2)",
+                            dtype_name(config.storage)));
   }
   if (config.rope && !(config.rope->theta > 0.0f && std::isfinite(config.rope->theta))) {
     throw Error(fmt::format("rope theta: {} (expected a finite number > 0)", config.rope->theta));
@@ -138,7 +147,7 @@ void store_row(DType storage, const float* row, std::int64_t count, void* destin
 
 void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
                   std::int64_t end, std::int64_t first_position, bool rotate, void* destination,
-                  std::int64_t head_stride) {
+                  std::int64_t head_stride, float* maybe_scales, std::int64_t scale_head_stride) {
   const std::int64_t padded = stored_padded_dim(config);
   const std::int64_t row_floats = config.kv_heads * padded;
   std::vector<float> row(static_cast<std::size_t>(row_floats), 0.0f);  // zero padding
@@ -160,8 +169,16 @@ void store_tokens(const CacheConfig& config, const TensorView& source, std::int6
       }
     }
     for (std::int64_t h = 0; h < config.kv_heads; ++h) {
-      store_row(config.storage, row.data() + h * padded, padded,
-                out + (h * head_stride + (t - begin) * padded) * element);
+      std::byte* stored = out + (h * head_stride + (t - begin) * padded) * element;
+      if (is_quantized(config.storage)) {
+        // The scale comes from the head_dim values; the padding's codes are 0.
+        maybe_scales[h * scale_head_stride + (t - begin)] = quantize_row(
+            row.data() + h * padded, config.head_dim, config.storage,
+            reinterpret_cast<std::uint8_t*>(stored));
+        std::memset(stored + config.head_dim, 0, static_cast<std::size_t>(padded - config.head_dim));
+        continue;
+      }
+      store_row(config.storage, row.data() + h * padded, padded, stored);
     }
   }
 }

@@ -14,9 +14,15 @@
 namespace lookback::detail {
 
 // A stored token is (kv_heads, padded_dim) elements of the storage dtype,
-// head_dim padded with zeros to kernels::kDimAlign so rows are whole vectors.
+// head_dim padded with zeros to kernels::kDimAlign so rows are whole vectors;
+// 8-bit storage adds one f32 scale per kv head (core/quant.hpp), kept after
+// the codes of a whole buffer (KvCache) or block (PagedKvPool):
+//   codes (kv_heads, slots, padded_dim), then scales (kv_heads, slots) f32.
 std::int64_t stored_padded_dim(const CacheConfig& config);
 std::int64_t stored_token_bytes(const CacheConfig& config);
+// Where the scales of a buffer or block of `slots` tokens start, in bytes
+// (0 when the storage has none).
+std::int64_t scales_offset(const CacheConfig& config, std::int64_t slots);
 
 // K and V of `slots` stored tokens in bytes, saturating at the int64 maximum.
 std::int64_t cache_bytes(const CacheConfig& config, std::int64_t slots);
@@ -67,9 +73,11 @@ std::int64_t validate_kv(const CacheConfig& config, const TensorView& k, const T
 // Converts tokens [begin, end) of k or v into stored rows, head-major: token
 // t of kv head h goes to destination + h * head_stride + (t - begin) *
 // padded_dim elements. Rotates by RoPE at first_position + (t - begin) when
-// `rotate` (keys only).
+// `rotate` (keys only). 8-bit storage quantizes each row and writes its
+// scale to maybe_scales + h * scale_head_stride + (t - begin).
 void store_tokens(const CacheConfig& config, const TensorView& source, std::int64_t begin,
                   std::int64_t end, std::int64_t first_position, bool rotate, void* destination,
-                  std::int64_t head_stride);
+                  std::int64_t head_stride, float* maybe_scales = nullptr,
+                  std::int64_t scale_head_stride = 0);
 
 }  // namespace lookback::detail

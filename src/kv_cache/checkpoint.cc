@@ -129,13 +129,30 @@ void require_same_shape(const std::string& path, const Header& header, const Cac
   }
 }
 
-// Copies one file row into a padded stored row, zeroing the padding. Rows
-// are copied as raw bytes, by the byte-order policy of core/little_endian.hpp.
-void restore_row(std::byte* destination, const std::byte* source, const Header& header,
-                 std::int64_t padded_row_bytes) noexcept {
-  std::memcpy(destination, source, static_cast<std::size_t>(header.row_bytes));
-  std::memset(destination + header.row_bytes, 0,
-              static_cast<std::size_t>(padded_row_bytes - header.row_bytes));
+// Copies one file row into a padded stored row, zeroing the padding, and an
+// 8-bit row's scale (after its codes in the file) to `maybe_scale`. Rows are
+// copied as raw bytes, by the byte-order policy of core/little_endian.hpp.
+void restore_row(std::byte* destination, std::byte* maybe_scale, const std::byte* source,
+                 const Header& header, std::int64_t padded_row_bytes) noexcept {
+  const std::int64_t code_bytes = header.config.head_dim * element_bytes(header.config);
+  std::memcpy(destination, source, static_cast<std::size_t>(code_bytes));
+  std::memset(destination + code_bytes, 0, static_cast<std::size_t>(padded_row_bytes - code_bytes));
+  if (maybe_scale != nullptr) std::memcpy(maybe_scale, source + code_bytes, sizeof(float));
+}
+
+// Writes one stored row to the file: its head_dim elements, and an 8-bit
+// row's scale after them.
+void save_row(const ByteSink& sink, const std::byte* row, const std::byte* maybe_scale,
+              const Header& header) {
+  const std::int64_t code_bytes = header.config.head_dim * element_bytes(header.config);
+  sink(Bytes(row, static_cast<std::size_t>(code_bytes)));
+  if (maybe_scale != nullptr) sink(Bytes(maybe_scale, sizeof(float)));
+}
+
+// Where the scales of a buffer or block of `slots` tokens start, or null.
+std::byte* scales_at(const CacheConfig& config, const std::byte* base, std::int64_t slots) {
+  if (!is_quantized(config.storage)) return nullptr;
+  return const_cast<std::byte*>(base) + detail::scales_offset(config, slots);
 }
 
 std::int64_t padded_row_bytes(const CacheConfig& config) {
@@ -163,10 +180,13 @@ struct CacheState {
     // (kv_heads, length, head_dim): the filled tokens, without the padding.
     const auto rows_of = [&](const detail::CacheStorage& data) -> SectionWriter {
       return [&impl, &header, base = data.data(), row_stride](const ByteSink& sink) {
+        const std::byte* scales = scales_at(impl.config, base, impl.capacity);
         for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
           for (std::int64_t t = 0; t < impl.length; ++t) {
-            sink(Bytes(base + (h * impl.capacity + t) * row_stride,
-                       static_cast<std::size_t>(header.row_bytes)));
+            const std::int64_t row = h * impl.capacity + t;
+            save_row(sink, base + row * row_stride,
+                     scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
+                     header);
           }
         }
       };
@@ -193,10 +213,14 @@ struct CacheState {
       return [&impl, &header, base = data.data(), row_stride](const ByteSink& sink) {
         for (std::int64_t b = 0; b < impl.num_blocks; ++b) {
           if (impl.references[static_cast<std::size_t>(b)] == 0) continue;
+          const std::byte* block = base + b * impl.block_bytes;
+          const std::byte* scales = scales_at(impl.config, block, impl.block_size);
           for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
             for (std::int64_t slot = 0; slot < impl.block_size; ++slot) {
-              sink(Bytes(base + b * impl.block_bytes + (h * impl.block_size + slot) * row_stride,
-                         static_cast<std::size_t>(header.row_bytes)));
+              const std::int64_t row = h * impl.block_size + slot;
+              save_row(sink, block + row * row_stride,
+                       scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
+                       header);
             }
           }
         }
@@ -214,9 +238,12 @@ struct CacheState {
     const std::pair<detail::CacheStorage*, Bytes> parts[] = {{&impl.k, parsed.keys},
                                                                {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
+      std::byte* scales = scales_at(impl.config, data->data(), impl.capacity);
       for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
         for (std::int64_t t = 0; t < header.length; ++t) {
-          restore_row(data->data() + (h * impl.capacity + t) * row_stride,
+          const std::int64_t row = h * impl.capacity + t;
+          restore_row(data->data() + row * row_stride,
+                      scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
                       file.data() + (h * header.length + t) * header.row_bytes, header, row_stride);
         }
       }
@@ -244,13 +271,16 @@ struct CacheState {
       std::int64_t saved = 0;  // index of the block among the saved ones
       for (std::int64_t b = 0; b < header.num_blocks; ++b) {
         if (parsed.tables.references[static_cast<std::size_t>(b)] == 0) continue;
+        std::byte* block = data->data() + b * impl.block_bytes;
+        std::byte* scales = scales_at(impl.config, block, impl.block_size);
         for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
           for (std::int64_t slot = 0; slot < header.block_size; ++slot) {
-            restore_row(
-                data->data() + b * impl.block_bytes + (h * impl.block_size + slot) * row_stride,
-                file.data() + saved * file_block_bytes +
-                    (h * header.block_size + slot) * header.row_bytes,
-                header, row_stride);
+            const std::int64_t row = h * impl.block_size + slot;
+            restore_row(block + row * row_stride,
+                        scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
+                        file.data() + saved * file_block_bytes +
+                            (h * header.block_size + slot) * header.row_bytes,
+                        header, row_stride);
           }
         }
         ++saved;

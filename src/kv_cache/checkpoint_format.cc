@@ -98,6 +98,12 @@ std::uint32_t dtype_code(DType dtype) {
       return 1;
     case DType::kBF16:
       return 2;
+    case DType::kI8:
+      return 3;
+    case DType::kFP8E4M3:
+      return 4;
+    case DType::kFP8E5M2:
+      return 5;
     default:
       break;
   }
@@ -268,9 +274,19 @@ void parse_storage_and_rope(FieldReader& in, CacheConfig& config) {
     case 2:
       config.storage = DType::kBF16;
       break;
+    case 3:
+      config.storage = DType::kI8;
+      break;
+    case 4:
+      config.storage = DType::kFP8E4M3;
+      break;
+    case 5:
+      config.storage = DType::kFP8E5M2;
+      break;
     default:
-      damaged(
-          fmt::format("header section: storage code {} (expected 0 f32, 1 f16 or 2 bf16)", dtype));
+      damaged(fmt::format("header section: storage code {} (expected 0 f32, 1 f16, 2 bf16, "
+                          "3 int8, 4 fp8e4m3 or 5 fp8e5m2)",
+                          dtype));
   }
   const std::uint32_t rope_flags = in.u32("rope flags");
   const std::uint32_t theta_bits = in.u32("rope theta");
@@ -364,13 +380,18 @@ std::int64_t element_bytes(const CacheConfig& config) {
   return static_cast<std::int64_t>(dtype_size(config.storage));
 }
 
+std::int64_t file_row_bytes(const CacheConfig& config) {
+  return config.head_dim * element_bytes(config) +
+         (is_quantized(config.storage) ? static_cast<std::int64_t>(sizeof(float)) : 0);
+}
+
 Header contiguous_header(const CacheConfig& config, std::int64_t capacity, std::int64_t length) {
   Header header;
   header.kind = CheckpointKind::kContiguous;
   header.config = config;
   header.capacity = capacity;
   header.length = length;
-  header.row_bytes = config.head_dim * element_bytes(config);
+  header.row_bytes = file_row_bytes(config);
   header.data_bytes = config.kv_heads * length * header.row_bytes;
   return header;
 }
@@ -385,7 +406,7 @@ Header paged_header(const CacheConfig& config, std::int64_t block_size, std::int
   header.used_blocks = used_blocks;
   header.sequence_count = sequence_count;
   header.next_id = next_id;
-  header.row_bytes = config.head_dim * element_bytes(config);
+  header.row_bytes = file_row_bytes(config);
   header.data_bytes = used_blocks * config.kv_heads * block_size * header.row_bytes;
   return header;
 }
@@ -399,7 +420,7 @@ Header parse_header(Bytes bytes, CheckpointKind kind) {
   config.head_dim = in.number("head_dim", 1, kMaxHeadDim);
   parse_storage_and_rope(in, config);
   const std::int64_t token_bytes = detail::stored_token_bytes(config);  // in memory, padded
-  header.row_bytes = config.head_dim * element_bytes(config);
+  header.row_bytes = file_row_bytes(config);
   if (kind == CheckpointKind::kContiguous) {
     header.capacity = in.number("capacity", 0, kMaxInt64);
     header.length = in.number("length", 0, header.capacity);
@@ -438,9 +459,12 @@ void check_data_sizes(const Header& header, const Directory& directory) {
               : fmt::format("used_blocks {} x kv_heads {} x block_size {} x head_dim {}",
                             header.used_blocks, header.config.kv_heads, header.block_size,
                             header.config.head_dim);
-      damaged(fmt::format("{} section is {} bytes (expected {} = {} x {} bytes of {})",
+      damaged(fmt::format("{} section is {} bytes (expected {} = {} x {} bytes of {}{})",
                           section.name, section.bytes, header.data_bytes, shape,
-                          element_bytes(header.config), dtype_name(header.config.storage)));
+                          element_bytes(header.config), dtype_name(header.config.storage),
+                          is_quantized(header.config.storage)
+                              ? ", plus a 4-byte scale per kv_heads x head_dim row"
+                              : ""));
     }
   }
 }

@@ -69,7 +69,8 @@ struct Header {
   std::int64_t used_blocks = 0;     // paged
   std::int64_t sequence_count = 0;  // paged
   SequenceId next_id = 0;           // paged
-  // One head's row in the file: head_dim elements, no padding.
+  // One head's row in the file: head_dim elements, no padding; 8-bit
+  // storage: head_dim codes, then the row's f32 scale (file_row_bytes).
   std::int64_t row_bytes = 0;
   // Expected size of each data section.
   std::int64_t data_bytes = 0;
@@ -99,6 +100,8 @@ Header paged_header(const CacheConfig& config, std::int64_t block_size, std::int
 
 // Bytes of one stored element.
 std::int64_t element_bytes(const CacheConfig& config);
+// Bytes of one head's row in the file (Header::row_bytes).
+std::int64_t file_row_bytes(const CacheConfig& config);
 
 // The tables section's bytes (checkpoint_tables.cc).
 std::vector<std::byte> encode_tables(const Tables& tables);

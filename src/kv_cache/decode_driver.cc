@@ -87,6 +87,14 @@ std::int64_t validate_steps(const CacheConfig& config, std::span<const SequenceK
       }
     }
   }
+  if (options.maybe_sink_logits != nullptr) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      if (!std::isfinite(options.maybe_sink_logits[h])) {
+        throw Error(fmt::format("sink_logits: logit {} of head {} (expected finite)",
+                                options.maybe_sink_logits[h], h));
+      }
+    }
+  }
   return heads;
 }
 
@@ -124,9 +132,10 @@ struct SequenceWork {
   kernels::DecodePlan plan;
 };
 
-// Merges the parts in order (exact, through the LSEs) into the step's outputs.
+// Merges the parts in order (exact, through the LSEs) into the step's
+// outputs, then adds the sink logit (if any) once per row.
 void merge_parts(SequenceWork& w, const DecodeStep& step, std::int64_t heads,
-                 std::int64_t head_dim, std::int64_t padded) {
+                 std::int64_t head_dim, std::int64_t padded, const float* maybe_sink_logits) {
   auto* out = static_cast<float*>(step.out.data);
   auto* lse_out = static_cast<float*>(step.maybe_lse.data);
   const std::int64_t part_floats = w.tokens * heads * padded, part_lse = heads * w.tokens;
@@ -139,6 +148,9 @@ void merge_parts(SequenceWork& w, const DecodeStep& step, std::int64_t heads,
         kernels::merge_normalized(row, lse, row + part * part_floats,
                                   w.lse[static_cast<std::size_t>(part * part_lse + h * w.tokens + t)],
                                   static_cast<std::size_t>(padded));
+      }
+      if (maybe_sink_logits != nullptr) {
+        kernels::add_sink(row, lse, maybe_sink_logits[h], static_cast<std::size_t>(padded));
       }
       const std::int64_t base = step.out.offset(t, h, 0);
       for (std::int64_t e = 0; e < head_dim; ++e) out[base + e * step.out.strides[2]] = row[e];
@@ -230,7 +242,7 @@ void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences
   });
 
   for (std::size_t i = 0; i < steps.size(); ++i) {
-    merge_parts(work[i], steps[i], heads, config.head_dim, padded);
+    merge_parts(work[i], steps[i], heads, config.head_dim, padded, options.maybe_sink_logits);
   }
 }
 

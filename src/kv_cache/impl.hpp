@@ -11,6 +11,7 @@
 #include <map>
 #include <vector>
 
+#include "core/quant.hpp"
 #include "kv_cache/cache_common.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
@@ -21,15 +22,33 @@ struct KvCache::Impl {
   CacheConfig config;
   std::int64_t capacity = 0;
   std::int64_t length = 0;
-  detail::CacheStorage k;  // (kv_heads, capacity, padded_dim) of storage, not zeroed
+  // (kv_heads, capacity, padded_dim) of storage, not zeroed; 8-bit storage
+  // then (kv_heads, capacity) f32 scales (detail::scales_offset).
+  detail::CacheStorage k;
   detail::CacheStorage v;
 
   std::int64_t head_stride() const { return capacity * detail::stored_padded_dim(config); }
+  float* k_scales() const { return scales(k); }
+  float* v_scales() const { return scales(v); }
+  float* scales(const detail::CacheStorage& storage) const {
+    if (!is_quantized(config.storage)) return nullptr;
+    return reinterpret_cast<float*>(const_cast<std::byte*>(storage.data()) +
+                                    detail::scales_offset(config, capacity));
+  }
 
   detail::SequenceKv sequence() const {
     detail::SequenceKv view;
     view.length = length;
-    if (length > 0) view.runs.push_back({k.data(), v.data(), 0, length, head_stride()});
+    if (length > 0) {
+      view.runs.push_back({.k = k.data(),
+                           .v = v.data(),
+                           .first_key = 0,
+                           .count = length,
+                           .head_stride = head_stride(),
+                           .k_scales = k_scales(),
+                           .v_scales = v_scales(),
+                           .scale_head_stride = capacity});
+    }
     return view;
   }
 };
@@ -44,7 +63,9 @@ struct PagedKvPool::Impl {
   std::int64_t block_size = 0;
   std::int64_t num_blocks = 0;
   std::int64_t block_bytes = 0;
-  // (num_blocks, kv_heads, block_size, padded_dim), not zeroed: a block is
+  // (num_blocks, kv_heads, block_size, padded_dim), not zeroed (8-bit
+  // storage: each block's codes followed by its (kv_heads, block_size) f32
+  // scales, detail::scales_offset): a block is
   // zeroed when take_block hands it out, so blocks in use hold no stale or
   // uninitialised bytes (checkpoints save whole blocks).
   detail::CacheStorage k;
@@ -57,6 +78,11 @@ struct PagedKvPool::Impl {
   std::int64_t head_stride() const { return block_size * detail::stored_padded_dim(config); }
   std::byte* k_block(std::int64_t block) { return k.data() + block * block_bytes; }
   std::byte* v_block(std::int64_t block) { return v.data() + block * block_bytes; }
+  // A block's scales (8-bit storage), or null.
+  float* block_scales(std::byte* block) const {
+    if (!is_quantized(config.storage)) return nullptr;
+    return reinterpret_cast<float*>(block + detail::scales_offset(config, block_size));
+  }
 
   Sequence& find(SequenceId id, const char* argument) {
     const auto it = sequences.find(id);
@@ -91,8 +117,16 @@ struct PagedKvPool::Impl {
       const std::int64_t count = std::min(block_size, sequence.length - first);
       if (count <= 0) break;  // never hand out slots past the sequence's length
       const std::int64_t block = sequence.blocks[b];
-      kv.runs.push_back({k.data() + block * block_bytes, v.data() + block * block_bytes, first, count,
-                         head_stride()});
+      std::byte* k_block = const_cast<std::byte*>(k.data()) + block * block_bytes;
+      std::byte* v_block = const_cast<std::byte*>(v.data()) + block * block_bytes;
+      kv.runs.push_back({.k = k_block,
+                         .v = v_block,
+                         .first_key = first,
+                         .count = count,
+                         .head_stride = head_stride(),
+                         .k_scales = block_scales(k_block),
+                         .v_scales = block_scales(v_block),
+                         .scale_head_stride = block_size});
     }
     return kv;
   }

@@ -44,10 +44,14 @@ void KvCache::append(const TensorView& k, const TensorView& v) {
   }
   const std::int64_t offset = impl_->length * detail::stored_padded_dim(impl_->config) *
                              static_cast<std::int64_t>(dtype_size(impl_->config.storage));
+  float* k_scales = impl_->k_scales();
+  float* v_scales = impl_->v_scales();
   detail::store_tokens(impl_->config, k, 0, tokens, impl_->length, true, impl_->k.data() + offset,
-                       impl_->head_stride());
+                       impl_->head_stride(), k_scales ? k_scales + impl_->length : nullptr,
+                       impl_->capacity);
   detail::store_tokens(impl_->config, v, 0, tokens, impl_->length, false, impl_->v.data() + offset,
-                       impl_->head_stride());
+                       impl_->head_stride(), v_scales ? v_scales + impl_->length : nullptr,
+                       impl_->capacity);
   impl_->length += tokens;
 }
 

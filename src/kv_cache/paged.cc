@@ -146,10 +146,14 @@ void PagedKvPool::append(SequenceId sequence, const TensorView& k, const TensorV
     const std::int64_t block = seq.blocks[static_cast<std::size_t>(position / bs)];
     const std::int64_t slot = position % bs;
     const std::int64_t count = std::min(tokens - written, bs - slot);
+    float* k_scales = pool.block_scales(pool.k_block(block));
+    float* v_scales = pool.block_scales(pool.v_block(block));
     detail::store_tokens(pool.config, k, written, written + count, position, true,
-                         pool.k_block(block) + slot * slot_bytes, pool.head_stride());
+                         pool.k_block(block) + slot * slot_bytes, pool.head_stride(),
+                         k_scales ? k_scales + slot : nullptr, bs);
     detail::store_tokens(pool.config, v, written, written + count, position, false,
-                         pool.v_block(block) + slot * slot_bytes, pool.head_stride());
+                         pool.v_block(block) + slot * slot_bytes, pool.head_stride(),
+                         v_scales ? v_scales + slot : nullptr, bs);
     written += count;
   }
   seq.length += tokens;

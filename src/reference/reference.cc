@@ -64,17 +64,24 @@ ReferenceResult reference_attention(const AttentionParams& params) {
           lse = std::nan("");
           continue;
         }
-        if (row_max == minus_inf) continue;  // no visible key: zeros, lse = -inf
-        double sum = 0.0;
+        // A learned sink logit joins the denominator only (no value).
+        const bool has_sink = params.maybe_sink_logits != nullptr;
+        const double sink = has_sink ? params.maybe_sink_logits[h] : minus_inf;
+        if (row_max == minus_inf) {  // no visible key: zeros, lse = -inf (or the sink)
+          if (has_sink) lse = sink;
+          continue;
+        }
+        const double shift = std::fmax(row_max, sink);
+        double sum = has_sink ? std::exp(sink - shift) : 0.0;
         for (std::int64_t j = 0; j < seqlen_k; ++j) {
-          if (mask.visible(i, j)) sum += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
+          if (mask.visible(i, j)) sum += std::exp(scores[static_cast<std::size_t>(j)] - shift);
         }
         for (std::int64_t j = 0; j < seqlen_k; ++j) {
           if (!mask.visible(i, j)) continue;
-          const double weight = std::exp(scores[static_cast<std::size_t>(j)] - row_max) / sum;
+          const double weight = std::exp(scores[static_cast<std::size_t>(j)] - shift) / sum;
           for (std::int64_t e = 0; e < head_dim; ++e) out[e] += weight * v_at(b, j, kv_head, e);
         }
-        lse = row_max + std::log(sum);
+        lse = shift + std::log(sum);
       }
     }
   }

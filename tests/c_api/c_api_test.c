@@ -84,27 +84,85 @@ int main(void) {
   params.causal = LOOKBACK_CAUSAL_BOTTOM_RIGHT;
   params.window_left = -1;
   params.storage = LOOKBACK_F32;
-  CHECK(lookback_attend(context, &params) == LOOKBACK_OK);
-
-  /* Naive causal attention, in double. */
-  const double scale = 1.0 / sqrt((double)kDim);
-  for (int h = 0; h < kHeads; ++h) {
-    for (int i = 0; i < kSeq; ++i) {
-      double scores[kSeq], max = -INFINITY, sum = 0.0;
-      for (int j = 0; j <= i; ++j) {
-        double dot = 0.0;
-        for (int e = 0; e < kDim; ++e) dot += q[(i * kHeads + h) * kDim + e] * k[j * kDim + e];
-        scores[j] = scale * dot;
-        if (scores[j] > max) max = scores[j];
+  /* Naive causal attention, in double; then with learned sink logits (one
+     more term e^sink in each row's denominator). */
+  const float sinks[kHeads] = {0.5f, -1.25f};
+  for (int with_sinks = 0; with_sinks < 2; ++with_sinks) {
+    params.maybe_sink_logits = with_sinks ? sinks : NULL;
+    CHECK(lookback_attend(context, &params) == LOOKBACK_OK);
+    const double scale = 1.0 / sqrt((double)kDim);
+    for (int h = 0; h < kHeads; ++h) {
+      for (int i = 0; i < kSeq; ++i) {
+        double scores[kSeq], max = with_sinks ? sinks[h] : -INFINITY, sum = 0.0;
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0.0;
+          for (int e = 0; e < kDim; ++e) dot += q[(i * kHeads + h) * kDim + e] * k[j * kDim + e];
+          scores[j] = scale * dot;
+          if (scores[j] > max) max = scores[j];
+        }
+        for (int j = 0; j <= i; ++j) sum += exp(scores[j] - max);
+        if (with_sinks) sum += exp(sinks[h] - max);
+        for (int e = 0; e < kDim; ++e) {
+          double expected = 0.0;
+          for (int j = 0; j <= i; ++j) expected += exp(scores[j] - max) / sum * v[j * kDim + e];
+          CHECK(fabs(out[(i * kHeads + h) * kDim + e] - expected) < 1e-5);
+        }
+        CHECK(fabs(lse[h * kSeq + i] - (max + log(sum))) < 1e-5);
       }
-      for (int j = 0; j <= i; ++j) sum += exp(scores[j] - max);
-      for (int e = 0; e < kDim; ++e) {
-        double expected = 0.0;
-        for (int j = 0; j <= i; ++j) expected += exp(scores[j] - max) / sum * v[j * kDim + e];
-        CHECK(fabs(out[(i * kHeads + h) * kDim + e] - expected) < 1e-5);
-      }
-      CHECK(fabs(lse[h * kSeq + i] - (max + log(sum))) < 1e-5);
     }
+  }
+  params.maybe_sink_logits = NULL;
+
+  /* K/V stored in 8 bits: close to f32, not equal; 8-bit inputs are refused. */
+  float exact[kSeq * kHeads * kDim];
+  CHECK(lookback_attend(context, &params) == LOOKBACK_OK);
+  memcpy(exact, out, sizeof exact);
+  const lookback_dtype eight_bit[] = {LOOKBACK_INT8, LOOKBACK_FP8E4M3, LOOKBACK_FP8E5M2};
+  for (int d = 0; d < 3; ++d) {
+    params.storage = eight_bit[d];
+    CHECK(lookback_attend(context, &params) == LOOKBACK_OK);
+    double error = 0.0, norm = 0.0;
+    for (int i = 0; i < kSeq * kHeads * kDim; ++i) {
+      error += (out[i] - exact[i]) * (out[i] - exact[i]);
+      norm += exact[i] * exact[i];
+    }
+    CHECK(sqrt(error / norm) < 0.2);
+  }
+  params.q.dtype = LOOKBACK_INT8;
+  CHECK(lookback_attend(context, &params) == LOOKBACK_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(lookback_last_error(), "dtype") != NULL);
+  params.q.dtype = LOOKBACK_F32;
+  params.storage = LOOKBACK_F32;
+
+  /* A packed batch of two sequences (2 and 3 tokens): each equals its run
+     alone; offsets that go down are a clear error. */
+  {
+    const int64_t cu[3] = {0, 2, 5};
+    float packed_out[kSeq * kHeads * kDim], packed_lse[kHeads * kSeq];
+    params.out = packed_out;
+    params.maybe_lse = packed_lse;
+    CHECK(lookback_attend_varlen(context, &params, cu, cu, 2) == LOOKBACK_OK);
+    for (int b = 0; b < 2; ++b) {
+      const int64_t first = cu[b], count = cu[b + 1] - cu[b];
+      lookback_attention_params alone = params;
+      alone.q = (lookback_tensor){q + first * kHeads * kDim, LOOKBACK_F32, {1, count, kHeads, kDim}, {0, 0, 0, 0}};
+      alone.k = (lookback_tensor){k + first * kDim, LOOKBACK_F32, {1, count, 1, kDim}, {0, 0, 0, 0}};
+      alone.v = (lookback_tensor){v + first * kDim, LOOKBACK_F32, {1, count, 1, kDim}, {0, 0, 0, 0}};
+      alone.out = out;
+      alone.maybe_lse = lse;
+      CHECK(lookback_attend(context, &alone) == LOOKBACK_OK);
+      for (int64_t i = 0; i < count * kHeads * kDim; ++i) {
+        CHECK(out[i] == packed_out[first * kHeads * kDim + i]);
+      }
+      for (int h = 0; h < kHeads; ++h) {
+        for (int64_t i = 0; i < count; ++i) CHECK(lse[h * count + i] == packed_lse[h * kSeq + first + i]);
+      }
+    }
+    const int64_t down[3] = {0, 4, 2};
+    CHECK(lookback_attend_varlen(context, &params, down, cu, 2) == LOOKBACK_ERROR_INVALID_ARGUMENT);
+    CHECK(strstr(lookback_last_error(), "cu_seqlens_q") != NULL);
+    params.out = out;
+    params.maybe_lse = lse;
   }
 
   /* heads (2) not a multiple of kv_heads (3): a clear error. */

@@ -10,7 +10,7 @@ from clitest import CliTestCase, fixture, run, run_measured
 
 
 def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
-                    softcap=0.0, slopes=None):
+                    softcap=0.0, slopes=None, sinks=None):
     """DESIGN.md §3 in float64, written independently of the C++ reference."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, sq, heads, dim = q.shape
@@ -37,12 +37,52 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
             for i in range(sq):
                 row = s[i][visible[i]]
                 if row.size == 0:
+                    if sinks is not None:
+                        lse[b, h, i] = sinks[h]
                     continue
-                m = row.max()
+                m = row.max() if sinks is None else max(row.max(), sinks[h])
                 p = np.exp(row - m)
-                out[b, i, h] = (p / p.sum()) @ v[b, visible[i], kh, :]
-                lse[b, h, i] = m + np.log(p.sum())
+                total = p.sum() + (0.0 if sinks is None else np.exp(sinks[h] - m))
+                out[b, i, h] = (p / total) @ v[b, visible[i], kh, :]
+                lse[b, h, i] = m + np.log(total)
     return out, lse
+
+
+def fp8_values(exponent_bits):
+    """Every non-negative finite value of an OCP fp8 format, by code."""
+    mantissa_bits = 7 - exponent_bits
+    bias = 2 ** (exponent_bits - 1) - 1
+    values = []
+    for code in range(128):
+        field, mantissa = code >> mantissa_bits, code & (2 ** mantissa_bits - 1)
+        if exponent_bits == 4 and code == 0x7F:
+            break  # e4m3fn: the only NaN; no infinities
+        if exponent_bits == 5 and field == 31:
+            break  # e5m2: infinities and NaNs
+        fraction = mantissa / 2 ** mantissa_bits
+        values.append(fraction * 2.0 ** (1 - bias) if field == 0
+                      else (1 + fraction) * 2.0 ** (field - bias))
+    return np.array(values)
+
+
+def quantize_kv(x, dtype):
+    """The 8-bit rule of docs/semantics.md, in NumPy, per (.., token, kv head)
+    row of head_dim values: what the kernels must attend to."""
+    x = np.asarray(x, np.float32)
+    limit = {"int8": 127, "fp8e4m3": 448, "fp8e5m2": 57344}[dtype]
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(limit)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1), scale)
+    r = (x / safe).astype(np.float32)
+    if dtype == "int8":
+        codes = np.clip(np.rint(r), -127, 127)  # rint: ties to even
+    else:
+        table = fp8_values(4 if dtype == "fp8e4m3" else 5)
+        a = np.minimum(np.abs(r).astype(np.float64), table[-1])
+        index = np.clip(np.searchsorted(table, a), 1, len(table) - 1)
+        low, high = table[index - 1], table[index]
+        pick_high = (high - a < a - low) | ((high - a == a - low) & (index % 2 == 0))
+        codes = np.sign(r) * np.where(pick_high, high, low)
+    return np.where(scale == 0, np.float32(0), codes.astype(np.float32) * scale).astype(np.float32)
 
 
 def sparse_npy(path, shape):
@@ -147,6 +187,98 @@ class AttendTest(CliTestCase):
                 expected, _ = numpy_attention(q, k, v)
                 self.assertLess(rel_l2(np.load(out), expected), 1e-2)
 
+    def test_8bit_kv_storage_on_every_path(self):
+        # Against NumPy on the K and V quantized here, by the rule; and the
+        # cost of 8 bits against unquantized K and V.
+        q, k, v = self.random_inputs(batch=1, sq=9, sk=40, heads=4, kv_heads=2, dim=24)
+        exact, _ = numpy_attention(q, k, v)
+        for dtype, bound in (("int8", 3e-2), ("fp8e4m3", 8e-2), ("fp8e5m2", 0.2)):
+            expected, expected_lse = numpy_attention(q, quantize_kv(k, dtype), quantize_kv(v, dtype))
+            for mode, extra in (("prefill", []), ("decode", []), ("chunked", ["--chunk", "4"]),
+                                ("paged", ["--chunk", "4", "--block-size", "3"]),
+                                ("split", ["--splits", "3"])):
+                with self.subTest(dtype=dtype, mode=mode):
+                    result, out, lse = self.attend(q, k, v, "--dtype", dtype, "--mode", mode,
+                                                   *extra)
+                    self.assert_ok(result)
+                    o = np.load(out)
+                    self.assertFalse(np.isnan(o).any())
+                    self.assertLess(rel_l2(o, expected), 1e-4)
+                    np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-4)
+                    self.assertLess(rel_l2(o, exact), bound)
+                    self.assertGreater(rel_l2(o, exact), 1e-5)
+
+    def test_sink_logits_on_every_path(self):
+        q, k, v = self.random_inputs(batch=1, sq=12, sk=8, heads=4, kv_heads=2, dim=24)
+        sinks = np.array([0.5, -1.0, 2.0, 3.5], np.float32)
+        path = self.save("sinks.npy", sinks)
+        expected, expected_lse = numpy_attention(q, k, v, sinks=sinks)
+        for mode, extra in (("prefill", []), ("split", ["--splits", "3"])):
+            with self.subTest(mode=mode):
+                result, out, lse = self.attend(q, k, v, "--sink-logits", path, "--mode", mode, *extra)
+                self.assert_ok(result)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+                np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-5)
+        # The first sq - sk rows see no key: zeros and lse = the sink.
+        self.assertTrue((np.load(lse)[0, :, :4] == sinks[:, None]).all())
+        q2, k2, v2 = self.random_inputs(batch=1, sq=5, sk=30, heads=4, kv_heads=2, dim=24)
+        expected, _ = numpy_attention(q2, k2, v2, window=6, sinks=sinks)
+        for mode, extra in (("decode", []), ("paged", ["--chunk", "2", "--block-size", "4"])):
+            with self.subTest(mode=mode):
+                result, out, _ = self.attend(q2, k2, v2, "--sink-logits", path, "--window", "6",
+                                             "--mode", mode, *extra)
+                self.assert_ok(result)
+                self.assertLess(rel_l2(np.load(out), expected), 1e-5)
+        wrong = self.save("sinks3.npy", sinks[:3])
+        result, _, _ = self.attend(q, k, v, "--sink-logits", wrong)
+        self.assert_usage_error(result, mentions="--sink-logits")
+
+    def test_varlen_packed_batch(self):
+        # Lengths 1, 7, 300 and 0, seqlen_q != seqlen_k, against NumPy per sequence.
+        rng = np.random.default_rng(7)
+        lengths = [(1, 1), (7, 7), (0, 3), (300, 300), (5, 40), (2, 0)]
+        cu_q = np.cumsum([0] + [a for a, _ in lengths])
+        cu_k = np.cumsum([0] + [b for _, b in lengths])
+        q = rng.standard_normal((cu_q[-1], 4, 24)).astype(np.float32)
+        k = rng.standard_normal((cu_k[-1], 2, 24)).astype(np.float32)
+        v = rng.standard_normal((cu_k[-1], 2, 24)).astype(np.float32)
+        paths = {n: self.save(n + ".npy", x) for n, x in
+                 (("q", q), ("k", k), ("v", v), ("cu_q", cu_q.astype(np.int32)),
+                  ("cu_k", cu_k.astype(np.int64)))}
+        out, lse = self.path("o.npy"), self.path("lse.npy")
+        base = ["attend", "--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
+                "--cu-seqlens-q", paths["cu_q"], "--cu-seqlens-k", paths["cu_k"], "--out", out]
+        for window in (None, 5):
+            with self.subTest(window=window):
+                extra = [] if window is None else ["--window", str(window)]
+                result = run(*base, "--lse", lse, *extra)
+                self.assert_ok(result)
+                o, l = np.load(out), np.load(lse)
+                self.assertEqual(o.shape, q.shape)
+                self.assertEqual(l.shape, (4, cu_q[-1]))
+                for b, (sq, sk) in enumerate(lengths):
+                    if sq == 0:
+                        continue
+                    qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+                    expected, expected_lse = numpy_attention(q[None, qs], k[None, ks], v[None, ks],
+                                                             window=window)
+                    np.testing.assert_allclose(o[qs], expected[0], atol=2e-5)
+                    np.testing.assert_array_equal(np.isinf(l[:, qs]), np.isinf(expected_lse[0]))
+        bad = {"down": [0, 5, 3, 300, 310, 312, 320], "start": [1, 1, 8, 8, 308, 313, 315],
+               "end": [0, 1, 8, 8, 308, 313, 314], "negative": [0, -1, 8, 8, 308, 313, 315],
+               "length": [0, 8, 315]}
+        for name, values in bad.items():
+            with self.subTest(bad=name):
+                path = self.save("bad_" + name + ".npy", np.array(values, np.int64))
+                args = list(base)
+                args[args.index("--cu-seqlens-q") + 1] = path
+                self.assert_usage_error(run(*args), mentions="cu_seqlens_q" if name != "length" else "cu_seqlens")
+        self.assert_usage_error(run(*base, "--mode", "decode"), mentions="--mode")
+        floats = self.save("cu_f.npy", cu_q.astype(np.float32))
+        args = list(base)
+        args[args.index("--cu-seqlens-q") + 1] = floats
+        self.assert_usage_error(run(*args), mentions="cu_f.npy")
+
     def test_reference_flag_and_threads_agree(self):
         q, k, v = self.random_inputs(sq=70, sk=70, dim=40)
         outputs = []
@@ -204,7 +336,7 @@ class AttendTest(CliTestCase):
             (with_(alibi=slopes), "--alibi"),
             (with_(window="-1"), "--window"),
             (with_(causal="diagonal"), "--causal"),
-            (with_(dtype="int8"), "--dtype"),
+            (with_(dtype="int4"), "--dtype"),
             (with_(threads="0"), "--threads"),
             (with_(softcap="-1"), "--softcap"),
             (with_(mode="bogus"), "--mode"),

@@ -77,6 +77,18 @@ class CacheTest(CliTestCase):
         data = read_bytes(out)
         self.assertEqual(sections(data)["KDAT"][1], 40 * 2 * 24 * 2)
 
+    def test_8bit_checkpoint_holds_codes_and_scales(self):
+        for dtype in ("int8", "fp8e4m3", "fp8e5m2"):
+            with self.subTest(dtype=dtype):
+                out = self.make_checkpoint("--dtype", dtype, "--capacity", "64")
+                result = run("cache", "inspect", out)
+                self.assert_ok(result)
+                self.assertIn("storage: " + dtype, result.stdout)
+                self.assertIn("status: intact", result.stdout)
+                # 40 tokens x 2 kv heads, each row 24 codes and its f32 scale.
+                data = read_bytes(out)
+                self.assertEqual(sections(data)["KDAT"][1], 40 * 2 * (24 + 4))
+
     def test_save_and_inspect_paged_as_json(self):
         out = self.make_checkpoint("--paged", "--block-size", "16", "--num-blocks", "5")
         result = run("cache", "inspect", out, "--format", "json")

@@ -393,9 +393,10 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         checks = report["checks"]
         self.assertEqual({check["path"] for check in checks},
                          {"prefill", "decode", "chunked", "paged", "split"})
-        self.assertEqual({check["storage"] for check in checks}, {"f32", "bf16", "f16"})
+        self.assertEqual({check["storage"] for check in checks},
+                         {"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"})
         self.assertEqual({check["window"] is None for check in checks}, {True, False})
-        self.assertEqual(len(checks), 5 * 3 * 2)
+        self.assertEqual(len(checks), 5 * 6 * 2)
         for check in checks:
             with self.subTest(check=check):
                 self.assertEqual(check["verdict"], "causal")

@@ -87,6 +87,16 @@ class CostTest(CliTestCase):
         self.assertEqual(p9["flops_uncached"], 4 * 4 * 8 * sum(keys))
         self.assertEqual(data["totals"]["tokens"], 10)
 
+    def test_8bit_kv_bytes_count_the_scales(self):
+        for dtype in ("int8", "fp8e4m3", "fp8e5m2"):
+            with self.subTest(dtype=dtype):
+                result = run("cost", "--len", "10", "--heads", "4", "--kv-heads", "2", "--dim", "8",
+                             "--dtype", dtype, "--format", "json")
+                self.assert_ok(result)
+                p9 = json.loads(result.stdout)["positions"][9]
+                # K and V, 2 kv heads, 8 one-byte codes and a 4-byte scale per row, 10 keys.
+                self.assertEqual(p9["kv_bytes"], 2 * 2 * (8 + 4) * 10)
+
     def test_measure_and_svg(self):
         result = run("cost", "--len", "40", "--heads", "4", "--kv-heads", "2", "--dim", "16",
                      "--measure", "--format", "json")

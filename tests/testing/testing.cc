@@ -17,6 +17,7 @@ std::string ProblemSpec::describe() const {
   if (mask.window_left) text << " window=" << *mask.window_left;
   if (softcap > 0) text << " softcap=" << softcap;
   if (alibi) text << " alibi";
+  if (sinks) text << " sinks";
   if (strided) text << " strided";
   text << " storage=" << dtype_name(storage);
   return text.str();
@@ -60,6 +61,10 @@ Problem make_problem(const ProblemSpec& spec, std::uint64_t seed) {
   fill(problem.q, rng, spec.magnitude);
   fill(problem.k, rng, spec.magnitude);
   fill(problem.v, rng, spec.magnitude);
+  if (spec.sinks) {
+    std::uniform_real_distribution<float> uniform(-2.0f, 3.0f);
+    for (std::int64_t h = 0; h < spec.heads; ++h) problem.sink_logits.push_back(uniform(rng));
+  }
   if (spec.alibi) {
     // The standard geometric slopes 2^(-8 h / heads).
     for (std::int64_t h = 0; h < spec.heads; ++h) {
@@ -96,6 +101,7 @@ AttentionParams Problem::params() {
   params.maybe_lse = make_mutable_view(lse.data(), DType::kF32,
                                        {spec.batch, spec.heads, spec.seqlen_q}, "lse");
   params.maybe_alibi_slopes = spec.alibi ? slopes.data() : nullptr;
+  params.maybe_sink_logits = spec.sinks ? sink_logits.data() : nullptr;
   params.scale = spec.scale;
   params.softcap = spec.softcap;
   params.mask = spec.mask;

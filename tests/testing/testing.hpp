@@ -26,11 +26,16 @@ namespace lookback::testing {
 // Relative L2 error against the float64 reference (DESIGN.md §4).
 inline constexpr double kF32Tolerance = 1e-5;
 inline constexpr double kHalfTolerance = 1e-2;  // bf16 / f16 storage
+// 8-bit K/V storage, against the reference on the dequantized K and V: the
+// kernels compute in f32 on exactly those values.
+inline constexpr double kQuantTolerance = 1e-4;
 // Absolute error of the natural-log LSE.
 inline constexpr double kLseTolerance = 1e-4;
 
 inline double tolerance_for(DType storage) {
-  return storage == DType::kF32 ? kF32Tolerance : kHalfTolerance;
+  return storage == DType::kF32 ? kF32Tolerance
+         : is_quantized(storage) ? kQuantTolerance
+                                 : kHalfTolerance;
 }
 
 struct ProblemSpec {
@@ -43,6 +48,7 @@ struct ProblemSpec {
   MaskSpec mask;
   float softcap = 0.0f;
   bool alibi = false;
+  bool sinks = false;  // learned sink logits, one per head, in [-2, 3]
   std::optional<float> scale;
   DType storage = DType::kF32;
   // Store Q/K/V as (batch, heads, seqlen, head_dim + 3) and view them through
@@ -61,6 +67,7 @@ struct Problem {
   ProblemSpec spec;
   std::vector<float> q, k, v;  // physical storage (see ProblemSpec::strided)
   std::vector<float> slopes;   // (heads,) when spec.alibi
+  std::vector<float> sink_logits;  // (heads,) when spec.sinks
   std::vector<float> out;      // (batch, seqlen_q, heads, head_dim)
   std::vector<float> lse;      // (batch, heads, seqlen_q)
 

@@ -44,7 +44,7 @@ TEST(DType, ParseAndNames) {
   EXPECT_EQ(parse_dtype("float16"), DType::kF16);
   EXPECT_EQ(dtype_name(DType::kF64), "f64");
   EXPECT_EQ(dtype_size(DType::kBF16), 2u);
-  EXPECT_THROW(parse_dtype("int8", "--dtype"), Error);
+  EXPECT_THROW(parse_dtype("int4", "--dtype"), Error);
 }
 
 }  // namespace

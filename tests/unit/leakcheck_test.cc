@@ -154,13 +154,16 @@ TEST(LeakCheck, RunsAShellCommandAsTheImplementation) {
 
 TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   const std::vector<BuiltinCheck> plan = builtin_plan(3);
-  ASSERT_EQ(plan.size(), all_modes().size() * 2 * 3);
+  ASSERT_EQ(plan.size(), all_modes().size() * 2 * 6);
   EXPECT_EQ(plan[0].storage, DType::kF32);
   EXPECT_EQ(plan[1].storage, DType::kBF16);
   EXPECT_EQ(plan[2].storage, DType::kF16);
+  EXPECT_EQ(plan[3].storage, DType::kI8);
+  EXPECT_EQ(plan[4].storage, DType::kFP8E4M3);
+  EXPECT_EQ(plan[5].storage, DType::kFP8E5M2);
   EXPECT_FALSE(plan[0].window.has_value());
-  EXPECT_EQ(plan[3].window, 3);
-  EXPECT_EQ(plan[3].label, path_label(plan[3].mode) + ", window 3");
+  EXPECT_EQ(plan[6].window, 3);
+  EXPECT_EQ(plan[6].label, path_label(plan[6].mode) + ", window 3");
 
   std::int64_t last_done = 0, last_total = 0;
   const std::vector<BuiltinCheck> checks =

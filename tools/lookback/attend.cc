@@ -13,13 +13,15 @@
 #include "lookback/modes.hpp"
 #include "lookback/npy.hpp"
 #include "lookback/reference.hpp"
+#include "lookback/varlen.hpp"
 
 namespace lookback::cli {
 
 namespace {
 
 struct AttendOptions {
-  std::string q_path, k_path, v_path, out_path, lse_path, alibi_path;
+  std::string q_path, k_path, v_path, out_path, lse_path, alibi_path, sink_path;
+  std::string cu_q_path, cu_k_path;  // a packed variable-length batch
   std::optional<float> scale;
   std::string causal = "bottom-right";
   std::optional<std::int64_t> window;
@@ -50,7 +52,9 @@ NpyHeader read_header(const std::string& path, const std::string& option, int ra
     throw Error(fmt::format("{} {}: shape {} has {} dimension{} (expected {})", option, path,
                             tuple_text(header.shape), header.shape.size(),
                             header.shape.size() == 1 ? "" : "s",
-                            rank == 4 ? "4: (batch, seqlen, heads, head_dim)" : "1: (heads,)"));
+                            rank == 4   ? "4: (batch, seqlen, heads, head_dim)"
+                            : rank == 3 ? "3: (total_tokens, heads, head_dim) with --cu-seqlens-q"
+                                        : "1: (heads,)"));
   }
   return header;
 }
@@ -125,6 +129,9 @@ ModeOptions parse_mode_options(const AttendOptions& options) {
           .splits = options.splits.value_or(2)};
 }
 
+// Where the sink logits are among the inputs (q, k, v, [alibi], [sinks]).
+std::size_t sink_index(const AttendOptions& options) { return options.alibi_path.empty() ? 3 : 4; }
+
 // Every option and every input header, checked before any data is read: a
 // mismatched k next to a 4 GiB q fails in milliseconds, not after reading q.
 // Returns the params with shape-only q, k and v views (null data).
@@ -139,11 +146,18 @@ AttentionParams check_before_reading(const AttendOptions& options, const ModeOpt
   params.mask = {.causal = parse_causal(options.causal, "--causal"),
                  .window_left = options.window};
   params.storage = parse_dtype(options.dtype, "--dtype");
-  if (params.storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
+  if (params.storage == DType::kF64) {
+    throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
+  }
   validate_shapes(params, modes);
-  if (inputs.size() > 3 && inputs[3].shape[0] != inputs[0].shape[2]) {
+  if (!options.alibi_path.empty() && inputs[3].shape[0] != inputs[0].shape[2]) {
     throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
                             options.alibi_path, inputs[3].shape[0], inputs[0].shape[2]));
+  }
+  const std::size_t sinks = sink_index(options);
+  if (!options.sink_path.empty() && inputs[sinks].shape[0] != inputs[0].shape[2]) {
+    throw Error(fmt::format("--sink-logits {}: {} logits (expected {}, one per query head)",
+                            options.sink_path, inputs[sinks].shape[0], inputs[0].shape[2]));
   }
   return params;
 }
@@ -159,7 +173,102 @@ std::vector<Input> inputs_of(const AttendOptions& options) {
   std::vector<Input> inputs{
       {options.q_path, "--q", 4}, {options.k_path, "--k", 4}, {options.v_path, "--v", 4}};
   if (!options.alibi_path.empty()) inputs.push_back({options.alibi_path, "--alibi", 1});
+  if (!options.sink_path.empty()) inputs.push_back({options.sink_path, "--sink-logits", 1});
   return inputs;
+}
+
+// A packed variable-length batch: q (total_q, heads, head_dim), k and v
+// (total_k, kv_heads, head_dim), the offsets (batch + 1,) as <i4 or <i8. The
+// offsets (small) are read first, then every header is checked with them
+// before q, k and v are read.
+int run_attend_varlen(const AttendOptions& options) {
+  if (options.cu_q_path.empty() || options.cu_k_path.empty()) {
+    throw Error(fmt::format("{}: missing (expected --cu-seqlens-q and --cu-seqlens-k together)",
+                            options.cu_q_path.empty() ? "--cu-seqlens-q" : "--cu-seqlens-k"));
+  }
+  if (options.mode != "prefill" || options.chunk || options.block_size || options.splits) {
+    throw Error(fmt::format("--mode {}: a packed batch runs as prefill (expected no --mode, "
+                            "--chunk, --block-size or --splits with --cu-seqlens-q)",
+                            options.mode));
+  }
+  if (options.reference) {
+    throw Error("--reference: not with --cu-seqlens-q (expected one of them; run each "
+                "sequence alone for the reference)");
+  }
+  check_outputs(options);
+  const DType offsets[] = {DType::kI32, DType::kI64};
+  const NpyArray cu_q = read_npy(options.cu_q_path, offsets);
+  const NpyArray cu_k = read_npy(options.cu_k_path, offsets);
+  for (const auto& [array, option] : {std::pair{&cu_q, "--cu-seqlens-q"}, std::pair{&cu_k, "--cu-seqlens-k"}}) {
+    if (array->shape.size() != 1) {
+      throw Error(fmt::format("{}: shape {} (expected (batch + 1,) offsets)", option,
+                              tuple_text(array->shape)));
+    }
+  }
+  std::vector<Input> inputs = inputs_of(options);
+  for (Input& input : inputs) {
+    if (input.rank == 4) input.rank = 3;
+  }
+  std::vector<NpyHeader> headers;
+  for (const Input& input : inputs) headers.push_back(read_header(input.path, input.option, input.rank));
+  VarlenParams params;
+  params.q = headers[0].view("--q");
+  params.k = headers[1].view("--k");
+  params.v = headers[2].view("--v");
+  params.cu_seqlens_q = cu_q.view("--cu-seqlens-q");
+  params.cu_seqlens_k = cu_k.view("--cu-seqlens-k");
+  params.scale = options.scale;
+  params.softcap = options.softcap;
+  params.mask = {.causal = parse_causal(options.causal, "--causal"), .window_left = options.window};
+  params.storage = parse_dtype(options.dtype, "--dtype");
+  if (params.storage == DType::kF64) {
+    throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
+  }
+  validate_varlen_shapes(params);
+  const std::int64_t heads = headers[0].shape[1];
+  const std::size_t sinks = sink_index(options);
+  if (!options.alibi_path.empty() && headers[3].shape[0] != heads) {
+    throw Error(fmt::format("--alibi {}: {} slopes (expected {}, one per query head)",
+                            options.alibi_path, headers[3].shape[0], heads));
+  }
+  if (!options.sink_path.empty() && headers[sinks].shape[0] != heads) {
+    throw Error(fmt::format("--sink-logits {}: {} logits (expected {}, one per query head)",
+                            options.sink_path, headers[sinks].shape[0], heads));
+  }
+  std::vector<NpyArray> arrays;
+  for (const Input& input : inputs) {
+    arrays.push_back(read_checked(input.path, input.option, headers[arrays.size()]));
+  }
+  params.q = arrays[0].view("--q");
+  params.k = arrays[1].view("--k");
+  params.v = arrays[2].view("--v");
+  std::vector<float> slopes, sink_logits;
+  if (!options.alibi_path.empty()) {
+    for (std::int64_t h = 0; h < heads; ++h) slopes.push_back(load_as_float(arrays[3].data.data(), arrays[3].dtype, h));
+    params.maybe_alibi_slopes = slopes.data();
+  }
+  if (!options.sink_path.empty()) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      sink_logits.push_back(load_as_float(arrays[sinks].data.data(), arrays[sinks].dtype, h));
+    }
+    params.maybe_sink_logits = sink_logits.data();
+  }
+  const std::vector<std::int64_t>& shape = arrays[0].shape;  // (total_q, heads, head_dim)
+  std::vector<float> out(static_cast<std::size_t>(arrays[0].numel()));
+  params.out = make_mutable_view(out.data(), DType::kF32, {shape[0], shape[1], shape[2]}, "out");
+  std::vector<float> lse;
+  if (!options.lse_path.empty()) {
+    lse.resize(static_cast<std::size_t>(shape[0] * shape[1]));
+    params.maybe_lse = make_mutable_view(lse.data(), DType::kF32, {shape[1], shape[0]}, "lse");
+  }
+  Context context(options.threads);
+  attend_varlen(params, context);
+  write_npy(options.out_path, DType::kF32, shape, out.data());
+  if (!options.lse_path.empty()) {
+    const std::vector<std::int64_t> lse_shape{shape[1], shape[0]};
+    write_npy(options.lse_path, DType::kF32, lse_shape, lse.data());
+  }
+  return kExitOk;
 }
 
 // Checks every option and input header, then reads the inputs (also rank
@@ -179,12 +288,19 @@ AttendInputs read_inputs(const AttendOptions& options, const ModeOptions& modes)
   params.q = result.arrays[0].view("--q");
   params.k = result.arrays[1].view("--k");
   params.v = result.arrays[2].view("--v");
-  if (result.arrays.size() > 3) {
+  if (!options.alibi_path.empty()) {
     const NpyArray& alibi = result.arrays[3];
     for (std::int64_t h = 0; h < alibi.shape[0]; ++h) {
       result.slopes.push_back(load_as_float(alibi.data.data(), alibi.dtype, h));
     }
     params.maybe_alibi_slopes = result.slopes.data();
+  }
+  if (!options.sink_path.empty()) {
+    const NpyArray& logits = result.arrays[sink_index(options)];
+    for (std::int64_t h = 0; h < logits.shape[0]; ++h) {
+      result.sink_logits.push_back(load_as_float(logits.data.data(), logits.dtype, h));
+    }
+    params.maybe_sink_logits = result.sink_logits.data();
   }
   return result;
 }
@@ -200,6 +316,7 @@ int run_distributed(const AttendOptions& options) {
   refuse(options.block_size.has_value(), "--block-size");
   refuse(options.splits.has_value(), "--splits");
   refuse(options.reference, "--reference");
+  refuse(!options.sink_path.empty(), "--sink-logits");
   refuse(options.segment.has_value() && options.mode != "sharded-decode", "--segment");
   return run_distributed_attend({.mode = options.mode,
                                  .segment = options.segment.value_or(256),
@@ -210,6 +327,7 @@ int run_distributed(const AttendOptions& options) {
 }
 
 int run_attend(const AttendOptions& options) {
+  if (!options.cu_q_path.empty() || !options.cu_k_path.empty()) return run_attend_varlen(options);
   if (is_distributed_mode(options.mode)) return run_distributed(options);
   if (options.segment) throw Error("--segment: only --mode sharded-decode uses it");
   const ModeOptions modes = parse_mode_options(options);
@@ -277,10 +395,22 @@ void add_attend_command(CLI::App& app, Runner& runner) {
   command->add_option("--softcap", options->softcap, "softcap c > 0: s = c*tanh(s/c) (0: off)")
       ->check(kNonNegativeFloat);
   command->add_option("--alibi", options->alibi_path, "ALiBi slopes, (heads,) .npy");
+  command->add_option("--cu-seqlens-q", options->cu_q_path,
+                      "a packed variable-length batch (FlashAttention's varlen): offsets "
+                      "(batch + 1,) <i4 or <i8 from 0 to total_q; --q, --k, --v are then "
+                      "(total, heads, head_dim), O (total_q, heads, head_dim), LSE (heads, total_q)");
+  command->add_option("--cu-seqlens-k", options->cu_k_path,
+                      "the packed batch's key offsets (batch + 1,), 0 to total_k; sequence b is "
+                      "q[cu_q[b]:cu_q[b+1]] against k, v[cu_k[b]:cu_k[b+1]], masked on its own");
+  command->add_option("--sink-logits", options->sink_path,
+                      "learned attention sinks (gpt-oss), (heads,) .npy: one more term "
+                      "e^sink in each row's softmax denominator, with no value");
   command->add_option("--threads", options->threads, "worker threads (default: all cores)")
       ->check(kPositive);
-  command->add_option("--dtype", options->dtype, "storage dtype of Q/K/V: f32 (default), bf16, f16")
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  command->add_option("--dtype", options->dtype,
+                      "storage dtype of Q/K/V: f32 (default), bf16, f16; or K/V in 8 bits with "
+                      "an f32 scale per row (Q stays f32): int8, fp8e4m3, fp8e5m2")
+      ->check(CLI::IsMember({"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"}));
   command->add_option("--mode", options->mode,
                       "path (all compute the same function): prefill (one call), decode (cache "
                       "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "

@@ -21,6 +21,7 @@ struct AttendInputs {
   AttentionParams params;
   std::vector<NpyArray> arrays;
   std::vector<float> slopes;
+  std::vector<float> sink_logits;
 };
 
 struct DistributedAttend {

@@ -171,8 +171,10 @@ void add_bench_command(CLI::App& app, Runner& runner) {
   command->add_option("--suite", o->suite, "prefill, decode or all (default)")
       ->check(CLI::IsMember({"prefill", "decode", "all"}));
   command->add_option("--threads", o->threads, "threads (default: all cores)")->check(kPositive);
-  command->add_option("--dtype", o->dtype, "lookback's storage: f32 (default), bf16, f16 or all")
-      ->check(CLI::IsMember({"f32", "bf16", "f16", "all"}));
+  command->add_option("--dtype", o->dtype,
+                      "lookback's storage: f32 (default), bf16, f16, all (those three), or K/V "
+                      "in 8 bits: int8, fp8e4m3, fp8e5m2")
+      ->check(CLI::IsMember({"f32", "bf16", "f16", "all", "int8", "fp8e4m3", "fp8e5m2"}));
   command->add_flag("--quick", o->quick, "two sizes and two contexts, 2 repetitions");
   add_format_option(*command, o->format,
                     {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});

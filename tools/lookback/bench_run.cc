@@ -71,8 +71,10 @@ double prefill_flops(const BenchPlan& plan, std::int64_t n) {
 }
 
 double kv_bytes(const BenchPlan& plan, std::int64_t context, DType storage) {
-  return 2.0 * static_cast<double>(context) * static_cast<double>(plan.decode_kv_heads * plan.dim) *
-         static_cast<double>(dtype_size(storage));
+  // 8-bit rows carry one f32 scale each.
+  return 2.0 * static_cast<double>(context) * static_cast<double>(plan.decode_kv_heads) *
+         (static_cast<double>(plan.dim) * static_cast<double>(dtype_size(storage)) +
+          (is_quantized(storage) ? 4.0 : 0.0));
 }
 
 // The ceilings are measured before the cases and again after them, and the

@@ -80,7 +80,9 @@ void check_kind_options(const SaveOptions& options) {
 int run_save(const SaveOptions& options) {
   check_kind_options(options);
   const DType storage = parse_dtype(options.dtype, "--dtype");
-  if (storage == DType::kF64) throw Error("--dtype: f64 (expected f32, bf16 or f16)");
+  if (storage == DType::kF64) {
+    throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
+  }
   const NpyArray k = read_kv(options.k_path, "--k");
   const NpyArray v = read_kv(options.v_path, "--v");
   if (v.shape != k.shape) {
@@ -269,7 +271,9 @@ void add_cache_command(CLI::App& app, Runner& runner) {
       ->add_option("--out", save->out, "checkpoint file to write (atomically); - for standard output")
       ->required()
       ->check(kOutputPath);
-  save_command->add_option("--dtype", save->dtype, "storage dtype: f32 (default), bf16 or f16");
+  save_command->add_option("--dtype", save->dtype,
+                           "storage dtype: f32 (default), bf16, f16, or 8 bits with an f32 scale "
+                           "per row: int8, fp8e4m3, fp8e5m2");
   save->capacity_option =
       save_command
           ->add_option("--capacity", save->capacity,

@@ -52,8 +52,11 @@ struct Position {
 std::vector<Position> model(const CostOptions& o, DType storage) {
   const Mask mask(o.len, o.len, {.causal = Causal::kBottomRight, .window_left = o.window});
   const double per_pair = 4.0 * static_cast<double>(o.heads * o.dim);
+  // K and V rows; 8-bit rows carry one f32 scale each.
   const double bytes_per_key =
-      2.0 * static_cast<double>(o.kv_heads * o.dim) * static_cast<double>(dtype_size(storage));
+      2.0 * static_cast<double>(o.kv_heads) *
+      (static_cast<double>(o.dim * static_cast<std::int64_t>(dtype_size(storage))) +
+       (is_quantized(storage) ? 4.0 : 0.0));
   std::vector<Position> rows;
   double prefix_pairs = 0;  // visible pairs of the (i+1) x (i+1) square
   for (std::int64_t i = 0; i < o.len; ++i) {
@@ -257,8 +260,10 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   command->add_option("--heads", o->heads, "query heads (default 32)")->check(kPositive);
   command->add_option("--kv-heads", o->kv_heads, "kv heads (default 8)")->check(kPositive);
   command->add_option("--dim", o->dim, "head_dim (default 128)")->check(kPositive);
-  command->add_option("--dtype", o->dtype, "KV cache storage: f32 (default), bf16, f16")
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  command->add_option("--dtype", o->dtype,
+                      "KV cache storage: f32 (default), bf16, f16, or 8 bits with an f32 scale "
+                      "per row: int8, fp8e4m3, fp8e5m2")
+      ->check(CLI::IsMember({"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"}));
   command->add_option("--window", o->window, "left window W (W+1 keys per token)")->check(kNonNegative);
   add_format_option(*command, o->format,
                     {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});

@@ -338,11 +338,19 @@ std::string render_builtin_text(const std::vector<BuiltinCheck>& checks, const L
                  diagnostics::leak_runs(shape));
   std::size_t width = 4;
   for (const BuiltinCheck& check : checks) width = std::max(width, check.label.size());
-  fmt::format_to(out, "{:<{}}  {:<12} {:<12} {}\n", "path", width, "f32", "bf16", "f16");
-  // Checks come in threes (f32, bf16, f16) per path row (builtin_plan).
-  for (std::size_t row = 0; row + 3 <= checks.size(); row += 3) {
+  // Checks come one per storage dtype (f32, bf16, f16, int8, fp8e4m3,
+  // fp8e5m2) for each path row (builtin_plan).
+  std::size_t storages = 1;
+  while (storages < checks.size() && checks[storages].label == checks[0].label) ++storages;
+  std::string header = fmt::format("{:<{}} ", "path", width);
+  for (std::size_t c = 0; c < storages && c < checks.size(); ++c) {
+    header += fmt::format(" {:<12}", dtype_name(checks[c].storage));
+  }
+  while (!header.empty() && header.back() == ' ') header.pop_back();
+  output += header + '\n';
+  for (std::size_t row = 0; row + storages <= checks.size(); row += storages) {
     std::string line = fmt::format("{:<{}} ", checks[row].label, width);
-    for (std::size_t c = row; c < row + 3; ++c) {
+    for (std::size_t c = row; c < row + storages; ++c) {
       line += fmt::format(" {:<12}", diagnostics::verdict_name(checks[c].verdict));
     }
     while (line.back() == ' ') line.pop_back();
