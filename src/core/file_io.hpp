@@ -46,6 +46,9 @@ class InputFile {
   // memory runs out it is lookback::Error (kCapacity) naming the path.
   std::vector<std::byte> read(std::int64_t offset, std::int64_t bytes) const;
   std::vector<std::byte> read_all() const { return read(0, size_); }
+  // Up to `bytes` from `offset` into `destination` (which holds them); the
+  // count read, fewer if the file shrank meanwhile.
+  std::size_t read_into(std::int64_t offset, std::size_t bytes, std::byte* destination) const;
 
   // Feeds [offset, offset + bytes) to `consume` in chunks of at most 1 MiB
   // (to checksum a section without holding it); false when the file ends

@@ -2,6 +2,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <optional>
 #include <vector>
@@ -30,6 +32,7 @@ struct AttendOptions {
   std::optional<std::int64_t> block_size;  // paged (default 16)
   std::optional<std::int64_t> splits;      // split (default 2)
   bool reference = false;
+  bool timings = false;
 };
 
 // "(3,)", "(1, 7, 2, 8)": Python's spelling, as in the .npy header.
@@ -55,9 +58,9 @@ NpyHeader read_header(const std::string& path, const std::string& option, int ra
 
 // The data of an input whose header was checked: the file must still be
 // what its header said, or every check made on the header would be void.
-NpyArray read_checked(const std::string& path, const std::string& option,
-                      const NpyHeader& header) {
-  NpyArray array = read_npy(path);
+LoadedNpy read_checked(const std::string& path, const std::string& option,
+                       const NpyHeader& header) {
+  LoadedNpy array = load_npy(path);
   if (array.shape != header.shape || array.dtype != header.dtype) {
     throw Error(ErrorCode::kIo, fmt::format("{} {}: the file changed while it was read (shape "
                                             "{}, expected {} as its header said)",
@@ -160,7 +163,13 @@ std::vector<Input> inputs_of(const AttendOptions& options) {
   return inputs;
 }
 
+// Seconds since `start`, for --timings.
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 int run_attend(const AttendOptions& options) {
+  const auto started = std::chrono::steady_clock::now();
   const ModeOptions modes = parse_mode_options(options);
   check_outputs(options);
   std::vector<NpyHeader> headers;
@@ -169,11 +178,11 @@ int run_attend(const AttendOptions& options) {
   }
   AttentionParams params = check_before_reading(options, modes, headers);
 
-  std::vector<NpyArray> inputs;
+  std::vector<LoadedNpy> inputs;
   for (const Input& input : inputs_of(options)) {
     inputs.push_back(read_checked(input.path, input.option, headers[inputs.size()]));
   }
-  const NpyArray& q = inputs[0];
+  const LoadedNpy& q = inputs[0];
   params.q = q.view("--q");
   params.k = inputs[1].view("--k");
   params.v = inputs[2].view("--v");
@@ -184,29 +193,46 @@ int run_attend(const AttendOptions& options) {
     }
     params.maybe_alibi_slopes = slopes.data();
   }
-  std::vector<float> out(static_cast<std::size_t>(q.numel()));
-  params.out = make_mutable_view(out.data(), DType::kF32,
+  // Every element of O and LSE is written by the kernels (an empty row gets
+  // zeros), so their memory is not filled first.
+  LargeBuffer out(static_cast<std::size_t>(q.numel()) * sizeof(float), "--out");
+  auto* out_data = reinterpret_cast<float*>(out.data());
+  params.out = make_mutable_view(out_data, DType::kF32,
                                  {q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, "out");
-  std::vector<float> lse;
-  if (!options.lse_path.empty()) {
-    lse.resize(static_cast<std::size_t>(q.shape[0] * q.shape[2] * q.shape[1]));
+  const std::int64_t lse_count = options.lse_path.empty() ? 0 : q.shape[0] * q.shape[2] * q.shape[1];
+  LargeBuffer lse(static_cast<std::size_t>(lse_count) * sizeof(float), "--lse");
+  auto* lse_data = reinterpret_cast<float*>(lse.data());
+  if (lse_count > 0) {
     params.maybe_lse =
-        make_mutable_view(lse.data(), DType::kF32, {q.shape[0], q.shape[2], q.shape[1]}, "lse");
+        make_mutable_view(lse_data, DType::kF32, {q.shape[0], q.shape[2], q.shape[1]}, "lse");
   }
+  const double read_seconds = seconds_since(started);
 
+  const auto compute_started = std::chrono::steady_clock::now();
   if (options.reference) {
     const ReferenceResult result = reference_attention(params);
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(result.out[i]);
-    for (std::size_t i = 0; i < lse.size(); ++i) lse[i] = static_cast<float>(result.lse[i]);
+    for (std::size_t i = 0; i < result.out.size(); ++i) out_data[i] = static_cast<float>(result.out[i]);
+    for (std::int64_t i = 0; i < lse_count; ++i) {
+      lse_data[i] = static_cast<float>(result.lse[static_cast<std::size_t>(i)]);
+    }
   } else {
     Context context(options.threads);
     attend_with_mode(params, modes, context);
   }
+  const double compute_seconds = seconds_since(compute_started);
 
-  write_npy(options.out_path, DType::kF32, q.shape, out.data());
+  const auto write_started = std::chrono::steady_clock::now();
+  write_npy(options.out_path, DType::kF32, q.shape, out_data);
   if (!options.lse_path.empty()) {
     const std::vector<std::int64_t> lse_shape{q.shape[0], q.shape[2], q.shape[1]};
-    write_npy(options.lse_path, DType::kF32, lse_shape, lse.data());
+    write_npy(options.lse_path, DType::kF32, lse_shape, lse_data);
+  }
+  if (options.timings) {
+    const double write_seconds = seconds_since(write_started);
+    std::fprintf(stderr,
+                 "timings: read %.1f ms, compute %.1f ms, write %.1f ms, total %.1f ms\n",
+                 read_seconds * 1e3, compute_seconds * 1e3, write_seconds * 1e3,
+                 seconds_since(started) * 1e3);
   }
   return kExitOk;
 }
@@ -263,6 +289,9 @@ void add_attend_command(CLI::App& app, Runner& runner) {
       ->check(kPositive);
   command->add_option("--splits", options->splits, "parts of the key range for split (>= 1, default 2)")
       ->check(kPositive);
+  command->add_flag("--timings", options->timings,
+                    "print the time spent reading (and checking) the inputs, computing and "
+                    "writing the outputs on standard error");
   command->add_flag("--reference", options->reference,
                     "use the float64 reference instead of the fast kernel (slow; for checking)");
   command->callback([&runner, options] { runner = [options] { return run_attend(*options); }; });
