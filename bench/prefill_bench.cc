@@ -93,7 +93,9 @@ int main(int argc, char** argv) {
   fmt::print("machine: {}, {} cores online; lookback SIMD path {}; OpenBLAS core {}{}\n",
              bench::cpu_model(), std::thread::hardware_concurrency(), simd_target_name(),
              blas ? blas->core : std::string("not loaded (--no-baseline)"),
-             blas && blas->coretype ? fmt::format(" (OPENBLAS_CORETYPE={})", *blas->coretype) : "");
+             blas && !blas->trials.empty()
+                 ? fmt::format(" (the fastest correct of {})", bench::describe_trials(*blas))
+                 : "");
   fmt::print("causal prefill, batch 1, {} heads, {} kv heads, head_dim {}, {} storage; median of "
              "{} (min-max)\n\n",
              options.heads, options.kv_heads, options.dim, dtype_name(options.storage), options.reps);

@@ -19,9 +19,15 @@ const char* ceiling_label(const std::string& ceiling) {
 }
 
 std::string openblas_text(const BenchMachine& m) {
-  return fmt::format("OpenBLAS core {}{}", m.openblas_core,
-                     m.openblas_coretype ? fmt::format(" (OPENBLAS_CORETYPE={})", *m.openblas_coretype)
-                                         : std::string(" (OPENBLAS_CORETYPE unset)"));
+  std::string text = fmt::format(
+      "OpenBLAS core {}{}", m.openblas_core,
+      m.openblas_coretype ? fmt::format(" (OPENBLAS_CORETYPE={} when loaded)", *m.openblas_coretype)
+                          : std::string(" (OPENBLAS_CORETYPE unset when loaded)"));
+  if (!m.openblas_trials.empty()) {
+    text += fmt::format(",\n  the fastest correct of the cores measured: {}",
+                        bench::describe_trials({.trials = m.openblas_trials}));
+  }
+  return text;
 }
 
 std::string case_name(const BenchCase& c) {
@@ -102,6 +108,11 @@ std::string render_bench_json(const BenchReport& r) {
                                  {"openblas_core", m.openblas_core},
                                  {"openblas_coretype", nullptr}};
   if (m.openblas_coretype) machine["openblas_coretype"] = *m.openblas_coretype;
+  nlohmann::ordered_json trials = nlohmann::ordered_json::array();
+  for (const bench::OpenBlasCoreTrial& trial : m.openblas_trials) {
+    trials.push_back({{"core", trial.core}, {"sgemm_gflops", trial.gflops}, {"correct", trial.correct}});
+  }
+  machine["openblas_cores_measured"] = trials;
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
   for (const BenchCase& c : r.cases) {
     nlohmann::ordered_json row{{"suite", c.suite},

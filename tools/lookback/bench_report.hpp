@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "openblas.hpp"
 #include "lookback/context.hpp"
 #include "lookback/dtype.hpp"
 
@@ -54,6 +55,7 @@ struct BenchMachine {
   std::string kernels;
   std::string openblas_core;  // "not loaded" when no prefill baseline ran
   std::optional<std::string> openblas_coretype;
+  std::vector<bench::OpenBlasCoreTrial> openblas_trials;  // the cores measured to pick openblas_core
 };
 
 struct BenchReport {

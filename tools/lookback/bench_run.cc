@@ -240,6 +240,7 @@ BenchMachine describe_machine(bool load_openblas) {
     const bench::OpenBlas& blas = bench::openblas();
     machine.openblas_core = blas.core;
     machine.openblas_coretype = blas.coretype;
+    machine.openblas_trials = blas.trials;
   }
   return machine;
 }
