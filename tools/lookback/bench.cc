@@ -15,12 +15,13 @@
 //              openblas_coretype (null when unset), openblas_cores_measured[]
 //              {core, sgemm_gflops, correct}: openblas_core is the fastest correct}
 //   settings  {quick, warmup_runs, repetitions}
-//   ceilings  {fma_gflops, amx_bf16_gflops (0 without AMX), read_bandwidth_gbs}
+//   ceilings  {fma_gflops, amx_bf16_gflops (0 without AMX), bf16_dot_gflops (0 without
+//              AVX512-BF16), read_bandwidth_gbs}
 //   cases[]   {suite ("prefill"|"decode"), implementation ("baseline"|"lookback"),
 //              dtype, n (prefill) or context (decode), batch, heads, kv_heads,
 //              head_dim, ms {median, min, max}, repetitions, work (useful FLOPs,
 //              or KV bytes read), rate, rate_unit ("GFLOP/s"|"GB/s"), ceiling
-//              ("fma"|"amx_bf16"|"read_bandwidth"), fraction_of_ceiling; lookback
+//              ("fma"|"amx_bf16"|"bf16_dot"|"read_bandwidth"), fraction_of_ceiling; lookback
 //              cases add speedup_vs_baseline and rel_l2_vs_baseline}
 //
 // This file holds the flags and the plan; bench_run.cc runs it and

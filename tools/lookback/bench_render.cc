@@ -15,6 +15,7 @@ namespace {
 const char* ceiling_label(const std::string& ceiling) {
   if (ceiling == "fma") return "FMA";
   if (ceiling == "amx_bf16") return "AMX";
+  if (ceiling == "bf16_dot") return "DOT";
   return "bw";
 }
 
@@ -67,7 +68,7 @@ std::string render_bench_text(const BenchReport& r) {
       "lookback bench: {}, {} ({} cores online)\n"
       "kernels: {}\n"
       "ceilings at {} (the higher of a measurement before and after the cases): FMA peak "
-      "{:.1f} GFLOP/s ({}), {}, read bandwidth {:.1f} GB/s\n"
+      "{:.1f} GFLOP/s ({}), {}, {}read bandwidth {:.1f} GB/s\n"
       "times: median of {} after a warm-up, min-max in brackets (at most 2 runs for cases over "
       "a second)\n",
       m.cpu, threads_text(p.threads), m.cores_online, m.kernels, threads_text(p.threads),
@@ -76,6 +77,11 @@ std::string render_bench_text(const BenchReport& r) {
           ? fmt::format("AMX bf16 peak {:.1f} GFLOP/s{}", r.ceilings.amx_gflops,
                         r.amx_kernels ? "" : " (the kernels do not use AMX here)")
           : std::string("no AMX"),
+      r.ceilings.bf16_dot_gflops > 0
+          ? fmt::format("bf16 dot-product (VDPBF16PS, DOT) peak {:.1f} GFLOP/s{}, ",
+                        r.ceilings.bf16_dot_gflops,
+                        r.bf16_dot_kernels ? "" : " (bf16 prefill does not use it here)")
+          : std::string(),
       r.ceilings.bandwidth_gbs, p.reps == 1 ? std::string("1 run") : fmt::format("{} runs", p.reps));
   if (p.prefill) {
     text += fmt::format(
@@ -141,6 +147,7 @@ std::string render_bench_json(const BenchReport& r) {
              {"settings", {{"quick", r.plan.quick}, {"warmup_runs", 1}, {"repetitions", r.plan.reps}}},
              {"ceilings", {{"fma_gflops", r.ceilings.fma_gflops},
                            {"amx_bf16_gflops", r.ceilings.amx_gflops},
+                           {"bf16_dot_gflops", r.ceilings.bf16_dot_gflops},
                            {"read_bandwidth_gbs", r.ceilings.bandwidth_gbs}}},
              {"cases", cases}}
              .dump(2) +
@@ -191,6 +198,7 @@ Panel collect_panel(const BenchReport& r, const std::string& suite) {
     }
     const std::string ceiling = c.ceiling == "fma"        ? "FMA peak"
                                 : c.ceiling == "amx_bf16" ? "AMX bf16 peak"
+                                : c.ceiling == "bf16_dot" ? "bf16 dot-product peak"
                                                           : "read bandwidth";
     if (std::none_of(panel.ceilings.begin(), panel.ceilings.end(),
                      [&](const auto& line) { return line.first == ceiling; })) {
