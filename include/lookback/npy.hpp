@@ -52,11 +52,15 @@ NpyArray read_npy(const std::string& path, std::span<const DType> accepted);
 // use (fresh pages come zeroed from the kernel) and, from 2 MiB up, advised
 // for transparent huge pages, so that touching 64 MiB costs a few dozen page
 // faults rather than 16,384. Move-only. A failed allocation is
-// lookback::Error (kCapacity) naming `what`.
+// lookback::Error (kCapacity) naming `what`. Or (map_npy) a read-only
+// mapping of part of a file.
 class LargeBuffer {
  public:
   LargeBuffer() = default;
   LargeBuffer(std::size_t bytes, std::string_view what);
+  // `bytes` of the file open as `fd` from `offset`, mapped read-only and
+  // faulted in at once (MAP_POPULATE): the page cache's own pages, no copy.
+  static LargeBuffer map_file(int fd, std::size_t offset, std::size_t bytes, std::string_view what);
   ~LargeBuffer();
   LargeBuffer(LargeBuffer&& other) noexcept;
   LargeBuffer& operator=(LargeBuffer&& other) noexcept;
@@ -70,7 +74,8 @@ class LargeBuffer {
  private:
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
-  std::size_t mapped_ = 0;  // bytes mapped (0: nothing to unmap)
+  void* mapping_ = nullptr;  // what munmap releases (data_ lies inside it)
+  std::size_t mapped_ = 0;   // bytes mapped (0: nothing to unmap)
 };
 
 // An array read for computing on it (lookback attend): every check of
@@ -86,6 +91,12 @@ struct LoadedNpy {
   TensorView view(std::string_view argument = "array") const;
 };
 LoadedNpy load_npy(const std::string& path);
+// As load_npy, but the data is the file itself, mapped read-only (no copy,
+// no fresh memory: the fastest way to a large input that is in the page
+// cache). The file must not shrink while the array lives: on Linux, reading
+// a mapped page past a file's new end raises SIGBUS (lookback attend turns
+// that into an error message).
+LoadedNpy map_npy(const std::string& path);
 
 // Serialises as format 1.0 (2.0 when the header needs it).
 std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,

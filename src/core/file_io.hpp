@@ -40,6 +40,7 @@ class InputFile {
   // The size fstat() reported at open: allocations are bounded by it, never
   // by a size the file's contents claim.
   std::int64_t size() const noexcept { return size_; }
+  int descriptor() const noexcept { return fd_; }
 
   // Up to `bytes` from `offset`; fewer if the file shrank meanwhile. Callers
   // pass ranges inside size(), so the allocation is one the file holds; when

@@ -12,8 +12,10 @@
 #include "lookback/npy.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -613,23 +615,48 @@ LargeBuffer::LargeBuffer(std::size_t bytes, std::string_view what) {
 #endif
   data_ = static_cast<std::byte*>(address);
   size_ = bytes;
+  mapping_ = address;
   mapped_ = bytes;
 }
 
+LargeBuffer LargeBuffer::map_file(int fd, std::size_t offset, std::size_t bytes,
+                                  std::string_view what) {
+  LargeBuffer buffer;
+  if (bytes == 0) return buffer;
+  // mmap's offset must be page-aligned: map from the page the data starts in.
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::size_t start = offset / page * page;
+  const std::size_t length = offset - start + bytes;
+  void* address = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd,
+                         static_cast<off_t>(start));
+  if (address == MAP_FAILED && errno == ENOMEM) {
+    throw Error(ErrorCode::kCapacity, std::string(what) + ": out of memory allocating " +
+                                          std::to_string(bytes) + " bytes (of address space, to map it)");
+  }
+  if (address == MAP_FAILED) detail::throw_io(what, "cannot map the file for reading", errno);
+  buffer.data_ = static_cast<std::byte*>(address) + (offset - start);
+  buffer.size_ = bytes;
+  buffer.mapping_ = address;
+  buffer.mapped_ = length;
+  return buffer;
+}
+
 LargeBuffer::~LargeBuffer() {
-  if (mapped_ != 0) ::munmap(data_, mapped_);
+  if (mapped_ != 0) ::munmap(mapping_, mapped_);
 }
 
 LargeBuffer::LargeBuffer(LargeBuffer&& other) noexcept
     : data_(std::exchange(other.data_, nullptr)),
       size_(std::exchange(other.size_, 0)),
+      mapping_(std::exchange(other.mapping_, nullptr)),
       mapped_(std::exchange(other.mapped_, 0)) {}
 
 LargeBuffer& LargeBuffer::operator=(LargeBuffer&& other) noexcept {
   if (this != &other) {
-    if (mapped_ != 0) ::munmap(data_, mapped_);
+    if (mapped_ != 0) ::munmap(mapping_, mapped_);
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    mapping_ = std::exchange(other.mapping_, nullptr);
     mapped_ = std::exchange(other.mapped_, 0);
   }
   return *this;
@@ -641,17 +668,36 @@ TensorView LoadedNpy::view(std::string_view argument) const {
   return contiguous_view(data.data(), dtype, shape, argument);
 }
 
-LoadedNpy load_npy(const std::string& path) {
-  const detail::InputFile file(path, "a .npy file");
+namespace {
+
+// The layout of an open .npy file, by every check of read_npy, against the
+// size fstat() reported: a buffer of data_bytes is one the file holds.
+NpyLayout checked_layout(const detail::InputFile& file, const std::string& path) {
   const auto file_size = static_cast<std::uint64_t>(file.size());
   const std::vector<std::byte> preamble =
       file.read(0, std::min<std::int64_t>(file.size(), kPreambleMaxBytes));
   const HeaderPlace place = parse_preamble(preamble, file_size, path);
   const std::vector<std::byte> head =
       file.read(0, static_cast<std::int64_t>(place.offset + place.bytes));
-  // Every check of read_npy, against the size fstat() reported: the
-  // allocation below is one the file holds.
-  NpyLayout layout = parse_layout(head, file_size, path);
+  return parse_layout(head, file_size, path);
+}
+
+}  // namespace
+
+LoadedNpy map_npy(const std::string& path) {
+  const detail::InputFile file(path, "a .npy file");
+  NpyLayout layout = checked_layout(file, path);
+  LoadedNpy array;
+  array.dtype = layout.dtype;
+  array.shape = std::move(layout.shape);
+  // The mapping outlives the descriptor.
+  array.data = LargeBuffer::map_file(file.descriptor(), layout.data_offset, layout.data_bytes, path);
+  return array;
+}
+
+LoadedNpy load_npy(const std::string& path) {
+  const detail::InputFile file(path, "a .npy file");
+  NpyLayout layout = checked_layout(file, path);
   LoadedNpy array;
   array.dtype = layout.dtype;
   array.shape = std::move(layout.shape);

@@ -110,7 +110,7 @@ class CaseRunner {
   CaseRunner(const BenchPlan& plan, Context& context, BenchReport& report)
       : plan_(plan), context_(context), report_(report),
         progress_("lookback bench", true,
-                  6 + static_cast<int>((plan.prefill ? plan.sizes.size() : 0) +
+                  8 + static_cast<int>((plan.prefill ? plan.sizes.size() : 0) +
                                        (plan.decode ? plan.contexts.size() : 0)) *
                           (1 + static_cast<int>(plan.storages.size()))) {}
 
