@@ -164,8 +164,9 @@ void add_bench_command(CLI::App& app, Runner& runner) {
       app, "bench",
       "Benchmark lookback on this machine, against its measured ceilings and a baseline.",
       "First the ceilings at the chosen thread count (FMA peak on the dispatched vector unit,\n"
-      "AMX bf16 tile peak where present, read bandwidth), then the baselines (prefill:\n"
-      "materialised attention with OpenBLAS sgemm; decode: a plain C++ loop), then lookback,\n"
+      "AMX bf16 tile peak and AVX512-BF16 dot-product peak where present, read bandwidth),\n"
+      "then the baselines (prefill: materialised attention with OpenBLAS sgemm on the fastest\n"
+      "correct core, measured; decode: a plain C++ loop), then lookback,\n"
       "then the ceilings again (the higher of the two measurements counts).\n"
       "Prefill: batch 1, 32 heads, head_dim 128, n = 512..16384, in useful GFLOP/s. Decode: 32\n"
       "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. Progress goes to stderr; times are\n"
