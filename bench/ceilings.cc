@@ -156,6 +156,31 @@ __attribute__((target("amx-tile,amx-bf16"))) std::uint64_t AmxLoop(std::uint64_t
 
 }  // namespace
 
+__attribute__((target("avx512f,avx512bf16"))) std::uint64_t Bf16DotLoop(std::uint64_t iterations,
+                                                                       float* sink) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(0.01f * static_cast<float>(i));
+  const auto a = (__m512bh)_mm512_set1_epi32(0x3F803F80);  // (1, 1) in bf16
+  const auto b = (__m512bh)_mm512_set1_epi32(0x33803380);  // tiny, so sums stay finite
+  for (std::uint64_t i = 0; i < iterations; ++i) {
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+    asm volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]));
+  }
+  __m512 total = acc[0];
+  for (int i = 1; i < 16; ++i) total = _mm512_add_ps(total, acc[i]);
+  *sink = _mm512_reduce_add_ps(total);
+  return iterations * 16 * 16 * 2 * 2;
+}
+
+double measure_bf16_dot_peak_gflops(int threads) {
+  if (!kernel_caps().avx512_bf16) return 0.0;
+  const std::uint64_t iterations = 10'000'000;
+  std::vector<float> sinks(static_cast<std::size_t>(threads));
+  return best_gflops(threads, [&](int t) {
+    return Bf16DotLoop(iterations, &sinks[static_cast<std::size_t>(t)]);
+  });
+}
+
 double measure_amx_peak_gflops(int threads) {
   if (!kernel_caps().amx_bf16) return 0.0;  // and Linux granted the tile state
   const std::uint64_t iterations = 2'000'000;
@@ -163,6 +188,7 @@ double measure_amx_peak_gflops(int threads) {
 }
 #else
 double measure_amx_peak_gflops(int) { return 0.0; }
+double measure_bf16_dot_peak_gflops(int) { return 0.0; }
 #endif
 
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes) {

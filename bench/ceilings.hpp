@@ -20,6 +20,11 @@ double measure_read_bandwidth_gbs(int threads, std::size_t bytes = std::size_t{1
 // OS offers no AMX.
 double measure_amx_peak_gflops(int threads);
 
+// Peak bf16 rate of AVX512-BF16 dot products in GFLOP/s (VDPBF16PS on
+// 512-bit registers, 16 independent accumulators per thread: each
+// instruction 32 bf16 products), or 0 when the CPU has no AVX512-BF16.
+double measure_bf16_dot_peak_gflops(int threads);
+
 // The Highway target the ceilings loop ran on.
 std::string ceiling_target_name();
 

@@ -9,22 +9,40 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace lookback::bench {
 
+// One OpenBLAS core measured on this CPU.
+struct OpenBlasCoreTrial {
+  std::string core;      // as OpenBLAS names it: "SkylakeX", "Haswell", ...
+  double gflops = 0;     // sgemm, one thread, the baseline's two shapes
+  bool correct = false;  // agreed with a float64 product
+};
+
 struct OpenBlas {
   decltype(&cblas_sgemm) sgemm = nullptr;
-  std::string core;                      // the kernel it picked: "SkylakeX", "Haswell", ...
+  std::string core;                      // the kernel the baseline runs: "SkylakeX", "Haswell", ...
   std::optional<std::string> coretype;  // OPENBLAS_CORETYPE when it loaded; nullopt when unset
+  // Every core measured, in the order tried; empty when this OpenBLAS cannot
+  // switch cores (not a DYNAMIC_ARCH build), and then `core` is its own pick.
+  std::vector<OpenBlasCoreTrial> trials;
 };
 
 // Loads OpenBLAS once (thread-safe) and returns it, set to one thread per
-// call (the baselines split heads across threads of their own). First the
-// core choice: OpenBLAS 0.3.21 does not recognise recent AVX-512 CPUs and
-// falls back to a generic kernel unless OPENBLAS_CORETYPE names one, read
-// when the library loads; on an AVX-512 CPU with the variable unset, it is
-// set to SkylakeX. A value the user set is never replaced. Throws
-// lookback::Error when the library or a symbol is missing.
+// call (the baselines split heads across threads of their own), on the
+// strongest core that computes correctly here: a baseline on a handicapped
+// kernel would flatter lookback. OpenBLAS picks its core when it loads
+// (OPENBLAS_CORETYPE if set, else its own detection, which in 0.3.21 falls
+// back to a generic kernel on CPUs it does not know); that core and those
+// this CPU can run (Haswell with AVX2 and FMA, SkylakeX with AVX-512) are
+// each checked against a float64 product and timed on the baseline's sgemm
+// shapes, and the fastest correct one is kept. Throws lookback::Error when
+// the library or a symbol is missing.
 const OpenBlas& openblas();
+
+// "SkylakeX 95.2, Haswell 41.3 GFLOP/s (sgemm, 1 thread)": the trials, for
+// the benchmarks' output; "" when there were none.
+std::string describe_trials(const OpenBlas& blas);
 
 }  // namespace lookback::bench

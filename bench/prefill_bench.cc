@@ -93,7 +93,9 @@ int main(int argc, char** argv) {
   fmt::print("machine: {}, {} cores online; lookback SIMD path {}; OpenBLAS core {}{}\n",
              bench::cpu_model(), std::thread::hardware_concurrency(), simd_target_name(),
              blas ? blas->core : std::string("not loaded (--no-baseline)"),
-             blas && blas->coretype ? fmt::format(" (OPENBLAS_CORETYPE={})", *blas->coretype) : "");
+             blas && !blas->trials.empty()
+                 ? fmt::format(" (the fastest correct of {})", bench::describe_trials(*blas))
+                 : "");
   fmt::print("causal prefill, batch 1, {} heads, {} kv heads, head_dim {}, {} storage; median of "
              "{} (min-max)\n\n",
              options.heads, options.kv_heads, options.dim, dtype_name(options.storage), options.reps);
@@ -104,12 +106,17 @@ int main(int argc, char** argv) {
     const double fma_peak = bench::measure_fma_peak_gflops(threads);
     const double amx_peak = options.storage == DType::kBF16 ? bench::measure_amx_peak_gflops(threads) : 0.0;
     const bool amx = amx_peak > 0.0 && kernel_caps().amx_prefill;
-    // bf16 work on AMX is measured against the tile unit's peak.
-    const double peak = amx ? amx_peak : fma_peak;
-    fmt::print("threads {}: FMA peak {:.1f} GFLOP/s ({}){}\n", threads, fma_peak,
+    const double dot_peak =
+        options.storage == DType::kBF16 ? bench::measure_bf16_dot_peak_gflops(threads) : 0.0;
+    const bool dots = !amx && dot_peak > 0.0 && kernel_caps().bf16_dot_prefill;
+    // bf16 work on AMX is measured against the tile unit's peak, by
+    // VDPBF16PS against that instruction's.
+    const double peak = amx ? amx_peak : dots ? dot_peak : fma_peak;
+    fmt::print("threads {}: FMA peak {:.1f} GFLOP/s ({}){}{}\n", threads, fma_peak,
                bench::ceiling_target_name(),
-               amx_peak > 0.0 ? fmt::format(", AMX bf16 peak {:.1f} GFLOP/s", amx_peak) : "");
-    fmt::print("%peak below is of the {} peak\n", amx ? "AMX" : "FMA");
+               amx_peak > 0.0 ? fmt::format(", AMX bf16 peak {:.1f} GFLOP/s", amx_peak) : "",
+               dot_peak > 0.0 ? fmt::format(", bf16 dot-product peak {:.1f} GFLOP/s", dot_peak) : "");
+    fmt::print("%peak below is of the {} peak\n", amx ? "AMX" : dots ? "bf16 dot-product" : "FMA");
     fmt::print("{:>6} {:>22} {:>9} {:>7} {:>22} {:>9} {:>8}\n", "n", "lookback ms", "GFLOP/s",
                "%peak", "baseline ms", "GFLOP/s", "speedup");
     Context context(threads);

@@ -26,9 +26,11 @@ struct KernelCaps {
   bool amx_disabled = false;  // LOOKBACK_DISABLE_AMX is set (amx_bf16 is then false)
 
   // The paths that follow from the above and the dispatched target: bf16
-  // prefill on the AMX tiles, and bf16 decode scores by VDPBF16PS. Both need
-  // the AVX-512 kernels to be the ones dispatched.
+  // prefill on the AMX tiles, or else by VDPBF16PS dot products, and bf16
+  // decode scores by VDPBF16PS. All need the AVX-512 kernels to be the ones
+  // dispatched.
   bool amx_prefill = false;
+  bool bf16_dot_prefill = false;
   bool bf16_decode_dots = false;
 };
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lookback/dtype.hpp"
@@ -48,10 +49,61 @@ NpyArray read_npy(const std::string& path);
 // naming exactly those.
 NpyArray read_npy(const std::string& path, std::span<const DType> accepted);
 
+// Memory for large arrays: page-aligned, never filled by the program before
+// use (fresh pages come zeroed from the kernel) and, from 2 MiB up, advised
+// for transparent huge pages, so that touching 64 MiB costs a few dozen page
+// faults rather than 16,384. Move-only. A failed allocation is
+// lookback::Error (kCapacity) naming `what`. Or (map_npy) a read-only
+// mapping of part of a file.
+class LargeBuffer {
+ public:
+  LargeBuffer() = default;
+  LargeBuffer(std::size_t bytes, std::string_view what);
+  // `bytes` of the file open as `fd` from `offset`, mapped read-only and
+  // faulted in at once (MAP_POPULATE): the page cache's own pages, no copy.
+  static LargeBuffer map_file(int fd, std::size_t offset, std::size_t bytes, std::string_view what);
+  ~LargeBuffer();
+  LargeBuffer(LargeBuffer&& other) noexcept;
+  LargeBuffer& operator=(LargeBuffer&& other) noexcept;
+  LargeBuffer(const LargeBuffer&) = delete;
+  LargeBuffer& operator=(const LargeBuffer&) = delete;
+
+  std::byte* data() noexcept { return data_; }
+  const std::byte* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+  void* mapping_ = nullptr;  // what munmap releases (data_ lies inside it)
+  std::size_t mapped_ = 0;   // bytes mapped (0: nothing to unmap)
+};
+
+// An array read for computing on it (lookback attend): every check of
+// read_npy, the data read once, straight from the file into a LargeBuffer
+// (no zero-filled vector first, no second copy).
+struct LoadedNpy {
+  DType dtype = DType::kF32;        // kF32, kF16 or kF64
+  std::vector<std::int64_t> shape;  // C order; empty for a 0-d array
+  LargeBuffer data;                 // numel * dtype_size bytes, little-endian
+
+  std::int64_t numel() const noexcept;
+  // Contiguous view of the data; requires 1 <= rank <= 4.
+  TensorView view(std::string_view argument = "array") const;
+};
+LoadedNpy load_npy(const std::string& path);
+// As load_npy, but the data is the file itself, mapped read-only (no copy,
+// no fresh memory: the fastest way to a large input that is in the page
+// cache). The file must not shrink while the array lives: on Linux, reading
+// a mapped page past a file's new end raises SIGBUS (lookback attend turns
+// that into an error message).
+LoadedNpy map_npy(const std::string& path);
+
 // Serialises as format 1.0 (2.0 when the header needs it).
 std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
                                      const void* data);
-// Writes serialize_npy's bytes by the output-path rules of
+// Writes serialize_npy's bytes (the header, then `data` as it is, without a
+// copy) by the output-path rules of
 // lookback/output_file.hpp: a regular file is replaced atomically (the path
 // holds the old file or the complete new one, never half of it), "-" is
 // standard output, a device or FIFO is written in place.

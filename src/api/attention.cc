@@ -164,8 +164,9 @@ std::vector<std::string> simd_targets() { return kernel_caps().targets; }
 std::string describe_kernels() {
   const KernelCaps caps = kernel_caps();
   return caps.target + " (Highway target; LOOKBACK_SIMD caps it); bf16 prefill " +
-         (caps.amx_prefill ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
-                           : "as f32 FMA on bf16-rounded values") +
+         (caps.amx_prefill        ? "on AMX tiles (LOOKBACK_DISABLE_AMX turns them off)"
+          : caps.bf16_dot_prefill ? "by AVX512-BF16 dot products"
+                                  : "as f32 FMA on bf16-rounded values") +
          "; bf16 decode " + (caps.bf16_decode_dots ? "by AVX512-BF16 dot products" : "as f32 FMA");
 }
 

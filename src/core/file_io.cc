@@ -126,17 +126,22 @@ std::vector<std::byte> InputFile::read(std::int64_t offset, std::int64_t bytes) 
     throw Error(ErrorCode::kCapacity, path_ + ": out of memory allocating " +
                                           std::to_string(bytes) + " bytes to read it");
   }
+  out.resize(read_into(offset, out.size(), out.data()));
+  return out;
+}
+
+std::size_t InputFile::read_into(std::int64_t offset, std::size_t bytes,
+                                 std::byte* destination) const {
   std::size_t filled = 0;
-  while (filled < out.size()) {
-    const ssize_t got = ::pread(fd_, out.data() + filled, out.size() - filled,
+  while (filled < bytes) {
+    const ssize_t got = ::pread(fd_, destination + filled, bytes - filled,
                                 static_cast<off_t>(offset + static_cast<std::int64_t>(filled)));
     if (got < 0 && errno == EINTR) continue;
     if (got < 0) throw_io(path_, "read failed", errno);
     if (got == 0) break;  // the file shrank while we read it
     filled += static_cast<std::size_t>(got);
   }
-  out.resize(filled);
-  return out;
+  return filled;
 }
 
 bool InputFile::stream(std::int64_t offset, std::int64_t bytes, const ByteSink& consume) const {

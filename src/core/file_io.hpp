@@ -40,12 +40,16 @@ class InputFile {
   // The size fstat() reported at open: allocations are bounded by it, never
   // by a size the file's contents claim.
   std::int64_t size() const noexcept { return size_; }
+  int descriptor() const noexcept { return fd_; }
 
   // Up to `bytes` from `offset`; fewer if the file shrank meanwhile. Callers
   // pass ranges inside size(), so the allocation is one the file holds; when
   // memory runs out it is lookback::Error (kCapacity) naming the path.
   std::vector<std::byte> read(std::int64_t offset, std::int64_t bytes) const;
   std::vector<std::byte> read_all() const { return read(0, size_); }
+  // Up to `bytes` from `offset` into `destination` (which holds them); the
+  // count read, fewer if the file shrank meanwhile.
+  std::size_t read_into(std::int64_t offset, std::size_t bytes, std::byte* destination) const;
 
   // Feeds [offset, offset + bytes) to `consume` in chunks of at most 1 MiB
   // (to checksum a section without holding it); false when the file ends

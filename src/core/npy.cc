@@ -11,11 +11,16 @@
 // the file it came in.
 #include "lookback/npy.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string_view>
+#include <utility>
 
 #include "core/file_io.hpp"
 #include "core/little_endian.hpp"
@@ -503,8 +508,12 @@ NpyHeader read_npy_header(const std::string& path) {
   return {.dtype = layout.dtype, .shape = std::move(layout.shape)};
 }
 
-std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
-                                     const void* data) {
+namespace {
+
+// The bytes before the data (magic, version, header length, header text)
+// and the data's byte count, after checking dtype, shape and data.
+std::vector<std::byte> npy_preamble(DType dtype, std::span<const std::int64_t> shape,
+                                    const void* data, std::size_t& data_bytes_out) {
   const std::optional<std::string_view> descr = descr_from_dtype(dtype);
   if (!descr) {
     // Only bfloat16 gets here: NumPy has no such type.
@@ -557,21 +566,151 @@ std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> 
   header += '\n';
 
   std::vector<std::byte> bytes;
-  bytes.reserve(kMagicSize + 2 + length_width + header.size() +
-                static_cast<std::size_t>(*data_bytes));
+  data_bytes_out = static_cast<std::size_t>(*data_bytes);
+  bytes.reserve(kMagicSize + 2 + length_width + header.size());
   for (std::size_t i = 0; i < kMagicSize; ++i) bytes.push_back(static_cast<std::byte>(kMagic[i]));
   bytes.push_back(static_cast<std::byte>(length_width == 2 ? 1 : 2));
   bytes.push_back(std::byte{0});
   detail::put_le(bytes, header.size(), length_width);
   for (char c : header) bytes.push_back(static_cast<std::byte>(c));
+  return bytes;
+}
+
+}  // namespace
+
+std::vector<std::byte> serialize_npy(DType dtype, std::span<const std::int64_t> shape,
+                                     const void* data) {
+  std::size_t data_bytes = 0;
+  std::vector<std::byte> bytes = npy_preamble(dtype, shape, data, data_bytes);
   const auto* first = static_cast<const std::byte*>(data);
-  if (*data_bytes > 0) bytes.insert(bytes.end(), first, first + *data_bytes);
+  if (data_bytes > 0) bytes.insert(bytes.end(), first, first + data_bytes);
   return bytes;
 }
 
 void write_npy(const std::string& path, DType dtype, std::span<const std::int64_t> shape,
                const void* data) {
-  write_output(path, serialize_npy(dtype, shape, data));
+  // The header and the caller's data go to the file as they are: no
+  // serialised copy of a large array.
+  std::size_t data_bytes = 0;
+  const std::vector<std::byte> preamble = npy_preamble(dtype, shape, data, data_bytes);
+  detail::OutputFile file(path);
+  file.write(preamble);
+  if (data_bytes > 0) file.write({static_cast<const std::byte*>(data), data_bytes});
+  file.commit();
+}
+
+// ---- LargeBuffer and load_npy ----------------------------------------------
+
+LargeBuffer::LargeBuffer(std::size_t bytes, std::string_view what) {
+  if (bytes == 0) return;
+  // Anonymous pages: the kernel zeroes them as they are first touched; the
+  // program writes nothing before the data.
+  void* address = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (address == MAP_FAILED) {
+    throw Error(ErrorCode::kCapacity, std::string(what) + ": out of memory allocating " +
+                                          std::to_string(bytes) + " bytes");
+  }
+#ifdef MADV_HUGEPAGE
+  constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  if (bytes >= kHugePage) ::madvise(address, bytes, MADV_HUGEPAGE);  // advice only
+#endif
+  data_ = static_cast<std::byte*>(address);
+  size_ = bytes;
+  mapping_ = address;
+  mapped_ = bytes;
+}
+
+LargeBuffer LargeBuffer::map_file(int fd, std::size_t offset, std::size_t bytes,
+                                  std::string_view what) {
+  LargeBuffer buffer;
+  if (bytes == 0) return buffer;
+  // mmap's offset must be page-aligned: map from the page the data starts in.
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::size_t start = offset / page * page;
+  const std::size_t length = offset - start + bytes;
+  void* address = ::mmap(nullptr, length, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd,
+                         static_cast<off_t>(start));
+  if (address == MAP_FAILED && errno == ENOMEM) {
+    throw Error(ErrorCode::kCapacity, std::string(what) + ": out of memory allocating " +
+                                          std::to_string(bytes) + " bytes (of address space, to map it)");
+  }
+  if (address == MAP_FAILED) detail::throw_io(what, "cannot map the file for reading", errno);
+  buffer.data_ = static_cast<std::byte*>(address) + (offset - start);
+  buffer.size_ = bytes;
+  buffer.mapping_ = address;
+  buffer.mapped_ = length;
+  return buffer;
+}
+
+LargeBuffer::~LargeBuffer() {
+  if (mapped_ != 0) ::munmap(mapping_, mapped_);
+}
+
+LargeBuffer::LargeBuffer(LargeBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      mapping_(std::exchange(other.mapping_, nullptr)),
+      mapped_(std::exchange(other.mapped_, 0)) {}
+
+LargeBuffer& LargeBuffer::operator=(LargeBuffer&& other) noexcept {
+  if (this != &other) {
+    if (mapped_ != 0) ::munmap(mapping_, mapped_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+    mapping_ = std::exchange(other.mapping_, nullptr);
+    mapped_ = std::exchange(other.mapped_, 0);
+  }
+  return *this;
+}
+
+std::int64_t LoadedNpy::numel() const noexcept { return product(shape); }
+
+TensorView LoadedNpy::view(std::string_view argument) const {
+  return contiguous_view(data.data(), dtype, shape, argument);
+}
+
+namespace {
+
+// The layout of an open .npy file, by every check of read_npy, against the
+// size fstat() reported: a buffer of data_bytes is one the file holds.
+NpyLayout checked_layout(const detail::InputFile& file, const std::string& path) {
+  const auto file_size = static_cast<std::uint64_t>(file.size());
+  const std::vector<std::byte> preamble =
+      file.read(0, std::min<std::int64_t>(file.size(), kPreambleMaxBytes));
+  const HeaderPlace place = parse_preamble(preamble, file_size, path);
+  const std::vector<std::byte> head =
+      file.read(0, static_cast<std::int64_t>(place.offset + place.bytes));
+  return parse_layout(head, file_size, path);
+}
+
+}  // namespace
+
+LoadedNpy map_npy(const std::string& path) {
+  const detail::InputFile file(path, "a .npy file");
+  NpyLayout layout = checked_layout(file, path);
+  LoadedNpy array;
+  array.dtype = layout.dtype;
+  array.shape = std::move(layout.shape);
+  // The mapping outlives the descriptor.
+  array.data = LargeBuffer::map_file(file.descriptor(), layout.data_offset, layout.data_bytes, path);
+  return array;
+}
+
+LoadedNpy load_npy(const std::string& path) {
+  const detail::InputFile file(path, "a .npy file");
+  NpyLayout layout = checked_layout(file, path);
+  LoadedNpy array;
+  array.dtype = layout.dtype;
+  array.shape = std::move(layout.shape);
+  array.data = LargeBuffer(layout.data_bytes, path);
+  const std::size_t got = file.read_into(static_cast<std::int64_t>(layout.data_offset),
+                                         layout.data_bytes, array.data.data());
+  if (got != layout.data_bytes) {
+    throw Error(ErrorCode::kIo, path + ": the file shrank while it was read (" +
+                                    std::to_string(got) + " of " +
+                                    std::to_string(layout.data_bytes) + " data bytes)");
+  }
+  return array;
 }
 
 }  // namespace lookback

@@ -2,7 +2,10 @@
 // kernels' Highway targets do not enable:
 //   DecodeScoresBf16: decode's Q K^T on a bf16 cache by VDPBF16PS;
 //   RowToBf16:        one stored row as bf16 (f32 rows by a vector rounding);
-//   ScaleRows:        the accumulator rows times their factors.
+//   ScaleRows:        the accumulator rows times their factors;
+//   DotScores, DotAccumulate: prefill's Q K^T and P V by VDPBF16PS on the
+//                     pair layouts of the AMX path (CPUs with AVX512-BF16
+//                     and no AMX: Zen 4/5, Cooper Lake).
 // Compiled into the AVX-512 targets only (LOOKBACK_X86_AVX512); callers
 // check the CPU through dispatch.hpp (use_bf16_decode_dots, prefill_path).
 
@@ -120,6 +123,87 @@ inline LOOKBACK_BF16_TARGET HWY_NOINLINE void ScaleRows(float* x, std::size_t ro
       _mm512_store_ps(x + r * n + e, _mm512_mul_ps(_mm512_load_ps(x + r * n + e), f));
     }
   }
+}
+
+// C[kRows x 16 kVecs] (+)= A B by VDPBF16PS, where A's rows hold `steps`
+// u32 pairs of bf16 (a_stride u32 apart) and B's `steps` rows hold 16 kVecs
+// u32 pairs (b_stride u32 apart): each lane of a product takes the two bf16
+// of A's pair times the two of B's and adds both to its f32 sum. C rows are
+// c_stride floats apart; with maybe_scale, C starts as C * scale[row]
+// (the online softmax's rescale, folded into the load), else from zero.
+template <int kRows, int kVecs>
+LOOKBACK_BF16_TARGET HWY_INLINE void DotBlock(const std::uint32_t* a, std::size_t a_stride,
+                                              const std::uint32_t* b, std::size_t b_stride,
+                                              std::size_t steps, float* c, std::size_t c_stride,
+                                              const float* maybe_scale) {
+  __m512 acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 scale = maybe_scale != nullptr ? _mm512_set1_ps(maybe_scale[r]) : _mm512_setzero_ps();
+    for (int v = 0; v < kVecs; ++v) {
+      acc[r][v] = maybe_scale != nullptr ? _mm512_mul_ps(_mm512_loadu_ps(c + r * c_stride + v * 16), scale)
+                                         : _mm512_setzero_ps();
+    }
+  }
+  for (std::size_t s = 0; s < steps; ++s) {
+    __m512bh bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + s * b_stride + v * 16);
+    for (int r = 0; r < kRows; ++r) {
+      const auto pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_stride + s]));
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, bv[v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(c + r * c_stride + v * 16, acc[r][v]);
+  }
+}
+
+// C[rows x 16 kVecs] by blocks of 4 rows (16 accumulators), the rest 1-3.
+template <int kVecs>
+LOOKBACK_BF16_TARGET HWY_INLINE void DotRows(const std::uint32_t* a, std::size_t a_stride,
+                                             std::size_t rows, const std::uint32_t* b,
+                                             std::size_t b_stride, std::size_t steps, float* c,
+                                             std::size_t c_stride, const float* maybe_scale) {
+  std::size_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    DotBlock<4, kVecs>(a + r * a_stride, a_stride, b, b_stride, steps, c + r * c_stride, c_stride,
+                       maybe_scale != nullptr ? maybe_scale + r : nullptr);
+  }
+  const float* scale = maybe_scale != nullptr ? maybe_scale + r : nullptr;
+  a += r * a_stride;
+  c += r * c_stride;
+  switch (rows - r) {
+    case 3: DotBlock<3, kVecs>(a, a_stride, b, b_stride, steps, c, c_stride, scale); break;
+    case 2: DotBlock<2, kVecs>(a, a_stride, b, b_stride, steps, c, c_stride, scale); break;
+    case 1: DotBlock<1, kVecs>(a, a_stride, b, b_stride, steps, c, c_stride, scale); break;
+    default: break;
+  }
+}
+
+// S[rows x kKeyTile] = Q K^T: q_pairs (rows x pairs u32: dims (2p, 2p+1) of
+// a query, q_stride u32 apart), k_pairs (pairs x kKeyTile u32: the same dims
+// of each key, AmxScores' B layout). S rows score_stride floats apart.
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DotScores(const std::uint32_t* q_pairs,
+                                                 std::size_t q_stride, std::size_t rows,
+                                                 const std::uint32_t* k_pairs, std::size_t pairs,
+                                                 float* scores, std::size_t score_stride) {
+  static_assert(kKeyTile == 64, "one block of 4 vectors covers a key tile");
+  DotRows<4>(q_pairs, q_stride, rows, k_pairs, kKeyTile, pairs, scores, score_stride, nullptr);
+}
+
+// acc[rows x dim] = acc * alpha[row] + P V: p_pairs (rows x key_pairs u32:
+// P of keys (2s, 2s+1), p_stride u32 apart), v_pairs (key_pairs x dim u32:
+// those keys' values of each dim, AmxAccumulate's B layout); dim a multiple
+// of 32.
+inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DotAccumulate(const std::uint32_t* p_pairs,
+                                                     std::size_t p_stride, std::size_t rows,
+                                                     const std::uint32_t* v_pairs,
+                                                     std::size_t key_pairs, std::size_t dim,
+                                                     float* acc, const float* alpha) {
+  std::size_t e = 0;
+  for (; e + 64 <= dim; e += 64) {
+    DotRows<4>(p_pairs, p_stride, rows, v_pairs + e, dim, key_pairs, acc + e, dim, alpha);
+  }
+  if (e < dim) DotRows<2>(p_pairs, p_stride, rows, v_pairs + e, dim, key_pairs, acc + e, dim, alpha);
 }
 
 // 16 f32 -> bf16, exactly as lookback::f32_to_bf16 (nearest even on the

@@ -14,6 +14,7 @@ std::int64_t Target() { return HWY_TARGET; }
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -152,17 +153,24 @@ bool avx512_kernels_dispatched() {
 
 namespace {
 
+std::atomic<bool> amx_forced_off{false};
+
 // The paths as KernelCaps names them, for any bf16 call.
-bool amx_prefill_enabled() { return cpu_features().amx_bf16 && avx512_kernels_dispatched(); }
+bool amx_prefill_enabled() {
+  return cpu_features().amx_bf16 && !amx_forced_off.load(std::memory_order_relaxed) &&
+         avx512_kernels_dispatched();
+}
 bool bf16_dots_enabled() { return cpu_features().avx512_bf16 && avx512_kernels_dispatched(); }
 
 }  // namespace
 
 PrefillPath prefill_path(DType storage, std::int64_t padded_dim) {
-  const bool amx =
-      storage == DType::kBF16 && padded_dim % kAmxPairDims == 0 && amx_prefill_enabled();
-  return amx ? PrefillPath::kAmx : PrefillPath::kF32;
+  if (storage != DType::kBF16 || padded_dim % kAmxPairDims != 0) return PrefillPath::kF32;
+  if (amx_prefill_enabled()) return PrefillPath::kAmx;
+  return bf16_dots_enabled() ? PrefillPath::kBf16Dot : PrefillPath::kF32;
 }
+
+void force_amx_off(bool off) { amx_forced_off.store(off, std::memory_order_relaxed); }
 
 bool use_bf16_decode_dots(DType storage) {
   return storage == DType::kBF16 && bf16_dots_enabled();
@@ -187,6 +195,7 @@ KernelCaps kernel_caps() {
   caps.amx_bf16 = cpu.amx_bf16;
   caps.amx_disabled = cpu.amx_disabled;
   caps.amx_prefill = kernels::amx_prefill_enabled();
+  caps.bf16_dot_prefill = kernels::bf16_dots_enabled() && !caps.amx_prefill;
   caps.bf16_decode_dots = kernels::bf16_dots_enabled();
   return caps;
 }

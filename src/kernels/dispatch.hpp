@@ -28,13 +28,21 @@ std::int64_t dispatched_target();
 // compiled with the AMX and AVX512-BF16 kernels (amx-inl.h, bf16-inl.h).
 bool avx512_kernels_dispatched();
 
-// The paths (see KernelCaps): bf16 storage on the AMX tiles needs head_dim
-// padded to a multiple of the tiles' 32 bf16 per row.
+// The paths (see KernelCaps): bf16 storage on the AMX tiles, or by
+// VDPBF16PS where AMX is off, needs head_dim padded to a multiple of the
+// pair layouts' 32 bf16 per row.
 enum class PrefillPath : std::uint8_t {
   kF32,  // f32 FMA micro-kernels on storage-rounded values
   kAmx,  // bf16 storage: Q K^T and P V on the AMX tiles
+  kBf16Dot,  // bf16 storage, no AMX: Q K^T and P V by AVX512-BF16 VDPBF16PS
 };
 PrefillPath prefill_path(DType storage, std::int64_t padded_dim);
 bool use_bf16_decode_dots(DType storage);
+
+// Keeps bf16 prefill off the AMX tiles while `off` (as LOOKBACK_DISABLE_AMX
+// does for a whole process), so that tests and benchmarks can run the
+// bf16-dot path of CPUs without AMX on one that has it. Process-wide: call
+// it while no attention call is running.
+void force_amx_off(bool off);
 
 }  // namespace lookback::kernels

@@ -1,7 +1,8 @@
 // Packing K and V once per call into the layouts the path streams
 // (PackedLayout, prefill.hpp), on the target the prefill call dispatched to:
 // f32 paths get K transposed per key tile and V row-major, rounded to the
-// storage dtype; the AMX path gets the bf16 pair layouts (amx-inl.h).
+// storage dtype; the AMX and bf16-dot paths get the bf16 pair layouts
+// (amx-inl.h).
 //
 // Per-target: included from prefill.cc inside its foreach_target loop.
 
@@ -138,7 +139,7 @@ inline void PackKV(const PrefillParams& params, const PrefillPlan& plan, const P
     const std::int64_t kv_head = (task / plan.key_tiles) % shape.kv_heads;
     const std::int64_t b = task / (plan.key_tiles * shape.kv_heads);
 #if LOOKBACK_X86_AVX512
-    if (plan.path == PrefillPath::kAmx) {
+    if (plan.path != PrefillPath::kF32) {  // AMX and bf16 dots: the pair layouts
       PackAmxTile(params, packed, b, kv_head, tile);
       return;
     }

@@ -2,7 +2,8 @@
 // query tile): the query heads that share the kv head walk the key tiles the
 // mask leaves visible, so each K/V tile is loaded once for the whole group.
 // RunTask is the paper's loop; each phase is a small function per path
-// (F32Path: FMA micro-kernels; AmxPath: bf16 on the AMX tiles), the path
+// (F32Path: FMA micro-kernels; AmxPath: bf16 on the AMX tiles; Bf16DotPath:
+// bf16 by AVX512-BF16 dot products where there is no AMX), the path
 // chosen once per call by the plan. Empty tiles are skipped, full tiles are
 // not masked, only diagonal and window-edge tiles test the mask.
 //
@@ -344,6 +345,36 @@ struct AmxPath {
                   static_cast<std::size_t>(step.width() / 2), f.padded, f.acc_of(g));
   }
 };
+
+// ---- The bf16-dot path: bf16 storage, Q K^T and P V by VDPBF16PS ----
+
+// For AVX512-BF16 CPUs without AMX (Zen 4/5, Cooper Lake): the AMX path's
+// queries, packing (K pairs of dims per key, V pairs of keys per dim),
+// spans, softmax and masked tiles, with the two GEMMs as register-blocked
+// VDPBF16PS micro-kernels (bf16-inl.h), each instruction two bf16 products
+// per f32 lane.
+struct Bf16DotPath : AmxPath {
+  static void Begin() {}
+  static void End() {}
+  static void Scores(const TaskFrame& f, const KeyStep& step, std::int64_t g) {
+    const auto* q_pairs = reinterpret_cast<const std::uint32_t*>(f.q_bf16 + g * kQueryTile * f.padded);
+    for (std::int64_t part = 0; part < step.span; ++part) {
+      DotScores(q_pairs, static_cast<std::size_t>(f.padded / 2), static_cast<std::size_t>(f.rows),
+                f.packed.k_pair_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile + part),
+                static_cast<std::size_t>(f.padded / 2), f.scores + part * kKeyTile,
+                static_cast<std::size_t>(step.width()));
+    }
+  }
+  // As AmxPath's: every key of every row is visible.
+  static void AccumulateFull(const TaskFrame& f, const KeyStep& step, std::int64_t g,
+                             const float*) {
+    DotAccumulate(reinterpret_cast<const std::uint32_t*>(f.p_bf16),
+                  static_cast<std::size_t>(step.width() / 2), static_cast<std::size_t>(f.rows),
+                  f.packed.v_pair_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile),
+                  static_cast<std::size_t>(step.width() / 2), static_cast<std::size_t>(f.padded),
+                  f.acc_of(g), f.alpha);
+  }
+};
 #endif
 
 // FlashAttention-2's loop for one task.
@@ -416,6 +447,10 @@ void PrefillRun(const PrefillParams& params, const PrefillPlan& plan, Context& c
       RunTask<AmxPath>(frame);
       return;
     }
+    if (plan.path == PrefillPath::kBf16Dot) {
+      RunTask<Bf16DotPath>(frame);
+      return;
+    }
 #endif
     RunTask<F32Path>(frame);
   });
@@ -431,7 +466,8 @@ HWY_EXPORT(PrefillRun);
 
 PrefillScratchLayout prefill_scratch_layout(PrefillPath path, std::int64_t group,
                                             std::int64_t padded_dim) {
-  const bool amx = path == PrefillPath::kAmx;
+  // The AMX and bf16-dot paths share Q as bf16, spans and the pair layouts.
+  const bool amx = path != PrefillPath::kF32;
   const auto heads = static_cast<std::size_t>(group), dim = static_cast<std::size_t>(padded_dim);
   const auto rows = static_cast<std::size_t>(kQueryTile), keys = static_cast<std::size_t>(kKeyTile);
   const std::size_t span_keys = (amx ? static_cast<std::size_t>(kAmxSpan) : 1) * keys;
@@ -455,7 +491,7 @@ PackedLayout packed_layout(PrefillPath path, const AttentionShape& shape) {
   const auto elements = static_cast<std::size_t>(shape.batch * shape.kv_heads *
                                                  tiles_for(shape.seqlen_k, kKeyTile) * kKeyTile *
                                                  padded_head_dim(shape.head_dim));
-  const bool amx = path == PrefillPath::kAmx;
+  const bool amx = path != PrefillPath::kF32;  // the pair layouts
   ScratchLayout layout;
   PackedLayout packed;
   packed.k_transposed = layout.add<float>(amx ? 0 : elements);

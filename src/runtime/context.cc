@@ -1,11 +1,13 @@
 #include "lookback/context.hpp"
 
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <string>
@@ -30,6 +32,22 @@ int available_cores() {
   return hardware > 0 ? static_cast<int>(hardware) : 1;
 }
 
+// Asks for transparent huge pages on the whole 2 MiB pages inside a large
+// buffer: the packed K/V of a prefill call (128 MiB at n = 4096, 32 heads,
+// head_dim 128) is first touched in 64 faults instead of 32,768. Advice
+// only: ignored where THP is off.
+void advise_huge_pages(void* data, std::size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 // A grow-only, 64-byte aligned buffer.
 class AlignedBuffer {
  public:
@@ -44,6 +62,7 @@ class AlignedBuffer {
       const std::size_t rounded = (bytes + 63) / 64 * 64;
       data_ = ::operator new(rounded, std::align_val_t{64});
       capacity_ = rounded;
+      advise_huge_pages(data_, rounded);
     }
     return data_;
   }

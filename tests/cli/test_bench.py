@@ -62,9 +62,10 @@ class BenchTest(CliTestCase):
         self.assertEqual(result.stdout, "")
         # Progress goes to stderr: "[k/m] what ... result".
         progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
-        # Three ceilings, each size's baseline and three dtypes, three ceilings again.
-        self.assertEqual(len(progress), 3 + 2 * (1 + 3) + 3)
-        self.assertTrue(progress[-1].startswith("[14/14] "))
+        # Four ceilings (FMA, AMX, bf16 dot products, bandwidth), each size's
+        # baseline and three dtypes, four ceilings again.
+        self.assertEqual(len(progress), 4 + 2 * (1 + 3) + 4)
+        self.assertTrue(progress[-1].startswith("[16/16] "))
         self.assertIn("ceiling again: read bandwidth", progress[-1])
 
         with open(out, encoding="utf-8") as f:
@@ -76,6 +77,14 @@ class BenchTest(CliTestCase):
         self.assertGreater(data["ceilings"]["fma_gflops"], 0)
         self.assertGreater(data["ceilings"]["read_bandwidth_gbs"], 0)
         self.assertGreaterEqual(data["ceilings"]["amx_bf16_gflops"], 0)
+        self.assertGreaterEqual(data["ceilings"]["bf16_dot_gflops"], 0)
+        # The baseline's OpenBLAS core is the fastest correct one measured.
+        measured = data["machine"]["openblas_cores_measured"]
+        if measured:
+            correct = [m for m in measured if m["correct"]]
+            self.assertTrue(correct)
+            fastest = max(correct, key=lambda m: m["sgemm_gflops"])
+            self.assertEqual(data["machine"]["openblas_core"], fastest["core"])
 
         cases = data["cases"]
         seen = {(c["suite"], c["implementation"], c["dtype"]) for c in cases}

@@ -64,7 +64,7 @@ void expect_disjoint_and_aligned(const Layout& layout, const Regions&... regions
 // padded head_dim, a worker's prefill scratch is, in bytes,
 //   f32 path: 4*G*64*D (Q) + 4*G*64*D (acc) + 4*64*64 (S) + 4*64*64 (P)
 //             + 4*64 (alpha) + 8*G*64 (states) + 16*64 (row ranges)
-//   AMX path: 2*G*64*D (bf16 Q) + 4*G*64*D (acc) + 4*64*256 (S of a span)
+//   AMX and bf16-dot paths: 2*G*64*D (bf16 Q) + 4*G*64*D (acc) + 4*64*256 (S of a span)
 //             + 2*64*256 (bf16 P) + 4*64*D (a masked tile's V) + the same
 //             alpha, states and ranges.
 std::size_t documented_prefill_bytes(kernels::PrefillPath path, std::size_t g, std::size_t d) {
@@ -76,7 +76,8 @@ std::size_t documented_prefill_bytes(kernels::PrefillPath path, std::size_t g, s
 }
 
 TEST(ScratchLayout, PrefillMatchesTheDocumentedFormula) {
-  for (kernels::PrefillPath path : {kernels::PrefillPath::kF32, kernels::PrefillPath::kAmx}) {
+  for (kernels::PrefillPath path : {kernels::PrefillPath::kF32, kernels::PrefillPath::kAmx,
+                                    kernels::PrefillPath::kBf16Dot}) {
     for (std::int64_t group : {1, 4, 7}) {
       for (std::int64_t dim : {16, 64, 128, 256}) {
         const kernels::PrefillScratchLayout s = kernels::prefill_scratch_layout(path, group, dim);
@@ -123,6 +124,17 @@ TEST(KernelCaps, PathsFollowTheDispatchedTarget) {
                                             .kv_heads = 1, .head_dim = 128},
                                   .storage = DType::kBF16};
     EXPECT_EQ(kernels::plan_prefill(params).path == kernels::PrefillPath::kAmx, caps.amx_prefill);
+    EXPECT_EQ(kernels::plan_prefill(params).path == kernels::PrefillPath::kBf16Dot,
+              caps.bf16_dot_prefill);
+    EXPECT_EQ(caps.bf16_dot_prefill, caps.avx512_bf16 && avx512_target && !caps.amx_prefill);
+    if (caps.amx_prefill) {
+      // With AMX off, the same CPU takes the path of CPUs without it.
+      kernels::force_amx_off(true);
+      EXPECT_TRUE(kernel_caps().bf16_dot_prefill);
+      EXPECT_FALSE(kernel_caps().amx_prefill);
+      EXPECT_EQ(kernels::plan_prefill(params).path, kernels::PrefillPath::kBf16Dot);
+      kernels::force_amx_off(false);
+    }
     params.shape.head_dim = 80;
     EXPECT_EQ(kernels::plan_prefill(params).path, kernels::PrefillPath::kF32);
     params.storage = DType::kF32;

@@ -15,15 +15,11 @@ namespace {
 
 using testing::ProblemSpec;
 
-// Runs `body` once per SIMD target, with dispatch forced to it.
+// Runs `body` once per kernel path: every SIMD target, and bf16 prefill
+// without AMX where the CPU has it (testing::for_each_kernel_path).
 template <typename Body>
 void for_each_target(Body&& body) {
-  for (const std::string& target : simd_targets()) {
-    force_simd_target(target);
-    SCOPED_TRACE("simd target " + target);
-    body(target);
-  }
-  force_simd_target("");
+  testing::for_each_kernel_path(body);
 }
 
 std::vector<ProblemSpec> sweep() {
@@ -166,26 +162,35 @@ TEST(Prefill, HalfStorageWithinHalfTolerance) {
 }
 
 TEST(Prefill, BitwiseIdenticalForAnyThreadCount) {
-  ProblemSpec spec;
-  spec.seqlen_q = spec.seqlen_k = 300;
-  spec.head_dim = 80;
-  spec.heads = 8;
-  spec.kv_heads = 2;
-  spec.batch = 2;
-  spec.mask.window_left = 100;
-  testing::Problem problem = testing::make_problem(spec, 7);
-  std::vector<float> first_out, first_lse;
-  for (int threads : {1, 2, 3}) {
-    Context context(threads);
-    problem.poison_outputs();
-    attend(problem.params(), context);
-    if (threads == 1) {
-      first_out = problem.out;
-      first_lse = problem.lse;
-      continue;
-    }
-    EXPECT_EQ(std::memcmp(first_out.data(), problem.out.data(), first_out.size() * 4), 0) << threads;
-    EXPECT_EQ(std::memcmp(first_lse.data(), problem.lse.data(), first_lse.size() * 4), 0) << threads;
+  // f32 (head_dim 80) and bf16 (head_dim 96: the AMX or bf16-dot pair
+  // layouts), on every kernel path.
+  for (DType storage : {DType::kF32, DType::kBF16}) {
+    ProblemSpec spec;
+    spec.seqlen_q = spec.seqlen_k = 300;
+    spec.head_dim = storage == DType::kF32 ? 80 : 96;
+    spec.heads = 8;
+    spec.kv_heads = 2;
+    spec.batch = 2;
+    spec.mask.window_left = 100;
+    spec.storage = storage;
+    testing::Problem problem = testing::make_problem(spec, 7);
+    for_each_target([&](const std::string&) {
+      std::vector<float> first_out, first_lse;
+      for (int threads : {1, 2, 3}) {
+        Context context(threads);
+        problem.poison_outputs();
+        attend(problem.params(), context);
+        if (threads == 1) {
+          first_out = problem.out;
+          first_lse = problem.lse;
+          continue;
+        }
+        EXPECT_EQ(std::memcmp(first_out.data(), problem.out.data(), first_out.size() * 4), 0)
+            << threads << " threads, " << dtype_name(storage);
+        EXPECT_EQ(std::memcmp(first_lse.data(), problem.lse.data(), first_lse.size() * 4), 0)
+            << threads << " threads, " << dtype_name(storage);
+      }
+    });
   }
 }
 

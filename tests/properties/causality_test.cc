@@ -12,7 +12,7 @@ namespace {
 using testing::ProblemSpec;
 
 TEST(Causality, PrefillFutureNeverChangesThePast) {
-  ProblemSpec specs[3];
+  ProblemSpec specs[4];
   specs[0].seqlen_q = specs[0].seqlen_k = 239;
   specs[0].head_dim = 40;
   specs[0].heads = 4;
@@ -27,9 +27,13 @@ TEST(Causality, PrefillFutureNeverChangesThePast) {
   specs[2].softcap = 3.0f;
   specs[2].batch = 2;
   specs[2].strided = true;
+  specs[3].seqlen_q = specs[3].seqlen_k = 300;  // bf16: the AMX or bf16-dot path, with spans
+  specs[3].head_dim = 96;
+  specs[3].heads = 4;
+  specs[3].kv_heads = 2;
+  specs[3].storage = DType::kBF16;
   Context context(2);
-  for (const std::string& target : simd_targets()) {
-    force_simd_target(target);
+  testing::for_each_kernel_path([&](const std::string& target) {
     for (const ProblemSpec& spec : specs) {
       SCOPED_TRACE(target + " " + spec.describe());
       testing::Problem base = testing::make_problem(spec, 42);
@@ -42,8 +46,7 @@ TEST(Causality, PrefillFutureNeverChangesThePast) {
         ASSERT_TRUE(testing::prefix_unchanged(base, changed, row));
       }
     }
-  }
-  force_simd_target("");
+  });
 }
 
 }  // namespace

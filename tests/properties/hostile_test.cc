@@ -87,8 +87,7 @@ TEST(Hostile, LargeFiniteScoresAgreeWithTheReferenceOnEveryPathDtypeAndTarget) {
       const ReferenceResult reference = reference_attention(problem.params());
       double largest_lse = 1.0;
       for (double lse : reference.lse) largest_lse = std::max(largest_lse, std::abs(lse));
-      for (const std::string& target : simd_targets()) {
-        force_simd_target(target);
+      testing::for_each_kernel_path([&](const std::string& target) {
         for (const ModeOptions& options : kPaths) {
           SCOPED_TRACE(name(options) + " " + std::string(dtype_name(storage)) + " scale " +
                        std::to_string(scale) + " target " + target);
@@ -100,8 +99,7 @@ TEST(Hostile, LargeFiniteScoresAgreeWithTheReferenceOnEveryPathDtypeAndTarget) {
           EXPECT_LE(result.max_lse_error, testing::kLseTolerance * largest_lse)
               << result.describe();
         }
-      }
-      force_simd_target("");
+      });
     }
   }
 }

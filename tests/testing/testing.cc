@@ -5,6 +5,8 @@
 #include <limits>
 #include <sstream>
 
+#include "kernels/dispatch.hpp"
+#include "lookback/kernel_caps.hpp"
 #include "lookback/mask.hpp"
 
 namespace lookback::testing {
@@ -220,6 +222,30 @@ std::string Comparison::describe() const {
   text << "relative_l2=" << relative_l2 << " max_lse_error=" << max_lse_error
        << " finite=" << finite << " empty_rows_exact=" << empty_rows_exact;
   return text.str();
+}
+
+void for_each_kernel_path(const std::function<void(const std::string&)>& body) {
+  struct Restore {
+    ~Restore() {
+      kernels::force_amx_off(false);
+      force_simd_target("");
+    }
+  } restore;
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    {
+      SCOPED_TRACE("simd target " + target);
+      body(target);
+    }
+    if (kernel_caps().amx_prefill) {
+      kernels::force_amx_off(true);
+      {
+        SCOPED_TRACE("simd target " + target + " without AMX");
+        body(target + " without AMX");
+      }
+      kernels::force_amx_off(false);
+    }
+  }
 }
 
 }  // namespace lookback::testing

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <random>
@@ -107,6 +108,13 @@ Comparison compare(const Problem& problem, const ReferenceResult& reference);
 Comparison check_against_reference(Problem& problem);
 
 double relative_l2(const std::vector<float>& actual, const std::vector<double>& expected);
+
+// Runs `body(name)` once per kernel path this CPU can take: on every SIMD
+// target (dispatch forced to it) and, on the AVX-512 targets of a CPU whose
+// bf16 prefill runs on AMX, once more with AMX off, named "<target> without
+// AMX" (bf16 prefill by AVX512-BF16 dot products, the path of CPUs without
+// AMX). Dispatch and AMX are restored afterwards.
+void for_each_kernel_path(const std::function<void(const std::string&)>& body);
 
 // Succeeds when `statement` throws lookback::Error with `code` and a message
 // containing `needle`; the failure says what happened instead.

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -71,6 +72,51 @@ TEST(NpyHeaderTest, AgreesWithReadNpy) {
   const NpyArray array = read_npy(path);
   EXPECT_EQ(header.dtype, array.dtype);
   EXPECT_EQ(header.shape, array.shape);
+}
+
+// load_npy and map_npy (what lookback cache and attend read with) give
+// read_npy's array and refuse what it refuses, with the same messages.
+TEST(LoadNpyTest, AgreesWithReadNpy) {
+  const TempDir dir;
+  std::vector<float> values(3 * 1024 * 1024 / 4 + 5);  // past 2 MiB: the huge-page advice
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i) * 0.5f - 7.0f;
+  const std::string path = (dir.path() / "a.npy").string();
+  const std::vector<std::int64_t> shape{static_cast<std::int64_t>(values.size())};
+  write_npy(path, DType::kF32, shape, values.data());
+  const NpyArray array = read_npy(path);
+  const LoadedNpy loaded = load_npy(path);
+  EXPECT_EQ(loaded.dtype, array.dtype);
+  EXPECT_EQ(loaded.shape, array.shape);
+  EXPECT_EQ(loaded.numel(), array.numel());
+  ASSERT_EQ(loaded.data.size(), array.data.size());
+  EXPECT_EQ(std::memcmp(loaded.data.data(), array.data.data(), array.data.size()), 0);
+  EXPECT_EQ(loaded.view("a").data, loaded.data.data());
+  // map_npy: the same bytes, from the file itself.
+  const LoadedNpy mapped = map_npy(path);
+  EXPECT_EQ(mapped.dtype, array.dtype);
+  EXPECT_EQ(mapped.shape, array.shape);
+  ASSERT_EQ(mapped.data.size(), array.data.size());
+  EXPECT_EQ(std::memcmp(mapped.data.data(), array.data.data(), array.data.size()), 0);
+
+  const std::vector<std::int64_t> small{2, 3};
+  const std::string short_file = sparse_npy(dir, "short.npy", small, 20).string();
+  const std::string long_file = sparse_npy(dir, "long.npy", small, 28).string();
+  EXPECT_TRUE(throws_error([&] { load_npy(short_file); }, ErrorCode::kFormat, "truncated"));
+  EXPECT_TRUE(throws_error([&] { load_npy(long_file); }, ErrorCode::kFormat, "trailing"));
+  EXPECT_TRUE(throws_error([&] { map_npy(short_file); }, ErrorCode::kFormat, "truncated"));
+  EXPECT_TRUE(throws_error([&] { map_npy(long_file); }, ErrorCode::kFormat, "trailing"));
+  EXPECT_TRUE(throws_error([&] { map_npy(dir.path().string()); }, ErrorCode::kIo,
+                           "not a regular file"));
+  EXPECT_TRUE(throws_error([&] { load_npy((dir.path() / "missing.npy").string()); },
+                           ErrorCode::kIo, "missing.npy"));
+  EXPECT_TRUE(throws_error([&] { load_npy(dir.path().string()); }, ErrorCode::kIo,
+                           "not a regular file"));
+  // An empty array holds no memory.
+  const std::string empty = (dir.path() / "empty_array.npy").string();
+  const std::vector<std::int64_t> no_rows{0, 4};
+  write_npy(empty, DType::kF32, no_rows, nullptr);
+  EXPECT_EQ(load_npy(empty).data.size(), 0u);
+  EXPECT_EQ(map_npy(empty).data.size(), 0u);
 }
 
 TEST(NpyHeaderTest, ChecksTheHeaderAgainstTheFileSize) {

@@ -1,8 +1,16 @@
 // lookback attend: attention on NumPy files.
 #include <fmt/format.h>
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <future>
 #include <optional>
 #include <vector>
 
@@ -34,6 +42,7 @@ struct AttendOptions {
   std::optional<std::int64_t> splits;      // split (default 2)
   std::optional<std::int64_t> segment;     // sharded-decode (default 256)
   bool reference = false;
+  bool timings = false;
 };
 
 // "(3,)", "(1, 7, 2, 8)": Python's spelling, as in the .npy header.
@@ -59,11 +68,52 @@ NpyHeader read_header(const std::string& path, const std::string& option, int ra
   return header;
 }
 
+// The inputs are mapped (map_npy): a file that shrinks while mapped makes
+// the next read of a page past its new end raise SIGBUS. Those reads are
+// turned into the one-line error every other bad input gets (exit code 2);
+// nothing has been written yet (outputs come after the compute).
+struct MappedInput {
+  const std::byte* begin = nullptr;
+  const std::byte* end = nullptr;
+  char message[512] = {};
+};
+std::array<MappedInput, 5> mapped_inputs;  // q, k, v, [alibi], [sink logits]
+
+void on_sigbus(int, siginfo_t* info, void*) {
+  const auto* address = static_cast<const std::byte*>(info->si_addr);
+  const char* message = "lookback: an input file shrank while it was read (expected it unchanged)\n";
+  for (const MappedInput& input : mapped_inputs) {
+    if (input.begin <= address && address < input.end) message = input.message;
+  }
+  ssize_t ignored = ::write(STDERR_FILENO, message, std::strlen(message));
+  (void)ignored;
+  ::_exit(kExitUsage);
+}
+
+void guard_mapping(std::size_t slot, const std::string& option, const std::string& path,
+                   const LoadedNpy& array) {
+  MappedInput& input = mapped_inputs.at(slot);
+  std::snprintf(input.message, sizeof input.message,
+                "lookback: %s %s: the file shrank while it was read (expected it unchanged "
+                "until lookback attend finishes)\n",
+                option.c_str(), path.c_str());
+  input.begin = array.data.data();
+  input.end = array.data.data() + array.data.size();
+  static const bool installed = [] {
+    struct sigaction action {};
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    return sigaction(SIGBUS, &action, nullptr) == 0;
+  }();
+  (void)installed;
+}
+
 // The data of an input whose header was checked: the file must still be
 // what its header said, or every check made on the header would be void.
-NpyArray read_checked(const std::string& path, const std::string& option,
-                      const NpyHeader& header) {
-  NpyArray array = read_npy(path);
+LoadedNpy read_checked(const std::string& path, const std::string& option,
+                       const NpyHeader& header) {
+  LoadedNpy array = map_npy(path);
   if (array.shape != header.shape || array.dtype != header.dtype) {
     throw Error(ErrorCode::kIo, fmt::format("{} {}: the file changed while it was read (shape "
                                             "{}, expected {} as its header said)",
@@ -235,9 +285,10 @@ int run_attend_varlen(const AttendOptions& options) {
     throw Error(fmt::format("--sink-logits {}: {} logits (expected {}, one per query head)",
                             options.sink_path, headers[sinks].shape[0], heads));
   }
-  std::vector<NpyArray> arrays;
+  std::vector<LoadedNpy> arrays;
   for (const Input& input : inputs) {
     arrays.push_back(read_checked(input.path, input.option, headers[arrays.size()]));
+    guard_mapping(arrays.size() - 1, input.option, input.path, arrays.back());
   }
   params.q = arrays[0].view("--q");
   params.k = arrays[1].view("--k");
@@ -271,7 +322,12 @@ int run_attend_varlen(const AttendOptions& options) {
   return kExitOk;
 }
 
-// Checks every option and input header, then reads the inputs (also rank
+// Seconds since `start`, for --timings.
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Checks every option and input header, then maps the inputs (also rank
 // 0's part of a distributed run).
 AttendInputs read_inputs(const AttendOptions& options, const ModeOptions& modes) {
   check_outputs(options);
@@ -281,22 +337,36 @@ AttendInputs read_inputs(const AttendOptions& options, const ModeOptions& modes)
   }
   AttendInputs result;
   result.params = check_before_reading(options, modes, headers);
-  for (const Input& input : inputs_of(options)) {
-    result.arrays.push_back(read_checked(input.path, input.option, headers[result.arrays.size()]));
+
+  // The files are mapped, not copied: no fresh memory for the kernel to
+  // zero (on a VM the most expensive part of reading) and no copy. Their
+  // pages are faulted in at once, one file per thread; errors surface in
+  // input order.
+  std::vector<std::future<LoadedNpy>> reads;
+  const std::vector<Input> files = inputs_of(options);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    reads.push_back(std::async(std::launch::async, [&files, &headers, i] {
+      return read_checked(files[i].path, files[i].option, headers[i]);
+    }));
+  }
+  for (auto& read : reads) {
+    result.arrays.push_back(read.get());
+    const std::size_t slot = result.arrays.size() - 1;
+    guard_mapping(slot, files[slot].option, files[slot].path, result.arrays.back());
   }
   AttentionParams& params = result.params;
   params.q = result.arrays[0].view("--q");
   params.k = result.arrays[1].view("--k");
   params.v = result.arrays[2].view("--v");
   if (!options.alibi_path.empty()) {
-    const NpyArray& alibi = result.arrays[3];
+    const LoadedNpy& alibi = result.arrays[3];
     for (std::int64_t h = 0; h < alibi.shape[0]; ++h) {
       result.slopes.push_back(load_as_float(alibi.data.data(), alibi.dtype, h));
     }
     params.maybe_alibi_slopes = result.slopes.data();
   }
   if (!options.sink_path.empty()) {
-    const NpyArray& logits = result.arrays[sink_index(options)];
+    const LoadedNpy& logits = result.arrays[sink_index(options)];
     for (std::int64_t h = 0; h < logits.shape[0]; ++h) {
       result.sink_logits.push_back(load_as_float(logits.data.data(), logits.dtype, h));
     }
@@ -330,33 +400,51 @@ int run_attend(const AttendOptions& options) {
   if (!options.cu_q_path.empty() || !options.cu_k_path.empty()) return run_attend_varlen(options);
   if (is_distributed_mode(options.mode)) return run_distributed(options);
   if (options.segment) throw Error("--segment: only --mode sharded-decode uses it");
+  const auto started = std::chrono::steady_clock::now();
   const ModeOptions modes = parse_mode_options(options);
   AttendInputs inputs = read_inputs(options, modes);
   AttentionParams& params = inputs.params;
-  const NpyArray& q = inputs.arrays[0];
-  std::vector<float> out(static_cast<std::size_t>(q.numel()));
-  params.out = make_mutable_view(out.data(), DType::kF32,
+  const LoadedNpy& q = inputs.arrays[0];
+  // Every element of O and LSE is written by the kernels (an empty row gets
+  // zeros), so their memory is not filled first.
+  LargeBuffer out(static_cast<std::size_t>(q.numel()) * sizeof(float), "--out");
+  auto* out_data = reinterpret_cast<float*>(out.data());
+  params.out = make_mutable_view(out_data, DType::kF32,
                                  {q.shape[0], q.shape[1], q.shape[2], q.shape[3]}, "out");
-  std::vector<float> lse;
-  if (!options.lse_path.empty()) {
-    lse.resize(static_cast<std::size_t>(q.shape[0] * q.shape[2] * q.shape[1]));
+  const std::int64_t lse_count = options.lse_path.empty() ? 0 : q.shape[0] * q.shape[2] * q.shape[1];
+  LargeBuffer lse(static_cast<std::size_t>(lse_count) * sizeof(float), "--lse");
+  auto* lse_data = reinterpret_cast<float*>(lse.data());
+  if (lse_count > 0) {
     params.maybe_lse =
-        make_mutable_view(lse.data(), DType::kF32, {q.shape[0], q.shape[2], q.shape[1]}, "lse");
+        make_mutable_view(lse_data, DType::kF32, {q.shape[0], q.shape[2], q.shape[1]}, "lse");
   }
+  const double read_seconds = seconds_since(started);
 
+  const auto compute_started = std::chrono::steady_clock::now();
   if (options.reference) {
     const ReferenceResult result = reference_attention(params);
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(result.out[i]);
-    for (std::size_t i = 0; i < lse.size(); ++i) lse[i] = static_cast<float>(result.lse[i]);
+    for (std::size_t i = 0; i < result.out.size(); ++i) out_data[i] = static_cast<float>(result.out[i]);
+    for (std::int64_t i = 0; i < lse_count; ++i) {
+      lse_data[i] = static_cast<float>(result.lse[static_cast<std::size_t>(i)]);
+    }
   } else {
     Context context(options.threads);
     attend_with_mode(params, modes, context);
   }
+  const double compute_seconds = seconds_since(compute_started);
 
-  write_npy(options.out_path, DType::kF32, q.shape, out.data());
+  const auto write_started = std::chrono::steady_clock::now();
+  write_npy(options.out_path, DType::kF32, q.shape, out_data);
   if (!options.lse_path.empty()) {
     const std::vector<std::int64_t> lse_shape{q.shape[0], q.shape[2], q.shape[1]};
-    write_npy(options.lse_path, DType::kF32, lse_shape, lse.data());
+    write_npy(options.lse_path, DType::kF32, lse_shape, lse_data);
+  }
+  if (options.timings) {
+    const double write_seconds = seconds_since(write_started);
+    std::fprintf(stderr,
+                 "timings: read %.1f ms, compute %.1f ms, write %.1f ms, total %.1f ms\n",
+                 read_seconds * 1e3, compute_seconds * 1e3, write_seconds * 1e3,
+                 seconds_since(started) * 1e3);
   }
   return kExitOk;
 }
@@ -432,6 +520,9 @@ void add_attend_command(CLI::App& app, Runner& runner) {
                       "tokens per segment of the sharded cache for sharded-decode (>= 1, "
                       "default 256): each new segment goes to the rank holding the fewest")
       ->check(kPositive);
+  command->add_flag("--timings", options->timings,
+                    "print the time spent reading (and checking) the inputs, computing and "
+                    "writing the outputs on standard error");
   command->add_flag("--reference", options->reference,
                     "use the float64 reference instead of the fast kernel (slow; for checking)");
   command->callback([&runner, options] { runner = [options] { return run_attend(*options); }; });

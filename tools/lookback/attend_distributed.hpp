@@ -19,7 +19,7 @@ namespace lookback::cli {
 // What rank 0 read and checked: q, k, v views over `arrays` (and the slopes).
 struct AttendInputs {
   AttentionParams params;
-  std::vector<NpyArray> arrays;
+  std::vector<LoadedNpy> arrays;  // mapped (map_npy)
   std::vector<float> slopes;
   std::vector<float> sink_logits;
 };

@@ -12,14 +12,16 @@
 // --format json writes one object:
 //   machine   {cpu, cores_online, threads, simd_target, kernels, ceiling_target,
 //              openblas_core ("not loaded" without the prefill suite),
-//              openblas_coretype (null when unset)}
+//              openblas_coretype (null when unset), openblas_cores_measured[]
+//              {core, sgemm_gflops, correct}: openblas_core is the fastest correct}
 //   settings  {quick, warmup_runs, repetitions}
-//   ceilings  {fma_gflops, amx_bf16_gflops (0 without AMX), read_bandwidth_gbs}
+//   ceilings  {fma_gflops, amx_bf16_gflops (0 without AMX), bf16_dot_gflops (0 without
+//              AVX512-BF16), read_bandwidth_gbs}
 //   cases[]   {suite ("prefill"|"decode"), implementation ("baseline"|"lookback"),
 //              dtype, n (prefill) or context (decode), batch, heads, kv_heads,
 //              head_dim, ms {median, min, max}, repetitions, work (useful FLOPs,
 //              or KV bytes read), rate, rate_unit ("GFLOP/s"|"GB/s"), ceiling
-//              ("fma"|"amx_bf16"|"read_bandwidth"), fraction_of_ceiling; lookback
+//              ("fma"|"amx_bf16"|"bf16_dot"|"read_bandwidth"), fraction_of_ceiling; lookback
 //              cases add speedup_vs_baseline and rel_l2_vs_baseline}
 //
 // This file holds the flags and the plan; bench_run.cc runs it and
@@ -90,7 +92,7 @@ BenchPlan make_plan(const BenchOptions& o, int threads) {
   }
   plan.sizes = !o.sizes.empty() ? o.sizes
                : o.quick        ? std::vector<std::int64_t>{512, 2048}
-                                : std::vector<std::int64_t>{512, 1024, 2048, 4096};
+                                : std::vector<std::int64_t>{512, 1024, 2048, 4096, 16384};
   plan.contexts = !o.contexts.empty() ? o.contexts
                   : o.quick           ? std::vector<std::int64_t>{1024, 16384}
                                       : std::vector<std::int64_t>{1024, 4096, 16384, 65536};
@@ -162,10 +164,11 @@ void add_bench_command(CLI::App& app, Runner& runner) {
       app, "bench",
       "Benchmark lookback on this machine, against its measured ceilings and a baseline.",
       "First the ceilings at the chosen thread count (FMA peak on the dispatched vector unit,\n"
-      "AMX bf16 tile peak where present, read bandwidth), then the baselines (prefill:\n"
-      "materialised attention with OpenBLAS sgemm; decode: a plain C++ loop), then lookback,\n"
+      "AMX bf16 tile peak and AVX512-BF16 dot-product peak where present, read bandwidth),\n"
+      "then the baselines (prefill: materialised attention with OpenBLAS sgemm on the fastest\n"
+      "correct core, measured; decode: a plain C++ loop), then lookback,\n"
       "then the ceilings again (the higher of the two measurements counts).\n"
-      "Prefill: batch 1, 32 heads, head_dim 128, n = 512..4096, in useful GFLOP/s. Decode: 32\n"
+      "Prefill: batch 1, 32 heads, head_dim 128, n = 512..16384, in useful GFLOP/s. Decode: 32\n"
       "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. Progress goes to stderr; times are\n"
       "medians after a warm-up. --quick runs in under a minute, the full suite in under ten.");
   command->add_option("--suite", o->suite, "prefill, decode or all (default)")

@@ -15,13 +15,20 @@ namespace {
 const char* ceiling_label(const std::string& ceiling) {
   if (ceiling == "fma") return "FMA";
   if (ceiling == "amx_bf16") return "AMX";
+  if (ceiling == "bf16_dot") return "DOT";
   return "bw";
 }
 
 std::string openblas_text(const BenchMachine& m) {
-  return fmt::format("OpenBLAS core {}{}", m.openblas_core,
-                     m.openblas_coretype ? fmt::format(" (OPENBLAS_CORETYPE={})", *m.openblas_coretype)
-                                         : std::string(" (OPENBLAS_CORETYPE unset)"));
+  std::string text = fmt::format(
+      "OpenBLAS core {}{}", m.openblas_core,
+      m.openblas_coretype ? fmt::format(" (OPENBLAS_CORETYPE={} when loaded)", *m.openblas_coretype)
+                          : std::string(" (OPENBLAS_CORETYPE unset when loaded)"));
+  if (!m.openblas_trials.empty()) {
+    text += fmt::format(",\n  the fastest correct of the cores measured: {}",
+                        bench::describe_trials({.trials = m.openblas_trials}));
+  }
+  return text;
 }
 
 std::string case_name(const BenchCase& c) {
@@ -61,7 +68,7 @@ std::string render_bench_text(const BenchReport& r) {
       "lookback bench: {}, {} ({} cores online)\n"
       "kernels: {}\n"
       "ceilings at {} (the higher of a measurement before and after the cases): FMA peak "
-      "{:.1f} GFLOP/s ({}), {}, read bandwidth {:.1f} GB/s\n"
+      "{:.1f} GFLOP/s ({}), {}, {}read bandwidth {:.1f} GB/s\n"
       "times: median of {} after a warm-up, min-max in brackets (at most 2 runs for cases over "
       "a second)\n",
       m.cpu, threads_text(p.threads), m.cores_online, m.kernels, threads_text(p.threads),
@@ -70,6 +77,11 @@ std::string render_bench_text(const BenchReport& r) {
           ? fmt::format("AMX bf16 peak {:.1f} GFLOP/s{}", r.ceilings.amx_gflops,
                         r.amx_kernels ? "" : " (the kernels do not use AMX here)")
           : std::string("no AMX"),
+      r.ceilings.bf16_dot_gflops > 0
+          ? fmt::format("bf16 dot-product (VDPBF16PS, DOT) peak {:.1f} GFLOP/s{}, ",
+                        r.ceilings.bf16_dot_gflops,
+                        r.bf16_dot_kernels ? "" : " (bf16 prefill does not use it here)")
+          : std::string(),
       r.ceilings.bandwidth_gbs, p.reps == 1 ? std::string("1 run") : fmt::format("{} runs", p.reps));
   if (p.prefill) {
     text += fmt::format(
@@ -102,6 +114,11 @@ std::string render_bench_json(const BenchReport& r) {
                                  {"openblas_core", m.openblas_core},
                                  {"openblas_coretype", nullptr}};
   if (m.openblas_coretype) machine["openblas_coretype"] = *m.openblas_coretype;
+  nlohmann::ordered_json trials = nlohmann::ordered_json::array();
+  for (const bench::OpenBlasCoreTrial& trial : m.openblas_trials) {
+    trials.push_back({{"core", trial.core}, {"sgemm_gflops", trial.gflops}, {"correct", trial.correct}});
+  }
+  machine["openblas_cores_measured"] = trials;
   nlohmann::ordered_json cases = nlohmann::ordered_json::array();
   for (const BenchCase& c : r.cases) {
     nlohmann::ordered_json row{{"suite", c.suite},
@@ -130,6 +147,7 @@ std::string render_bench_json(const BenchReport& r) {
              {"settings", {{"quick", r.plan.quick}, {"warmup_runs", 1}, {"repetitions", r.plan.reps}}},
              {"ceilings", {{"fma_gflops", r.ceilings.fma_gflops},
                            {"amx_bf16_gflops", r.ceilings.amx_gflops},
+                           {"bf16_dot_gflops", r.ceilings.bf16_dot_gflops},
                            {"read_bandwidth_gbs", r.ceilings.bandwidth_gbs}}},
              {"cases", cases}}
              .dump(2) +
@@ -180,6 +198,7 @@ Panel collect_panel(const BenchReport& r, const std::string& suite) {
     }
     const std::string ceiling = c.ceiling == "fma"        ? "FMA peak"
                                 : c.ceiling == "amx_bf16" ? "AMX bf16 peak"
+                                : c.ceiling == "bf16_dot" ? "bf16 dot-product peak"
                                                           : "read bandwidth";
     if (std::none_of(panel.ceilings.begin(), panel.ceilings.end(),
                      [&](const auto& line) { return line.first == ceiling; })) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "openblas.hpp"
 #include "lookback/context.hpp"
 #include "lookback/dtype.hpp"
 
@@ -28,6 +29,7 @@ struct BenchPlan {
 struct Ceilings {
   double fma_gflops = 0;
   double amx_gflops = 0;  // 0: no AMX on this CPU or OS
+  double bf16_dot_gflops = 0;  // VDPBF16PS; 0: no AVX512-BF16
   double bandwidth_gbs = 0;
   std::string target;     // the Highway target the FMA loop ran on
 };
@@ -54,6 +56,7 @@ struct BenchMachine {
   std::string kernels;
   std::string openblas_core;  // "not loaded" when no prefill baseline ran
   std::optional<std::string> openblas_coretype;
+  std::vector<bench::OpenBlasCoreTrial> openblas_trials;  // the cores measured to pick openblas_core
 };
 
 struct BenchReport {
@@ -61,6 +64,7 @@ struct BenchReport {
   Ceilings ceilings;
   BenchPlan plan;
   bool amx_kernels = false;     // bf16 prefill runs on AMX tiles
+  bool bf16_dot_kernels = false;  // bf16 prefill runs as VDPBF16PS dot products
   std::vector<BenchCase> cases;  // in table order: per length, the baseline then lookback
 };
 

@@ -11,6 +11,7 @@
 #include "bench_report.hpp"
 #include "ceilings.hpp"
 #include "lookback/attention.hpp"
+#include "lookback/kernel_caps.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/mask.hpp"
 #include "machine.hpp"
@@ -90,6 +91,10 @@ void measure_ceilings(Ceilings& ceilings, int threads, const char* when, Progres
   const double amx = bench::measure_amx_peak_gflops(threads);
   ceilings.amx_gflops = std::max(ceilings.amx_gflops, amx);
   progress.finish_step(amx > 0 ? fmt::format("{:.1f} GFLOP/s", amx) : "no AMX on this CPU or OS");
+  progress.start_step(fmt::format("ceiling{}: bf16 dot-product peak, {}", when, threads_text(threads)));
+  const double dots = bench::measure_bf16_dot_peak_gflops(threads);
+  ceilings.bf16_dot_gflops = std::max(ceilings.bf16_dot_gflops, dots);
+  progress.finish_step(dots > 0 ? fmt::format("{:.1f} GFLOP/s", dots) : "no AVX512-BF16 on this CPU");
   progress.start_step(fmt::format("ceiling{}: read bandwidth, {}", when, threads_text(threads)));
   const double bandwidth = bench::measure_read_bandwidth_gbs(threads);
   ceilings.bandwidth_gbs = std::max(ceilings.bandwidth_gbs, bandwidth);
@@ -107,7 +112,7 @@ class CaseRunner {
   CaseRunner(const BenchPlan& plan, Context& context, BenchReport& report)
       : plan_(plan), context_(context), report_(report),
         progress_("lookback bench", true,
-                  6 + static_cast<int>((plan.prefill ? plan.sizes.size() : 0) +
+                  8 + static_cast<int>((plan.prefill ? plan.sizes.size() : 0) +
                                        (plan.decode ? plan.contexts.size() : 0)) *
                           (1 + static_cast<int>(plan.storages.size()))) {}
 
@@ -169,7 +174,10 @@ class CaseRunner {
         params.storage = storage;
         BenchCase c = ours("prefill", n, storage, [&] { attend(params, context_); });
         c.work = prefill_flops(plan_, n);
-        c.ceiling = storage == DType::kBF16 && report_.amx_kernels ? "amx_bf16" : "fma";
+        c.ceiling = storage != DType::kBF16   ? "fma"
+                    : report_.amx_kernels      ? "amx_bf16"
+                    : report_.bf16_dot_kernels ? "bf16_dot"
+                                               : "fma";
         finish(c, baselines_.prefill[n], out, baselines_.prefill_out[n]);
       }
       baselines_.prefill_out.erase(n);
@@ -242,6 +250,7 @@ BenchMachine describe_machine(bool load_openblas) {
     const bench::OpenBlas& blas = bench::openblas();
     machine.openblas_core = blas.core;
     machine.openblas_coretype = blas.coretype;
+    machine.openblas_trials = blas.trials;
   }
   return machine;
 }
@@ -264,6 +273,8 @@ BenchReport run_benchmark(const BenchPlan& plan, Context& context) {
   // prefill to the FMA peak.
   report.amx_kernels = report.ceilings.amx_gflops > 0 &&
                        report.machine.kernels.find("AMX") != std::string::npos;
+  // ... and where AVX512-BF16 dot products run it, to their peak.
+  report.bf16_dot_kernels = report.ceilings.bf16_dot_gflops > 0 && kernel_caps().bf16_dot_prefill;
   // Baselines first (all f32), then lookback; outputs are kept to compare.
   if (plan.prefill) runner.prefill_baselines();
   if (plan.decode) runner.decode_baselines();
@@ -275,6 +286,7 @@ BenchReport run_benchmark(const BenchPlan& plan, Context& context) {
     c.rate = c.work / c.time.median * 1e-9;
     c.ceiling_value = c.ceiling == "fma"        ? ceilings.fma_gflops
                       : c.ceiling == "amx_bf16" ? ceilings.amx_gflops
+                      : c.ceiling == "bf16_dot" ? ceilings.bf16_dot_gflops
                                                 : ceilings.bandwidth_gbs;
   }
   return report;

@@ -49,8 +49,8 @@ struct InspectOptions {
   OutputFormat format = OutputFormat::kText;
 };
 
-NpyArray read_kv(const std::string& path, const char* option) {
-  NpyArray array = read_npy(path);
+LoadedNpy read_kv(const std::string& path, const char* option) {
+  LoadedNpy array = load_npy(path);  // read once, into memory not zero-filled first
   if (array.shape.size() != 3) {
     throw Error(fmt::format("{} {}: {} dimension{} (expected 3: (tokens, kv_heads, head_dim))",
                             option, path, array.shape.size(),
@@ -83,8 +83,8 @@ int run_save(const SaveOptions& options) {
   if (storage == DType::kF64) {
     throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
   }
-  const NpyArray k = read_kv(options.k_path, "--k");
-  const NpyArray v = read_kv(options.v_path, "--v");
+  const LoadedNpy k = read_kv(options.k_path, "--k");
+  const LoadedNpy v = read_kv(options.v_path, "--v");
   if (v.shape != k.shape) {
     throw Error(fmt::format("--v {}: shape ({}, {}, {}) (expected ({}, {}, {}), the shape of --k)",
                             options.v_path, v.shape[0], v.shape[1], v.shape[2], k.shape[0],
