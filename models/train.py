@@ -239,7 +239,7 @@ def write_readme(out_dir):
         "| | |",
         "|---|---|",
         f"| corpus | the King James Bible (public domain), as Debian's `bible` program (packages bible-kjv, bible-kjv-text) prints it: one verse per line, no headings or verse numbers; {t['corpus_bytes']:,} bytes |",
-        f"| split | first 95% training ({t['train_bytes']:,} bytes), last 5% validation ({t['val_bytes']:,} bytes, from Revelation backwards into the epistles) |",
+        f"| split | first 95% training ({t['train_bytes']:,} bytes), last 5% validation ({t['val_bytes']:,} bytes: the last books of the New Testament) |",
         f"| tokens | bytes (vocab 256, no tokenizer.model) |",
         f"| model | LlamaForCausalLM layout: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads of {cfg['head_dim']}, {cfg['num_key_value_heads']} kv heads (GQA), MLP {cfg['intermediate_size']}, tied embeddings, RoPE theta {cfg['rope_theta']:g}; {t['parameters']:,} parameters, F32 |",
         f"| training | {t['steps']} steps of 16 windows of 128 bytes ({t['tokens_seen']:,} tokens, about {t['tokens_seen'] / t['train_bytes']:.2f} epochs), AdamW lr 3e-3 cosine, one CPU thread, {t['seconds']} s, torch {t['torch']} |",
