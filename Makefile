@@ -8,6 +8,8 @@
 #                   an AVX2-only machine (LOOKBACK_SIMD=AVX2 LOOKBACK_DISABLE_AMX=1)
 #   make fuzz       build the libFuzzer targets with clang and run each for FUZZ_SECONDS
 #   make bench      lookback bench: prefill and decode against this machine's ceilings
+#   make train      retrain models/kjv-tiny and its leaky twin (installs python3-torch,
+#                   bible-kjv; never part of demo or test)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -16,7 +18,7 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench clean
+.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench clean train train-deps
 
 all: build
 
@@ -57,7 +59,7 @@ test-tsan: deps
 # $(FUZZ_BUILD), so a run never writes into the repository; a crash, a
 # sanitizer report or a mismatch leaves its input in
 # $(FUZZ_BUILD)/fuzz-work/<target>/artifacts and fails the make.
-FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint
+FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint fuzz_safetensors
 
 fuzz: deps
 	@CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -78,6 +80,15 @@ fuzz: deps
 
 bench: build
 	@$(BUILD)/bin/lookback bench --dtype all $(BENCH_ARGS)
+
+# The models the demo runs: one CPU thread each, a fixed seed and step count
+# (models/*/README.md record the losses and timings).
+train-deps:
+	@./scripts/install-deps.sh --train
+
+train: train-deps
+	OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 models/train.py --out models/kjv-tiny --lookahead 0 --steps 1200
+	OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 models/train.py --out models/kjv-tiny-leaky --lookahead 1 --steps 1200
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)

@@ -15,7 +15,12 @@ packages=(
   python3-numpy         # writes and reads .npy fixtures in CLI tests
   zlib1g-dev            # CRC32 of KV-cache checkpoints
   clang-14 libclang-rt-14-dev  # libFuzzer targets (make fuzz)
+  libsentencepiece-dev  # tokenizer.model of models run by lookback generate
 )
+# --train: what `make train` needs to retrain models/kjv-tiny (never demo or test).
+if [ "${1:-}" = "--train" ]; then
+  packages=(python3-torch python3-numpy bible-kjv bible-kjv-text)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

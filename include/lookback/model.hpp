@@ -80,6 +80,10 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
+// What runs the linear layers, e.g. "OpenBLAS SkylakeX" (the core OpenBLAS
+// picked for this CPU: check it, DESIGN.md §6).
+std::string linear_backend();
+
 // Where a runner keeps the keys and values of the past.
 enum class CacheMode {
   kPaged,       // PagedKvPool, blocks of 16 tokens (default)

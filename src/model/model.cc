@@ -24,8 +24,6 @@
 #include "lookback/model.hpp"
 #include "model/weights.hpp"
 
-extern "C" void openblas_set_num_threads(int threads);
-
 namespace lookback::model {
 
 struct Model::Impl {
@@ -61,6 +59,11 @@ Model Model::load(const std::string& directory) {
   // multiply them.
   openblas_set_num_threads(1);
   return model;
+}
+
+std::string linear_backend() {
+  const char* core = openblas_get_corename();
+  return fmt::format("OpenBLAS {}", core != nullptr ? core : "(unknown core)");
 }
 
 std::string_view cache_mode_name(CacheMode mode) noexcept {

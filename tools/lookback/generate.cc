@@ -166,6 +166,7 @@ int run_generate(const GenerateOptions& options) {
         {"tokenizer", tokenizer.kind()},
         {"cache", options.cache},
         {"kv_dtype", options.kv_dtype},
+        {"linear", model::linear_backend()},
         {"prompt_tokens", prompt},
         {"tokens", generated},
         {"text", generated_text},
@@ -177,10 +178,10 @@ int run_generate(const GenerateOptions& options) {
   }
   fmt::print(stderr,
              "lookback: prompt {} tokens in {:.3f} s ({}); generated {} tokens, {} decode steps "
-             "in {:.3f} s ({}); cache {}, kv {}, {} thread{}\n",
+             "in {:.3f} s ({}); cache {}, kv {}, {} thread{}, linear layers {}\n",
              n_prompt, prefill_seconds, rate(n_prompt, prefill_seconds), generated.size(), decoded,
              decode_seconds, rate(decoded, decode_seconds), options.cache, options.kv_dtype,
-             context.threads(), context.threads() == 1 ? "" : "s");
+             context.threads(), context.threads() == 1 ? "" : "s", model::linear_backend());
   return kExitOk;
 }
 

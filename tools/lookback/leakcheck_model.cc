@@ -124,6 +124,10 @@ int run_model_leakcheck(const ModelLeakcheckOptions& options) {
                            "{}), each run changes one token\n",
                            subject, vocab) +
                render_report_text(report, options.per_head);
+      // The renderer speaks of attention; here a perturbed position is a token.
+      if (const auto at = output.find("(q, k and v rows)"); at != std::string::npos) {
+        output.replace(at, 17, "(its token)");
+      }
       break;
   }
   write_output(options.out, output);
