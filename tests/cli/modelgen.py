@@ -41,6 +41,27 @@ def write_safetensors(path, tensors, dtype="F32", align=8):
         f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+def read_safetensors(path):
+    """{name: (dtype name, shape, raw bytes)}"""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return {name: (e["dtype"], e["shape"], data[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]])
+            for name, e in header.items() if name != "__metadata__"}
+
+
+def write_raw_safetensors(path, tensors):
+    """tensors: {name: (dtype name, shape, raw bytes)}, as read_safetensors gives."""
+    header, offset = {}, 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(r for _, _, r in tensors.values()))
+
+
 def make_model(directory, *, hidden=64, heads=4, kv_heads=2, head_dim=None, layers=2,
                intermediate=96, vocab=300, tied=True, dtype="F32", max_positions=128,
                sliding_window=None, seed=0):
@@ -87,3 +108,41 @@ def make_model(directory, *, hidden=64, heads=4, kv_heads=2, head_dim=None, laye
         json.dump(config, f, indent=1)
     write_safetensors(os.path.join(directory, "model.safetensors"), tensors, dtype)
     return config
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number, wire, payload):
+    key = _varint(number << 3 | wire)
+    if wire == 0:
+        return key + _varint(payload)
+    if wire == 5:
+        return key + struct.pack("<f", payload)
+    return key + _varint(len(payload)) + payload  # wire 2: length-delimited
+
+
+def write_sentencepiece(path, words):
+    """A SentencePiece unigram tokenizer.model (the protobuf written by hand):
+    <unk>, <s>, </s>, then "▁" + each word, each word, and single letters.
+    Returns the pieces in id order."""
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    for w in words:
+        pieces.append(("\u2581" + w, -1.0, 1))
+    for c in "\u2581abcdefghijklmnopqrstuvwxyz":
+        pieces.append((c, -5.0, 1))
+    model = b""
+    for piece, score, kind in pieces:
+        model += _field(1, 2, _field(1, 2, piece.encode()) + _field(2, 5, score) + _field(3, 0, kind))
+    model += _field(2, 2, _field(3, 0, 1) + _field(4, 0, len(pieces)))  # unigram
+    model += _field(3, 2, _field(1, 2, b"identity"))
+    with open(path, "wb") as f:
+        f.write(model)
+    return [p for p, _, _ in pieces]

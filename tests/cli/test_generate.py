@@ -6,6 +6,7 @@ refused with one clear line."""
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -133,6 +134,44 @@ class GenerateTest(unittest.TestCase):
                                      "--tokens", 2, "--format", "json").stdout)
         self.assertEqual(out["prompt_tokens"], [65, 98])
         self.assertEqual(out["tokenizer"], "bytes")
+
+    def test_sentencepiece_tokenizer(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            modelgen.make_model(tmp, vocab=33, seed=5)
+            pieces = modelgen.write_sentencepiece(os.path.join(tmp, "tokenizer.model"),
+                                                  ["the", "cat", "sat"])
+            self.assertEqual(len(pieces), 33)
+            result = clitest.run("generate", "--model", tmp, "--prompt", "the cat sat",
+                                 "--tokens", 12, "--temperature", 0, "--format", "json")
+            self.assertEqual(result.returncode, clitest.EXIT_OK, result.stderr)
+            out = json.loads(result.stdout)
+            self.assertEqual(out["tokenizer"], "sentencepiece")
+            self.assertEqual(out["prompt_tokens"], [1, 3, 4, 5])  # <s> ▁the ▁cat ▁sat
+            if all(t > 2 for t in out["tokens"]):  # no control or unknown pieces
+                expected = "".join(pieces[t] for t in out["tokens"]).replace("\u2581", " ")
+                self.assertEqual(out["text"], expected)
+
+    def test_sharded_weights_give_the_same_logits(self):
+        model = self.models["mha_d64_untied_bf16"]
+        with tempfile.TemporaryDirectory() as tmp:
+            single = os.path.join(tmp, "single.npy")
+            self.generate(model, [3, 1, 4], dump=single)
+            sharded = os.path.join(tmp, "sharded")
+            os.makedirs(sharded)
+            shutil.copy(os.path.join(model, "config.json"), sharded)
+            tensors = modelgen.read_safetensors(os.path.join(model, "model.safetensors"))
+            names = sorted(tensors)
+            weight_map = {}
+            for part, chunk in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+                file = f"model-0000{part + 1}-of-00002.safetensors"
+                modelgen.write_raw_safetensors(os.path.join(sharded, file),
+                                               {n: tensors[n] for n in chunk})
+                weight_map.update({n: file for n in chunk})
+            with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f)
+            dump = os.path.join(tmp, "sharded.npy")
+            self.generate(sharded, [3, 1, 4], dump=dump)
+            np.testing.assert_array_equal(np.load(single), np.load(dump))
 
 
 class GenerateErrorTest(unittest.TestCase):
