@@ -6,10 +6,10 @@
 //   q      (T, heads, head_dim)        k, v (T, kv_heads, head_dim)
 //   attn   (T, heads, head_dim)
 //   gate, up (T, intermediate)
-// Linear layers are OpenBLAS sgemm calls (single-threaded inside), one per
-// fixed slice of output features, the slices spread over the context's
-// threads: an output's value never depends on the thread count.
-#include <cblas.h>
+// Linear layers are OpenBLAS sgemm calls (loaded when a model loads,
+// blas.hpp; single-threaded inside), one per fixed slice of output features,
+// the slices spread over the context's threads: an output's value never
+// depends on the thread count.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -22,6 +22,7 @@
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/model.hpp"
+#include "model/blas.hpp"
 #include "model/weights.hpp"
 
 namespace lookback::model {
@@ -55,15 +56,14 @@ Model Model::load(const std::string& directory) {
   model.impl_->directory = directory;
   model.impl_->config = parse_config(text.str(), config_path);
   model.impl_->weights = detail::load_weights(directory, model.impl_->config);
-  // The runner spreads sgemm calls over its own threads; OpenBLAS's must not
-  // multiply them.
-  openblas_set_num_threads(1);
+  // Loaded here, so that a missing OpenBLAS is a load error, not a surprise
+  // at the first token.
+  (void)detail::blas();
   return model;
 }
 
 std::string linear_backend() {
-  const char* core = openblas_get_corename();
-  return fmt::format("OpenBLAS {}", core != nullptr ? core : "(unknown core)");
+  return fmt::format("OpenBLAS {}", detail::blas().core);
 }
 
 std::string_view cache_mode_name(CacheMode mode) noexcept {
@@ -92,10 +92,11 @@ constexpr std::int64_t kFeaturesPerTask = 128;
 void linear(const float* x, const float* w, float* y, std::int64_t rows, std::int64_t in,
             std::int64_t out, Context& context) {
   const std::int64_t tasks = (out + kFeaturesPerTask - 1) / kFeaturesPerTask;
+  const auto sgemm = detail::blas().sgemm;
   context.parallel_for(tasks, [&](std::int64_t task, int) {
     const std::int64_t begin = task * kFeaturesPerTask;
     const std::int64_t count = std::min(kFeaturesPerTask, out - begin);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows),
+    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows),
                 static_cast<int>(count), static_cast<int>(in), 1.0f, x, static_cast<int>(in),
                 w + begin * in, static_cast<int>(in), 0.0f, y + begin, static_cast<int>(out));
   });

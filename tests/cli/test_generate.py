@@ -287,6 +287,16 @@ class GenerateErrorTest(unittest.TestCase):
     def test_prompt_longer_than_positions(self):
         self.expect_error("max_position_embeddings 16", prompt=",".join(["1"] * 17))
 
+    def test_tokens_past_positions(self):
+        ok = clitest.run("generate", "--model", self.model, "--prompt-ids", "1,2", "--tokens", 15,
+                         "--format", "json")
+        self.assertEqual(ok.returncode, clitest.EXIT_OK, ok.stderr)
+        for tokens in (16, 2**62):
+            result = clitest.run("generate", "--model", self.model, "--prompt-ids", "1,2",
+                                 "--tokens", tokens)
+            self.assertEqual(result.returncode, clitest.EXIT_USAGE, result.stderr)
+            self.assertIn("expected at most 15", result.stderr)
+
     def test_token_outside_vocab(self):
         self.expect_error("expected ids below vocab_size 300", prompt="1,300")
 

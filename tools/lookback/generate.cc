@@ -92,10 +92,11 @@ int run_generate(const GenerateOptions& options) {
     throw Error(fmt::format("--prompt: {} tokens (expected at most max_position_embeddings {})",
                             n_prompt, config.max_position_embeddings));
   }
-  if (n_prompt + options.tokens - 1 > config.max_position_embeddings) {
-    throw Error(fmt::format("--tokens: {} after a prompt of {} tokens need {} positions "
-                            "(expected at most max_position_embeddings {})",
-                            options.tokens, n_prompt, n_prompt + options.tokens - 1,
+  if (options.tokens - 1 > config.max_position_embeddings - n_prompt) {
+    throw Error(fmt::format("--tokens: {} after a prompt of {} tokens (expected at most {}: "
+                            "the prompt and the tokens fed back must fit in "
+                            "max_position_embeddings {})",
+                            options.tokens, n_prompt, config.max_position_embeddings - n_prompt + 1,
                             config.max_position_embeddings));
   }
   for (std::int32_t id : prompt) {
