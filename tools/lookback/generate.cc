@@ -161,6 +161,7 @@ int run_generate(const GenerateOptions& options) {
   }
   if (text) {
     std::fputs("\n", stdout);
+    std::fflush(stdout);  // before the rates on stderr, when both go to one file
   } else {
     nlohmann::ordered_json json{
         {"model", options.model},
