@@ -9,6 +9,8 @@
 #   make fuzz       build the libFuzzer targets with clang and run each for FUZZ_SECONDS
 #   make bench      lookback bench: prefill and decode against this machine's ceilings
 #   make python     the Python package in the build tree (PYTHONPATH=build/python; docs/python.md)
+#   make train      retrain models/kjv-tiny and its leaky twin (installs python3-torch,
+#                   bible-kjv; never part of demo or test)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD ?= build
 ASAN_BUILD ?= build-asan
@@ -17,7 +19,7 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench python clean
+.PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench python clean train train-deps
 
 all: build
 
@@ -58,7 +60,7 @@ test-tsan: deps
 # $(FUZZ_BUILD), so a run never writes into the repository; a crash, a
 # sanitizer report or a mismatch leaves its input in
 # $(FUZZ_BUILD)/fuzz-work/<target>/artifacts and fails the make.
-FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint fuzz_varlen
+FUZZ_TARGETS := fuzz_npy fuzz_attention fuzz_paged_cache fuzz_checkpoint fuzz_varlen fuzz_safetensors
 
 fuzz: deps
 	@CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -82,6 +84,15 @@ python: configure
 
 bench: build
 	@$(BUILD)/bin/lookback bench --dtype all $(BENCH_ARGS)
+
+# The models the demo runs: one CPU thread each, a fixed seed and step count
+# (models/*/README.md record the losses and timings).
+train-deps:
+	@./scripts/install-deps.sh --train
+
+train: train-deps
+	OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 models/train.py --out models/kjv-tiny --lookahead 0 --steps 1200
+	OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 models/train.py --out models/kjv-tiny-leaky --lookahead 1 --steps 1200
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD) build-python

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo `make demo` runs: what lookback is, and the query-key pattern of a
-# causal sequence of 7 tokens.
+# The demo `make demo` runs: what lookback is, the query-key pattern of a
+# causal sequence of 7 tokens, and text from the model in models/kjv-tiny.
 set -euo pipefail
 LOOKBACK=${1:-build/bin/lookback}
 BIN=$(dirname "$LOOKBACK")
@@ -34,4 +34,12 @@ echo
 echo "\$ lookback leakcheck      # every path of lookback, checked for leaks from the future"
 "$LOOKBACK" leakcheck
 echo
-echo "More: lookback --help, README.md, docs/semantics.md, docs/leakage.md."
+echo "A real model: kjv-tiny, a byte-level LLaMA-style model trained on the King James Bible"
+echo "(models/kjv-tiny/README.md), generating through the paged KV cache, then again without"
+echo "a cache (every token recomputes the whole prefix); each run ends with its rates."
+echo "\$ lookback generate --model models/kjv-tiny --prompt \"In the beginning\" --tokens 200"
+"$LOOKBACK" generate --model models/kjv-tiny --prompt "In the beginning" --tokens 200
+echo "\$ lookback generate --model models/kjv-tiny --prompt \"In the beginning\" --tokens 200 --cache none > /dev/null"
+"$LOOKBACK" generate --model models/kjv-tiny --prompt "In the beginning" --tokens 200 --cache none > /dev/null
+echo
+echo "More: lookback --help, README.md, docs/generate.md, docs/semantics.md, docs/leakage.md."

@@ -18,7 +18,12 @@ packages=(
   python3-dev pybind11-dev python3-pybind11 python3-pytest  # the Python package and its tests
   python3-venv python3-pip python3-setuptools  # pip install . into a venv, offline
   libopenmpi-dev openmpi-bin   # lookback::lookback_mpi and mpirun (ring prefill, sharded decode)
+  libsentencepiece-dev  # tokenizer.model of models run by lookback generate
 )
+# --train: what `make train` needs to retrain models/kjv-tiny (never demo or test).
+if [ "${1:-}" = "--train" ]; then
+  packages=(python3-torch python3-numpy bible-kjv bible-kjv-text)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

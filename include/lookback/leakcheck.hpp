@@ -248,4 +248,40 @@ struct BuiltinOptions {
 // A path that throws is a check with Verdict::kError, not an exception.
 std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options);
 
+// ---- whole models: token ids in, logits out -------------------------------
+
+// A model is checked by the same experiment: position j is input token j and
+// output row j holds the logits that follow it; a run perturbs token j (of
+// every batch element) and output row i depends on j when any bit of its
+// logits changed. The report's shape is heads = kv_heads = 1 and head_dim =
+// vocab (one "head" whose row is the logits), so verdicts, exit codes and
+// renderers are those of attention. docs/leakage.md.
+LeakShape model_leak_shape(std::int64_t batch, std::int64_t seqlen, std::int64_t vocab);
+
+// The token ids (batch, seqlen) of a run: random in [0, vocab) from `seed`
+// for the base run (position -1); run j changes token j of every batch
+// element to another id. Needs vocab >= 2.
+std::vector<std::int32_t> leak_tokens(const LeakShape& shape, std::uint64_t seed,
+                                      std::int64_t position);
+
+// A model as the check sees it: token ids (batch, seqlen) in, logits
+// (batch, seqlen, vocab) out, f32 or f64.
+using TokenModel = std::function<NpyArray(const std::vector<std::int32_t>& tokens,
+                                          const LeakShape& shape, const RunInfo& run)>;
+
+// Adapts a TokenModel to an Implementation for check_leaks with a
+// model_leak_shape(): it ignores Q, K and V and feeds leak_tokens(run).
+Implementation token_implementation(TokenModel model, std::uint64_t seed);
+
+// Throws lookback::Error naming --exec-model unless `command` holds {tokens}
+// and {logits}.
+void check_model_command_template(const std::string& command);
+
+// A user's model command as a TokenModel: each run writes tokens.npy (<i4,
+// (batch, seqlen)) into a folder of its own, runs `command` through /bin/sh
+// -c with {tokens} and {logits} replaced by paths, and reads the logits
+// (batch, seqlen, vocab), <f4 or <f8, it wrote at {logits}. Process groups,
+// timeouts, signals and temporary folders as command_implementation.
+TokenModel model_command(const std::string& command, const CommandOptions& options = {});
+
 }  // namespace lookback::diagnostics

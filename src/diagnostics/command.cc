@@ -377,4 +377,112 @@ void SignalCleanup::reraise() const {
   _exit(128 + signal);  // not reached: the default action of these signals ends the process
 }
 
+// ---- whole models: {tokens} in, {logits} out -------------------------------
+
+namespace {
+
+// tokens.npy: format 1.0, <i4, C order; the header padded to 64 bytes as
+// NumPy writes it.
+void write_tokens(const std::string& path, const std::vector<std::int32_t>& tokens,
+                  std::int64_t batch, std::int64_t seqlen) {
+  std::string header = fmt::format("{{'descr': '<i4', 'fortran_order': False, 'shape': ({}, {}), }}",
+                                   batch, seqlen);
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  std::string bytes = "\x93NUMPY";
+  bytes += '\x01';
+  bytes += '\x00';
+  bytes += static_cast<char>(header.size() & 0xff);
+  bytes += static_cast<char>(header.size() >> 8);
+  bytes += header;
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  file.write(reinterpret_cast<const char*>(tokens.data()),
+             static_cast<std::streamsize>(tokens.size() * sizeof(std::int32_t)));
+  if (!file.flush()) throw Error(ErrorCode::kIo, fmt::format("leakcheck: cannot write {}", path));
+}
+
+std::string substitute_model(const std::string& command, const std::string& tokens,
+                             const std::string& logits) {
+  std::string result;
+  for (std::size_t at = 0; at < command.size();) {
+    if (command.compare(at, 8, "{tokens}") == 0) {
+      result += shell_word(tokens);
+      at += 8;
+    } else if (command.compare(at, 8, "{logits}") == 0) {
+      result += shell_word(logits);
+      at += 8;
+    } else {
+      result += command[at++];
+    }
+  }
+  return result;
+}
+
+// The command runner's messages name --exec; here the option is --exec-model.
+Error as_model_error(const Error& e) {
+  std::string message = e.what();
+  if (message.rfind("--exec:", 0) == 0) message = "--exec-model:" + message.substr(7);
+  return Error(e.code(), message);
+}
+
+}  // namespace
+
+void check_model_command_template(const std::string& command) {
+  std::string missing;
+  for (std::string_view field : {"{tokens}", "{logits}"}) {
+    if (command.find(field) == std::string::npos) {
+      missing += missing.empty() ? "" : ", ";
+      missing += field;
+    }
+  }
+  if (!missing.empty()) {
+    throw Error(fmt::format(
+        "--exec-model: '{}' lacks {} (expected a command with {{tokens}} and {{logits}}, which "
+        "are replaced by the paths of the token ids it reads and of the logits it must write)",
+        command, missing));
+  }
+}
+
+TokenModel model_command(const std::string& command, const CommandOptions& options) {
+  check_model_command_template(command);
+  if (!(options.timeout_seconds > 0 && options.timeout_seconds < 1e9)) {
+    throw Error(fmt::format("--timeout: {} (expected seconds > 0 and < 1e9)",
+                            options.timeout_seconds));
+  }
+  auto folder = std::make_shared<const TempFolder>();
+  const double timeout_seconds = options.timeout_seconds;
+  return [command, timeout_seconds, folder](const std::vector<std::int32_t>& tokens,
+                                            const LeakShape& s, const RunInfo& run) {
+    const std::filesystem::path run_folder = folder->path() / fmt::format("run-{}", run.run);
+    std::filesystem::create_directory(run_folder);
+    const std::string tokens_path = (run_folder / "tokens.npy").string();
+    const std::string logits_path = (run_folder / "logits.npy").string();
+    write_tokens(tokens_path, tokens, s.batch, s.seqlen);
+    const std::filesystem::path stdout_path = run_folder / "stdout.txt";
+    const std::filesystem::path stderr_path = run_folder / "stderr.txt";
+    const ShellEnd end = run_shell(substitute_model(command, tokens_path, logits_path),
+                                   stdout_path, stderr_path, timeout_seconds);
+    if (end.ending != Ending::kExited || !WIFEXITED(end.status) || WEXITSTATUS(end.status) != 0) {
+      throw as_model_error(run_failure(end, run, timeout_seconds, stdout_path, stderr_path));
+    }
+    std::error_code missing;
+    if (!std::filesystem::is_regular_file(logits_path, missing)) {
+      throw Error(fmt::format(
+          "--exec-model: the command exited 0 on {} but wrote no output (expected logits, "
+          "(batch, seqlen, vocab) <f4 or <f8, at {{logits}})",
+          run_name(run)));
+    }
+    NpyArray out;
+    try {
+      out = read_npy(logits_path, kOutputDtypes);
+    } catch (const Error& e) {
+      throw Error(e.code(), fmt::format("--exec-model: output of {}: {}", run_name(run), e.what()));
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(run_folder, ignored);
+    return out;
+  };
+}
+
 }  // namespace lookback::diagnostics

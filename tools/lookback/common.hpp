@@ -25,6 +25,7 @@ void add_cost_command(CLI::App& app, Runner& runner);
 void add_leakcheck_command(CLI::App& app, Runner& runner);
 void add_cache_command(CLI::App& app, Runner& runner);
 void add_bench_command(CLI::App& app, Runner& runner);
+void add_generate_command(CLI::App& app, Runner& runner);
 
 // Adds the subcommand `name` to `app`: `description` is its line in
 // `lookback --help`, `footer` ends its own --help.

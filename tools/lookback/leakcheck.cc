@@ -17,6 +17,7 @@
 
 #include "common.hpp"
 #include "leak_report.hpp"
+#include "leakcheck_model.hpp"
 #include "lookback/error.hpp"
 #include "lookback/leakcheck.hpp"
 #include "lookback/mask.hpp"
@@ -46,12 +47,53 @@ struct LeakcheckOptions {
   bool progress = false;
   std::optional<double> tolerance, timeout;  // --exec only
   bool allow_nan = false;                    // --exec only
+  // Whole models (leakcheck_model.cc): --exec-model CMD or --model DIR.
+  std::optional<std::string> exec_model, model;
+  std::optional<std::int64_t> vocab;
+  std::optional<std::string> cache;
 };
 
 int jobs_of(const LeakcheckOptions& options) {
   if (options.jobs > 0) return options.jobs;
   const unsigned cores = std::thread::hardware_concurrency();
   return cores == 0 ? 1 : static_cast<int>(cores);
+}
+
+// The flags a model check uses, handed to leakcheck_model.cc; those it cannot
+// use are refused.
+int run_models(const LeakcheckOptions& options) {
+  if (options.exec_model && options.model) {
+    throw Error("--exec-model and --model: expected one of them");
+  }
+  if (options.exec) throw Error("--exec: not with --exec-model or --model (expected one check)");
+  const std::pair<bool, const char*> unused[] = {{options.heads.has_value(), "--heads"},
+                                                 {options.kv_heads.has_value(), "--kv-heads"},
+                                                 {options.dim.has_value(), "--dim"},
+                                                 {options.window.has_value(), "--window"}};
+  for (const auto& [given, name] : unused) {
+    if (given) {
+      throw Error(fmt::format("{}: not with --exec-model or --model (a model's check has one "
+                              "row of logits per position; expected --len, --vocab, --batch)",
+                              name));
+    }
+  }
+  if (options.cache && !options.model) throw Error("--cache: only with --model");
+  return run_model_leakcheck({.exec_model = options.exec_model,
+                              .model = options.model,
+                              .len = options.len,
+                              .vocab = options.vocab,
+                              .batch = options.batch,
+                              .causal = options.causal.value_or("bottom-right"),
+                              .cache = options.cache.value_or("paged"),
+                              .per_head = options.per_head,
+                              .jobs = jobs_of(options),
+                              .seed = options.seed,
+                              .format = options.format,
+                              .out = options.out,
+                              .progress = options.progress,
+                              .tolerance = options.tolerance,
+                              .timeout = options.timeout,
+                              .allow_nan = options.allow_nan});
 }
 
 void check_head_groups(const LeakShape& shape) {
@@ -206,9 +248,25 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       "  lookback leakcheck --exec './attn {q} {k} {v} {out}' --len 64 --heads 8 --kv-heads 2 \\\n"
       "      --dim 64 --jobs 8 --format json --out leaks.json\n"
       "  lookback leakcheck\n"
+      "\n"
+      "Whole models (--exec-model 'CMD {tokens} {logits}' --len N --vocab V, or --model DIR):\n"
+      "CMD reads token ids <i4 (batch, len) at {tokens} and writes logits (batch, len, V), <f4\n"
+      "or <f8, at {logits}; each run changes the token at one position j, and row i depends on j\n"
+      "when its logits changed. --model runs lookback's own model runner in-process.\n"
+      "  lookback leakcheck --exec-model '/usr/bin/python3 models/forward.py models/kjv-tiny \\\n"
+      "      {tokens} {logits}' --len 16 --vocab 256\n"
+      "  lookback leakcheck --model models/kjv-tiny --len 32\n"
       "More: docs/leakage.md.");
   command->add_option("--exec", options->exec,
                       "command to check, with {q} {k} {v} {out} (omit: check lookback's own paths)");
+  command->add_option("--exec-model", options->exec_model,
+                      "model command to check, with {tokens} {logits} (docs/leakage.md)");
+  command->add_option("--model", options->model,
+                      "check lookback's own runner on this model folder, in-process");
+  command->add_option("--vocab", options->vocab, "vocabulary size V of --exec-model")
+      ->check(kPositive);
+  command->add_option("--cache", options->cache, "--model: the runner's cache: paged, contiguous, none")
+      ->check(CLI::IsMember({"paged", "contiguous", "none"}));
   command->add_option("--len", options->len, "sequence length N (>= 1)")->check(kPositive);
   command->add_option("--heads", options->heads, "query heads H (>= 1)")->check(kPositive);
   command->add_option("--kv-heads", options->kv_heads, "key/value heads HK (default: --heads)")
@@ -240,6 +298,7 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
                     "show 'run i/n' on stderr (default: only when stderr is a terminal)");
   command->callback([options, &runner] {
     runner = [options] {
+      if (options->exec_model || options->model) return run_models(*options);
       return options->exec ? run_black_box(*options) : run_builtin(*options);
     };
   });

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   lookback::cli::add_leakcheck_command(app, runner);
   lookback::cli::add_cache_command(app, runner);
   lookback::cli::add_bench_command(app, runner);
+  lookback::cli::add_generate_command(app, runner);
 
   // Every error, from parsing or from the command, out of memory included, is
   // one line on stderr and exit code 2 (help and --version exit 0 through CLI11).
