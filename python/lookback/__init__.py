@@ -131,8 +131,9 @@ def attention(
     Scores: s = scale * q.k (scale defaults to 1/sqrt(head_dim)); softcap
     c > 0: s = c * tanh(s / c); alibi_slopes (heads,): s -= m_h * |p(i) - j|.
 
-    dtype is what the kernels hold Q, K, V in: "f32", "bf16" or "f16";
-    accumulation is float32. threads: None for every core.
+    dtype is what the kernels hold Q, K, V in: "f32", "bf16" or "f16"; or
+    "int8", "fp8e4m3", "fp8e5m2", which store K and V in 8 bits with one f32
+    scale per (token, kv head) row (Q stays f32); accumulation is float32. threads: None for every core.
 
     Returns out (batch, seqlen_q, heads, head_dim) float32, or (out, lse)
     with return_lse=True, lse (batch, heads, seqlen_q) in natural log.
@@ -247,7 +248,8 @@ class KVCache:
     """One sequence's KV cache: contiguous storage for `capacity` tokens.
 
     Memory is touched only as tokens are appended. dtype is the storage:
-    "f32", "bf16" or "f16". rope_theta: rotate K at append and Q at attend by
+    "f32", "bf16", "f16", or 8-bit "int8", "fp8e4m3", "fp8e5m2" (one f32
+    scale per token and kv head beside the codes). rope_theta: rotate K at append and Q at attend by
     their absolute positions (NeoX half rotation), so raw projections can be
     handed in.
 
@@ -308,7 +310,7 @@ class KVCache:
 
     @property
     def dtype(self) -> str:
-        """The storage dtype: "f32", "bf16" or "f16"."""
+        """The storage dtype: "f32", "bf16", "f16", "int8", "fp8e4m3" or "fp8e5m2"."""
         return self._cache.config["dtype"]
 
     def clear(self) -> None:

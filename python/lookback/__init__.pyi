@@ -8,7 +8,8 @@ import numpy as np
 __version__: str
 
 Causal = Union[Literal["bottom-right", "top-left", "none"], bool]
-Storage = Literal["f32", "bf16", "f16", "float32", "bfloat16", "float16"]
+Storage = Literal["f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2", "float32", "bfloat16",
+                  "float16"]
 Array = Any  # numpy.ndarray or torch.Tensor
 
 def attention(

@@ -227,7 +227,8 @@ MaskSpec mask_of(const py::handle& causal, const py::handle& window) {
 
 DType storage_of(const std::string& text) {
   const DType storage = parse_dtype(text, "dtype");
-  if (storage == DType::kF64) throw Error("dtype: f64 (expected a storage dtype: f32, bf16 or f16)");
+  if (storage == DType::kF64) throw Error(
+        "dtype: f64 (expected a storage dtype: f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
   return storage;
 }
 

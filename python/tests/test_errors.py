@@ -30,7 +30,7 @@ def qkv(rng):
     (lambda q, k, v: (q, k, v, dict(window=2.5)), TypeError, "window"),
     (lambda q, k, v: (q, k, v, dict(window=2, causal="none")), ValueError, "window"),
     (lambda q, k, v: (q, k, v, dict(dtype="f64")), ValueError, "dtype"),
-    (lambda q, k, v: (q, k, v, dict(dtype="int8")), ValueError, "dtype"),
+    (lambda q, k, v: (q, k, v, dict(dtype="i4")), ValueError, "dtype"),
     (lambda q, k, v: (q, k, v, dict(softcap=-1.0)), ValueError, "softcap"),
     (lambda q, k, v: (q, k, v, dict(alibi_slopes=np.ones(3, np.float32))), ValueError,
      "alibi_slopes"),
