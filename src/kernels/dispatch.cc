@@ -17,6 +17,7 @@ HWY_AFTER_NAMESPACE();
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <cpuid.h>
@@ -38,6 +39,12 @@ struct CpuFeatures {
   bool avx512_bf16 = false;
   bool amx_bf16 = false;  // and the tile state granted
   bool amx_disabled = false;
+  // VDPBF16PS does two bf16 products per f32 lane at the FMA's rate on AMD
+  // (Zen 4, Zen 5); Intel's AVX512-BF16 cores run it at about a fifth of the
+  // FMA instruction rate, where bf16 prefill is faster on the f32 path
+  // (docs/PERFORMANCE.md, round two).
+  bool fast_bf16_dots = false;
+  bool bf16_dot_prefill_requested = false;  // LOOKBACK_BF16_DOT_PREFILL=1
 };
 
 // Read once per process.
@@ -45,8 +52,11 @@ const CpuFeatures& cpu_features() {
   static const CpuFeatures features = [] {
     CpuFeatures f;
     f.amx_disabled = std::getenv("LOOKBACK_DISABLE_AMX") != nullptr;
+    const char* dots = std::getenv("LOOKBACK_BF16_DOT_PREFILL");
+    f.bf16_dot_prefill_requested = dots != nullptr && std::string_view(dots) == "1";
 #if defined(__linux__) && defined(__x86_64__)
     f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+    f.fast_bf16_dots = __builtin_cpu_is("amd");
     // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE (clang 14's
     // __builtin_cpu_supports does not know "amx-bf16").
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -154,6 +164,7 @@ bool avx512_kernels_dispatched() {
 namespace {
 
 std::atomic<bool> amx_forced_off{false};
+std::atomic<bool> bf16_dot_prefill_forced{false};
 
 // The paths as KernelCaps names them, for any bf16 call.
 bool amx_prefill_enabled() {
@@ -161,16 +172,24 @@ bool amx_prefill_enabled() {
          avx512_kernels_dispatched();
 }
 bool bf16_dots_enabled() { return cpu_features().avx512_bf16 && avx512_kernels_dispatched(); }
+bool bf16_dot_prefill_enabled() {
+  const CpuFeatures& cpu = cpu_features();
+  return bf16_dots_enabled() &&
+         (cpu.fast_bf16_dots || cpu.bf16_dot_prefill_requested ||
+          bf16_dot_prefill_forced.load(std::memory_order_relaxed));
+}
 
 }  // namespace
 
 PrefillPath prefill_path(DType storage, std::int64_t padded_dim) {
   if (storage != DType::kBF16 || padded_dim % kAmxPairDims != 0) return PrefillPath::kF32;
   if (amx_prefill_enabled()) return PrefillPath::kAmx;
-  return bf16_dots_enabled() ? PrefillPath::kBf16Dot : PrefillPath::kF32;
+  return bf16_dot_prefill_enabled() ? PrefillPath::kBf16Dot : PrefillPath::kF32;
 }
 
 void force_amx_off(bool off) { amx_forced_off.store(off, std::memory_order_relaxed); }
+
+void force_bf16_dot_prefill(bool on) { bf16_dot_prefill_forced.store(on, std::memory_order_relaxed); }
 
 bool use_bf16_decode_dots(DType storage) {
   return storage == DType::kBF16 && bf16_dots_enabled();
@@ -195,7 +214,7 @@ KernelCaps kernel_caps() {
   caps.amx_bf16 = cpu.amx_bf16;
   caps.amx_disabled = cpu.amx_disabled;
   caps.amx_prefill = kernels::amx_prefill_enabled();
-  caps.bf16_dot_prefill = kernels::bf16_dots_enabled() && !caps.amx_prefill;
+  caps.bf16_dot_prefill = kernels::bf16_dot_prefill_enabled() && !caps.amx_prefill;
   caps.bf16_decode_dots = kernels::bf16_dots_enabled();
   return caps;
 }

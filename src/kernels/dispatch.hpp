@@ -44,5 +44,10 @@ bool use_bf16_decode_dots(DType storage);
 // bf16-dot path of CPUs without AMX on one that has it. Process-wide: call
 // it while no attention call is running.
 void force_amx_off(bool off);
+// Takes bf16 prefill without AMX to the VDPBF16PS path even on a CPU where
+// the f32 path is faster (Intel's AVX512-BF16), as LOOKBACK_BF16_DOT_PREFILL=1
+// does for a whole process, so that its tests run there. Process-wide, as
+// force_amx_off.
+void force_bf16_dot_prefill(bool on);
 
 }  // namespace lookback::kernels

@@ -228,6 +228,7 @@ void for_each_kernel_path(const std::function<void(const std::string&)>& body) {
   struct Restore {
     ~Restore() {
       kernels::force_amx_off(false);
+      kernels::force_bf16_dot_prefill(false);
       force_simd_target("");
     }
   } restore;
@@ -243,6 +244,17 @@ void for_each_kernel_path(const std::function<void(const std::string&)>& body) {
         SCOPED_TRACE("simd target " + target + " without AMX");
         body(target + " without AMX");
       }
+      kernels::force_amx_off(false);
+    }
+    if (kernel_caps().avx512_bf16 && !kernel_caps().bf16_dot_prefill) {
+      // The VDPBF16PS path, where the default is AMX or the f32 path.
+      kernels::force_amx_off(true);
+      kernels::force_bf16_dot_prefill(true);
+      if (kernel_caps().bf16_dot_prefill) {
+        SCOPED_TRACE("simd target " + target + " on AVX512-BF16 dot products");
+        body(target + " on AVX512-BF16 dot products");
+      }
+      kernels::force_bf16_dot_prefill(false);
       kernels::force_amx_off(false);
     }
   }
