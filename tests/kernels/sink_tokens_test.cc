@@ -51,7 +51,7 @@ std::vector<SinkTokenCase> sink_token_cases() {
       c.spec.alibi = n % 5 == 2;
       c.spec.sinks = n % 7 == 3;  // learned sink logits too
       c.spec.batch = n % 4 == 3 ? 2 : 1;
-      c.spec.storage = n % 3 == 1 ? DType::kBF16 : n % 11 == 5 ? DType::kInt8 : DType::kF32;
+      c.spec.storage = n % 3 == 1 ? DType::kBF16 : DType::kF32;
       c.options.mode = mode;
       c.options.chunk = n % 2 == 0 ? 1 : 6;
       c.options.block_size = 7;
