@@ -42,6 +42,9 @@ struct DecodeOptions {
   std::optional<float> scale;                 // default 1 / sqrt(head_dim)
   float softcap = 0.0f;                       // 0 disables
   std::optional<std::int64_t> window_left;    // keys p - W .. p
+  // StreamingLLM: keys 0 .. S-1 stay visible beside the window (S >= 0; S > 0
+  // needs window_left). Positions stay absolute (docs/semantics.md).
+  std::int64_t sink_tokens = 0;
   const float* maybe_alibi_slopes = nullptr;  // (heads,)
   // Learned sink logits (gpt-oss), (heads,), finite: one more term e^sink_h
   // in each row's softmax denominator, added once after the parts merge.

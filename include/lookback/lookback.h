@@ -61,6 +61,7 @@ typedef struct lookback_attention_params {
   int64_t window_left; /* -1: no window; W >= 0: keys p-W..p */
   lookback_dtype storage; /* F32, F16, BF16, INT8, FP8E4M3 or FP8E5M2 */
   const float* maybe_sink_logits; /* (heads,), or NULL: learned sinks (gpt-oss) */
+  int64_t sink_tokens; /* StreamingLLM, with a window: keys 0..S-1 stay visible; 0: none */
 } lookback_attention_params;
 
 typedef struct lookback_context lookback_context;

@@ -7,6 +7,9 @@
 //   key j is visible to query i iff j <= p(i), and with a window W >= 0 also
 //   j >= p(i) - W (W + 1 keys at most, the query's own position included).
 //   Causal::kNone makes every key visible (bidirectional); it takes no window.
+//   Sink tokens S (StreamingLLM, with a window only): key j is also visible
+//   when j < S and j <= p(i). A row then sees two ranges: sink_range(row) =
+//   the sinks below its window, and key_range(row) = its window.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +34,9 @@ struct MaskSpec {
   // absolute position a against keys starting at b: query_offset = a - b
   // (ring attention's block pairs). |query_offset| <= kMaxQueryOffset.
   std::optional<std::int64_t> query_offset;
+  // StreamingLLM sink tokens: keys [0, S) stay visible (causally) beside the
+  // window. S >= 0; S > 0 needs a window. Positions stay absolute.
+  std::int64_t sink_tokens = 0;
 };
 
 inline constexpr std::int64_t kMaxQueryOffset = std::int64_t{1} << 52;
@@ -48,7 +54,8 @@ enum class TileVisibility : std::uint8_t { kEmpty, kPartial, kFull };
 class Mask {
  public:
   // Throws lookback::Error for negative lengths, a negative window, a window
-  // with Causal::kNone, or a query_offset beyond kMaxQueryOffset.
+  // with Causal::kNone, a query_offset beyond kMaxQueryOffset, negative sink
+  // tokens, or sink tokens without a window.
   Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec = {});
 
   std::int64_t seqlen_q() const noexcept { return seqlen_q_; }
@@ -59,10 +66,17 @@ class Mask {
   std::int64_t position(std::int64_t row) const noexcept { return row + offset_; }
 
   bool visible(std::int64_t row, std::int64_t key) const noexcept;
-  // Keys visible to `row`, clipped to [0, seqlen_k).
+  // Keys visible to `row` through causality and the window, clipped to
+  // [0, seqlen_k). With sink tokens the row also sees sink_range(row).
   KeyRange key_range(std::int64_t row) const noexcept;
+  // The sink tokens visible to `row` that lie below key_range(row): keys
+  // [0, min(S, p + 1, key_range(row).begin)), clipped; empty without sinks.
+  KeyRange sink_range(std::int64_t row) const noexcept;
+  // The sink tokens that matter for this mask: min(S, seqlen_k), and 0 when
+  // the window hides nothing (every row then sees its sinks anyway).
+  std::int64_t effective_sink_tokens() const noexcept { return sinks_; }
   std::int64_t visible_in_row(std::int64_t row) const noexcept {
-    return key_range(row).size();
+    return key_range(row).size() + sink_range(row).size();
   }
   // Visible pairs in rows [row_begin, row_end) x keys [key_begin, key_end),
   // in closed form (O(1), no loop over the tile).
@@ -76,7 +90,8 @@ class Mask {
                                  std::int64_t key_begin,
                                  std::int64_t key_end) const noexcept;
   // Union of the key ranges of rows [row_begin, row_end): every key any of
-  // those rows can see lies inside it (rows' ranges are monotone in the row).
+  // those rows can see through key_range lies inside it (rows' ranges are
+  // monotone in the row). Sink ranges are not included.
   KeyRange key_range_of_rows(std::int64_t row_begin,
                              std::int64_t row_end) const noexcept;
 
@@ -93,6 +108,7 @@ class Mask {
   std::optional<std::int64_t> window_;
   MaskSpec spec_;
   std::int64_t offset_;  // p(i) - i
+  std::int64_t sinks_ = 0;  // effective_sink_tokens()
 };
 
 }  // namespace lookback

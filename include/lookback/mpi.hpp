@@ -109,7 +109,8 @@ struct RingParams {
   std::optional<float> scale;
   float softcap = 0.0f;
   // Self-attention over one sequence: causal (bottom-right and top-left are
-  // the same mask here) with an optional window, or kNone. No query_offset.
+  // the same mask here) with an optional window, or kNone. No query_offset,
+  // no sink tokens.
   MaskSpec mask;
   DType storage = DType::kF32;  // what K/V travel in and the kernels hold
 };

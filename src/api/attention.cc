@@ -10,6 +10,7 @@
 #include "kernels/dispatch.hpp"
 #include "kernels/prefill.hpp"
 #include "lookback/error.hpp"
+#include "lookback/modes.hpp"
 
 namespace lookback {
 
@@ -140,6 +141,14 @@ void validate_scores(const AttentionParams& params, const AttentionShape& shape)
 
 void attend(const AttentionParams& params, Context& context) {
   const AttentionShape shape = validate(params);
+  // Sink tokens make a row's keys two ranges; the kernels see one. The split
+  // path runs them as two key parts merged exactly through their LSEs.
+  if (Mask(shape.seqlen_q, shape.seqlen_k, params.mask).effective_sink_tokens() > 0) {
+    attend_with_mode(params, {.mode = Mode::kSplit, .splits = 1}, context);
+    return;
+  }
+  MaskSpec mask = params.mask;
+  mask.sink_tokens = 0;  // none that matter (effective_sink_tokens() is 0)
   kernels::PrefillParams prefill{
       .q = params.q,
       .k = params.k,
@@ -151,7 +160,7 @@ void attend(const AttentionParams& params, Context& context) {
       .shape = shape,
       .scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(shape.head_dim))),
       .softcap = params.softcap,
-      .mask = params.mask,
+      .mask = mask,
       .storage = params.storage,
   };
   kernels::prefill(prefill, context);

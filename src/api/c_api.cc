@@ -106,6 +106,7 @@ lookback::AttentionParams to_params(const lookback_attention_params* params) {
                           " (expected -1 for no window, or >= 0)");
   }
   if (params->window_left >= 0) p.mask.window_left = params->window_left;
+  p.mask.sink_tokens = params->sink_tokens;  // checked by the library (>= 0, with a window)
   p.storage = to_dtype(params->storage, "storage");
   return p;
 }

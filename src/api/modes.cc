@@ -75,6 +75,7 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
   const DecodeOptions options{.scale = params.scale,
                               .softcap = params.softcap,
                               .window_left = params.mask.window_left,
+                              .sink_tokens = params.mask.sink_tokens,
                               .maybe_alibi_slopes = params.maybe_alibi_slopes,
                               .maybe_sink_logits = params.maybe_sink_logits};
   const std::int64_t prompt = shape.seqlen_k - shape.seqlen_q;
@@ -138,7 +139,7 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
       .shape = shape,
       .scale = params.scale.value_or(1.0f / std::sqrt(static_cast<float>(dim))),
       .softcap = params.softcap,
-      .mask = params.mask,
+      .mask = {},
       .storage = params.storage,
   };
   // Row r = (b, i, h) in both buffers, so LSE is (batch, seqlen_q, heads) here.
@@ -153,8 +154,31 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
     lse_view.strides = {shape.seqlen_q * shape.heads, 1, shape.heads, 0};
     prefill.maybe_lse = lse_view;
   };
+  // The parts: with sink tokens, first the sinks [0, S) under a plain causal
+  // mask at the same positions (query_offset), then `splits` parts of
+  // [S, seqlen_k) under the window. The kernels never see sink tokens.
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  const std::int64_t sinks = mask.effective_sink_tokens();
+  struct Part {
+    MaskSpec mask;
+    KeyRange keys;
+  };
+  std::vector<Part> parts;
+  MaskSpec window_mask = params.mask;
+  window_mask.sink_tokens = 0;
+  if (sinks > 0) {
+    parts.push_back({.mask = {.causal = params.mask.causal, .query_offset = mask.position(0)},
+                     .keys = {0, sinks}});
+  }
+  const std::int64_t window_keys = shape.seqlen_k - sinks;
   for (std::int64_t part = 0; part < splits; ++part) {
-    prefill.keys = {shape.seqlen_k * part / splits, shape.seqlen_k * (part + 1) / splits};
+    parts.push_back({.mask = window_mask,
+                     .keys = {sinks + window_keys * part / splits,
+                              sinks + window_keys * (part + 1) / splits}});
+  }
+  for (std::size_t part = 0; part < parts.size(); ++part) {
+    prefill.mask = parts[part].mask;
+    prefill.keys = parts[part].keys;
     if (part == 0) {
       bind(out, lse);
       kernels::prefill(prefill, context);

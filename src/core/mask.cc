@@ -37,6 +37,14 @@ Mask::Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec)
       throw Error("window: a window needs a causal mask (expected bottom-right or top-left)");
     }
   }
+  if (spec.sink_tokens < 0) {
+    throw Error(fmt::format("sink_tokens: {} (expected >= 0)", spec.sink_tokens));
+  }
+  if (spec.sink_tokens > 0 && !spec.window_left) {
+    throw Error(fmt::format("sink_tokens: {} without a window (expected a window with sink "
+                            "tokens, or sink_tokens 0)",
+                            spec.sink_tokens));
+  }
   if (spec.query_offset &&
       (*spec.query_offset > kMaxQueryOffset || *spec.query_offset < -kMaxQueryOffset)) {
     throw Error(fmt::format("query_offset: {} (expected within +-2^52)", *spec.query_offset));
@@ -50,6 +58,7 @@ Mask::Mask(std::int64_t seqlen_q, std::int64_t seqlen_k, MaskSpec spec)
   const std::int64_t last_position = seqlen_q - 1 + offset_;
   if (spec.window_left && *spec.window_left < std::max<std::int64_t>(last_position, 0)) {
     window_ = spec.window_left;
+    sinks_ = std::min(spec.sink_tokens, seqlen_k);
   }
 }
 
@@ -58,7 +67,7 @@ bool Mask::visible(std::int64_t row, std::int64_t key) const noexcept {
   if (spec_.causal == Causal::kNone) return true;
   const std::int64_t p = row + offset_;
   if (key > p) return false;
-  return !window_ || key >= p - *window_;
+  return !window_ || key >= p - *window_ || key < sinks_;
 }
 
 KeyRange Mask::key_range(std::int64_t row) const noexcept {
@@ -69,6 +78,15 @@ KeyRange Mask::key_range(std::int64_t row) const noexcept {
   const std::int64_t begin = window_ ? std::max<std::int64_t>(0, p - *window_) : 0;
   if (end <= begin) return {};
   return {begin, end};
+}
+
+KeyRange Mask::sink_range(std::int64_t row) const noexcept {
+  if (sinks_ == 0 || row < 0 || row >= seqlen_q_) return {};
+  const std::int64_t p = row + offset_;
+  // Below the window's first key p - W (sinks_ > 0 implies a window).
+  const std::int64_t end = std::min({sinks_, p + 1, std::max<std::int64_t>(p - *window_, 0)});
+  if (end <= 0) return {};
+  return {0, end};
 }
 
 namespace {
@@ -105,6 +123,12 @@ std::int64_t Mask::visible_in_tile(std::int64_t row_begin, std::int64_t row_end,
   std::int64_t count = pairs_at_or_below(row_begin, row_end, key_begin, key_end, offset_);
   if (window_) {
     count -= pairs_at_or_below(row_begin, row_end, key_begin, key_end, offset_ - *window_ - 1);
+    // Sinks below the window: j < S and j - i <= offset - W - 1 (which
+    // implies j <= p(i)).
+    const std::int64_t sink_end = std::min(key_end, sinks_);
+    if (key_begin < sink_end) {
+      count += pairs_at_or_below(row_begin, row_end, key_begin, sink_end, offset_ - *window_ - 1);
+    }
   }
   return count;
 }

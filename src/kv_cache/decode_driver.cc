@@ -21,6 +21,14 @@ void validate_options(const DecodeOptions& options) {
   if (options.window_left && *options.window_left < 0) {
     throw Error(fmt::format("window: {} (expected >= 0)", *options.window_left));
   }
+  if (options.sink_tokens < 0) {
+    throw Error(fmt::format("sink_tokens: {} (expected >= 0)", options.sink_tokens));
+  }
+  if (options.sink_tokens > 0 && !options.window_left) {
+    throw Error(fmt::format("sink_tokens: {} without a window (expected a window with sink "
+                            "tokens, or sink_tokens 0)",
+                            options.sink_tokens));
+  }
   if (options.scale && !std::isfinite(*options.scale)) {
     throw Error(fmt::format("scale: {} (expected a finite number)", *options.scale));
   }
@@ -128,6 +136,9 @@ struct SequenceWork {
   std::vector<float> out;  // (parts, tokens, heads, padded)
   std::vector<float> lse;  // (parts, heads, tokens)
   std::vector<KeyRange> parts;
+  // With sink tokens, parts[0] is the sinks [0, S), attended without the
+  // window (plain causal); the other parts lie in [S, length), windowed.
+  bool sink_part = false;
   std::int64_t tokens = 0;
   kernels::DecodePlan plan;
 };
@@ -200,9 +211,18 @@ void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences
     w.tokens = steps[i].q.shape[0];
     w.q = prepare_queries(config, steps[i], length, heads);
     const Mask mask(w.tokens, length,
-                    {.causal = Causal::kBottomRight, .window_left = options.window_left});
-    w.parts = plan_key_parts(mask.key_range_of_rows(0, w.tokens), options.splits,
-                             sequence_head_tasks);
+                    {.causal = Causal::kBottomRight,
+                     .window_left = options.window_left,
+                     .sink_tokens = options.sink_tokens});
+    const std::int64_t sinks = mask.effective_sink_tokens();
+    KeyRange windowed = mask.key_range_of_rows(0, w.tokens);
+    windowed.begin = std::max(windowed.begin, sinks);
+    windowed.end = std::max(windowed.end, windowed.begin);
+    w.parts = plan_key_parts(windowed, options.splits, sequence_head_tasks);
+    if (sinks > 0) {
+      w.sink_part = true;
+      w.parts.insert(w.parts.begin(), KeyRange{0, sinks});
+    }
     const auto parts = static_cast<std::int64_t>(w.parts.size());
     w.out.assign(static_cast<std::size_t>(parts * w.tokens * heads * padded), 0.0f);
     w.lse.assign(static_cast<std::size_t>(parts * heads * w.tokens), kernels::kMinusInf);
@@ -226,7 +246,7 @@ void run_decode(const CacheConfig& config, std::span<const SequenceKv> sequences
         .run_count = static_cast<std::int64_t>(sequences[i].runs.size()),
         .scale = scale,
         .softcap = options.softcap,
-        .window_left = options.window_left,
+        .window_left = w.sink_part && part == 0 ? std::nullopt : options.window_left,
         .maybe_alibi_slopes = options.maybe_alibi_slopes,
         .keys = w.parts[part],
         .out = w.out.data() + index * w.tokens * heads * padded,

@@ -44,6 +44,10 @@ AttentionShape validate_ring(const RingParams& params, const ZigzagLayout& layou
                     "expected none)",
                     *params.mask.query_offset));
   }
+  if (params.mask.sink_tokens != 0) {
+    throw Error(fmt::format("sink_tokens: {} (ring attention takes no sink tokens: expected 0)",
+                            params.mask.sink_tokens));
+  }
   if (params.storage != DType::kF32 && params.storage != DType::kF16 &&
       params.storage != DType::kBF16) {
     throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));

@@ -165,6 +165,11 @@ void ShardedKvCache::attend(const DecodeStep& step, const DecodeOptions& options
     TensorView k_shape = q_shape;
     k_shape.shape = {1, length, config_.kv_heads, dim};
     k_shape.strides = contiguous_strides(k_shape.shape, 4);
+    if (options.sink_tokens != 0) {
+      throw Error(fmt::format("sink_tokens: {} (the sharded cache takes no sink tokens: "
+                              "expected 0)",
+                              options.sink_tokens));
+    }
     validate_shapes(AttentionParams{.q = q_shape,
                                     .k = k_shape,
                                     .v = k_shape,

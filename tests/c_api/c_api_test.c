@@ -113,6 +113,34 @@ int main(void) {
   }
   params.maybe_sink_logits = NULL;
 
+  /* StreamingLLM sink tokens: window 1 and one sink, key j visible to query
+     i iff j <= i and (j >= i - 1 or j < 1). */
+  params.window_left = 1;
+  params.sink_tokens = 1;
+  CHECK(lookback_attend(context, &params) == LOOKBACK_OK);
+  for (int h = 0; h < kHeads; ++h) {
+    for (int i = 0; i < kSeq; ++i) {
+      double scores[kSeq], max = -INFINITY, sum = 0.0;
+      for (int j = 0; j <= i; ++j) {
+        double dot = 0.0;
+        for (int e = 0; e < kDim; ++e) dot += q[(i * kHeads + h) * kDim + e] * k[j * kDim + e];
+        scores[j] = (j >= i - 1 || j < 1) ? dot / sqrt((double)kDim) : -INFINITY;
+        if (scores[j] > max) max = scores[j];
+      }
+      for (int j = 0; j <= i; ++j) sum += exp(scores[j] - max);
+      for (int e = 0; e < kDim; ++e) {
+        double expected = 0.0;
+        for (int j = 0; j <= i; ++j) expected += exp(scores[j] - max) / sum * v[j * kDim + e];
+        CHECK(fabs(out[(i * kHeads + h) * kDim + e] - expected) < 1e-5);
+      }
+      CHECK(fabs(lse[h * kSeq + i] - (max + log(sum))) < 1e-5);
+    }
+  }
+  params.window_left = -1; /* sink tokens without a window: refused, named */
+  CHECK(lookback_attend(context, &params) == LOOKBACK_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(lookback_last_error(), "sink_tokens") != NULL);
+  params.sink_tokens = 0;
+
   /* K/V stored in 8 bits: close to f32, not equal; 8-bit inputs are refused. */
   float exact[kSeq * kHeads * kDim];
   CHECK(lookback_attend(context, &params) == LOOKBACK_OK);

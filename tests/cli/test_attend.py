@@ -10,7 +10,7 @@ from clitest import CliTestCase, fixture, run, run_measured
 
 
 def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
-                    softcap=0.0, slopes=None, sinks=None):
+                    softcap=0.0, slopes=None, sinks=None, sink_tokens=0):
     """DESIGN.md §3 in float64, written independently of the C++ reference."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, sq, heads, dim = q.shape
@@ -33,7 +33,8 @@ def numpy_attention(q, k, v, causal="bottom-right", window=None, scale=None,
             if causal != "none":
                 visible = keys <= pos
                 if window is not None:
-                    visible &= keys >= pos - window
+                    # StreamingLLM: keys below sink_tokens stay visible.
+                    visible &= (keys >= pos - window) | (keys < sink_tokens)
             for i in range(sq):
                 row = s[i][visible[i]]
                 if row.size == 0:
@@ -207,6 +208,31 @@ class AttendTest(CliTestCase):
                     np.testing.assert_allclose(np.load(lse), expected_lse, atol=1e-4)
                     self.assertLess(rel_l2(o, exact), bound)
                     self.assertGreater(rel_l2(o, exact), 1e-5)
+
+    def test_sink_tokens_on_every_path(self):
+        # StreamingLLM: keys 0..S-1 stay visible beside the window W.
+        q, k, v = self.random_inputs(batch=2, sq=9, sk=30, heads=4, kv_heads=2, dim=24)
+        without, _ = numpy_attention(q, k, v, window=4)
+        for dtype, tolerance in (("f32", 1e-5), ("bf16", 1e-2), ("int8", 1e-4)):
+            kq, vq = (quantize_kv(k, dtype), quantize_kv(v, dtype)) if dtype == "int8" else (k, v)
+            expected, expected_lse = numpy_attention(q, kq, vq, window=4, sink_tokens=3)
+            self.assertGreater(rel_l2(expected, without), 0.1)  # the sinks matter
+            for mode, extra in (("prefill", []), ("decode", []), ("chunked", ["--chunk", "4"]),
+                                ("paged", ["--chunk", "4", "--block-size", "3"]),
+                                ("split", ["--splits", "3"])):
+                with self.subTest(dtype=dtype, mode=mode):
+                    result, out, lse = self.attend(q, k, v, "--window", "4", "--sink-tokens", "3",
+                                                   "--dtype", dtype, "--mode", mode, *extra)
+                    self.assert_ok(result)
+                    o = np.load(out)
+                    self.assertFalse(np.isnan(o).any())
+                    self.assertLess(rel_l2(o, expected), tolerance)
+                    np.testing.assert_allclose(np.load(lse), expected_lse,
+                                               atol=1e-4 if dtype != "bf16" else 5e-2)
+        os.remove(self.path("o.npy"))
+        result, out, _ = self.attend(q, k, v, "--sink-tokens", "3")
+        self.assert_usage_error(result, mentions="--sink-tokens")
+        self.assertFalse(os.path.exists(out))
 
     def test_sink_logits_on_every_path(self):
         q, k, v = self.random_inputs(batch=1, sq=12, sk=8, heads=4, kv_heads=2, dim=24)

@@ -112,6 +112,21 @@ class PatternText(clitest.CliTestCase):
         self.assert_ok(result)
         self.assertEqual(result.stdout, matrix("S000", "0S00", "00S0", "000S"))
 
+    def test_sink_tokens_stay_visible_beside_the_window(self):
+        # StreamingLLM: W = 3, S = 2; rows 6.. see the two sinks and 4 keys.
+        result = run("pattern", "--len", 12, "--window", 3, "--sink-tokens", 2)
+        self.assert_ok(result)
+        lines = result.stdout.splitlines()
+        self.assertEqual(keys_from_text_line(lines[4])[1], [0, 1, 2, 3, 4])
+        self.assertEqual(keys_from_text_line(lines[11])[1], [0, 1, 8, 9, 10, 11])
+        self.assertEqual(lines[-1], "57 query-key interactions of 144 (39.6%)")
+        result = run("pattern", "--len", 6, "--window", 1, "--sink-tokens", 1, "--format", "matrix")
+        self.assert_ok(result)
+        self.assertEqual(result.stdout, matrix("S00000", "SS0000", "SSS000", "S0SS00", "S00SS0",
+                                               "S000SS"))
+        self.assert_usage_error(run("pattern", "--len", 4, "--sink-tokens", 2),
+                                mentions="--sink-tokens")
+
     def test_causal_none_sees_everything(self):
         result = run("pattern", "--len", 7, "--causal", "none")
         self.assert_ok(result)

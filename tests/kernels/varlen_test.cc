@@ -118,7 +118,10 @@ TEST(Varlen, EqualsEachSequenceAlone) {
                               {{.causal = Causal::kTopLeft, .window_left = 3}, DType::kF32, false},
                               {{.causal = Causal::kNone}, DType::kF32, false},
                               {{}, DType::kI8, true},
-                              {{.window_left = 5}, DType::kBF16, false}};
+                              {{.window_left = 5}, DType::kBF16, false},
+                              {{.window_left = 5, .sink_tokens = 4}, DType::kF32, true},
+                              {{.causal = Causal::kTopLeft, .window_left = 3, .sink_tokens = 2},
+                               DType::kBF16, false}};
   for (const Variant& variant : variants) {
     SCOPED_TRACE(std::string(causal_name(variant.mask.causal)) + " " + std::string(dtype_name(variant.storage)));
     std::fill(packed.out.begin(), packed.out.end(), 12345.0f);

@@ -439,6 +439,35 @@ TEST(Errors, ABadArgumentOnOneRankFailsEveryRankWithTheSameMessage) {
   }
 }
 
+// Ring attention places the key blocks itself and takes no sink tokens: it
+// refuses them on every rank rather than drop them.
+TEST(Errors, RingAttentionRefusesSinkTokens) {
+  const int ranks = world_size();
+  ProblemSpec spec{.seqlen_q = 40, .seqlen_k = 40, .heads = 2, .kv_heads = 1, .head_dim = 8};
+  Problem full = make_problem(spec, 6);
+  const mpi::ZigzagLayout layout{.seqlen = 40, .ranks = ranks};
+  const int rank = world_rank();
+  const std::int64_t local = layout.local_seqlen(rank);
+  const AttentionParams whole = full.params();
+  const std::vector<float> q = mpi::gather_local_rows(whole.q, layout, rank);
+  const std::vector<float> k = mpi::gather_local_rows(whole.k, layout, rank);
+  std::vector<float> out(q.size());
+  Context context(1);
+  std::string message;
+  try {
+    mpi::ring_attend({.q = make_view(q.data(), DType::kF32, {1, local, 2, 8}),
+                      .k = make_view(k.data(), DType::kF32, {1, local, 1, 8}),
+                      .v = make_view(k.data(), DType::kF32, {1, local, 1, 8}),
+                      .out = make_mutable_view(out.data(), DType::kF32, {1, local, 2, 8}),
+                      .seqlen = 40,
+                      .mask = {.window_left = 3, .sink_tokens = 2}},
+                     MPI_COMM_WORLD, context);
+  } catch (const Error& error) {
+    message = error.what();
+  }
+  EXPECT_NE(message.find("sink_tokens: 2"), std::string::npos) << "rank " << rank << ": " << message;
+}
+
 }  // namespace
 }  // namespace lookback::testing
 

@@ -1,5 +1,6 @@
 #include "testing/testing.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,7 @@ std::string ProblemSpec::describe() const {
        << " heads=" << heads << " kv_heads=" << kv_heads << " head_dim=" << head_dim
        << " causal=" << causal_name(mask.causal);
   if (mask.window_left) text << " window=" << *mask.window_left;
+  if (mask.sink_tokens > 0) text << " sink_tokens=" << mask.sink_tokens;
   if (softcap > 0) text << " softcap=" << softcap;
   if (alibi) text << " alibi";
   if (sinks) text << " sinks";
@@ -123,8 +125,11 @@ void perturb_future(Problem& problem, std::int64_t query_position, std::uint64_t
   const Mask mask(spec.seqlen_q, spec.seqlen_k, spec.mask);
   // Keys that no query row <= query_position may see: every key after the
   // last of those rows' ranges.
+  // Sink tokens (visible beside the window) grow with the row, as the ranges do.
   const std::int64_t first_hidden_key =
-      query_position < 0 ? 0 : mask.key_range_of_rows(0, query_position + 1).end;
+      query_position < 0 ? 0
+                         : std::max(mask.key_range_of_rows(0, query_position + 1).end,
+                                    mask.sink_range(std::min(query_position, spec.seqlen_q - 1)).end);
   for (std::int64_t b = 0; b < spec.batch; ++b) {
     for (std::int64_t pos = query_position + 1; pos < spec.seqlen_q; ++pos) {
       for (std::int64_t h = 0; h < spec.heads; ++h) {

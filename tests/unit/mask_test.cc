@@ -167,3 +167,113 @@ TEST(Mask, RejectsBadArguments) {
 
 }  // namespace
 }  // namespace lookback
+
+namespace lookback {
+namespace {
+
+// StreamingLLM sink tokens, DESIGN.md §2 written out literally: key j is
+// visible to query i iff j <= p(i) and (j >= p(i) - W or j < S).
+bool visible_with_sinks(std::int64_t i, std::int64_t j, std::int64_t seqlen_q,
+                        std::int64_t seqlen_k, const MaskSpec& spec) {
+  if (j < 0 || j >= seqlen_k) return false;
+  const std::int64_t p = spec.query_offset                      ? i + *spec.query_offset
+                         : spec.causal == Causal::kBottomRight ? i + seqlen_k - seqlen_q
+                                                               : i;
+  if (j > p) return false;
+  return j >= p - *spec.window_left || j < spec.sink_tokens;
+}
+
+TEST(MaskSinkTokens, AgreesWithBruteForceOnRandomCases) {
+  std::mt19937_64 rng(20261203);
+  for (int cases = 0; cases < 3000; ++cases) {
+    const std::int64_t seqlen_q = 1 + static_cast<std::int64_t>(rng() % 40);
+    const std::int64_t seqlen_k = static_cast<std::int64_t>(rng() % 45);  // includes 0
+    MaskSpec spec;
+    spec.causal = rng() % 2 == 0 ? Causal::kBottomRight : Causal::kTopLeft;
+    spec.window_left = static_cast<std::int64_t>(rng() % 4 == 0 ? 0 : rng() % 30);
+    spec.sink_tokens = static_cast<std::int64_t>(rng() % 8);
+    if (rng() % 4 == 0) spec.query_offset = static_cast<std::int64_t>(rng() % 50) - 20;
+    const Mask mask(seqlen_q, seqlen_k, spec);
+    const std::string where =
+        "seqlen_q=" + std::to_string(seqlen_q) + " seqlen_k=" + std::to_string(seqlen_k) +
+        " causal=" + std::string(causal_name(spec.causal)) +
+        " window=" + std::to_string(*spec.window_left) +
+        " sink_tokens=" + std::to_string(spec.sink_tokens) +
+        " query_offset=" + (spec.query_offset ? std::to_string(*spec.query_offset) : "none");
+    std::int64_t total = 0;
+    for (std::int64_t i = 0; i < seqlen_q; ++i) {
+      const KeyRange window = mask.key_range(i), sinks = mask.sink_range(i);
+      // The two ranges are disjoint, sinks first.
+      if (!sinks.empty() && !window.empty()) ASSERT_LE(sinks.end, window.begin) << where;
+      std::int64_t row_count = 0;
+      for (std::int64_t j = 0; j < seqlen_k; ++j) {
+        const bool expected = visible_with_sinks(i, j, seqlen_q, seqlen_k, spec);
+        ASSERT_EQ(mask.visible(i, j), expected) << where << " i=" << i << " j=" << j;
+        const bool in_ranges = (j >= window.begin && j < window.end) ||
+                               (j >= sinks.begin && j < sinks.end);
+        ASSERT_EQ(in_ranges, expected) << where << " i=" << i << " j=" << j;
+        row_count += expected ? 1 : 0;
+      }
+      total += row_count;
+      ASSERT_EQ(mask.visible_in_row(i), row_count) << where << " i=" << i;
+    }
+    ASSERT_EQ(mask.visible_total(), total) << where;
+    for (int t = 0; t < 8; ++t) {
+      const std::int64_t row_begin = static_cast<std::int64_t>(rng() % (seqlen_q + 2));
+      const std::int64_t key_begin = static_cast<std::int64_t>(rng() % (seqlen_k + 2));
+      const std::int64_t row_end = row_begin + 1 + static_cast<std::int64_t>(rng() % 9);
+      const std::int64_t key_end = key_begin + 1 + static_cast<std::int64_t>(rng() % 9);
+      std::int64_t count = 0, area = 0;
+      for (std::int64_t i = row_begin; i < std::min(row_end, seqlen_q); ++i) {
+        for (std::int64_t j = key_begin; j < std::min(key_end, seqlen_k); ++j) {
+          ++area;
+          count += visible_with_sinks(i, j, seqlen_q, seqlen_k, spec) ? 1 : 0;
+        }
+      }
+      ASSERT_EQ(mask.visible_in_tile(row_begin, row_end, key_begin, key_end), count)
+          << where << " tile rows [" << row_begin << "," << row_end << ") keys [" << key_begin
+          << "," << key_end << ")";
+      const TileVisibility expected = count == 0      ? TileVisibility::kEmpty
+                                      : count == area ? TileVisibility::kFull
+                                                      : TileVisibility::kPartial;
+      ASSERT_EQ(mask.tile_visibility(row_begin, row_end, key_begin, key_end), expected) << where;
+    }
+  }
+}
+
+// lookback pattern --len 12 --window 3 --sink-tokens 2: the last row sees
+// the two sinks and its four window keys.
+TEST(MaskSinkTokens, StreamingLlmShape) {
+  const Mask mask(12, 12, {.window_left = 3, .sink_tokens = 2});
+  EXPECT_EQ(mask.effective_sink_tokens(), 2);
+  EXPECT_EQ(mask.visible_in_row(11), 6);
+  EXPECT_EQ(mask.sink_range(11).end, 2);
+  EXPECT_EQ(mask.key_range(11).begin, 8);
+  EXPECT_EQ(mask.visible_in_row(4), 5);  // keys 0..4: the window reaches key 1
+  EXPECT_EQ(mask.visible_in_row(0), 1);
+  // Rows 0..5 see 1, 2, 3, 4, 5, 6 keys; rows 6..11 see 2 sinks + 4: 21 + 36.
+  EXPECT_EQ(mask.visible_total(), 57);
+  // A window that hides nothing makes the sinks irrelevant.
+  EXPECT_EQ(Mask(5, 5, {.window_left = 10, .sink_tokens = 2}).effective_sink_tokens(), 0);
+  // More sinks than keys: every key is a sink.
+  EXPECT_EQ(Mask(3, 3, {.window_left = 0, .sink_tokens = 9}).visible_total(), 6);
+}
+
+TEST(MaskSinkTokens, RejectsBadArguments) {
+  try {
+    Mask(4, 4, {.sink_tokens = 2});
+    ADD_FAILURE() << "sink tokens without a window were accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("sink_tokens"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("window"), std::string::npos) << error.what();
+  }
+  try {
+    Mask(4, 4, {.window_left = 1, .sink_tokens = -1});
+    ADD_FAILURE() << "negative sink tokens were accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("sink_tokens: -1"), std::string::npos) << error.what();
+  }
+}
+
+}  // namespace
+}  // namespace lookback

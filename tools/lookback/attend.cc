@@ -33,6 +33,7 @@ struct AttendOptions {
   std::optional<float> scale;
   std::string causal = "bottom-right";
   std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;  // StreamingLLM, with --window
   float softcap = 0.0f;
   int threads = 0;
   std::string dtype = "f32";
@@ -182,6 +183,16 @@ ModeOptions parse_mode_options(const AttendOptions& options) {
 // Where the sink logits are among the inputs (q, k, v, [alibi], [sinks]).
 std::size_t sink_index(const AttendOptions& options) { return options.alibi_path.empty() ? 3 : 4; }
 
+// Sink tokens keep keys 0..S-1 visible beside a window: without one they
+// mean nothing, and the flag that is missing is named.
+void check_sink_tokens(const AttendOptions& options) {
+  if (options.sink_tokens > 0 && !options.window) {
+    throw Error(fmt::format("--sink-tokens: {} without --window (expected --window W with sink "
+                            "tokens)",
+                            options.sink_tokens));
+  }
+}
+
 // Every option and every input header, checked before any data is read: a
 // mismatched k next to a 4 GiB q fails in milliseconds, not after reading q.
 // Returns the params with shape-only q, k and v views (null data).
@@ -193,8 +204,10 @@ AttentionParams check_before_reading(const AttendOptions& options, const ModeOpt
   params.v = inputs[2].view("--v");
   params.scale = options.scale;
   params.softcap = options.softcap;
+  check_sink_tokens(options);
   params.mask = {.causal = parse_causal(options.causal, "--causal"),
-                 .window_left = options.window};
+                 .window_left = options.window,
+                 .sink_tokens = options.sink_tokens};
   params.storage = parse_dtype(options.dtype, "--dtype");
   if (params.storage == DType::kF64) {
     throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
@@ -269,7 +282,10 @@ int run_attend_varlen(const AttendOptions& options) {
   params.cu_seqlens_k = cu_k.view("--cu-seqlens-k");
   params.scale = options.scale;
   params.softcap = options.softcap;
-  params.mask = {.causal = parse_causal(options.causal, "--causal"), .window_left = options.window};
+  check_sink_tokens(options);
+  params.mask = {.causal = parse_causal(options.causal, "--causal"),
+                 .window_left = options.window,
+                 .sink_tokens = options.sink_tokens};
   params.storage = parse_dtype(options.dtype, "--dtype");
   if (params.storage == DType::kF64) {
     throw Error("--dtype: f64 (expected f32, bf16, f16, int8, fp8e4m3 or fp8e5m2)");
@@ -479,6 +495,10 @@ void add_attend_command(CLI::App& app, Runner& runner) {
       ->check(CLI::IsMember({"bottom-right", "top-left", "none"}));
   command->add_option("--window", options->window,
                       "left window W: query at position p sees keys p-W..p (W+1 keys)")
+      ->check(kNonNegative);
+  command->add_option("--sink-tokens", options->sink_tokens,
+                      "StreamingLLM sink tokens S (with --window): keys 0..S-1 stay visible "
+                      "beside the window (those <= p)")
       ->check(kNonNegative);
   command->add_option("--softcap", options->softcap, "softcap c > 0: s = c*tanh(s/c) (0: off)")
       ->check(kNonNegativeFloat);

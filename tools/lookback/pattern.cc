@@ -42,6 +42,7 @@ struct PatternOptions {
   std::optional<std::int64_t> seqlen_k;  // default: seqlen_q
   std::optional<std::int64_t> query;     // one row only
   std::optional<std::int64_t> window_left;
+  std::int64_t sink_tokens = 0;
   std::string causal = "bottom-right";
   OutputFormat format = OutputFormat::kText;
   std::string out;
@@ -75,8 +76,15 @@ Pattern make_pattern(const PatternOptions& options) {
   const std::int64_t seqlen_k = options.seqlen_k.value_or(options.seqlen_q);
   check_at_most("--seqlen-k", seqlen_k, kMaxLength);
   if (options.window_left) check_at_most("--window", *options.window_left, kMaxLength);
+  check_at_most("--sink-tokens", options.sink_tokens, kMaxLength);
+  if (options.sink_tokens > 0 && !options.window_left) {
+    throw Error(fmt::format("--sink-tokens: {} without --window (expected --window W with sink "
+                            "tokens)",
+                            options.sink_tokens));
+  }
   const MaskSpec spec{.causal = parse_causal(options.causal, "--causal"),
-                      .window_left = options.window_left};
+                      .window_left = options.window_left,
+                      .sink_tokens = options.sink_tokens};
   // The Mask checks the window against the alignment (none takes no window).
   Pattern pattern{.mask = Mask(options.seqlen_q, seqlen_k, spec),
                   .row_begin = 0,
@@ -123,11 +131,15 @@ std::string render_text(const Pattern& pattern) {
   std::string text;
   auto out = std::back_inserter(text);
   for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const KeyRange keys = pattern.mask.key_range(row);
     fmt::format_to(out, "q{}:", row);
-    if (keys.empty()) fmt::format_to(out, " (no visible keys)");
-    for (std::int64_t key = keys.begin; key < keys.end; ++key) {
-      fmt::format_to(out, "{} q{}\u00b7k{}\u1d40", key == keys.begin ? "" : ",", row, key);
+    if (pattern.mask.visible_in_row(row) == 0) fmt::format_to(out, " (no visible keys)");
+    bool first = true;
+    // The sink tokens below the window first, then the window's keys.
+    for (const KeyRange keys : {pattern.mask.sink_range(row), pattern.mask.key_range(row)}) {
+      for (std::int64_t key = keys.begin; key < keys.end; ++key) {
+        fmt::format_to(out, "{} q{}\u00b7k{}\u1d40", first ? "" : ",", row, key);
+        first = false;
+      }
     }
     text += '\n';
   }
@@ -160,15 +172,17 @@ std::string render_json(const Pattern& pattern) {
   doc["causal"] = std::string(causal_name(mask.spec().causal));
   doc["window"] = mask.spec().window_left ? nlohmann::ordered_json(*mask.spec().window_left)
                                           : nlohmann::ordered_json(nullptr);
+  if (mask.spec().sink_tokens > 0) doc["sink_tokens"] = mask.spec().sink_tokens;
   doc["query"] = pattern.query ? nlohmann::ordered_json(*pattern.query)
                                : nlohmann::ordered_json(nullptr);
   doc["interactions"] = pattern.interactions();
   doc["full"] = pattern.cells();
   auto& rows = doc["rows"] = nlohmann::ordered_json::array();
   for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const KeyRange keys = mask.key_range(row);
     nlohmann::ordered_json keys_json = nlohmann::ordered_json::array();
-    for (std::int64_t key = keys.begin; key < keys.end; ++key) keys_json.push_back(key);
+    for (const KeyRange keys : {mask.sink_range(row), mask.key_range(row)}) {
+      for (std::int64_t key = keys.begin; key < keys.end; ++key) keys_json.push_back(key);
+    }
     rows.push_back({{"query", row}, {"keys", std::move(keys_json)}});
   }
   return doc.dump() + "\n";
@@ -219,7 +233,8 @@ Plot plot_of(const Pattern& pattern) {
 }
 
 // The cells, in cell units (scaled group): masked background, then one
-// rectangle per row for its visible keys. key_range is one interval per row,
+// rectangle per row for its visible keys (two with sink tokens: sink_range and
+// key_range are one interval each),
 // so this is exact and the file grows with the rows, not with rows x keys.
 // The rectangles are sub-paths of one path: a renderer fills a path in one
 // pass, so rows under a pixel tall leave no anti-aliased seams between them.
@@ -235,8 +250,9 @@ void draw_cells(svg::Document& doc, const Pattern& pattern, const Plot& plot) {
                       mask.seqlen_k(), pattern.rows(), kMaskedColour));
   std::string visible;
   for (std::int64_t row = pattern.row_begin; row < pattern.row_end; ++row) {
-    const KeyRange keys = mask.key_range(row);
-    if (!keys.empty()) svg::add_cell_run(visible, keys.begin, row - pattern.row_begin, keys.size());
+    for (const KeyRange keys : {mask.sink_range(row), mask.key_range(row)}) {
+      if (!keys.empty()) svg::add_cell_run(visible, keys.begin, row - pattern.row_begin, keys.size());
+    }
   }
   doc.raw(fmt::format("<path fill=\"{}\" d=\"{}\"/>\n", kVisibleColour, visible));
   std::vector<std::int64_t> diagonal;  // rows whose own position is a key
@@ -286,7 +302,10 @@ std::string render_svg(const Pattern& pattern) {
   const std::string window_text =
       mask.spec().window_left
           ? fmt::format("window {} ({} keys at most)", *mask.spec().window_left,
-                        *mask.spec().window_left + 1)
+                        *mask.spec().window_left + 1) +
+                (mask.spec().sink_tokens > 0
+                     ? fmt::format(", {} sink tokens", mask.spec().sink_tokens)
+                     : std::string())
           : std::string("no window");
   const std::string subtitle =
       fmt::format("seqlen_q {}, seqlen_k {}, {}, {}", mask.seqlen_q(), mask.seqlen_k(),
@@ -328,15 +347,16 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
           "only those query-key scores (q_i·k_jᵀ) are computed; the rest are masked.\n"
           "Query i sits at position p(i) = i + seqlen_k - seqlen_q (bottom-right, the default)\n"
           "or p(i) = i (top-left) and is scored against keys 0..p(i) only; with --window W\n"
-          "only against keys p(i)-W..p(i), W+1 keys at most. --causal none lets every query\n"
-          "see every key.\n"
+          "only against keys p(i)-W..p(i), W+1 keys at most; --sink-tokens S (StreamingLLM,\n"
+          "with --window) keeps keys 0..S-1 visible too (those <= p(i)). --causal none lets\n"
+          "every query see every key.\n"
           "\n"
           "Formats:\n"
           "  text    each query with its dot products (q3: q3·k0ᵀ, ...), then a count such as\n"
           "          '28 query-key interactions of 49 (57.1%)'\n"
           "  matrix  one line per query, one token per key: S = score computed, 0 = masked\n"
           "  json    {seqlen_q, seqlen_k, causal, window, query, interactions, full,\n"
-          "           rows: [{query, keys: [...]}]}\n"
+          "           rows: [{query, keys: [...]}]} (and sink_tokens when given)\n"
           "  svg     a picture of the mask (own position j = p(i) in orange)\n"
           "With --query I only row I is shown, and the count (text, json 'interactions' and\n"
           "'full') is of that row's seqlen_k keys.") +
@@ -350,6 +370,7 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
       "  lookback pattern --len 8 --query 5 --format json\n"
       "  lookback pattern --len 3 --seqlen-k 5 --causal top-left --format matrix\n"
       "  lookback pattern --len 512 --window 127 --format svg --out mask.svg\n"
+      "  lookback pattern --len 12 --window 3 --sink-tokens 2 --format matrix\n"
       "Conventions: docs/semantics.md.");
   command->add_option("--len", options->seqlen_q, "number of queries, seqlen_q (>= 1)")
       ->required()
@@ -361,6 +382,9 @@ void add_pattern_command(CLI::App& app, Runner& runner) {
       ->check(kNonNegative);
   command->add_option("--window", options->window_left,
                       "left window W >= 0: a query sees its own key and the W before it")
+      ->check(kNonNegative);
+  command->add_option("--sink-tokens", options->sink_tokens,
+                      "StreamingLLM sink tokens S >= 0 (with --window): keys 0..S-1 stay visible")
       ->check(kNonNegative);
   command->add_option("--causal", options->causal,
                       "alignment: bottom-right (default), top-left, or none (every key visible)");
