@@ -240,6 +240,15 @@ std::vector<Input> inputs_of(const AttendOptions& options) {
   return inputs;
 }
 
+// A (heads,) input (ALiBi slopes, sink logits) as f32, one value per head.
+std::vector<float> per_head(const LoadedNpy& array) {
+  std::vector<float> values;
+  for (std::int64_t h = 0; h < array.shape[0]; ++h) {
+    values.push_back(load_as_float(array.data.data(), array.dtype, h));
+  }
+  return values;
+}
+
 // A packed variable-length batch: q (total_q, heads, head_dim), k and v
 // (total_k, kv_heads, head_dim), the offsets (batch + 1,) as <i4 or <i8. The
 // offsets (small) are read first, then every header is checked with them
@@ -311,29 +320,31 @@ int run_attend_varlen(const AttendOptions& options) {
   params.v = arrays[2].view("--v");
   std::vector<float> slopes, sink_logits;
   if (!options.alibi_path.empty()) {
-    for (std::int64_t h = 0; h < heads; ++h) slopes.push_back(load_as_float(arrays[3].data.data(), arrays[3].dtype, h));
+    slopes = per_head(arrays[3]);
     params.maybe_alibi_slopes = slopes.data();
   }
   if (!options.sink_path.empty()) {
-    for (std::int64_t h = 0; h < heads; ++h) {
-      sink_logits.push_back(load_as_float(arrays[sinks].data.data(), arrays[sinks].dtype, h));
-    }
+    sink_logits = per_head(arrays[sinks]);
     params.maybe_sink_logits = sink_logits.data();
   }
   const std::vector<std::int64_t>& shape = arrays[0].shape;  // (total_q, heads, head_dim)
-  std::vector<float> out(static_cast<std::size_t>(arrays[0].numel()));
-  params.out = make_mutable_view(out.data(), DType::kF32, {shape[0], shape[1], shape[2]}, "out");
-  std::vector<float> lse;
-  if (!options.lse_path.empty()) {
-    lse.resize(static_cast<std::size_t>(shape[0] * shape[1]));
-    params.maybe_lse = make_mutable_view(lse.data(), DType::kF32, {shape[1], shape[0]}, "lse");
+  // The sequences cover every row, and each row of O and LSE is written (an
+  // empty one gets zeros), so their memory is not filled first.
+  LargeBuffer out(static_cast<std::size_t>(arrays[0].numel()) * sizeof(float), "--out");
+  auto* out_data = reinterpret_cast<float*>(out.data());
+  params.out = make_mutable_view(out_data, DType::kF32, {shape[0], shape[1], shape[2]}, "out");
+  const std::int64_t lse_count = options.lse_path.empty() ? 0 : shape[0] * shape[1];
+  LargeBuffer lse(static_cast<std::size_t>(lse_count) * sizeof(float), "--lse");
+  auto* lse_data = reinterpret_cast<float*>(lse.data());
+  if (lse_count > 0) {
+    params.maybe_lse = make_mutable_view(lse_data, DType::kF32, {shape[1], shape[0]}, "lse");
   }
   Context context(options.threads);
   attend_varlen(params, context);
-  write_npy(options.out_path, DType::kF32, shape, out.data());
-  if (!options.lse_path.empty()) {
+  write_npy(options.out_path, DType::kF32, shape, out_data);
+  if (lse_count > 0) {
     const std::vector<std::int64_t> lse_shape{shape[1], shape[0]};
-    write_npy(options.lse_path, DType::kF32, lse_shape, lse.data());
+    write_npy(options.lse_path, DType::kF32, lse_shape, lse_data);
   }
   return kExitOk;
 }
@@ -375,17 +386,11 @@ AttendInputs read_inputs(const AttendOptions& options, const ModeOptions& modes)
   params.k = result.arrays[1].view("--k");
   params.v = result.arrays[2].view("--v");
   if (!options.alibi_path.empty()) {
-    const LoadedNpy& alibi = result.arrays[3];
-    for (std::int64_t h = 0; h < alibi.shape[0]; ++h) {
-      result.slopes.push_back(load_as_float(alibi.data.data(), alibi.dtype, h));
-    }
+    result.slopes = per_head(result.arrays[3]);
     params.maybe_alibi_slopes = result.slopes.data();
   }
   if (!options.sink_path.empty()) {
-    const LoadedNpy& logits = result.arrays[sink_index(options)];
-    for (std::int64_t h = 0; h < logits.shape[0]; ++h) {
-      result.sink_logits.push_back(load_as_float(logits.data.data(), logits.dtype, h));
-    }
+    result.sink_logits = per_head(result.arrays[sink_index(options)]);
     params.maybe_sink_logits = result.sink_logits.data();
   }
   return result;
