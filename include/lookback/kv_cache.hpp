@@ -4,7 +4,8 @@
 // prefix. Queries attend bottom-right aligned (DESIGN.md §2): the t new
 // tokens of a step sit at positions length - t .. length - 1.
 //
-//   KvCache      one sequence, contiguous storage of a fixed capacity
+//   KvCache      one sequence, contiguous storage of a fixed capacity, or a
+//                ring that keeps only what a window (and sink tokens) sees
 //   PagedKvPool  many sequences in a pool of fixed-size blocks with a block
 //                table per sequence (vLLM style), fork with copy-on-write
 #pragma once
@@ -63,6 +64,15 @@ struct DecodeStep {
   MutableTensorView maybe_lse;  // (heads, tokens), f32; optional
 };
 
+// A KvCache run as a ring (sliding-window models, StreamingLLM): the first
+// `sink_tokens` tokens stay for ever, and the other capacity - sink_tokens
+// slots hold the newest tokens, each append overwriting the oldest. Decoding
+// with a window W (and at most sink_tokens sink tokens) then runs without end
+// in sink_tokens + W + chunk slots, chunk the most tokens appended per step.
+struct RingSpec {
+  std::int64_t sink_tokens = 0;  // 0 .. capacity - 1
+};
+
 class KvCache {
  public:
   // Allocates K and V for `capacity` tokens without writing them: memory is
@@ -70,17 +80,29 @@ class KvCache {
   // naming `capacity` and the bytes when they exceed this machine's physical
   // memory (before allocating) or cannot be allocated.
   KvCache(const CacheConfig& config, std::int64_t capacity);
+  // A ring of `capacity` slots (see RingSpec): append never runs out of room
+  // and length() counts every token appended (positions stay absolute, RoPE
+  // included). attend throws lookback::Error when the step's window, new
+  // tokens or sink tokens reach a token already overwritten: keep window +
+  // tokens <= capacity - ring.sink_tokens and the step's sink tokens <=
+  // ring.sink_tokens. Checkpoints refuse rings.
+  KvCache(const CacheConfig& config, std::int64_t capacity, const RingSpec& ring);
   ~KvCache();
   KvCache(KvCache&&) noexcept;
   KvCache& operator=(KvCache&&) noexcept;
 
   const CacheConfig& config() const noexcept;
   std::int64_t length() const noexcept;    // tokens appended so far
-  std::int64_t capacity() const noexcept;
+  std::int64_t capacity() const noexcept;  // slots
+  std::optional<RingSpec> ring() const noexcept;
+  // The oldest token still stored above the ring's sink tokens (0 for a
+  // cache that is not a ring, or before the ring wraps).
+  std::int64_t first_kept() const noexcept;
 
   // Appends 1 or more tokens: k and v are (tokens, kv_heads, head_dim), any
-  // input dtype. Throws lookback::Error (kCapacity) past the capacity, in
-  // which case nothing is appended.
+  // input dtype. Throws lookback::Error (kCapacity) past the capacity (for a
+  // ring: more than capacity - sink_tokens tokens at once), in which case
+  // nothing is appended.
   void append(const TensorView& k, const TensorView& v);
 
   // Attends the step's q to every visible cached key (see DecodeStep).

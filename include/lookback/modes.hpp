@@ -34,6 +34,10 @@ struct ModeOptions {
   std::int64_t chunk = 1;        // kChunked, kPaged: tokens per step (>= 1)
   std::int64_t block_size = 16;  // kPaged: tokens per block (>= 1)
   std::int64_t splits = 2;       // kSplit: parts of the key range (>= 1)
+  // kDecode, kChunked: each sequence's cache is a ring (RingSpec) of
+  // sink_tokens + window + chunk slots, overwriting what the mask no longer
+  // sees. Needs a window.
+  bool ring = false;
 };
 
 // Validates like lookback::validate plus the mode's own rules (cache modes

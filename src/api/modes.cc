@@ -60,7 +60,20 @@ struct CacheRun {
   std::int64_t chunk = 1;         // query tokens appended and attended per step
   bool paged = false;             // a paged pool instead of one contiguous cache per sequence
   std::int64_t block_size = 16;   // tokens per block of the paged pool
+  bool ring = false;              // contiguous caches as rings of sinks + window + chunk slots
 };
+
+// The slots of a ring cache that serves `chunk` tokens per step under the
+// mask: its sink tokens, its window and the step's own tokens, but never
+// more than the sequence (then it does not wrap).
+std::int64_t ring_slots(const MaskSpec& mask, std::int64_t chunk, std::int64_t seqlen_k) {
+  std::int64_t slots;
+  if (__builtin_add_overflow(mask.sink_tokens, *mask.window_left, &slots) ||
+      __builtin_add_overflow(slots, chunk, &slots)) {
+    return seqlen_k;
+  }
+  return std::max<std::int64_t>(std::min(slots, seqlen_k), mask.sink_tokens + 1);
+}
 
 // decode / chunked / paged: fill a cache per batch element with the first
 // seqlen_k - seqlen_q tokens, then append and attend `chunk` tokens at a time.
@@ -89,17 +102,27 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
     // tables are never the identity.
     pool->shuffle_blocks(0x5eed);
     for (std::int64_t b = 0; b < shape.batch; ++b) ids.push_back(pool->create());
+  } else if (run.ring) {
+    const std::int64_t slots = ring_slots(params.mask, chunk, shape.seqlen_k);
+    for (std::int64_t b = 0; b < shape.batch; ++b) {
+      caches.emplace_back(config, slots, RingSpec{.sink_tokens = params.mask.sink_tokens});
+    }
   } else {
     for (std::int64_t b = 0; b < shape.batch; ++b) caches.emplace_back(config, shape.seqlen_k);
   }
   auto append = [&](std::int64_t b, std::int64_t begin, std::int64_t count) {
     if (count == 0) return;
-    const TensorView k = rows_of(params.k, b, begin, count);
-    const TensorView v = rows_of(params.v, b, begin, count);
     if (paged) {
-      pool->append(ids[static_cast<std::size_t>(b)], k, v);
-    } else {
-      caches[static_cast<std::size_t>(b)].append(k, v);
+      pool->append(ids[static_cast<std::size_t>(b)], rows_of(params.k, b, begin, count),
+                   rows_of(params.v, b, begin, count));
+      return;
+    }
+    KvCache& cache = caches[static_cast<std::size_t>(b)];
+    // A ring takes at most its window slots at once (the prompt in pieces).
+    const std::int64_t most = cache.ring() ? cache.capacity() - cache.ring()->sink_tokens : count;
+    for (std::int64_t done = 0; done < count; done += most) {
+      const std::int64_t piece = std::min(most, count - done);
+      cache.append(rows_of(params.k, b, begin + done, piece), rows_of(params.v, b, begin + done, piece));
     }
   };
   for (std::int64_t b = 0; b < shape.batch; ++b) append(b, 0, prompt);
@@ -228,6 +251,15 @@ void validate_mode(const AttentionParams& params, const AttentionShape& shape,
   if (options.splits < 1) throw Error(fmt::format("splits: {} (expected >= 1)", options.splits));
   const bool uses_cache = options.mode == Mode::kDecode || options.mode == Mode::kChunked ||
                           options.mode == Mode::kPaged;
+  if (options.ring && options.mode != Mode::kDecode && options.mode != Mode::kChunked) {
+    throw Error(fmt::format("ring: with mode {} (expected mode decode or chunked, whose "
+                            "contiguous caches can run as rings)",
+                            mode_name(options.mode)));
+  }
+  if (options.ring && !params.mask.window_left) {
+    throw Error("ring: without a window (expected a window: a ring keeps the sink tokens and the "
+                "window's keys)");
+  }
   if (uses_cache) {
     if (params.mask.causal != Causal::kBottomRight) {
       throw Error(fmt::format("causal: {} (mode {} keeps a KV cache, which needs bottom-right "
@@ -262,8 +294,12 @@ void attend_with_mode(const AttentionParams& params, const ModeOptions& options,
   if (shape.batch == 0 || shape.seqlen_q == 0) return;
   switch (options.mode) {
     case Mode::kPrefill: attend(params, context); return;
-    case Mode::kDecode: run_through_cache(params, shape, {.chunk = 1}, context); return;
-    case Mode::kChunked: run_through_cache(params, shape, {.chunk = options.chunk}, context); return;
+    case Mode::kDecode:
+      run_through_cache(params, shape, {.chunk = 1, .ring = options.ring}, context);
+      return;
+    case Mode::kChunked:
+      run_through_cache(params, shape, {.chunk = options.chunk, .ring = options.ring}, context);
+      return;
     case Mode::kPaged:
       run_through_cache(params, shape,
                         {.chunk = options.chunk, .paged = true, .block_size = options.block_size},

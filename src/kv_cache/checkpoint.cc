@@ -174,6 +174,11 @@ void write_checkpoint(const std::string& path, const Header& header, const Table
 struct CacheState {
   static void save(const KvCache& cache, const std::string& path) {
     const KvCache::Impl& impl = *cache.impl_;
+    if (impl.ring) {
+      throw Error(fmt::format("cache: a ring cache ({} slots, {} sink tokens) cannot be saved "
+                              "(expected a KvCache without a ring, or a PagedKvPool)",
+                              impl.capacity, impl.ring->sink_tokens));
+    }
     const Header header =
         checkpoint_format::contiguous_header(impl.config, impl.capacity, impl.length);
     const std::int64_t row_stride = padded_row_bytes(impl.config);

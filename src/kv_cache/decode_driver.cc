@@ -69,6 +69,38 @@ void validate_step(const CacheConfig& config, const DecodeStep& step, std::int64
   }
 }
 
+// A ring cache (KvCache with a RingSpec) holds keys [0, overwritten.begin)
+// and [overwritten.end, length): the step's mask must see no other key.
+void check_ring_keeps(const SequenceKv& sequence, std::int64_t tokens,
+                      const DecodeOptions& options, std::size_t i) {
+  const KeyRange lost = sequence.overwritten;
+  if (lost.empty()) return;
+  const std::int64_t length = sequence.length, kept_window = length - lost.end;
+  const auto keeps = [&] {
+    return fmt::format("this ring cache keeps keys 0..{} and {}..{}", lost.begin - 1, lost.end,
+                       length - 1);
+  };
+  if (!options.window_left) {
+    throw Error(fmt::format("steps[{}]: no window, but {} (expected a window W with W + tokens "
+                            "<= {})",
+                            i, keeps(), kept_window));
+  }
+  const Mask mask(tokens, length,
+                  {.causal = Causal::kBottomRight,
+                   .window_left = options.window_left,
+                   .sink_tokens = options.sink_tokens});
+  const KeyRange window = mask.key_range_of_rows(0, tokens);
+  if (!window.empty() && window.begin < lost.end && window.end > lost.begin) {
+    throw Error(fmt::format("steps[{}]: window {} with {} new tokens reaches key {}, but {} "
+                            "(expected window + tokens <= {})",
+                            i, *options.window_left, tokens, window.begin, keeps(), kept_window));
+  }
+  if (mask.effective_sink_tokens() > lost.begin) {
+    throw Error(fmt::format("steps[{}]: {} sink tokens, but {} (expected at most {} sink tokens)",
+                            i, options.sink_tokens, keeps(), lost.begin));
+  }
+}
+
 // Validates everything; returns the query heads (0 when there is no step).
 std::int64_t validate_steps(const CacheConfig& config, std::span<const SequenceKv> sequences,
                             std::span<const DecodeStep> steps, const DecodeOptions& options) {
@@ -82,6 +114,7 @@ std::int64_t validate_steps(const CacheConfig& config, std::span<const SequenceK
   const std::int64_t heads = steps[0].q.shape[1];
   for (std::size_t i = 0; i < steps.size(); ++i) {
     validate_step(config, steps[i], sequences[i].length, i, heads);
+    check_ring_keeps(sequences[i], steps[i].q.shape[0], options, i);
   }
   if (heads < 1 || heads % config.kv_heads != 0) {
     throw Error(fmt::format("q: {} heads (expected a positive multiple of kv_heads {})", heads,

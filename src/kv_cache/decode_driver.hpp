@@ -17,8 +17,11 @@ namespace lookback::detail {
 
 // One sequence as the decode driver sees it.
 struct SequenceKv {
-  std::vector<kernels::KvRun> runs;  // cover [0, length) in order
+  std::vector<kernels::KvRun> runs;  // cover [0, length) in order, but for `overwritten`
   std::int64_t length = 0;
+  // Keys a ring cache no longer holds (empty otherwise): a step whose mask
+  // sees one of them is an error.
+  KeyRange overwritten{0, 0};
 };
 
 // A sequence shorter than this many visible keys per part is not split.

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "core/quant.hpp"
@@ -22,6 +23,9 @@ struct KvCache::Impl {
   CacheConfig config;
   std::int64_t capacity = 0;
   std::int64_t length = 0;
+  // A ring keeps tokens [0, ring_sinks) in slots [0, ring_sinks) and token
+  // p >= ring_sinks in slot ring_sinks + (p - ring_sinks) % window_slots().
+  std::optional<RingSpec> ring;
   // (kv_heads, capacity, padded_dim) of storage, not zeroed; 8-bit storage
   // then (kv_heads, capacity) f32 scales (detail::scales_offset).
   detail::CacheStorage k;
@@ -36,19 +40,52 @@ struct KvCache::Impl {
                                     detail::scales_offset(config, capacity));
   }
 
+  std::int64_t ring_sinks() const { return ring ? ring->sink_tokens : 0; }
+  // Slots that take the tokens above the sinks in turn (all of them without a ring).
+  std::int64_t window_slots() const { return capacity - ring_sinks(); }
+  std::int64_t slot_of(std::int64_t position) const {
+    if (!ring || position < ring->sink_tokens) return position;
+    return ring->sink_tokens + (position - ring->sink_tokens) % window_slots();
+  }
+  // The oldest token stored above the sinks (tokens [ring_sinks, first_kept)
+  // are overwritten).
+  std::int64_t first_kept() const {
+    return ring && length > capacity ? length - window_slots() : 0;
+  }
+
+  // Tokens [first, first + count) stored in consecutive slots, as a run.
+  kernels::KvRun run(std::int64_t first, std::int64_t count) const {
+    const std::int64_t slot = slot_of(first);
+    const std::int64_t offset = slot * detail::stored_padded_dim(config) *
+                                static_cast<std::int64_t>(dtype_size(config.storage));
+    float* ks = k_scales();
+    float* vs = v_scales();
+    return {.k = k.data() + offset,
+            .v = v.data() + offset,
+            .first_key = first,
+            .count = count,
+            .head_stride = head_stride(),
+            .k_scales = ks ? ks + slot : nullptr,
+            .v_scales = vs ? vs + slot : nullptr,
+            .scale_head_stride = capacity};
+  }
+
   detail::SequenceKv sequence() const {
     detail::SequenceKv view;
     view.length = length;
-    if (length > 0) {
-      view.runs.push_back({.k = k.data(),
-                           .v = v.data(),
-                           .first_key = 0,
-                           .count = length,
-                           .head_stride = head_stride(),
-                           .k_scales = k_scales(),
-                           .v_scales = v_scales(),
-                           .scale_head_stride = capacity});
+    const std::int64_t kept = first_kept();
+    if (kept == 0) {
+      if (length > 0) view.runs.push_back(run(0, length));
+      return view;
     }
+    // A wrapped ring: the sinks, then the kept tokens in at most two runs of
+    // consecutive slots (up to the last slot, then from the first after the sinks).
+    const std::int64_t sinks = ring_sinks();
+    if (sinks > 0) view.runs.push_back(run(0, sinks));
+    const std::int64_t before_wrap = std::min(length - kept, capacity - slot_of(kept));
+    view.runs.push_back(run(kept, before_wrap));
+    if (kept + before_wrap < length) view.runs.push_back(run(kept + before_wrap, length - kept - before_wrap));
+    view.overwritten = {sinks, kept};
     return view;
   }
 };

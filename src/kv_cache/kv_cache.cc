@@ -1,6 +1,7 @@
 // The contiguous cache: one sequence, `capacity` stored tokens in one buffer.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kv_cache/cache_common.hpp"
@@ -25,6 +26,16 @@ KvCache::KvCache(const CacheConfig& config, std::int64_t capacity) : impl_(std::
   impl_->v = detail::CacheStorage(bytes, "capacity");
 }
 
+KvCache::KvCache(const CacheConfig& config, std::int64_t capacity, const RingSpec& ring)
+    : KvCache(config, capacity) {
+  if (ring.sink_tokens < 0 || ring.sink_tokens >= capacity) {
+    throw Error(fmt::format("ring sink_tokens: {} (expected 0 to {}: a ring of {} slots needs one "
+                            "slot beside its sink tokens)",
+                            ring.sink_tokens, capacity - 1, capacity));
+  }
+  impl_->ring = ring;
+}
+
 KvCache::~KvCache() = default;
 KvCache::KvCache(KvCache&&) noexcept = default;
 KvCache& KvCache::operator=(KvCache&&) noexcept = default;
@@ -32,27 +43,40 @@ KvCache& KvCache::operator=(KvCache&&) noexcept = default;
 const CacheConfig& KvCache::config() const noexcept { return impl_->config; }
 std::int64_t KvCache::length() const noexcept { return impl_->length; }
 std::int64_t KvCache::capacity() const noexcept { return impl_->capacity; }
+std::optional<RingSpec> KvCache::ring() const noexcept { return impl_->ring; }
+std::int64_t KvCache::first_kept() const noexcept { return impl_->first_kept(); }
 void KvCache::clear() noexcept { impl_->length = 0; }
 
 void KvCache::append(const TensorView& k, const TensorView& v) {
   const std::int64_t tokens = detail::validate_kv(impl_->config, k, v);
-  if (impl_->length + tokens > impl_->capacity) {
+  Impl& impl = *impl_;
+  if (impl.ring && tokens > impl.window_slots()) {
+    throw Error(ErrorCode::kCapacity,
+                fmt::format("k: appending {} tokens to a ring cache of {} slots, {} of them for "
+                            "sink tokens (expected at most {} tokens at once)",
+                            tokens, impl.capacity, impl.ring->sink_tokens, impl.window_slots()));
+  }
+  if (!impl.ring && impl.length + tokens > impl.capacity) {
     throw Error(ErrorCode::kCapacity,
                 fmt::format("k: appending {} tokens to a cache holding {} of {} (expected at most "
                             "{} more)",
-                            tokens, impl_->length, impl_->capacity, impl_->capacity - impl_->length));
+                            tokens, impl.length, impl.capacity, impl.capacity - impl.length));
   }
-  const std::int64_t offset = impl_->length * detail::stored_padded_dim(impl_->config) *
-                             static_cast<std::int64_t>(dtype_size(impl_->config.storage));
-  float* k_scales = impl_->k_scales();
-  float* v_scales = impl_->v_scales();
-  detail::store_tokens(impl_->config, k, 0, tokens, impl_->length, true, impl_->k.data() + offset,
-                       impl_->head_stride(), k_scales ? k_scales + impl_->length : nullptr,
-                       impl_->capacity);
-  detail::store_tokens(impl_->config, v, 0, tokens, impl_->length, false, impl_->v.data() + offset,
-                       impl_->head_stride(), v_scales ? v_scales + impl_->length : nullptr,
-                       impl_->capacity);
-  impl_->length += tokens;
+  // Stored in runs of consecutive slots: a ring wraps at most once per append.
+  for (std::int64_t done = 0; done < tokens;) {
+    const std::int64_t position = impl.length + done;
+    const std::int64_t slot = impl.slot_of(position);
+    const std::int64_t count = std::min(tokens - done, impl.capacity - slot);
+    const kernels::KvRun run = impl.run(position, count);
+    detail::store_tokens(impl.config, k, done, done + count, position, true,
+                         const_cast<void*>(run.k), impl.head_stride(),
+                         const_cast<float*>(run.k_scales), impl.capacity);
+    detail::store_tokens(impl.config, v, done, done + count, position, false,
+                         const_cast<void*>(run.v), impl.head_stride(),
+                         const_cast<float*>(run.v_scales), impl.capacity);
+    done += count;
+  }
+  impl.length += tokens;
 }
 
 void KvCache::attend(const DecodeStep& step, const DecodeOptions& options, Context& context) const {

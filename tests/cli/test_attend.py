@@ -219,8 +219,11 @@ class AttendTest(CliTestCase):
             self.assertGreater(rel_l2(expected, without), 0.1)  # the sinks matter
             for mode, extra in (("prefill", []), ("decode", []), ("chunked", ["--chunk", "4"]),
                                 ("paged", ["--chunk", "4", "--block-size", "3"]),
-                                ("split", ["--splits", "3"])):
-                with self.subTest(dtype=dtype, mode=mode):
+                                ("split", ["--splits", "3"]),
+                                # rings of 3 + 4 + chunk slots: they wrap many times
+                                ("decode", ["--ring-cache"]),
+                                ("chunked", ["--chunk", "2", "--ring-cache"])):
+                with self.subTest(dtype=dtype, mode=mode, extra=extra):
                     result, out, lse = self.attend(q, k, v, "--window", "4", "--sink-tokens", "3",
                                                    "--dtype", dtype, "--mode", mode, *extra)
                     self.assert_ok(result)
@@ -233,6 +236,11 @@ class AttendTest(CliTestCase):
         result, out, _ = self.attend(q, k, v, "--sink-tokens", "3")
         self.assert_usage_error(result, mentions="--sink-tokens")
         self.assertFalse(os.path.exists(out))
+        for extra, mentions in ((["--mode", "decode"], "--ring-cache: without --window"),
+                                (["--window", "4"], "--ring-cache: --mode prefill")):
+            result, out, _ = self.attend(q, k, v, "--ring-cache", *extra)
+            self.assert_usage_error(result, mentions=mentions)
+            self.assertFalse(os.path.exists(out))
 
     def test_sink_logits_on_every_path(self):
         q, k, v = self.random_inputs(batch=1, sq=12, sk=8, heads=4, kv_heads=2, dim=24)

@@ -23,7 +23,7 @@ struct SinkTokenCase {
 };
 
 void PrintTo(const SinkTokenCase& c, std::ostream* os) {
-  *os << mode_name(c.options.mode) << " chunk=" << c.options.chunk
+  *os << mode_name(c.options.mode) << (c.options.ring ? " ring" : "") << " chunk=" << c.options.chunk
       << " splits=" << c.options.splits << " " << c.spec.describe();
 }
 
@@ -56,6 +56,8 @@ std::vector<SinkTokenCase> sink_token_cases() {
       c.options.chunk = n % 2 == 0 ? 1 : 6;
       c.options.block_size = 7;
       c.options.splits = 1 + n % 5;
+      // Half the contiguous-cache cases run their caches as rings.
+      c.options.ring = (mode == Mode::kDecode || mode == Mode::kChunked) && (n / 2) % 2 == 1;
       all.push_back(c);
       ++n;
     }

@@ -41,6 +41,7 @@ struct AttendOptions {
   std::optional<std::int64_t> chunk;       // chunked (required), paged (default 1)
   std::optional<std::int64_t> block_size;  // paged (default 16)
   std::optional<std::int64_t> splits;      // split (default 2)
+  bool ring_cache = false;                 // decode, chunked: caches as rings
   std::optional<std::int64_t> segment;     // sharded-decode (default 256)
   bool reference = false;
   bool timings = false;
@@ -171,13 +172,23 @@ ModeOptions parse_mode_options(const AttendOptions& options) {
   refuse_unless(options.chunk, "--chunk", {Mode::kChunked, Mode::kPaged}, "chunked or paged");
   refuse_unless(options.block_size, "--block-size", {Mode::kPaged}, "paged");
   refuse_unless(options.splits, "--splits", {Mode::kSplit}, "split");
+  if (options.ring_cache && mode != Mode::kDecode && mode != Mode::kChunked) {
+    throw Error(fmt::format("--ring-cache: --mode {} does not use it (expected --ring-cache only "
+                            "with --mode decode or chunked)",
+                            mode_name(mode)));
+  }
   if (mode == Mode::kChunked && !options.chunk) {
     throw Error("--chunk: missing (expected the tokens per step with --mode chunked)");
+  }
+  if (options.ring_cache && !options.window) {
+    throw Error("--ring-cache: without --window (expected --window W: a ring keeps the sink "
+                "tokens and the window's keys)");
   }
   return {.mode = mode,
           .chunk = options.chunk.value_or(1),
           .block_size = options.block_size.value_or(16),
-          .splits = options.splits.value_or(2)};
+          .splits = options.splits.value_or(2),
+          .ring = options.ring_cache};
 }
 
 // Where the sink logits are among the inputs (q, k, v, [alibi], [sinks]).
@@ -258,9 +269,10 @@ int run_attend_varlen(const AttendOptions& options) {
     throw Error(fmt::format("{}: missing (expected --cu-seqlens-q and --cu-seqlens-k together)",
                             options.cu_q_path.empty() ? "--cu-seqlens-q" : "--cu-seqlens-k"));
   }
-  if (options.mode != "prefill" || options.chunk || options.block_size || options.splits) {
+  if (options.mode != "prefill" || options.chunk || options.block_size || options.splits ||
+      options.ring_cache) {
     throw Error(fmt::format("--mode {}: a packed batch runs as prefill (expected no --mode, "
-                            "--chunk, --block-size or --splits with --cu-seqlens-q)",
+                            "--chunk, --block-size, --splits or --ring-cache with --cu-seqlens-q)",
                             options.mode));
   }
   if (options.reference) {
@@ -406,6 +418,7 @@ int run_distributed(const AttendOptions& options) {
   refuse(options.chunk.has_value(), "--chunk");
   refuse(options.block_size.has_value(), "--block-size");
   refuse(options.splits.has_value(), "--splits");
+  refuse(options.ring_cache, "--ring-cache");
   refuse(options.reference, "--reference");
   refuse(!options.sink_path.empty(), "--sink-logits");
   refuse(options.segment.has_value() && options.mode != "sharded-decode", "--segment");
@@ -541,6 +554,10 @@ void add_attend_command(CLI::App& app, Runner& runner) {
       ->check(kPositive);
   command->add_option("--splits", options->splits, "parts of the key range for split (>= 1, default 2)")
       ->check(kPositive);
+  command->add_flag("--ring-cache", options->ring_cache,
+                    "decode, chunked: run each cache as a ring of S + W + chunk slots that "
+                    "overwrites what the window no longer sees (needs --window; S = "
+                    "--sink-tokens)");
   command->add_option("--segment", options->segment,
                       "tokens per segment of the sharded cache for sharded-decode (>= 1, "
                       "default 256): each new segment goes to the rank holding the fewest")
