@@ -579,7 +579,7 @@ class LeakReport:
 
 def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_heads: int,
               dim: int, *, batch: int = 1, causal: Causal = "bottom-right",
-              window: Optional[int] = None, seed: int = 1,
+              window: Optional[int] = None, sink_tokens: int = 0, seed: int = 1,
               framework: str = "numpy") -> LeakReport:
     """Finds, by experiment, which output rows of fn depend on which positions.
 
@@ -589,8 +589,8 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
     float64. It is called length + 2 times: on random base inputs, again on
     the same inputs (the output must not change), then once per position j
     with q, k and v at j replaced by different values. Row i depends on j when
-    any bit of it changed; a dependency the mask (causal, window) forbids is a
-    leak. The same experiment as `lookback leakcheck --exec` (docs/leakage.md),
+    any bit of it changed; a dependency the mask (causal, window, sink_tokens)
+    forbids is a leak. The same experiment as `lookback leakcheck --exec` (docs/leakage.md),
     in-process: with the same seed (1 by default in both) the inputs, and so
     the report, are the same.
 
@@ -617,7 +617,7 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
             return _as_numpy(out, "output of fn") if _is_tensor(out) else np.asarray(out)
 
     result = _lookback.leakcheck(call, length, heads, kv_heads, dim, batch=batch, causal=causal,
-                                 window=window, seed=seed)
+                                 window=window, sink_tokens=sink_tokens, seed=seed)
     leaks = [tuple(p) for p in result["leaks"]]
     return LeakReport(verdict="causal" if not leaks else "leak", leaks=leaks,
                       missing=[tuple(p) for p in result["missing"]],

@@ -164,6 +164,7 @@ def leakcheck(
     batch: int = ...,
     causal: Causal = ...,
     window: Optional[int] = ...,
+    sink_tokens: int = ...,
     seed: int = ...,
     framework: Literal["numpy", "torch"] = ...,
 ) -> LeakReport: ...

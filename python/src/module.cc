@@ -643,11 +643,12 @@ py::array_t<float> float_array(const std::vector<float>& values,
 // exception raised by fn propagates unchanged (check_leaks rethrows it).
 py::dict leakcheck(const py::function& fn, std::int64_t length, std::int64_t heads,
                    std::int64_t kv_heads, std::int64_t dim, std::int64_t batch,
-                   const py::object& causal, const py::object& window, std::uint64_t seed) {
+                   const py::object& causal, const py::object& window, std::int64_t sink_tokens,
+                   std::uint64_t seed) {
   diagnostics::LeakCheckOptions options{
       .shape = {.batch = batch, .seqlen = length, .heads = heads, .kv_heads = kv_heads,
                 .head_dim = dim},
-      .mask = mask_of(causal, window),
+      .mask = mask_of(causal, window, sink_tokens),
       .seed = seed,
       .jobs = 1,  // fn runs under the GIL, on this thread
       .output_name = "output of fn",
@@ -842,7 +843,7 @@ PYBIND11_MODULE(_lookback, m) {
 
   m.def("leakcheck", &leakcheck, py::arg("fn"), py::arg("length"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("dim"), py::kw_only(), py::arg("batch"), py::arg("causal"),
-        py::arg("window"), py::arg("seed"));
+        py::arg("window"), py::arg("sink_tokens"), py::arg("seed"));
   m.def("visible_mask", &visible_mask, py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("causal"), py::arg("window"), py::arg("sink_tokens"));
   m.def("merge_rows", &merge_rows);

@@ -313,3 +313,22 @@ def test_sink_argument_errors(rng, options, match):
     if "sink_tokens" in options:
         with pytest.raises(ValueError, match=match):
             lookback.visible_mask(8, **options)
+
+
+# ---- the leak check ---------------------------------------------------------------
+
+
+def test_leakcheck_with_sink_tokens():
+    # A StreamingLLM function (window 2, sinks 0 and 1) is causal against the
+    # mask with sinks, and leaks exactly the sink columns against the window alone.
+    def streaming(q, k, v):
+        out, _ = numpy_attention(q, k, v, numpy_mask(8, 8, window=2, sink_tokens=2))
+        return out.astype(np.float32)
+
+    report = lookback.leakcheck(streaming, 8, 2, 1, 8, window=2, sink_tokens=2)
+    assert report.verdict == "causal" and report.missing == []
+    report = lookback.leakcheck(streaming, 8, 2, 1, 8, window=2)
+    assert report.verdict == "leak"
+    assert report.leaks == [(i, j) for i in range(8) for j in (0, 1) if j < i - 2]
+    with pytest.raises(ValueError, match="sink_tokens: 2 without a window"):
+        lookback.leakcheck(streaming, 8, 2, 1, 8, sink_tokens=2)
