@@ -149,10 +149,12 @@ struct LeakReport {
 LeakReport check_leaks(const Implementation& implementation, const LeakCheckOptions& options);
 
 // lookback's own attention through one path (attend_with_mode), as an
-// Implementation for check_leaks: storage dtype `storage`, mask `mask`, one
-// single-threaded Context per worker (so `jobs` runs can share it).
+// Implementation for check_leaks: storage dtype `storage`, mask `mask`
+// (sink tokens included), one single-threaded Context per worker (so `jobs`
+// runs can share it). sink_logits: learned sink logits, one per query head
+// (the inputs' heads), or empty for none.
 Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
-                                   int jobs);
+                                   int jobs, std::vector<float> sink_logits = {});
 
 // ---- the black box: a user's command --------------------------------------
 
@@ -213,16 +215,25 @@ inline constexpr std::int64_t kBuiltinChunk = 5;
 inline constexpr std::int64_t kBuiltinBlockSize = 4;
 inline constexpr std::int64_t kBuiltinSplits = 3;
 inline constexpr std::int64_t kBuiltinWindow = 6;
+// StreamingLLM sinks beside the window: keys 0 and 1 stay visible to every row.
+inline constexpr std::int64_t kBuiltinSinkTokens = 2;
+
+// The learned sink logit of query head h in the built-in checks: finite,
+// different per head, some above and some below the scores' scale.
+float builtin_sink_logit(std::int64_t head) noexcept;
 
 enum class Verdict { kCausal, kLeak, kError };
 std::string_view verdict_name(Verdict verdict) noexcept;  // "causal", "leak", "error"
 
-// One path x storage dtype x window of the plan, and how its check went.
+// One path x storage dtype x mask configuration of the plan, and how its
+// check went.
 struct BuiltinCheck {
-  std::string label;  // "paged (block 4, chunk 5), window 6"
+  std::string label;  // "paged (block 4, chunk 5), window 6, 2 sink tokens"
   ModeOptions mode;
   DType storage = DType::kF32;
   std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;  // StreamingLLM sinks (with the window)
+  bool sink_logits = false;      // learned sink logits, builtin_sink_logit(h)
   Verdict verdict = Verdict::kCausal;
   std::optional<LeakReport> report;  // when the check ran to the end
   std::string message;               // what a path threw (kError)
@@ -231,13 +242,17 @@ struct BuiltinCheck {
 // "paged (block 4, chunk 5)": the path and the sizes that shape it.
 std::string path_label(const ModeOptions& mode);
 
-// Every path (all_modes()) without a window and with `window`, each in f32,
-// bf16 and f16 storage, in that order: three checks per path row.
-std::vector<BuiltinCheck> builtin_plan(std::int64_t window = kBuiltinWindow);
+// Every path (all_modes()) in four configurations: no window; `window`;
+// `window` with `sink_tokens` sink tokens; learned sink logits (no window).
+// Each in every storage dtype (f32, bf16, f16, int8, fp8e4m3, fp8e5m2), in
+// that order: one check per dtype for each path row.
+std::vector<BuiltinCheck> builtin_plan(std::int64_t window = kBuiltinWindow,
+                                       std::int64_t sink_tokens = kBuiltinSinkTokens);
 
 struct BuiltinOptions {
   LeakShape shape = kBuiltinShape;
   std::int64_t window = kBuiltinWindow;
+  std::int64_t sink_tokens = kBuiltinSinkTokens;  // >= 1
   std::uint64_t seed = 1;
   int jobs = 1;
   // (runs done, runs in all the checks), as in LeakCheckOptions; optional.

@@ -38,8 +38,10 @@ if hasattr(_os, "register_at_fork"):
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "reference_attention",
     "flash_attn_func",
+    "flash_attn_varlen_func",
     "KVCache",
     "PagedKVPool",
     "leakcheck",
@@ -108,6 +110,8 @@ def attention(
     alibi_slopes: Any = None,
     scale: Optional[float] = None,
     dtype: str = "f32",
+    sink_tokens: int = 0,
+    sink_logits: Any = None,
     return_lse: bool = False,
     threads: Optional[int] = None,
     out: Any = None,
@@ -126,10 +130,14 @@ def attention(
     is_causal=True); key j is visible iff j <= p(i), and with window=W also
     j >= p(i) - W (W + 1 keys, the query's own included). "none" (or False)
     makes every key visible. A row with no visible key gives zeros and
-    lse = -inf.
+    lse = -inf. sink_tokens=S (StreamingLLM, needs window): keys j < S stay
+    visible too (j <= p(i) still holds).
 
     Scores: s = scale * q.k (scale defaults to 1/sqrt(head_dim)); softcap
     c > 0: s = c * tanh(s / c); alibi_slopes (heads,): s -= m_h * |p(i) - j|.
+    sink_logits (heads,), finite (gpt-oss's learned sinks): one more term
+    e^sink_h in each row's softmax denominator, with no value; a row with no
+    visible key then gives zeros and lse = sink_h.
 
     dtype is what the kernels hold Q, K, V in: "f32", "bf16" or "f16"; or
     "int8", "fp8e4m3", "fp8e5m2", which store K and V in 8 bits with one f32
@@ -154,6 +162,7 @@ def attention(
     result = _lookback.attention(
         *arrays, causal=causal, window=window, softcap=softcap,
         alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"), scale=scale, dtype=dtype,
+        sink_tokens=sink_tokens, sink_logits=_as_numpy(sink_logits, "sink_logits"),
         return_lse=return_lse, threads=threads, out=out_array, reference=False)
     if out is not None:
         return (out, _like(result[1], torch_out)) if return_lse else out
@@ -170,6 +179,8 @@ def reference_attention(
     softcap: float = 0.0,
     alibi_slopes: Any = None,
     scale: Optional[float] = None,
+    sink_tokens: int = 0,
+    sink_logits: Any = None,
     return_lse: bool = False,
 ) -> Any:
     """The library's float64 oracle (naive loops, no SIMD), same arguments and
@@ -179,8 +190,104 @@ def reference_attention(
         _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v"),
         causal=causal, window=window, softcap=softcap,
         alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"), scale=scale, dtype="f32",
+        sink_tokens=sink_tokens, sink_logits=_as_numpy(sink_logits, "sink_logits"),
         return_lse=return_lse, threads=1, out=None, reference=True)
     return _like(result, torch_out)
+
+
+def attention_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    causal: Causal = "bottom-right",
+    window: Optional[int] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    scale: Optional[float] = None,
+    dtype: str = "f32",
+    sink_tokens: int = 0,
+    sink_logits: Any = None,
+    return_lse: bool = False,
+    threads: Optional[int] = None,
+) -> Any:
+    """attention() over a packed batch of sequences of different lengths
+    (FlashAttention's varlen layout, docs/semantics.md §10).
+
+    q (total_q, heads, head_dim); k, v (total_k, kv_heads, head_dim): the
+    sequences end to end. cu_seqlens_q, cu_seqlens_k (batch + 1,) int32 or
+    int64 (arrays, tensors or lists): 0, then the end of each sequence, never
+    decreasing, ending at total_q / total_k; sequences may be empty. Sequence b
+    is q[cu_q[b]:cu_q[b+1]] against k, v[cu_k[b]:cu_k[b+1]], masked as a
+    sequence of its own; every other argument is attention()'s.
+
+    Returns out (total_q, heads, head_dim) float32, or (out, lse) with lse
+    (heads, total_q): row for row what attention() gives each sequence alone.
+    """
+    torch_out = _is_tensor(q)
+    result = _lookback.attention_varlen(
+        _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v"),
+        _offsets(cu_seqlens_q, "cu_seqlens_q"), _offsets(cu_seqlens_k, "cu_seqlens_k"),
+        causal=causal, window=window, softcap=softcap,
+        alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"), scale=scale, dtype=dtype,
+        sink_tokens=sink_tokens, sink_logits=_as_numpy(sink_logits, "sink_logits"),
+        return_lse=return_lse, threads=threads)
+    return _like(result, torch_out)
+
+
+def _offsets(x: Any, name: str) -> Any:
+    """cu_seqlens as a NumPy array (a list becomes int64; the library checks
+    the dtype and the offsets)."""
+    x = _as_array(x, name)
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+# ---- FlashAttention's interface ---------------------------------------------
+
+
+def _flash_window(window_size: Any, causal: bool) -> Optional[int]:
+    """FlashAttention's window_size=(left, right) as lookback's left window."""
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size: expected a pair of ints, got {window_size!r}") from None
+    if (left, right) == (-1, -1):
+        return None
+    if not causal:
+        raise ValueError(f"window_size: {tuple(window_size)} without causal=True "
+                         "(expected (-1, -1): lookback's windows are causal)")
+    if right not in (-1, 0) or left < -1:
+        raise ValueError(f"window_size: {tuple(window_size)} (expected (left, 0) or "
+                         "(left, -1) with left >= -1)")
+    return None if left == -1 else left
+
+
+def _flash_checks(dropout_p: float, alibi_slopes: Any) -> None:
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: {dropout_p} (expected 0: lookback has no dropout)")
+    if alibi_slopes is not None and getattr(alibi_slopes, "ndim", 1) != 1:
+        raise ValueError("alibi_slopes: expected shape (heads,): one slope per query head")
+
+
+def _flash_storage(q: Any) -> Tuple[str, Any]:
+    """(storage, input dtype): storage follows the input, as on a GPU."""
+    if _is_tensor(q):
+        torch = _torch()
+        return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(q.dtype, "f32"), q.dtype
+    if isinstance(q, np.ndarray):
+        return ("f16" if q.dtype == np.float16 else "f32"), q.dtype
+    return "f32", None
+
+
+def _flash_result(out: Any, lse: Any, input_dtype: Any, return_attn_probs: bool) -> Any:
+    """out in q's dtype; (out, lse, None) with return_attn_probs."""
+    if input_dtype is not None and out.dtype != input_dtype:
+        out = out.to(input_dtype) if _is_tensor(out) else out.astype(input_dtype)
+    if return_attn_probs:
+        return out, lse, None
+    return out
 
 
 def flash_attn_func(
@@ -206,39 +313,66 @@ def flash_attn_func(
     and out has q's dtype. return_attn_probs=True returns (out, lse, None):
     the probabilities are never materialised.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p: {dropout_p} (expected 0: lookback has no dropout)")
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"window_size: expected a pair of ints, got {window_size!r}") from None
-    window = None
-    if (left, right) != (-1, -1):
-        if not causal:
-            raise ValueError(f"window_size: {tuple(window_size)} without causal=True "
-                             "(expected (-1, -1): lookback's windows are causal)")
-        if right not in (-1, 0) or left < -1:
-            raise ValueError(f"window_size: {tuple(window_size)} (expected (left, 0) or "
-                             "(left, -1) with left >= -1)")
-        window = None if left == -1 else left
-    if alibi_slopes is not None and getattr(alibi_slopes, "ndim", 1) != 1:
-        raise ValueError("alibi_slopes: expected shape (heads,): one slope per query head")
-    storage, input_dtype = "f32", None
-    if _is_tensor(q):
-        torch = _torch()
-        input_dtype = q.dtype
-        storage = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(q.dtype, "f32")
-    elif isinstance(q, np.ndarray):
-        input_dtype = q.dtype
-        storage = "f16" if q.dtype == np.float16 else "f32"
+    _flash_checks(dropout_p, alibi_slopes)
+    window = _flash_window(window_size, causal)
+    storage, input_dtype = _flash_storage(q)
     out, lse = attention(q, k, v, causal=bool(causal), window=window, softcap=softcap,
                          alibi_slopes=alibi_slopes, scale=softmax_scale, dtype=storage,
                          return_lse=True)
-    if input_dtype is not None and out.dtype != input_dtype:
-        out = out.to(input_dtype) if _is_tensor(out) else out.astype(input_dtype)
-    if return_attn_probs:
-        return out, lse, None
-    return out
+    return _flash_result(out, lse, input_dtype, return_attn_probs)
+
+
+def _check_max_seqlen(max_seqlen: Any, cu_seqlens: Any, name: str, cu_name: str) -> None:
+    """max_seqlen must be the longest sequence in cu_seqlens; offsets that
+    are malformed are left to the library's checks (and its messages)."""
+    offsets = np.asarray(_as_numpy(cu_seqlens, cu_name))
+    if offsets.ndim != 1 or offsets.size < 2 or offsets.dtype.kind != "i":
+        return
+    lengths = np.diff(offsets)
+    if (lengths < 0).any():
+        return
+    longest = int(lengths.max())
+    if int(max_seqlen) != longest:
+        raise ValueError(f"{name}: {max_seqlen} (expected {longest}, the longest sequence in "
+                         f"{cu_name})")
+
+
+def flash_attn_varlen_func(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Any:
+    """flash_attn.flash_attn_varlen_func on the CPU: same signature and
+    semantics as FlashAttention 2's, over attention_varlen().
+
+    q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim) packed;
+    cu_seqlens_q, cu_seqlens_k (batch + 1,) int32 offsets. max_seqlen_q and
+    max_seqlen_k must be the longest sequence of each (a ValueError
+    otherwise). The other arguments are flash_attn_func's; causal=True is
+    bottom-right aligned within each sequence. return_attn_probs=True returns
+    (out, lse, None) with lse (heads, total_q).
+    """
+    _flash_checks(dropout_p, alibi_slopes)
+    window = _flash_window(window_size, causal)
+    _check_max_seqlen(max_seqlen_q, cu_seqlens_q, "max_seqlen_q", "cu_seqlens_q")
+    _check_max_seqlen(max_seqlen_k, cu_seqlens_k, "max_seqlen_k", "cu_seqlens_k")
+    storage, input_dtype = _flash_storage(q)
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal),
+                                window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                scale=softmax_scale, dtype=storage, return_lse=True)
+    return _flash_result(out, lse, input_dtype, return_attn_probs)
 
 
 # ---- KV caches --------------------------------------------------------------
@@ -277,15 +411,19 @@ class KVCache:
         self._cache.append(_as_array(k, "k"), _as_array(v, "v"))
 
     def attend(self, q: Any, *, scale: Optional[float] = None, softcap: float = 0.0,
-               window: Optional[int] = None, alibi_slopes: Any = None,
-               return_lse: bool = False, threads: Optional[int] = None) -> Any:
+               window: Optional[int] = None, alibi_slopes: Any = None, sink_tokens: int = 0,
+               sink_logits: Any = None, return_lse: bool = False,
+               threads: Optional[int] = None) -> Any:
         """Attends q (tokens, heads, head_dim), the `tokens` newest tokens of
         the sequence (appended already), to the cache, bottom-right aligned:
-        row t sits at position len(self) - tokens + t. Returns out (tokens,
-        heads, head_dim) float32, or (out, lse) with lse (heads, tokens)."""
+        row t sits at position len(self) - tokens + t. sink_tokens and
+        sink_logits as in attention(). Returns out (tokens, heads, head_dim)
+        float32, or (out, lse) with lse (heads, tokens)."""
         result = self._cache.attend(_as_array(q, "q"), scale=scale, softcap=softcap,
                                     window=window,
                                     alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"),
+                                    sink_tokens=sink_tokens,
+                                    sink_logits=_as_numpy(sink_logits, "sink_logits"),
                                     return_lse=return_lse, threads=threads)
         return _like(result, _is_tensor(q))
 
@@ -369,11 +507,14 @@ class PagedKVPool:
 
     def attend(self, sequence: int, q: Any, *, scale: Optional[float] = None,
                softcap: float = 0.0, window: Optional[int] = None, alibi_slopes: Any = None,
-               return_lse: bool = False, threads: Optional[int] = None) -> Any:
+               sink_tokens: int = 0, sink_logits: Any = None, return_lse: bool = False,
+               threads: Optional[int] = None) -> Any:
         """As KVCache.attend, for one sequence of the pool."""
         result = self._pool.attend(sequence, _as_array(q, "q"), scale=scale, softcap=softcap,
                                    window=window,
                                    alibi_slopes=_as_numpy(alibi_slopes, "alibi_slopes"),
+                                   sink_tokens=sink_tokens,
+                                   sink_logits=_as_numpy(sink_logits, "sink_logits"),
                                    return_lse=return_lse, threads=threads)
         return _like(result, _is_tensor(q))
 
@@ -438,7 +579,7 @@ class LeakReport:
 
 def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_heads: int,
               dim: int, *, batch: int = 1, causal: Causal = "bottom-right",
-              window: Optional[int] = None, seed: int = 1,
+              window: Optional[int] = None, sink_tokens: int = 0, seed: int = 1,
               framework: str = "numpy") -> LeakReport:
     """Finds, by experiment, which output rows of fn depend on which positions.
 
@@ -448,8 +589,8 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
     float64. It is called length + 2 times: on random base inputs, again on
     the same inputs (the output must not change), then once per position j
     with q, k and v at j replaced by different values. Row i depends on j when
-    any bit of it changed; a dependency the mask (causal, window) forbids is a
-    leak. The same experiment as `lookback leakcheck --exec` (docs/leakage.md),
+    any bit of it changed; a dependency the mask (causal, window, sink_tokens)
+    forbids is a leak. The same experiment as `lookback leakcheck --exec` (docs/leakage.md),
     in-process: with the same seed (1 by default in both) the inputs, and so
     the report, are the same.
 
@@ -476,7 +617,7 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
             return _as_numpy(out, "output of fn") if _is_tensor(out) else np.asarray(out)
 
     result = _lookback.leakcheck(call, length, heads, kv_heads, dim, batch=batch, causal=causal,
-                                 window=window, seed=seed)
+                                 window=window, sink_tokens=sink_tokens, seed=seed)
     leaks = [tuple(p) for p in result["leaks"]]
     return LeakReport(verdict="causal" if not leaks else "leak", leaks=leaks,
                       missing=[tuple(p) for p in result["missing"]],
@@ -485,11 +626,12 @@ def leakcheck(fn: Callable[[Any, Any, Any], Any], length: int, heads: int, kv_he
 
 
 def visible_mask(seqlen_q: int, seqlen_k: Optional[int] = None, causal: Causal = "bottom-right",
-                 window: Optional[int] = None) -> np.ndarray:
+                 window: Optional[int] = None, sink_tokens: int = 0) -> np.ndarray:
     """bool (seqlen_q, seqlen_k): True where query row i may see key j, from
     the library's mask (the one the kernels use). seqlen_k defaults to
-    seqlen_q."""
-    return _lookback.visible_mask(seqlen_q, seqlen_k, causal=causal, window=window)
+    seqlen_q; sink_tokens=S (with window) keeps keys j < S visible too."""
+    return _lookback.visible_mask(seqlen_q, seqlen_k, causal=causal, window=window,
+                                  sink_tokens=sink_tokens)
 
 
 def merge_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> Tuple[Any, Any]:

@@ -23,9 +23,29 @@ def attention(
     alibi_slopes: Optional[Array] = ...,
     scale: Optional[float] = ...,
     dtype: Storage = ...,
+    sink_tokens: int = ...,
+    sink_logits: Optional[Array] = ...,
     return_lse: bool = ...,
     threads: Optional[int] = ...,
     out: Optional[Array] = ...,
+) -> Union[Array, Tuple[Array, Array]]: ...
+def attention_varlen(
+    q: Array,
+    k: Array,
+    v: Array,
+    cu_seqlens_q: Union[Array, Sequence[int]],
+    cu_seqlens_k: Union[Array, Sequence[int]],
+    *,
+    causal: Causal = ...,
+    window: Optional[int] = ...,
+    softcap: float = ...,
+    alibi_slopes: Optional[Array] = ...,
+    scale: Optional[float] = ...,
+    dtype: Storage = ...,
+    sink_tokens: int = ...,
+    sink_logits: Optional[Array] = ...,
+    return_lse: bool = ...,
+    threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array]]: ...
 def reference_attention(
     q: Array,
@@ -37,12 +57,31 @@ def reference_attention(
     softcap: float = ...,
     alibi_slopes: Optional[Array] = ...,
     scale: Optional[float] = ...,
+    sink_tokens: int = ...,
+    sink_logits: Optional[Array] = ...,
     return_lse: bool = ...,
 ) -> Union[Array, Tuple[Array, Array]]: ...
 def flash_attn_func(
     q: Array,
     k: Array,
     v: Array,
+    dropout_p: float = ...,
+    softmax_scale: Optional[float] = ...,
+    causal: bool = ...,
+    window_size: Tuple[int, int] = ...,
+    softcap: float = ...,
+    alibi_slopes: Optional[Array] = ...,
+    deterministic: bool = ...,
+    return_attn_probs: bool = ...,
+) -> Union[Array, Tuple[Array, Array, None]]: ...
+def flash_attn_varlen_func(
+    q: Array,
+    k: Array,
+    v: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     dropout_p: float = ...,
     softmax_scale: Optional[float] = ...,
     causal: bool = ...,
@@ -64,6 +103,7 @@ class KVCache:
     def attend(
         self, q: Array, *, scale: Optional[float] = ..., softcap: float = ...,
         window: Optional[int] = ..., alibi_slopes: Optional[Array] = ...,
+        sink_tokens: int = ..., sink_logits: Optional[Array] = ...,
         return_lse: bool = ..., threads: Optional[int] = ...,
     ) -> Union[Array, Tuple[Array, Array]]: ...
     def __len__(self) -> int: ...
@@ -92,6 +132,7 @@ class PagedKVPool:
     def attend(
         self, sequence: int, q: Array, *, scale: Optional[float] = ..., softcap: float = ...,
         window: Optional[int] = ..., alibi_slopes: Optional[Array] = ...,
+        sink_tokens: int = ..., sink_logits: Optional[Array] = ...,
         return_lse: bool = ..., threads: Optional[int] = ...,
     ) -> Union[Array, Tuple[Array, Array]]: ...
     def length(self, sequence: int) -> int: ...
@@ -123,12 +164,13 @@ def leakcheck(
     batch: int = ...,
     causal: Causal = ...,
     window: Optional[int] = ...,
+    sink_tokens: int = ...,
     seed: int = ...,
     framework: Literal["numpy", "torch"] = ...,
 ) -> LeakReport: ...
 def visible_mask(
     seqlen_q: int, seqlen_k: Optional[int] = ..., causal: Causal = ...,
-    window: Optional[int] = ...,
+    window: Optional[int] = ..., sink_tokens: int = ...,
 ) -> np.ndarray: ...
 def merge_states(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array) -> Tuple[Array, Array]: ...
 def kernel_info() -> dict: ...

@@ -177,8 +177,10 @@ std::pair<py::array_t<float>, MutableTensorView> new_output(const std::vector<py
   return {std::move(array), view};
 }
 
-// ALiBi slopes (heads,) as contiguous float32 (a copy: they are few).
-std::optional<std::vector<float>> slopes_of(const py::object& object) {
+// A per-head input (ALiBi slopes, sink logits) as contiguous float32 (a
+// copy: they are few). `noun` names one value in messages ("slope").
+std::optional<std::vector<float>> per_head_of(const py::object& object, const char* argument,
+                                              const char* noun) {
   if (object.is_none()) return std::nullopt;
   py::array_t<float, py::array::c_style | py::array::forcecast> array;
   try {
@@ -187,13 +189,36 @@ std::optional<std::vector<float>> slopes_of(const py::object& object) {
     array = {};
   }
   if (!array) {
-    type_error("alibi_slopes: expected a 1-dimensional array of floats, got " + type_name(object));
+    type_error(std::string(argument) + ": expected a 1-dimensional array of floats, got " +
+               type_name(object));
   }
   if (array.ndim() != 1) {
-    throw Error("alibi_slopes: " + std::to_string(array.ndim()) +
-                " dimensions (expected 1: one slope per query head)");
+    throw Error(std::string(argument) + ": " + std::to_string(array.ndim()) +
+                " dimensions (expected 1: one " + noun + " per query head)");
   }
   return std::vector<float>(array.data(), array.data() + array.size());
+}
+
+std::optional<std::vector<float>> slopes_of(const py::object& object) {
+  return per_head_of(object, "alibi_slopes", "slope");
+}
+
+// Learned sink logits (heads,); the library checks that they are finite.
+std::optional<std::vector<float>> sink_logits_of(const py::object& object) {
+  return per_head_of(object, "sink_logits", "logit");
+}
+
+// One value per query head, or a ValueError naming the argument.
+void check_per_head(const std::optional<std::vector<float>>& values, std::int64_t heads,
+                    const char* argument, const char* noun) {
+  if (values && static_cast<std::int64_t>(values->size()) != heads) {
+    throw Error(std::string(argument) + ": " + std::to_string(values->size()) + " " + noun +
+                "s (expected heads = " + std::to_string(heads) + ")");
+  }
+}
+
+const float* data_or_null(const std::optional<std::vector<float>>& values) {
+  return values ? values->data() : nullptr;
 }
 
 // ---- options --------------------------------------------------------------------
@@ -221,8 +246,11 @@ std::optional<std::int64_t> window_of(const py::handle& object) {
   return window;
 }
 
-MaskSpec mask_of(const py::handle& causal, const py::handle& window) {
-  return MaskSpec{.causal = causal_of(causal), .window_left = window_of(window)};
+// sink_tokens: StreamingLLM sinks; the library checks S >= 0 and the window.
+MaskSpec mask_of(const py::handle& causal, const py::handle& window,
+                 std::int64_t sink_tokens = 0) {
+  return MaskSpec{.causal = causal_of(causal), .window_left = window_of(window),
+                  .sink_tokens = sink_tokens};
 }
 
 DType storage_of(const std::string& text) {
@@ -234,67 +262,103 @@ DType storage_of(const std::string& text) {
 
 // ---- attention ------------------------------------------------------------------
 
+// The score and mask options every attention entry point shares, as the
+// library takes them; the vectors own the per-head values params point at.
+struct ScoreOptions {
+  std::optional<std::vector<float>> slopes;       // (heads,)
+  std::optional<std::vector<float>> sink_logits;  // (heads,)
+  std::optional<float> scale;
+  float softcap = 0.0f;
+  MaskSpec mask;
+  DType storage = DType::kF32;
+
+  // Sizes first: the library reads `heads` values through the pointers.
+  void check_heads(std::int64_t heads) const {
+    check_per_head(slopes, heads, "alibi_slopes", "slope");
+    check_per_head(sink_logits, heads, "sink_logits", "logit");
+  }
+};
+
+ScoreOptions score_options(const py::object& causal, const py::object& window, float softcap,
+                           const py::object& alibi_slopes, std::optional<float> scale,
+                           const std::string& dtype, std::int64_t sink_tokens,
+                           const py::object& sink_logits) {
+  return ScoreOptions{.slopes = slopes_of(alibi_slopes),
+                      .sink_logits = sink_logits_of(sink_logits),
+                      .scale = scale,
+                      .softcap = softcap,
+                      .mask = mask_of(causal, window, sink_tokens),
+                      .storage = storage_of(dtype)};
+}
+
+// out=: the caller's array, written in place (attend checks its shape and dtype).
+MutableTensorView caller_out(const py::object& out_object, py::object& keep_out) {
+  if (py::isinstance<Bf16Array>(out_object)) throw Error("out: dtype bf16 (expected f32)");
+  if (py::isinstance<py::array>(out_object) &&
+      !py::reinterpret_borrow<py::array>(out_object).writeable()) {
+    throw Error("out: a read-only array (expected a writeable float32 array)");
+  }
+  MutableTensorView view = view_of<MutableTensorView>(out_object, "out", keep_out);
+  if (keep_out.ptr() != out_object.ptr()) {
+    throw Error("out: strides that are not whole elements, or big-endian data "
+                "(expected a native float32 array)");
+  }
+  return view;
+}
+
+// The float64 oracle, rounded to float32 into out and lse (new arrays).
+void run_reference(const AttentionParams& params, py::array_t<float>& out,
+                   py::array_t<float>& lse, bool return_lse) {
+  ReferenceResult result;
+  {
+    py::gil_scoped_release released;
+    result = reference_attention(params);
+  }
+  float* o = out.mutable_data();
+  for (std::size_t i = 0; i < result.out.size(); ++i) o[i] = static_cast<float>(result.out[i]);
+  if (return_lse) {
+    float* l = lse.mutable_data();
+    for (std::size_t i = 0; i < result.lse.size(); ++i) l[i] = static_cast<float>(result.lse[i]);
+  }
+}
+
 py::object attention(const py::object& q, const py::object& k, const py::object& v,
                      const py::object& causal, const py::object& window, float softcap,
                      const py::object& alibi_slopes, std::optional<float> scale,
-                     const std::string& dtype, bool return_lse, std::optional<int> threads,
+                     const std::string& dtype, std::int64_t sink_tokens,
+                     const py::object& sink_logits, bool return_lse, std::optional<int> threads,
                      const py::object& out_object, bool reference) {
   py::object keep_q, keep_k, keep_v;
-  const std::optional<std::vector<float>> slopes = slopes_of(alibi_slopes);
+  const ScoreOptions options = score_options(causal, window, softcap, alibi_slopes, scale, dtype,
+                                             sink_tokens, sink_logits);
   AttentionParams params{
       .q = input_view(q, "q", keep_q),
       .k = input_view(k, "k", keep_k),
       .v = input_view(v, "v", keep_v),
-      .maybe_alibi_slopes = slopes ? slopes->data() : nullptr,
-      .scale = scale,
-      .softcap = softcap,
-      .mask = mask_of(causal, window),
-      .storage = storage_of(dtype),
+      .scale = options.scale,
+      .softcap = options.softcap,
+      .mask = options.mask,
+      .storage = options.storage,
   };
   const AttentionShape shape = validate_shapes(params);
-  if (slopes && static_cast<std::int64_t>(slopes->size()) != shape.heads) {
-    throw Error("alibi_slopes: " + std::to_string(slopes->size()) + " slopes (expected heads = " +
-                std::to_string(shape.heads) + ")");
-  }
+  options.check_heads(shape.heads);
+  params.maybe_alibi_slopes = data_or_null(options.slopes);
+  params.maybe_sink_logits = data_or_null(options.sink_logits);
+  validate_shapes(params);  // now with the per-head values (finite)
   py::object keep_out;
   py::array_t<float> out;
-  MutableTensorView out_view;
   if (out_object.is_none()) {
-    std::tie(out, out_view) =
+    std::tie(out, params.out) =
         new_output({shape.batch, shape.seqlen_q, shape.heads, shape.head_dim});
   } else {
-    // The caller's array, written in place (attend checks its shape and dtype).
-    if (py::isinstance<Bf16Array>(out_object)) throw Error("out: dtype bf16 (expected f32)");
-    if (py::isinstance<py::array>(out_object) &&
-        !py::reinterpret_borrow<py::array>(out_object).writeable()) {
-      throw Error("out: a read-only array (expected a writeable float32 array)");
-    }
-    out_view = view_of<MutableTensorView>(out_object, "out", keep_out);
-    if (keep_out.ptr() != out_object.ptr()) {
-      throw Error("out: strides that are not whole elements, or big-endian data "
-                  "(expected a native float32 array)");
-    }
+    params.out = caller_out(out_object, keep_out);
   }
   py::array_t<float> lse;
   if (return_lse) {
-    auto [array, view] = new_output({shape.batch, shape.heads, shape.seqlen_q});
-    lse = std::move(array);
-    params.maybe_lse = view;
+    std::tie(lse, params.maybe_lse) = new_output({shape.batch, shape.heads, shape.seqlen_q});
   }
-  params.out = out_view;
   if (reference) {
-    // The float64 oracle, rounded to float32 for the caller.
-    ReferenceResult result;
-    {
-      py::gil_scoped_release released;
-      result = reference_attention(params);
-    }
-    float* o = out.mutable_data();  // reference=True never takes out=
-    for (std::size_t i = 0; i < result.out.size(); ++i) o[i] = static_cast<float>(result.out[i]);
-    if (return_lse) {
-      float* l = lse.mutable_data();
-      for (std::size_t i = 0; i < result.lse.size(); ++i) l[i] = static_cast<float>(result.lse[i]);
-    }
+    run_reference(params, out, lse, return_lse);  // reference=True never takes out=
   } else {
     const int thread_number = thread_count(threads);
     py::gil_scoped_release released;
@@ -306,16 +370,110 @@ py::object attention(const py::object& q, const py::object& k, const py::object&
   return result;
 }
 
+// cu_seqlens_q / cu_seqlens_k: a 1-dimensional int32 or int64 array, read in
+// place (the library checks the offsets themselves: start, order, ends).
+TensorView offsets_view(const py::handle& object, const char* argument, py::object& keep) {
+  if (!py::isinstance<py::array>(object)) {
+    type_error(std::string(argument) + ": expected a NumPy array or a CPU torch.Tensor of "
+               "int32 or int64, got " + type_name(object));
+  }
+  py::array array = py::reinterpret_borrow<py::array>(object);
+  const py::dtype dtype = array.dtype();
+  if (dtype.kind() != 'i' || (dtype.itemsize() != 4 && dtype.itemsize() != 8)) {
+    throw Error(std::string(argument) + ": dtype " + dtype.attr("name").cast<std::string>() +
+                " (expected int32 or int64)");
+  }
+  if (array.ndim() != 1) {
+    throw Error(std::string(argument) + ": " + std::to_string(array.ndim()) +
+                " dimensions (expected 1: batch + 1 offsets)");
+  }
+  if (dtype.byteorder() == '>' || array.strides(0) % dtype.itemsize() != 0) {
+    array = py::array::ensure(py::module_::import("numpy").attr("ascontiguousarray")(
+        array, dtype.attr("newbyteorder")("=")));
+  }
+  TensorView view;
+  view.data = array.data();
+  view.dtype = dtype.itemsize() == 4 ? DType::kI32 : DType::kI64;
+  view.rank = 1;
+  view.shape[0] = array.shape(0);
+  view.strides[0] = array.strides(0) / static_cast<py::ssize_t>(dtype.itemsize());
+  keep = std::move(array);
+  return view;
+}
+
+// A packed batch (lookback/varlen.hpp): q (total_q, heads, head_dim), k, v
+// (total_k, kv_heads, head_dim); out like q, lse (heads, total_q).
+py::object attention_varlen(const py::object& q, const py::object& k, const py::object& v,
+                            const py::object& cu_seqlens_q, const py::object& cu_seqlens_k,
+                            const py::object& causal, const py::object& window, float softcap,
+                            const py::object& alibi_slopes, std::optional<float> scale,
+                            const std::string& dtype, std::int64_t sink_tokens,
+                            const py::object& sink_logits, bool return_lse,
+                            std::optional<int> threads) {
+  py::object keep_q, keep_k, keep_v, keep_cu_q, keep_cu_k;
+  const ScoreOptions options = score_options(causal, window, softcap, alibi_slopes, scale, dtype,
+                                             sink_tokens, sink_logits);
+  VarlenParams params{
+      .q = input_view(q, "q", keep_q),
+      .k = input_view(k, "k", keep_k),
+      .v = input_view(v, "v", keep_v),
+      .cu_seqlens_q = offsets_view(cu_seqlens_q, "cu_seqlens_q", keep_cu_q),
+      .cu_seqlens_k = offsets_view(cu_seqlens_k, "cu_seqlens_k", keep_cu_k),
+      .scale = options.scale,
+      .softcap = options.softcap,
+      .mask = options.mask,
+      .storage = options.storage,
+  };
+  const AttentionShape shape = validate_varlen_shapes(params).totals;
+  options.check_heads(shape.heads);
+  params.maybe_alibi_slopes = data_or_null(options.slopes);
+  params.maybe_sink_logits = data_or_null(options.sink_logits);
+  validate_varlen_shapes(params);  // now with the per-head values (finite)
+  py::array_t<float> out, lse;
+  std::tie(out, params.out) = new_output({shape.seqlen_q, shape.heads, shape.head_dim});
+  if (return_lse) std::tie(lse, params.maybe_lse) = new_output({shape.heads, shape.seqlen_q});
+  {
+    const int thread_number = thread_count(threads);
+    py::gil_scoped_release released;
+    auto lease = context_pool().borrow(thread_number);
+    attend_varlen(params, lease.context());
+  }
+  if (return_lse) return py::make_tuple(out, lse);
+  return out;
+}
+
 // ---- caches ---------------------------------------------------------------------
 
-DecodeOptions decode_options(std::optional<float> scale, float softcap, const py::object& window,
-                             const std::optional<std::vector<float>>& slopes) {
-  return DecodeOptions{
-      .scale = scale,
-      .softcap = softcap,
-      .window_left = window_of(window),
-      .maybe_alibi_slopes = slopes ? slopes->data() : nullptr,
-  };
+// A cache attend's options; options() points into the per-head vectors.
+struct DecodeArgs {
+  std::optional<std::vector<float>> slopes;       // (heads,)
+  std::optional<std::vector<float>> sink_logits;  // (heads,)
+  std::optional<float> scale;
+  float softcap = 0.0f;
+  std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;  // the library checks S >= 0 and the window
+
+  DecodeOptions options() const {
+    return DecodeOptions{
+        .scale = scale,
+        .softcap = softcap,
+        .window_left = window,
+        .sink_tokens = sink_tokens,
+        .maybe_alibi_slopes = data_or_null(slopes),
+        .maybe_sink_logits = data_or_null(sink_logits),
+    };
+  }
+};
+
+DecodeArgs decode_args(std::optional<float> scale, float softcap, const py::object& window,
+                       const py::object& alibi_slopes, std::int64_t sink_tokens,
+                       const py::object& sink_logits) {
+  return DecodeArgs{.slopes = slopes_of(alibi_slopes),
+                    .sink_logits = sink_logits_of(sink_logits),
+                    .scale = scale,
+                    .softcap = softcap,
+                    .window = window_of(window),
+                    .sink_tokens = sink_tokens};
 }
 
 CacheConfig cache_config(std::int64_t kv_heads, std::int64_t head_dim, const std::string& dtype,
@@ -328,15 +486,13 @@ CacheConfig cache_config(std::int64_t kv_heads, std::int64_t head_dim, const std
 // Runs `attend_step(step)` for the newest q.shape[0] tokens and returns out
 // (tokens, heads, head_dim) and, when asked, lse (heads, tokens).
 template <typename AttendStep>
-py::object decode(const py::object& q, bool return_lse,
-                  const std::optional<std::vector<float>>& slopes, AttendStep&& attend_step) {
+py::object decode(const py::object& q, bool return_lse, const DecodeArgs& args,
+                  AttendStep&& attend_step) {
   py::object keep_q;
   DecodeStep step{.q = input_view(q, "q", keep_q)};
   validate_view(step.q, 3, "q");
-  if (slopes && static_cast<std::int64_t>(slopes->size()) != step.q.shape[1]) {
-    throw Error("alibi_slopes: " + std::to_string(slopes->size()) + " slopes (expected heads = " +
-                std::to_string(step.q.shape[1]) + ")");
-  }
+  check_per_head(args.slopes, step.q.shape[1], "alibi_slopes", "slope");
+  check_per_head(args.sink_logits, step.q.shape[1], "sink_logits", "logit");
   auto [out, out_view] = new_output({step.q.shape[0], step.q.shape[1], step.q.shape[2]});
   step.out = out_view;
   py::array_t<float> lse;
@@ -371,12 +527,14 @@ class PyKvCache {
   }
 
   py::object attend(const py::object& q, std::optional<float> scale, float softcap,
-                    const py::object& window, const py::object& alibi_slopes, bool return_lse,
+                    const py::object& window, const py::object& alibi_slopes,
+                    std::int64_t sink_tokens, const py::object& sink_logits, bool return_lse,
                     std::optional<int> threads) {
-    const auto slopes = slopes_of(alibi_slopes);
-    const DecodeOptions options = decode_options(scale, softcap, window, slopes);
+    const DecodeArgs args =
+        decode_args(scale, softcap, window, alibi_slopes, sink_tokens, sink_logits);
+    const DecodeOptions options = args.options();
     const int thread_number = thread_count(threads);
-    return decode(q, return_lse, slopes, [&](const DecodeStep& step) {
+    return decode(q, return_lse, args, [&](const DecodeStep& step) {
       auto lease = context_pool().borrow(thread_number);
       const std::shared_lock lock(mutex_);
       cache_.attend(step, options, lease.context());
@@ -430,11 +588,13 @@ class PyPagedPool {
   }
   py::object attend(SequenceId sequence, const py::object& q, std::optional<float> scale,
                     float softcap, const py::object& window, const py::object& alibi_slopes,
-                    bool return_lse, std::optional<int> threads) {
-    const auto slopes = slopes_of(alibi_slopes);
-    const DecodeOptions options = decode_options(scale, softcap, window, slopes);
+                    std::int64_t sink_tokens, const py::object& sink_logits, bool return_lse,
+                    std::optional<int> threads) {
+    const DecodeArgs args =
+        decode_args(scale, softcap, window, alibi_slopes, sink_tokens, sink_logits);
+    const DecodeOptions options = args.options();
     const int thread_number = thread_count(threads);
-    return decode(q, return_lse, slopes, [&](const DecodeStep& step) {
+    return decode(q, return_lse, args, [&](const DecodeStep& step) {
       auto lease = context_pool().borrow(thread_number);
       const std::shared_lock lock(mutex_);
       pool_.attend(sequence, step, options, lease.context());
@@ -483,11 +643,12 @@ py::array_t<float> float_array(const std::vector<float>& values,
 // exception raised by fn propagates unchanged (check_leaks rethrows it).
 py::dict leakcheck(const py::function& fn, std::int64_t length, std::int64_t heads,
                    std::int64_t kv_heads, std::int64_t dim, std::int64_t batch,
-                   const py::object& causal, const py::object& window, std::uint64_t seed) {
+                   const py::object& causal, const py::object& window, std::int64_t sink_tokens,
+                   std::uint64_t seed) {
   diagnostics::LeakCheckOptions options{
       .shape = {.batch = batch, .seqlen = length, .heads = heads, .kv_heads = kv_heads,
                 .head_dim = dim},
-      .mask = mask_of(causal, window),
+      .mask = mask_of(causal, window, sink_tokens),
       .seed = seed,
       .jobs = 1,  // fn runs under the GIL, on this thread
       .output_name = "output of fn",
@@ -537,8 +698,9 @@ py::dict leakcheck(const py::function& fn, std::int64_t length, std::int64_t hea
 }
 
 py::array_t<bool> visible_mask(std::int64_t seqlen_q, const std::optional<std::int64_t>& seqlen_k,
-                               const py::object& causal, const py::object& window) {
-  const Mask mask(seqlen_q, seqlen_k.value_or(seqlen_q), mask_of(causal, window));
+                               const py::object& causal, const py::object& window,
+                               std::int64_t sink_tokens) {
+  const Mask mask(seqlen_q, seqlen_k.value_or(seqlen_q), mask_of(causal, window, sink_tokens));
   py::array_t<bool> result({mask.seqlen_q(), mask.seqlen_k()});
   bool* cells = result.mutable_data();
   for (std::int64_t i = 0; i < mask.seqlen_q(); ++i) {
@@ -620,8 +782,13 @@ PYBIND11_MODULE(_lookback, m) {
 
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
         py::arg("causal"), py::arg("window"), py::arg("softcap"), py::arg("alibi_slopes"),
-        py::arg("scale"), py::arg("dtype"), py::arg("return_lse"), py::arg("threads"),
-        py::arg("out"), py::arg("reference"));
+        py::arg("scale"), py::arg("dtype"), py::arg("sink_tokens"), py::arg("sink_logits"),
+        py::arg("return_lse"), py::arg("threads"), py::arg("out"), py::arg("reference"));
+  m.def("attention_varlen", &attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::kw_only(), py::arg("causal"),
+        py::arg("window"), py::arg("softcap"), py::arg("alibi_slopes"), py::arg("scale"),
+        py::arg("dtype"), py::arg("sink_tokens"), py::arg("sink_logits"), py::arg("return_lse"),
+        py::arg("threads"));
 
   py::class_<PyKvCache>(m, "KvCache")
       .def(py::init<std::int64_t, std::int64_t, std::int64_t, const std::string&,
@@ -637,8 +804,8 @@ PYBIND11_MODULE(_lookback, m) {
       })
       .def("append", &PyKvCache::append)
       .def("attend", &PyKvCache::attend, py::arg("q"), py::kw_only(), py::arg("scale"),
-           py::arg("softcap"), py::arg("window"), py::arg("alibi_slopes"), py::arg("return_lse"),
-           py::arg("threads"))
+           py::arg("softcap"), py::arg("window"), py::arg("alibi_slopes"), py::arg("sink_tokens"),
+           py::arg("sink_logits"), py::arg("return_lse"), py::arg("threads"))
       .def("__len__", &PyKvCache::length)
       .def_property_readonly("capacity", &PyKvCache::capacity)
       .def_property_readonly("config", [](const PyKvCache& c) { return config_dict(c.config()); })
@@ -663,7 +830,8 @@ PYBIND11_MODULE(_lookback, m) {
       .def("append", &PyPagedPool::append)
       .def("attend", &PyPagedPool::attend, py::arg("sequence"), py::arg("q"), py::kw_only(),
            py::arg("scale"), py::arg("softcap"), py::arg("window"), py::arg("alibi_slopes"),
-           py::arg("return_lse"), py::arg("threads"))
+           py::arg("sink_tokens"), py::arg("sink_logits"), py::arg("return_lse"),
+           py::arg("threads"))
       .def("length", &PyPagedPool::length)
       .def("block_table", &PyPagedPool::block_table)
       .def("sequences", &PyPagedPool::sequences)
@@ -675,9 +843,9 @@ PYBIND11_MODULE(_lookback, m) {
 
   m.def("leakcheck", &leakcheck, py::arg("fn"), py::arg("length"), py::arg("heads"),
         py::arg("kv_heads"), py::arg("dim"), py::kw_only(), py::arg("batch"), py::arg("causal"),
-        py::arg("window"), py::arg("seed"));
+        py::arg("window"), py::arg("sink_tokens"), py::arg("seed"));
   m.def("visible_mask", &visible_mask, py::arg("seqlen_q"), py::arg("seqlen_k"),
-        py::arg("causal"), py::arg("window"));
+        py::arg("causal"), py::arg("window"), py::arg("sink_tokens"));
   m.def("merge_rows", &merge_rows);
   py::class_<Bf16Array>(m, "Bf16Array")
       .def(py::init([](py::array words) {

@@ -1,9 +1,11 @@
 // The built-in leak check: lookback's own paths as implementations, and the
-// plan that checks every path, storage dtype and window (DESIGN.md §4).
+// plan that checks every path, storage dtype and mask configuration (window,
+// sink tokens, learned sink logits; DESIGN.md §4).
 #include <fmt/format.h>
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,27 +49,67 @@ void validate_builtin(const BuiltinOptions& options) {
       .k = std::vector<float>(kv_size),
       .v = std::vector<float>(kv_size)};
   std::vector<float> out(inputs.q.size());  // (batch, seqlen, heads, head_dim)
-  const MaskSpec mask{.causal = Causal::kBottomRight, .window_left = options.window};
+  if (options.sink_tokens < 1) {
+    throw Error(fmt::format("sink_tokens: {} (expected >= 1: the built-in plan checks paths with "
+                            "sink tokens)",
+                            options.sink_tokens));
+  }
+  const MaskSpec mask{.causal = Causal::kBottomRight, .window_left = options.window,
+                      .sink_tokens = options.sink_tokens};
   validate(attention_params(inputs, out.data(), mask, DType::kF32));
+}
+
+// A check's mask: bottom-right (the alignment the cache paths use).
+MaskSpec builtin_mask(const BuiltinCheck& check) {
+  return MaskSpec{.causal = Causal::kBottomRight,
+                  .window_left = check.window,
+                  .sink_tokens = check.sink_tokens};
+}
+
+// The configurations of each path row: (window, sink tokens, sink logits).
+struct BuiltinConfig {
+  std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;
+  bool sink_logits = false;
+};
+
+std::string config_label(const BuiltinConfig& config) {
+  std::string label = config.window ? fmt::format(", window {}", *config.window) : std::string();
+  if (config.sink_tokens > 0) {
+    label += fmt::format(", {} sink token{}", config.sink_tokens,
+                         config.sink_tokens == 1 ? "" : "s");
+  }
+  if (config.sink_logits) label += ", sink logits";
+  return label;
 }
 
 }  // namespace
 
+float builtin_sink_logit(std::int64_t head) noexcept {
+  return -1.0f + 0.75f * static_cast<float>(head % 5);
+}
+
 Implementation mode_implementation(const ModeOptions& mode, DType storage, MaskSpec mask,
-                                   int jobs) {
+                                   int jobs, std::vector<float> sink_logits) {
   if (jobs < 1) throw Error(fmt::format("jobs: {} (expected >= 1)", jobs));
   // A Context runs one call at a time; one per worker lets `jobs` runs overlap.
   auto contexts = std::make_shared<std::vector<std::unique_ptr<Context>>>();
   for (int worker = 0; worker < jobs; ++worker) {
     contexts->push_back(std::make_unique<Context>(1));
   }
-  return [mode, storage, mask, contexts](const LeakInputs& inputs, const RunInfo& run) {
+  return [mode, storage, mask, contexts, sink_logits = std::move(sink_logits)](
+             const LeakInputs& inputs, const RunInfo& run) {
     const LeakShape& s = inputs.shape;
+    if (!sink_logits.empty() && static_cast<std::int64_t>(sink_logits.size()) != s.heads) {
+      throw Error(fmt::format("sink_logits: {} logits (expected heads = {})", sink_logits.size(),
+                              s.heads));
+    }
     NpyArray out;
     out.dtype = DType::kF32;
     out.shape = {s.batch, s.seqlen, s.heads, s.head_dim};
     std::vector<float> values(inputs.q.size());  // (batch, seqlen, heads, head_dim)
-    const AttentionParams params = attention_params(inputs, values.data(), mask, storage);
+    AttentionParams params = attention_params(inputs, values.data(), mask, storage);
+    if (!sink_logits.empty()) params.maybe_sink_logits = sink_logits.data();
     attend_with_mode(params, mode, *contexts->at(static_cast<std::size_t>(run.worker)));
     out.data.resize(values.size() * sizeof(float));
     std::memcpy(out.data.data(), values.data(), out.data.size());
@@ -95,23 +137,29 @@ std::string path_label(const ModeOptions& mode) {
   return std::string(mode_name(mode.mode));
 }
 
-std::vector<BuiltinCheck> builtin_plan(std::int64_t window) {
+std::vector<BuiltinCheck> builtin_plan(std::int64_t window, std::int64_t sink_tokens) {
+  const BuiltinConfig configs[] = {
+      {},
+      {.window = window},
+      {.window = window, .sink_tokens = sink_tokens},
+      {.sink_logits = true},
+  };
   std::vector<BuiltinCheck> checks;
   for (Mode mode : all_modes()) {
     const ModeOptions mode_options{.mode = mode,
                                    .chunk = kBuiltinChunk,
                                    .block_size = kBuiltinBlockSize,
                                    .splits = kBuiltinSplits};
-    for (std::optional<std::int64_t> path_window :
-         {std::optional<std::int64_t>{}, std::optional<std::int64_t>{window}}) {
+    for (const BuiltinConfig& config : configs) {
       for (DType storage : {DType::kF32, DType::kBF16, DType::kF16, DType::kI8, DType::kFP8E4M3,
                             DType::kFP8E5M2}) {
         BuiltinCheck check;
-        check.label = path_label(mode_options) +
-                      (path_window ? fmt::format(", window {}", *path_window) : std::string());
+        check.label = path_label(mode_options) + config_label(config);
         check.mode = mode_options;
         check.storage = storage;
-        check.window = path_window;
+        check.window = config.window;
+        check.sink_tokens = config.sink_tokens;
+        check.sink_logits = config.sink_logits;
         checks.push_back(std::move(check));
       }
     }
@@ -121,12 +169,16 @@ std::vector<BuiltinCheck> builtin_plan(std::int64_t window) {
 
 std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options) {
   validate_builtin(options);
-  std::vector<BuiltinCheck> checks = builtin_plan(options.window);
+  std::vector<BuiltinCheck> checks = builtin_plan(options.window, options.sink_tokens);
+  std::vector<float> sink_logits;  // (heads,), for the checks with learned sinks
+  for (std::int64_t h = 0; h < options.shape.heads; ++h) {
+    sink_logits.push_back(builtin_sink_logit(h));
+  }
   const std::int64_t runs_per_check = leak_runs(options.shape);
   const std::int64_t total_runs = static_cast<std::int64_t>(checks.size()) * runs_per_check;
   std::int64_t runs_before = 0;
   for (BuiltinCheck& check : checks) {
-    const MaskSpec mask{.causal = Causal::kBottomRight, .window_left = check.window};
+    const MaskSpec mask = builtin_mask(check);
     LeakCheckOptions leak_options{.shape = options.shape, .mask = mask, .seed = options.seed,
                                   .jobs = options.jobs};
     if (options.progress) {
@@ -136,7 +188,9 @@ std::vector<BuiltinCheck> run_builtin_checks(const BuiltinOptions& options) {
     }
     try {
       check.report = check_leaks(
-          mode_implementation(check.mode, check.storage, mask, options.jobs), leak_options);
+          mode_implementation(check.mode, check.storage, mask, options.jobs,
+                              check.sink_logits ? sink_logits : std::vector<float>{}),
+          leak_options);
       check.verdict = check.report->result.causal() ? Verdict::kCausal : Verdict::kLeak;
     } catch (const Error& e) {
       // Any error a path throws fails its check; the other checks still run.

@@ -51,10 +51,11 @@ def pairs(json_pairs):
     return sorted(tuple(pair) for pair in json_pairs)
 
 
-def causal_pairs(n, window=None):
-    """Every (i, j) a bottom-right causal mask lets row i see, for len n."""
+def causal_pairs(n, window=None, sinks=0):
+    """Every (i, j) a bottom-right causal mask lets row i see, for len n
+    (with a window, also the sink tokens j < sinks)."""
     return [(i, j) for i in range(n) for j in range(n)
-            if j <= i and (window is None or j >= i - window)]
+            if j <= i and (window is None or j >= i - window or j < sinks)]
 
 
 def requires_numpy_python():
@@ -130,6 +131,35 @@ class LeakcheckBlackBox(clitest.CliTestCase):
         self.assertEqual(pairs(report["leaks"]),
                          sorted(set(causal_pairs(LEN)) - set(causal_pairs(LEN, window=2))))
         self.assertEqual(report["window"], 2)
+
+    def test_sink_tokens_are_part_of_the_mask(self):
+        # window_sinks reads i-2..i and the sinks 0, 1: causal with them.
+        report = self.report("window_sinks", "--window", 2, "--sink-tokens", 2,
+                             exit_code=clitest.EXIT_OK)
+        self.assertEqual(report["verdict"], "causal")
+        self.assertEqual(report["missing"], [])
+        self.assertEqual((report["window"], report["sink_tokens"]), (2, 2))
+        self.assertEqual(pairs([[i, j] for i, row in enumerate(report["dependency"])
+                                for j, seen in enumerate(row) if seen]),
+                         causal_pairs(LEN, window=2, sinks=2))
+        # Without --sink-tokens, the reads of the sink columns are leaks.
+        report = self.report("window_sinks", "--window", 2, exit_code=clitest.EXIT_FAILURE)
+        self.assertEqual(report["sink_tokens"], 0)
+        sink_leaks = sorted(set(causal_pairs(LEN, 2, 2)) - set(causal_pairs(LEN, 2)))
+        self.assertEqual(sink_leaks, [(i, j) for i in range(3, LEN) for j in (0, 1) if j < i - 2])
+        self.assertEqual(pairs(report["leaks"]), sink_leaks)
+
+    def test_unread_sink_tokens_are_a_warning(self):
+        # A window without sinks checked against window + sinks: no leak, and
+        # the sink pairs it never read are missing ('.').
+        result = leakcheck("window_only", *SIZES, "--window", 2, "--sink-tokens", 2)
+        self.assert_ok(result)
+        self.assertIn("2 sink tokens", result.stdout)
+        report = self.report("window_only", "--window", 2, "--sink-tokens", 2,
+                             exit_code=clitest.EXIT_OK)
+        self.assertEqual(report["leaks"], [])
+        self.assertEqual(pairs(report["missing"]),
+                         sorted(set(causal_pairs(LEN, 2, 2)) - set(causal_pairs(LEN, 2))))
 
     def test_tolerance_accepts_noise_below_it(self):
         report = self.report("noisy", "--tolerance", 1e-4, exit_code=clitest.EXIT_OK)
@@ -360,6 +390,10 @@ class LeakcheckUsage(clitest.CliTestCase):
         self.assert_usage_error(run("leakcheck", "--exec", command("causal"), "--len", 4,
                                     "--heads", 3, "--kv-heads", 2, "--dim", 4), mentions="--heads")
 
+    def test_sink_tokens_need_a_window(self):
+        result = run("leakcheck", "--exec", command("window_sinks"), *SHAPE, "--sink-tokens", 2)
+        self.assert_usage_error(result, mentions="--sink-tokens: 2 without --window")
+
     def test_window_needs_a_causal_mask(self):
         self.assert_usage_error(run("leakcheck", "--exec", command("causal"), "--len", 4,
                                     "--heads", 1, "--dim", 4, "--causal", "none", "--window", 1),
@@ -383,6 +417,8 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         rows = [line.split() for line in lines[4:] if line.strip()]
         self.assertTrue(any(row[0] == "prefill" for row in rows), result.stdout)
         self.assertNotIn("leak", " ".join(lines[4:-1]))
+        self.assertEqual(sum("window 6, 2 sink tokens" in line for line in lines[4:]), 5)
+        self.assertEqual(sum("sink logits" in line for line in lines[4:]), 5)
         self.assertTrue(lines[-1].startswith("verdict: causal"), lines[-1])
 
     def test_json_lists_every_path_dtype_and_window(self):
@@ -396,7 +432,12 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         self.assertEqual({check["storage"] for check in checks},
                          {"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"})
         self.assertEqual({check["window"] is None for check in checks}, {True, False})
-        self.assertEqual(len(checks), 5 * 6 * 2)
+        # Four configurations per path: none, window, window + sink tokens, sink logits.
+        self.assertEqual(len(checks), 5 * 6 * 4)
+        configs = {(check["window"], check["sink_tokens"], check["sink_logits"])
+                   for check in checks}
+        self.assertEqual(configs, {(None, 0, False), (6, 0, False), (6, 2, False),
+                                   (None, 0, True)})
         for check in checks:
             with self.subTest(check=check):
                 self.assertEqual(check["verdict"], "causal")
@@ -411,6 +452,14 @@ class LeakcheckBuiltin(clitest.CliTestCase):
                      "--format", "json")
         self.assert_ok(result)
         self.assertEqual(json.loads(result.stdout)["len"], 9)
+
+    def test_sink_tokens_can_be_chosen(self):
+        result = run("leakcheck", "--len", 9, "--heads", 2, "--dim", 8, "--batch", 1,
+                     "--window", 3, "--sink-tokens", 1, "--format", "json")
+        self.assert_ok(result)
+        checks = json.loads(result.stdout)["checks"]
+        self.assertEqual({check["sink_tokens"] for check in checks}, {0, 1})
+        self.assert_usage_error(run("leakcheck", "--sink-tokens", 0), mentions="--sink-tokens")
 
     def test_head_dim_past_the_limit_is_a_usage_error(self):
         self.assert_usage_error(run("leakcheck", "--dim", 257), mentions="head_dim 257")

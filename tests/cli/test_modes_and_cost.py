@@ -110,6 +110,56 @@ class CostTest(CliTestCase):
         root = ElementTree.parse(svg).getroot()
         self.assertTrue(root.tag.endswith("svg"))
 
+    def test_sink_tokens_counts_by_hand(self):
+        # --len 12 --window 3 --sink-tokens 2: position i sees keys i-3..i and
+        # the sinks 0, 1 below that window. i = 4 adds key 0; i >= 5 adds 0 and 1.
+        result = run("cost", "--len", "12", "--heads", "4", "--kv-heads", "2", "--dim", "8",
+                     "--window", "3", "--sink-tokens", "2", "--format", "json")
+        self.assert_ok(result)
+        data = json.loads(result.stdout)
+        self.assertEqual(data["window"], 3)
+        self.assertEqual(data["sink_tokens"], 2)
+        keys = [p["keys"] for p in data["positions"]]
+        self.assertEqual(keys, [1, 2, 3, 4, 5, 6, 6, 6, 6, 6, 6, 6])
+        per_key = 4 * 4 * 8  # FLOPs: 4 * heads * head_dim
+        p11 = data["positions"][11]
+        self.assertEqual(p11["flops_cached"], per_key * 6)
+        self.assertEqual(p11["kv_bytes"], 2 * 2 * 8 * 4 * 6)  # K and V, 2 kv heads, f32
+        self.assertEqual(p11["flops_uncached"], per_key * sum(keys))
+        self.assertEqual(data["totals"]["flops_cached"], per_key * sum(keys))
+        # Without sinks the same window sees 4 keys from position 3 on.
+        plain = json.loads(run("cost", "--len", "12", "--window", "3", "--format", "json").stdout)
+        self.assertEqual(plain["sink_tokens"], 0)
+        self.assertEqual([p["keys"] for p in plain["positions"]][4:], [4] * 8)
+
+    def test_sink_tokens_text_svg_and_measure(self):
+        result = run("cost", "--len", "12", "--window", "3", "--sink-tokens", "2")
+        self.assert_ok(result)
+        self.assertIn("window 3, 2 sink tokens", result.stdout.splitlines()[0])
+        rows = {r[0]: r[1] for r in (line.split() for line in result.stdout.splitlines())
+                if len(r) > 1 and r[0].isdigit()}
+        self.assertEqual(rows["4"], "5")
+        self.assertEqual(rows["11"], "6")
+        svg = self.path("sinks.svg")
+        self.assert_ok(run("cost", "--len", "12", "--window", "3", "--sink-tokens", "2",
+                           "--format", "svg", "--out", svg))
+        with open(svg, encoding="utf-8") as file:
+            self.assertIn("2 sink tokens", file.read())
+        result = run("cost", "--len", "30", "--heads", "4", "--kv-heads", "2", "--dim", "16",
+                     "--window", "4", "--sink-tokens", "3", "--measure", "--format", "json")
+        self.assert_ok(result)
+        data = json.loads(result.stdout)
+        self.assertTrue(all(p["measured_ns"] > 0 for p in data["positions"]))
+        self.assertEqual(data["positions"][29]["keys"], 8)
+
+    def test_sink_token_errors(self):
+        self.assert_usage_error(run("cost", "--len", "12", "--sink-tokens", "2"),
+                                "--sink-tokens: 2 without --window")
+        self.assert_usage_error(run("cost", "--len", "12", "--window", "3", "--sink-tokens", "-1"),
+                                "--sink-tokens")
+        self.assert_usage_error(run("cost", "--context", "64", "--ranks", "2", "--window", "3",
+                                    "--sink-tokens", "2"), "--sink-tokens: 2 not with --ranks")
+
     def test_errors(self):
         for args, mention in ((["--len", "0"], "--len"),
                               (["--len", "8", "--heads", "6", "--kv-heads", "4"], "--kv-heads"),

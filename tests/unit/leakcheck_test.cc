@@ -154,7 +154,8 @@ TEST(LeakCheck, RunsAShellCommandAsTheImplementation) {
 
 TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   const std::vector<BuiltinCheck> plan = builtin_plan(3);
-  ASSERT_EQ(plan.size(), all_modes().size() * 2 * 6);
+  // Four configurations per path: none, window, window + sink tokens, sink logits.
+  ASSERT_EQ(plan.size(), all_modes().size() * 4 * 6);
   EXPECT_EQ(plan[0].storage, DType::kF32);
   EXPECT_EQ(plan[1].storage, DType::kBF16);
   EXPECT_EQ(plan[2].storage, DType::kF16);
@@ -164,6 +165,12 @@ TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   EXPECT_FALSE(plan[0].window.has_value());
   EXPECT_EQ(plan[6].window, 3);
   EXPECT_EQ(plan[6].label, path_label(plan[6].mode) + ", window 3");
+  EXPECT_EQ(plan[12].window, 3);
+  EXPECT_EQ(plan[12].sink_tokens, kBuiltinSinkTokens);
+  EXPECT_EQ(plan[12].label, path_label(plan[12].mode) + ", window 3, 2 sink tokens");
+  EXPECT_FALSE(plan[18].window.has_value());
+  EXPECT_TRUE(plan[18].sink_logits);
+  EXPECT_EQ(plan[18].label, path_label(plan[18].mode) + ", sink logits");
 
   std::int64_t last_done = 0, last_total = 0;
   const std::vector<BuiltinCheck> checks =
@@ -179,6 +186,38 @@ TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   }
   EXPECT_EQ(last_total, static_cast<std::int64_t>(checks.size()) * (kShape.seqlen + 2));
   EXPECT_EQ(last_done, last_total);
+}
+
+// The built-in sink checks are only worth something if the sinks reach the
+// path: with learned sink logits or sink tokens every path's output differs
+// from the plain one, and the sink tokens' columns are observed.
+TEST(LeakCheck, BuiltinSinksReachEveryPath) {
+  const LeakShape shape{.batch = 1, .seqlen = 11, .heads = 2, .kv_heads = 1, .head_dim = 8};
+  LeakInputs inputs{.shape = shape};
+  for (auto* values : {&inputs.q, &inputs.k, &inputs.v}) {
+    const std::int64_t heads = values == &inputs.q ? shape.heads : shape.kv_heads;
+    for (std::int64_t c = 0; c < shape.seqlen * heads * shape.head_dim; ++c) {
+      values->push_back(static_cast<float>((c * 7919) % 23) / 11.0f - 1.0f);
+    }
+  }
+  const std::vector<float> logits{builtin_sink_logit(0), builtin_sink_logit(1)};
+  const MaskSpec window{.window_left = 2};
+  const MaskSpec sinks{.window_left = 2, .sink_tokens = 2};
+  for (const BuiltinCheck& check : builtin_plan(2)) {
+    if (check.storage != DType::kF32 || check.window || check.sink_logits) continue;
+    const RunInfo run{.total = 1};
+    const NpyArray plain = mode_implementation(check.mode, DType::kF32, window, 1)(inputs, run);
+    const NpyArray with_sinks = mode_implementation(check.mode, DType::kF32, sinks, 1)(inputs, run);
+    const NpyArray with_logits =
+        mode_implementation(check.mode, DType::kF32, window, 1, logits)(inputs, run);
+    EXPECT_NE(plain.data, with_sinks.data) << check.label;
+    EXPECT_NE(plain.data, with_logits.data) << check.label;
+  }
+  expect_error(
+      [&] {
+        mode_implementation(builtin_plan(2)[0].mode, DType::kF32, {}, 1, {0.5f})(inputs, {});
+      },
+      {"sink_logits: 1 logits (expected heads = 2)"});
 }
 
 }  // namespace

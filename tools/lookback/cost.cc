@@ -4,6 +4,8 @@
 // and attends to the cached keys: i + 1 query-key dot products (W + 1 with a
 // window). Without one, producing token i means recomputing attention for
 // the whole prefix 0..i: every visible pair of an (i+1) x (i+1) causal square.
+// With sink tokens S (StreamingLLM, with a window) position i attends
+// |{j <= i : j >= i - W or j < S}| keys: its window and the sinks below it.
 // Counts come from lookback::Mask, the same code the kernels use.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -33,6 +35,7 @@ struct CostOptions {
   std::int64_t dim = 128;
   std::string dtype = "f32";
   std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;  // StreamingLLM, with --window
   OutputFormat format = OutputFormat::kText;
   bool measure = false;
   int threads = 0;
@@ -50,7 +53,8 @@ struct Position {
 };
 
 std::vector<Position> model(const CostOptions& o, DType storage) {
-  const Mask mask(o.len, o.len, {.causal = Causal::kBottomRight, .window_left = o.window});
+  const Mask mask(o.len, o.len, {.causal = Causal::kBottomRight, .window_left = o.window,
+                                  .sink_tokens = o.sink_tokens});
   const double per_pair = 4.0 * static_cast<double>(o.heads * o.dim);
   // K and V rows; 8-bit rows carry one f32 scale each.
   const double bytes_per_key =
@@ -82,7 +86,7 @@ void measure(const CostOptions& o, DType storage, std::vector<Position>& rows) {
   std::normal_distribution<float> normal;
   std::vector<float> k(static_cast<std::size_t>(o.kv_heads * o.dim)), v(k.size());
   std::vector<float> q(static_cast<std::size_t>(o.heads * o.dim)), out(q.size());
-  const DecodeOptions options{.window_left = o.window};
+  const DecodeOptions options{.window_left = o.window, .sink_tokens = o.sink_tokens};
   for (Position& row : rows) {
     for (float& x : k) x = normal(rng);
     for (float& x : v) x = normal(rng);
@@ -108,12 +112,20 @@ std::string human(double value) {
   return unit == 0 ? fmt::format("{:.0f}", value) : fmt::format("{:.2f}{}", value, units[unit]);
 }
 
+// ", window 3, 2 sink tokens", or "" without a window.
+std::string mask_words(const CostOptions& o) {
+  std::string words = o.window ? fmt::format(", window {}", *o.window) : std::string();
+  if (o.sink_tokens > 0) {
+    words += fmt::format(", {} sink token{}", o.sink_tokens, o.sink_tokens == 1 ? "" : "s");
+  }
+  return words;
+}
+
 std::string render_text(const CostOptions& o, const std::vector<Position>& rows) {
   std::string text = fmt::format(
       "cost per generated token: {} heads, {} kv heads, head_dim {}, {}{}\n"
       "(cached: attend to the KV cache; uncached: recompute attention for the whole prefix)\n\n",
-      o.heads, o.kv_heads, o.dim, o.dtype,
-      o.window ? fmt::format(", window {}", *o.window) : std::string());
+      o.heads, o.kv_heads, o.dim, o.dtype, mask_words(o));
   text += fmt::format("{:>9} {:>6} {:>12} {:>14} {:>10}{}\n", "position", "keys", "FLOPs cached",
                       "FLOPs uncached", "KV bytes", o.measure ? fmt::format(" {:>12}", "time/token") : "");
   // Every row for short sequences; a sample (powers of two and the last) otherwise.
@@ -141,7 +153,7 @@ std::string render_text(const CostOptions& o, const std::vector<Position>& rows)
   return text;
 }
 
-std::string render_json(const std::vector<Position>& rows) {
+std::string render_json(const CostOptions& o, const std::vector<Position>& rows) {
   nlohmann::ordered_json positions = nlohmann::ordered_json::array();
   double cached = 0, uncached = 0, bytes = 0, time = 0;
   bool measured = false;
@@ -166,7 +178,12 @@ std::string render_json(const std::vector<Position>& rows) {
                                 {"flops_uncached", uncached},
                                 {"kv_bytes", bytes}};
   if (measured) totals["measured_ns"] = time;
-  return nlohmann::ordered_json{{"positions", positions}, {"totals", totals}}.dump() + "\n";
+  return nlohmann::ordered_json{{"window", o.window ? nlohmann::ordered_json(*o.window) : nullptr},
+                                {"sink_tokens", o.sink_tokens},
+                                {"positions", positions},
+                                {"totals", totals}}
+             .dump() +
+         "\n";
 }
 
 std::string render_svg(const CostOptions& o, const std::vector<Position>& rows) {
@@ -188,8 +205,8 @@ std::string render_svg(const CostOptions& o, const std::vector<Position>& rows) 
     for (const Position& p : rows) list.emplace_back(x_of(static_cast<double>(p.position)), y_of(value_of(p)));
     return list;
   };
-  const std::string heading = fmt::format("Cost per generated token: {} heads, {} kv heads, head_dim {}",
-                                          o.heads, o.kv_heads, o.dim);
+  const std::string heading = fmt::format("Cost per generated token: {} heads, {} kv heads, head_dim {}{}",
+                                          o.heads, o.kv_heads, o.dim, mask_words(o));
   svg::Document doc(width, height, heading, "12");
   doc.text(left, 22, heading, "font-size=\"15\"");
   doc.axes(left, top, plot_w, plot_h);
@@ -222,9 +239,19 @@ int run_cost(const CostOptions& o) {
     if (ranks.context < 1) throw Error("--context: missing (expected the tokens with --ranks)");
     if (o.len > 0) throw Error("--len: not with --ranks (expected --context)");
     if (o.format == OutputFormat::kSvg) throw Error("--format: svg not with --ranks (expected text or json)");
+    if (o.sink_tokens > 0) {
+      throw Error(fmt::format("--sink-tokens: {} not with --ranks (expected 0: ring attention has "
+                              "no sink tokens)",
+                              o.sink_tokens));
+    }
     return run_rank_cost(ranks);
   }
   if (o.len < 1) throw Error("--len: missing (expected the tokens generated)");
+  if (o.sink_tokens > 0 && !o.window) {
+    throw Error(fmt::format("--sink-tokens: {} without --window (expected --window W with sink "
+                            "tokens)",
+                            o.sink_tokens));
+  }
   const DType storage = parse_dtype(o.dtype, "--dtype");
   if (o.heads % o.kv_heads != 0) {
     throw Error(fmt::format("--kv-heads: {} does not divide --heads {} (expected a divisor)",
@@ -240,7 +267,7 @@ int run_cost(const CostOptions& o) {
   }
   std::vector<Position> rows = model(o, storage);
   if (o.measure) measure(o, storage, rows);
-  write_output(o.out, o.format == OutputFormat::kJson ? render_json(rows)
+  write_output(o.out, o.format == OutputFormat::kJson ? render_json(o, rows)
                      : o.format == OutputFormat::kSvg ? render_svg(o, rows)
                                                       : render_text(o, rows));
   return kExitOk;
@@ -253,9 +280,18 @@ void add_cost_command(CLI::App& app, Runner& runner) {
   CLI::App* command = add_command(
       app, "cost",
       "Cost per generated token with a KV cache and without.",
-      "For each position i: the keys attended (i+1, or W+1 with a window), the FLOPs with the\n"
-      "cache (4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
-      "the KV bytes read, and totals. --measure also times real decode steps on this machine.");
+      "For each position i: the keys attended (i+1, or W+1 with a window, plus the sink tokens\n"
+      "0..S-1 below the window with --sink-tokens S), the FLOPs with the cache\n"
+      "(4 * heads * head_dim per key) against recomputing attention for the whole prefix,\n"
+      "the KV bytes read, and totals. --measure also times real decode steps on this machine.\n"
+      "json: {window, sink_tokens, positions: [{position, keys, flops_cached, flops_uncached,\n"
+      "kv_bytes[, measured_ns]}], totals}.\n"
+      "\n"
+      "Examples:\n"
+      "  lookback cost --len 4096\n"
+      "  lookback cost --len 4096 --window 1023 --dtype bf16 --format svg --out cost.svg\n"
+      "  lookback cost --len 12 --window 3 --sink-tokens 2 --format json\n"
+      "  lookback cost --len 2048 --window 255 --sink-tokens 4 --measure");
   command->add_option("--len", o->len, "tokens generated")->check(kPositive);
   command->add_option("--heads", o->heads, "query heads (default 32)")->check(kPositive);
   command->add_option("--kv-heads", o->kv_heads, "kv heads (default 8)")->check(kPositive);
@@ -265,6 +301,9 @@ void add_cost_command(CLI::App& app, Runner& runner) {
                       "per row: int8, fp8e4m3, fp8e5m2")
       ->check(CLI::IsMember({"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"}));
   command->add_option("--window", o->window, "left window W (W+1 keys per token)")->check(kNonNegative);
+  command->add_option("--sink-tokens", o->sink_tokens,
+                      "StreamingLLM sink tokens S >= 0 (with --window): keys 0..S-1 stay visible")
+      ->check(kNonNegative);
   add_format_option(*command, o->format,
                     {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});
   command->add_flag("--measure", o->measure, "time real decode steps on this machine");

@@ -27,6 +27,9 @@ std::string describe_mask(const MaskSpec& spec) {
   } else {
     text += ", no window";
   }
+  if (spec.sink_tokens > 0) {
+    text += fmt::format(", {} sink token{}", spec.sink_tokens, spec.sink_tokens == 1 ? "" : "s");
+  }
   return text;
 }
 
@@ -223,6 +226,7 @@ std::string render_report_json(const LeakReport& report, bool per_head) {
   doc["window"] = report.mask_spec.window_left
                       ? nlohmann::ordered_json(*report.mask_spec.window_left)
                       : nlohmann::ordered_json(nullptr);
+  doc["sink_tokens"] = report.mask_spec.sink_tokens;
   doc["runs"] = report.runs;
   doc["tolerance"] = report.tolerance;
   doc["nan_rows"] = report.nan_rows;
@@ -315,6 +319,8 @@ std::string render_builtin_json(const std::vector<BuiltinCheck>& checks, const L
     item["storage"] = std::string(dtype_name(check.storage));
     item["window"] =
         check.window ? nlohmann::ordered_json(*check.window) : nlohmann::ordered_json(nullptr);
+    item["sink_tokens"] = check.sink_tokens;
+    item["sink_logits"] = check.sink_logits;
     item["verdict"] = std::string(diagnostics::verdict_name(check.verdict));
     if (check.report) {
       item["leaks"] = pairs_json(check.report->result.leaks);
@@ -331,7 +337,8 @@ std::string render_builtin_text(const std::vector<BuiltinCheck>& checks, const L
   std::string output;
   auto out = std::back_inserter(output);
   fmt::format_to(out,
-                 "lookback leakcheck: every path x storage dtype, with and without a window\n"
+                 "lookback leakcheck: every path x storage dtype, with and without a window, sink "
+                 "tokens and sink logits\n"
                  "len {}, batch {}, heads {}, kv_heads {}, dim {}, bottom-right; {} runs per "
                  "check\n\n",
                  shape.seqlen, shape.batch, shape.heads, shape.kv_heads, shape.head_dim,

@@ -38,6 +38,7 @@ constexpr std::int64_t kMaxSvgLen = 1024;
 struct LeakcheckOptions {
   std::optional<std::string> exec;
   std::optional<std::int64_t> len, heads, kv_heads, dim, batch, window;
+  std::optional<std::int64_t> sink_tokens;  // StreamingLLM, with --window
   std::optional<std::string> causal;
   bool per_head = false;
   int jobs = 0;  // 0: one per core
@@ -69,7 +70,8 @@ int run_models(const LeakcheckOptions& options) {
   const std::pair<bool, const char*> unused[] = {{options.heads.has_value(), "--heads"},
                                                  {options.kv_heads.has_value(), "--kv-heads"},
                                                  {options.dim.has_value(), "--dim"},
-                                                 {options.window.has_value(), "--window"}};
+                                                 {options.window.has_value(), "--window"},
+                                                 {options.sink_tokens.has_value(), "--sink-tokens"}};
   for (const auto& [given, name] : unused) {
     if (given) {
       throw Error(fmt::format("{}: not with --exec-model or --model (a model's check has one "
@@ -126,8 +128,15 @@ int run_black_box(const LeakcheckOptions& options) {
     throw Error(fmt::format("--len: {} (expected at most {} for --format {})", shape.seqlen,
                             print_limit, format_name(options.format)));
   }
+  const std::int64_t sink_tokens = options.sink_tokens.value_or(0);
+  if (sink_tokens > 0 && !options.window) {
+    throw Error(fmt::format("--sink-tokens: {} without --window (expected --window W with sink "
+                            "tokens)",
+                            sink_tokens));
+  }
   MaskSpec mask{.causal = parse_causal(options.causal.value_or("bottom-right"), "--causal"),
-                .window_left = options.window};
+                .window_left = options.window,
+                .sink_tokens = sink_tokens};
   (void)Mask(shape.seqlen, shape.seqlen, mask);  // refuses a window without a causal mask
 
   Progress progress("lookback leakcheck", Progress::wanted(options.progress));
@@ -197,6 +206,12 @@ int run_builtin(const LeakcheckOptions& options) {
   shape.batch = options.batch.value_or(shape.batch);
   check_head_groups(shape);
   builtin.window = options.window.value_or(diagnostics::kBuiltinWindow);
+  builtin.sink_tokens = options.sink_tokens.value_or(diagnostics::kBuiltinSinkTokens);
+  if (builtin.sink_tokens < 1) {
+    throw Error(fmt::format("--sink-tokens: {} (expected >= 1 in built-in mode: it sets the sink "
+                            "tokens of the checks that have them)",
+                            builtin.sink_tokens));
+  }
   builtin.seed = options.seed;
   builtin.jobs = jobs_of(options);
   Progress progress("lookback leakcheck", Progress::wanted(options.progress));
@@ -224,13 +239,16 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs twice on random inputs, then\n"
       "once per position j with the q, k and v rows at j changed: len + 2 runs. Output row i\n"
       "depends on j when any bit of it changed. A leak is a dependency on a position the mask\n"
-      "hides from row i (--causal, --window; docs/semantics.md).\n"
+      "hides from row i (--causal, --window, --sink-tokens; docs/semantics.md). With\n"
+      "--sink-tokens S (StreamingLLM, needs --window) positions 0..S-1 stay visible to every\n"
+      "later row: depending on them is no leak, and not depending on them is a '.' warning.\n"
       "\n"
       "Matrix (text): S allowed and observed, . allowed but not observed (a warning), X leak,\n"
       "blank masked and clean. json: {len, verdict, leaks, missing, dependency, ...}.\n"
       "\n"
-      "Built-in mode (no --exec): checks every lookback path, storage dtype, with and without\n"
-      "a window, in-process, and prints a table.\n"
+      "Built-in mode (no --exec): checks every lookback path and storage dtype in-process, in\n"
+      "four configurations: no window, --window W (default 6), W with --sink-tokens S sink\n"
+      "tokens (default 2), and learned sink logits; prints a table.\n"
       "\n"
       "CMD should be deterministic: the base run is run twice, and when identical inputs give\n"
       "different outputs leakcheck says so ('nondeterministic: ...') and exits 2; for an\n"
@@ -247,6 +265,8 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       "  lookback leakcheck --exec 'python3 attn.py {q} {k} {v} {out}' --len 8 --heads 2 --dim 16\n"
       "  lookback leakcheck --exec './attn {q} {k} {v} {out}' --len 64 --heads 8 --kv-heads 2 \\\n"
       "      --dim 64 --jobs 8 --format json --out leaks.json\n"
+      "  lookback leakcheck --exec './streaming {q} {k} {v} {out}' --len 16 --heads 2 --dim 16 \\\n"
+      "      --window 4 --sink-tokens 2\n"
       "  lookback leakcheck\n"
       "\n"
       "Whole models (--exec-model 'CMD {tokens} {logits}' --len N --vocab V, or --model DIR):\n"
@@ -278,6 +298,10 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
       ->check(CLI::IsMember({"bottom-right", "top-left", "none"}));
   command->add_option("--window", options->window,
                       "left window W >= 0: row i may see positions i-W..i")
+      ->check(kNonNegative);
+  command->add_option("--sink-tokens", options->sink_tokens,
+                      "StreamingLLM sink tokens S (with --window): positions 0..S-1 stay visible; "
+                      "built-in mode: the sinks of its sink-token checks (default 2)")
       ->check(kNonNegative);
   command->add_flag("--per-head", options->per_head, "also report the matrix of each head");
   command->add_option("--jobs", options->jobs, "runs in parallel (default: one per core)")
