@@ -2,7 +2,7 @@
 """The forward pass of a LLaMA-style model in NumPy: the independent oracle for
 `lookback generate` and a model command for `lookback leakcheck --exec-model`.
 
-    /usr/bin/python3 models/forward.py MODEL_DIR TOKENS.npy LOGITS.npy
+    /usr/bin/python3 models/forward.py MODEL_DIR TOKENS.npy LOGITS.npy [--window W] [--sink-tokens S]
 
 TOKENS.npy holds token ids, <i4 or <i8, shape (batch, n) or (n,); LOGITS.npy
 receives <f4 logits of every position, (batch, n, vocab) (or (n, vocab)).
@@ -14,7 +14,9 @@ The mask is causal unless config.json says "attention_lookahead": L, the
 mask a model was trained with when position i could see i + L (the leaky
 model of docs/leakage.md); this script runs such a model as it was trained,
 leak included, which is what `lookback leakcheck --exec-model` is there to
-find.
+find. --window W narrows attention to keys i-W..i (with the config's
+sliding_window, the narrower counts) and --sink-tokens S keeps keys 0..S-1
+visible beside it (StreamingLLM), as `lookback generate` takes them.
 """
 
 import json
@@ -83,7 +85,7 @@ def rotate(x, theta):
     return np.concatenate((a * cos - b * sin, a * sin + b * cos), axis=-1)
 
 
-def forward(config, tensors, tokens):
+def forward(config, tensors, tokens, window_left=None, sink_tokens=0):
     """Logits (n, vocab) for one sequence of token ids."""
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
@@ -102,6 +104,10 @@ def forward(config, tensors, tokens):
     visible = j <= i + lookahead
     if window is not None:
         visible &= j > i - window  # `window` keys, itself included
+    if window_left is not None:
+        visible &= j >= i - window_left
+    if sink_tokens:
+        visible |= (j < sink_tokens) & (j <= i + lookahead)
 
     x = tensors["model.embed_tokens.weight"][np.asarray(tokens)]
     for layer in range(config["num_hidden_layers"]):
@@ -131,8 +137,17 @@ def forward(config, tensors, tokens):
 
 
 def main():
-    if len(sys.argv) != 4:
-        sys.exit("usage: forward.py MODEL_DIR TOKENS.npy LOGITS.npy")
+    args = sys.argv[1:]
+    options = {"--window": None, "--sink-tokens": 0}
+    while len(args) > 3 and args[-2] in options:
+        try:
+            options[args[-2]] = int(args[-1])
+        except ValueError:
+            sys.exit(f"forward.py: {args[-2]} {args[-1]!r} (expected an integer)")
+        args = args[:-2]
+    if len(args) != 3:
+        sys.exit("usage: forward.py MODEL_DIR TOKENS.npy LOGITS.npy [--window W] [--sink-tokens S]")
+    sys.argv[1:] = args
     config, tensors = load(sys.argv[1])
     tokens = np.load(sys.argv[2])
     if tokens.dtype.kind not in "iu":
@@ -145,7 +160,8 @@ def main():
     vocab = config["vocab_size"]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         sys.exit(f"forward.py: token ids outside 0 .. {vocab - 1}")
-    logits = np.stack([forward(config, tensors, row) for row in tokens]).astype("<f4")
+    logits = np.stack([forward(config, tensors, row, options["--window"], options["--sink-tokens"])
+                       for row in tokens]).astype("<f4")
     np.save(sys.argv[3], logits if batched else logits[0])
 
 

@@ -89,6 +89,10 @@ enum class CacheMode {
   kPaged,       // PagedKvPool, blocks of 16 tokens (default)
   kContiguous,  // KvCache
   kNone,        // no cache: every step recomputes the whole prefix (prefill)
+  // KvCache rings (RingSpec) of sink_tokens + window + ring_chunk slots:
+  // needs a window; memory stays bounded and generation goes on past
+  // max_position_embeddings (positions keep counting, RoPE included).
+  kRing,
 };
 std::string_view cache_mode_name(CacheMode mode) noexcept;  // "paged", ...
 CacheMode parse_cache_mode(std::string_view text, std::string_view argument = "cache");
@@ -98,8 +102,15 @@ struct RunnerOptions {
   DType kv_dtype = DType::kF32;  // storage of the cached keys and values: f32, bf16, f16
   std::int64_t block_size = 16;  // paged cache
   // Tokens of the sequence the runner must hold; default the model's
-  // max_position_embeddings.
+  // max_position_embeddings (kRing: unbounded, this is ignored).
   std::optional<std::int64_t> capacity;
+  // Attention narrower than the model's own (StreamingLLM): a left window W
+  // (keys p - W .. p; with a config sliding_window the narrower one counts)
+  // and sink tokens S, keys 0 .. S-1 visible beside it (needs a window).
+  std::optional<std::int64_t> window;
+  std::int64_t sink_tokens = 0;
+  // kRing: the most tokens one step appends; feed() cuts longer inputs.
+  std::int64_t ring_chunk = 64;
 };
 
 // One sequence being generated: feed() appends tokens (a prompt in one call,
@@ -116,7 +127,8 @@ class Runner {
 
   // Appends `tokens` (each in [0, vocab_size)) at positions length() ..
   // length() + n - 1 and returns the logits (vocab_size) after the last.
-  // Past capacity() it throws lookback::Error (kCapacity) and appends nothing.
+  // Past capacity() it throws lookback::Error (kCapacity) and appends nothing
+  // (kRing never runs out: capacity() is the int64 maximum).
   std::vector<float> feed(std::span<const std::int32_t> tokens);
 
   // As feed(), but the logits of every fed position: (n, vocab_size).

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "lookback/attention.hpp"
@@ -71,15 +72,17 @@ std::string_view cache_mode_name(CacheMode mode) noexcept {
     case CacheMode::kPaged: return "paged";
     case CacheMode::kContiguous: return "contiguous";
     case CacheMode::kNone: return "none";
+    case CacheMode::kRing: return "ring";
   }
   return "?";
 }
 
 CacheMode parse_cache_mode(std::string_view text, std::string_view argument) {
-  for (CacheMode mode : {CacheMode::kPaged, CacheMode::kContiguous, CacheMode::kNone}) {
+  for (CacheMode mode :
+       {CacheMode::kPaged, CacheMode::kContiguous, CacheMode::kNone, CacheMode::kRing}) {
     if (text == cache_mode_name(mode)) return mode;
   }
-  throw Error(fmt::format("{}: '{}' (expected paged, contiguous or none)", argument, text));
+  throw Error(fmt::format("{}: '{}' (expected paged, contiguous, none or ring)", argument, text));
 }
 
 namespace {
@@ -134,6 +137,8 @@ struct Runner::Impl {
     capacity = options.capacity.value_or(config.max_position_embeddings);
     if (capacity < 1) throw Error(fmt::format("capacity: {} (expected >= 1)", capacity));
     if (options.kv_dtype == DType::kF64) throw Error("kv dtype: f64 (expected f32, bf16 or f16)");
+    validate_attention_options();
+    if (options.cache == CacheMode::kRing) capacity = std::numeric_limits<std::int64_t>::max();
     reset();
   }
 
@@ -154,6 +159,10 @@ struct Runner::Impl {
     const std::int64_t layers = model.config.num_hidden_layers;
     if (options.cache == CacheMode::kContiguous) {
       for (std::int64_t l = 0; l < layers; ++l) caches.emplace_back(cache_config(), capacity);
+    } else if (options.cache == CacheMode::kRing) {
+      for (std::int64_t l = 0; l < layers; ++l) {
+        caches.emplace_back(cache_config(), ring_slots(), RingSpec{.sink_tokens = options.sink_tokens});
+      }
     } else if (options.cache == CacheMode::kPaged) {
       if (options.block_size < 1) {
         throw Error(fmt::format("block size: {} (expected >= 1)", options.block_size));
@@ -166,9 +175,50 @@ struct Runner::Impl {
     }
   }
 
+  void validate_attention_options() const {
+    if (options.window && *options.window < 0) {
+      throw Error(fmt::format("window: {} (expected >= 0)", *options.window));
+    }
+    if (options.sink_tokens < 0) {
+      throw Error(fmt::format("sink tokens: {} (expected >= 0)", options.sink_tokens));
+    }
+    if (options.sink_tokens > 0 && !window_left()) {
+      throw Error(fmt::format("sink tokens: {} without a window (expected a window, from the "
+                              "options or the model's sliding_window)",
+                              options.sink_tokens));
+    }
+    if (options.cache == CacheMode::kRing) {
+      if (!window_left()) {
+        throw Error("cache ring: without a window (expected a window, from the options or the "
+                    "model's sliding_window: a ring keeps the sink tokens and the window)");
+      }
+      if (options.ring_chunk < 1) {
+        throw Error(fmt::format("ring chunk: {} (expected >= 1)", options.ring_chunk));
+      }
+    }
+  }
+
+  // The window in lookback's terms (keys p - W .. p): the model's
+  // sliding_window of W + 1 keys, itself included, or the options', the
+  // narrower when both are set.
   std::optional<std::int64_t> window_left() const {
-    if (!model.config.sliding_window) return std::nullopt;
-    return *model.config.sliding_window - 1;  // W keys, itself included: lookback's W - 1
+    std::optional<std::int64_t> window = options.window;
+    if (model.config.sliding_window) {
+      const std::int64_t own = *model.config.sliding_window - 1;
+      window = window ? std::min(*window, own) : own;
+    }
+    return window;
+  }
+
+  // Slots of each layer's ring: the sinks, the window and one step's tokens
+  // (saturating: a window too wide for memory is refused by KvCache).
+  std::int64_t ring_slots() const {
+    std::int64_t slots;
+    if (__builtin_add_overflow(options.sink_tokens, *window_left(), &slots) ||
+        __builtin_add_overflow(slots, options.ring_chunk, &slots)) {
+      return std::numeric_limits<std::int64_t>::max();
+    }
+    return slots;
   }
 
   // Attention of one layer for the `rows` newest positions. q (rows, heads,
@@ -182,8 +232,9 @@ struct Runner::Impl {
     const TensorView v_view = make_view(v, DType::kF32, {rows, kv_heads, dim}, "v");
     const DecodeStep step{.q = make_view(q, DType::kF32, {rows, heads, dim}, "q"),
                           .out = make_mutable_view(out, DType::kF32, {rows, heads, dim}, "out")};
-    const DecodeOptions decode{.window_left = window_left(), .splits = 1};
-    if (options.cache == CacheMode::kContiguous) {
+    const DecodeOptions decode{
+        .window_left = window_left(), .sink_tokens = options.sink_tokens, .splits = 1};
+    if (options.cache == CacheMode::kContiguous || options.cache == CacheMode::kRing) {
       caches[layer].append(k_view, v_view);
       caches[layer].attend(step, decode, context);
     } else if (options.cache == CacheMode::kPaged) {
@@ -198,7 +249,7 @@ struct Runner::Impl {
           .k = make_view(k, DType::kF32, {1, rows, kv_heads, dim}, "k"),
           .v = make_view(v, DType::kF32, {1, rows, kv_heads, dim}, "v"),
           .out = make_mutable_view(out, DType::kF32, {1, rows, heads, dim}, "out"),
-          .mask = MaskSpec{.window_left = window_left()},
+          .mask = MaskSpec{.window_left = window_left(), .sink_tokens = options.sink_tokens},
           .storage = options.kv_dtype};
       attend(params, context);
     }
@@ -273,6 +324,19 @@ struct Runner::Impl {
         history.resize(history.size() - n);
         throw;
       }
+    } else if (options.cache == CacheMode::kRing) {
+      // A ring takes ring_chunk tokens per step at most.
+      for (std::int64_t begin = 0; begin < n; begin += options.ring_chunk) {
+        const std::int64_t count = std::min(options.ring_chunk, n - begin);
+        std::vector<float> piece = forward(tokens.subspan(begin, count), all_rows ? count : 1);
+        length += count;  // in the caches now, whatever follows
+        if (all_rows) {
+          logits.insert(logits.end(), piece.begin(), piece.end());
+        } else {
+          logits = std::move(piece);
+        }
+      }
+      return logits;
     } else {
       logits = forward(tokens, all_rows ? n : 1);
     }

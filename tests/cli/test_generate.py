@@ -36,11 +36,12 @@ MODELS = {
 }
 
 
-def oracle_logits(model, tokens):
+def oracle_logits(model, tokens, *extra):
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "t.npy"), np.asarray(tokens, dtype="<i4"))
         subprocess.run([sys.executable, FORWARD, model, os.path.join(tmp, "t.npy"),
-                        os.path.join(tmp, "l.npy")], check=True, timeout=clitest.TIMEOUT_S)
+                        os.path.join(tmp, "l.npy"), *map(str, extra)], check=True,
+                       timeout=clitest.TIMEOUT_S)
         return np.load(os.path.join(tmp, "l.npy"))
 
 
@@ -103,6 +104,62 @@ class GenerateTest(unittest.TestCase):
                             got = self.generate(model, prompt, "--cache", cache, "--threads",
                                                 threads, "--prefill-chunk", chunk)["tokens"]
                             self.assertEqual(got, reference)
+
+    def test_streaming_window_and_sinks_on_every_cache(self):
+        # StreamingLLM: each token sees the first 3 tokens and the last 7; the
+        # ring keeps only those (3 + 6 + a step's tokens per layer), and every
+        # cache must give the oracle's logits, the ring bit for bit those of
+        # the contiguous cache.
+        model = self.models["gqa_d16_window_f32"]  # config window 9: --window 6 narrows it
+        prompt = list(range(50, 87))
+        streaming = ("--window", 6, "--sink-tokens", 3)
+        with tempfile.TemporaryDirectory() as tmp:
+            dumps = {}
+            # A ring takes --prefill-chunk tokens a step: 3 + 6 + 4 slots wrap many times.
+            for cache, chunk in (("contiguous", 4), ("ring", 4), ("ring", 512), ("paged", 5),
+                                 ("none", 512)):
+                with self.subTest(cache=cache, chunk=chunk):
+                    dump = os.path.join(tmp, f"{cache}{chunk}.npy")
+                    out = self.generate(model, prompt, "--cache", cache, "--prefill-chunk",
+                                        chunk, *streaming, dump=dump)
+                    self.assertEqual(out["sink_tokens"], 3)
+                    logits = dumps[(cache, chunk)] = np.load(dump)
+                    self.assertTrue(np.isfinite(logits).all())
+                    expected = oracle_logits(model, prompt + out["tokens"][:-1], "--window", 6,
+                                             "--sink-tokens", 3)[len(prompt) - 1:]
+                    error = np.abs(logits - expected).max(axis=1) / np.abs(expected).max(axis=1)
+                    self.assertLessEqual(error.max(), RELATIVE_TOLERANCE)
+            self.assertTrue(np.array_equal(dumps[("ring", 4)], dumps[("contiguous", 4)]))
+            # The sinks matter: without them the logits move.
+            plain = os.path.join(tmp, "plain.npy")
+            self.generate(model, prompt, "--window", 6, dump=plain)
+            self.assertGreater(np.abs(np.load(plain)[0] - dumps[("ring", 4)][0]).max(), 1e-3)
+
+    def test_ring_generates_past_max_position_embeddings(self):
+        model = self.models["gqa_d16_tied_f32"]  # 128 positions
+        args = ["generate", "--model", model, "--prompt-ids", "5,6,7", "--tokens", 200,
+                "--temperature", 0, "--format", "json", "--cache", "ring", "--window", 16,
+                "--sink-tokens", 2, "--prefill-chunk", 2]  # rings of 2 + 16 + 2 slots
+        with tempfile.TemporaryDirectory() as tmp:
+            dump = os.path.join(tmp, "l.npy")
+            result = clitest.run(*args, "--dump-logits", dump)
+            self.assertEqual(result.returncode, clitest.EXIT_OK, result.stderr)
+            self.assertIn("pass max_position_embeddings 128", result.stderr)
+            tokens = json.loads(result.stdout)["tokens"]
+            self.assertEqual(len(tokens), 200)
+            logits = np.load(dump)
+            self.assertTrue(np.isfinite(logits).all())
+            # Absolute positions all the way: the oracle agrees at the end too.
+            expected = oracle_logits(model, [5, 6, 7] + tokens[:-1], "--window", 16,
+                                     "--sink-tokens", 2)[2:]
+            error = np.abs(logits - expected).max(axis=1) / np.abs(expected).max(axis=1)
+            self.assertLessEqual(error.max(), RELATIVE_TOLERANCE)
+        for extra, phrase in ((["--cache", "ring"], "cache ring: without a window"),
+                              (["--sink-tokens", "2"], "sink tokens: 2 without a window")):
+            result = clitest.run("generate", "--model", model, "--prompt-ids", "5", *extra)
+            self.assertEqual(result.returncode, clitest.EXIT_USAGE, result.stderr)
+            self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+            self.assertIn(phrase, result.stderr)
 
     def test_kv_dtypes_stay_close(self):
         model = self.models["gqa_d16_tied_f32"]

@@ -34,6 +34,8 @@ struct GenerateOptions {
   std::string kv_dtype = "f32";
   std::string cache = "paged";
   std::int64_t prefill_chunk = 512;
+  std::optional<std::int64_t> window;  // StreamingLLM: narrower attention
+  std::int64_t sink_tokens = 0;
   std::optional<std::string> dump_logits;
   OutputFormat format = OutputFormat::kText;
 };
@@ -88,11 +90,13 @@ int run_generate(const GenerateOptions& options) {
       options.prompt ? tokenizer.encode(*options.prompt) : parse_ids(*options.prompt_ids);
   if (prompt.empty()) throw Error("--prompt: empty (expected at least one token)");
   const auto n_prompt = static_cast<std::int64_t>(prompt.size());
-  if (n_prompt > config.max_position_embeddings) {
+  // A ring never runs out of room; every other cache holds the whole sequence.
+  const bool ring = cache == model::CacheMode::kRing;
+  if (!ring && n_prompt > config.max_position_embeddings) {
     throw Error(fmt::format("--prompt: {} tokens (expected at most max_position_embeddings {})",
                             n_prompt, config.max_position_embeddings));
   }
-  if (options.tokens - 1 > config.max_position_embeddings - n_prompt) {
+  if (!ring && options.tokens - 1 > config.max_position_embeddings - n_prompt) {
     throw Error(fmt::format("--tokens: {} after a prompt of {} tokens (expected at most {}: "
                             "the prompt and the tokens fed back must fit in "
                             "max_position_embeddings {})",
@@ -113,8 +117,21 @@ int run_generate(const GenerateOptions& options) {
                options.model, config.attention_lookahead);
   }
 
+  if (ring && n_prompt + options.tokens - 1 > config.max_position_embeddings) {
+    fmt::print(stderr,
+               "lookback: note: {} positions pass max_position_embeddings {}: positions stay "
+               "absolute, so RoPE turns past the angles the model was trained on\n",
+               n_prompt + options.tokens - 1, config.max_position_embeddings);
+  }
+
   Context context(options.threads);
-  model::Runner runner(model, {.cache = cache, .kv_dtype = kv_dtype}, context);
+  model::Runner runner(model,
+                       {.cache = cache,
+                        .kv_dtype = kv_dtype,
+                        .window = options.window,
+                        .sink_tokens = options.sink_tokens,
+                        .ring_chunk = std::min<std::int64_t>(options.prefill_chunk, 512)},
+                       context);
   model::Sampler sampler({.temperature = options.temperature,
                           .top_k = options.top_k,
                           .top_p = options.top_p,
@@ -167,6 +184,8 @@ int run_generate(const GenerateOptions& options) {
         {"model", options.model},
         {"tokenizer", tokenizer.kind()},
         {"cache", options.cache},
+        {"window", options.window ? nlohmann::ordered_json(*options.window) : nullptr},
+        {"sink_tokens", options.sink_tokens},
         {"kv_dtype", options.kv_dtype},
         {"linear", model::linear_backend()},
         {"prompt_tokens", prompt},
@@ -200,6 +219,10 @@ void add_generate_command(CLI::App& app, Runner& runner) {
       "cache: token i attends to i + 1 cached keys. --cache none recomputes the whole prefix for\n"
       "every token instead (what a cache saves). Rates go to stderr.\n"
       "\n"
+      "StreamingLLM: --window W --sink-tokens S lets each token see the first S tokens and the\n"
+      "last W + 1; --cache ring then keeps only those (S + W + a step's tokens per layer), so\n"
+      "memory stays flat and generation may pass max_position_embeddings.\n"
+      "\n"
       "--temperature 0 is greedy. Same seed, same text, for any --threads.\n"
       "--dump-logits FILE.npy writes <f4 (tokens, vocab): row 0 the logits after the prompt,\n"
       "row t those after the t-th generated token.\n"
@@ -208,6 +231,8 @@ void add_generate_command(CLI::App& app, Runner& runner) {
       "  lookback generate --model models/kjv-tiny --prompt 'In the beginning' --tokens 200\n"
       "  lookback generate --model models/kjv-tiny --prompt-ids 65,110,100 --temperature 0 \\\n"
       "      --tokens 20 --dump-logits logits.npy --format json\n"
+      "  lookback generate --model models/kjv-tiny --prompt 'And God said' --tokens 2000 \\\n"
+      "      --cache ring --window 128 --sink-tokens 4\n"
       "More: docs/generate.md.");
   command->add_option("--model", options->model, "model folder (config.json, model.safetensors)")
       ->required();
@@ -227,8 +252,17 @@ void add_generate_command(CLI::App& app, Runner& runner) {
       ->check(kNonNegative);
   command->add_option("--kv-dtype", options->kv_dtype, "KV storage: f32 (default), bf16, f16")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
-  command->add_option("--cache", options->cache, "paged (default), contiguous, none")
-      ->check(CLI::IsMember({"paged", "contiguous", "none"}));
+  command->add_option("--cache", options->cache,
+                      "paged (default), contiguous, none, or ring (needs a window: keeps only "
+                      "the sink tokens and the window, so generation runs without end)")
+      ->check(CLI::IsMember({"paged", "contiguous", "none", "ring"}));
+  command->add_option("--window", options->window,
+                      "attend only keys p-W..p (StreamingLLM; with a model sliding_window, the "
+                      "narrower counts)")
+      ->check(kNonNegative);
+  command->add_option("--sink-tokens", options->sink_tokens,
+                      "StreamingLLM sink tokens S (with a window): keys 0..S-1 stay visible")
+      ->check(kNonNegative);
   command->add_option("--prefill-chunk", options->prefill_chunk,
                       "prompt tokens per prefill call (default 512)")
       ->check(kPositive);
