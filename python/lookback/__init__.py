@@ -390,12 +390,28 @@ class KVCache:
         c = KVCache(capacity, kv_heads, head_dim)
         c.append(k, v)        # (tokens, kv_heads, head_dim)
         out = c.attend(q)     # (tokens, heads, head_dim): the newest tokens
+
+    ring=True makes it a ring (StreamingLLM, sliding-window models): the
+    first ring_sink_tokens tokens stay for ever, the other slots hold the
+    newest tokens, each append overwriting the oldest, so a window W with
+    those sink tokens decodes without end in ring_sink_tokens + W + chunk
+    slots. len() keeps counting every token (positions stay absolute);
+    attending with a window, new tokens or sink tokens that reach an
+    overwritten token is a ValueError, and rings cannot be saved.
+
+        c = KVCache(4 + 128 + 1, 8, 128, ring=True, ring_sink_tokens=4)
+        c.append(k, v); out = c.attend(q, window=128, sink_tokens=4)
     """
 
     def __init__(self, capacity: int, kv_heads: int, head_dim: int, dtype: str = "f32",
-                 rope_theta: Optional[float] = None) -> None:
+                 rope_theta: Optional[float] = None, ring: bool = False,
+                 ring_sink_tokens: int = 0) -> None:
+        if ring_sink_tokens and not ring:
+            raise ValueError(f"ring_sink_tokens: {ring_sink_tokens} without ring=True "
+                             "(expected ring=True, or ring_sink_tokens=0)")
         self._cache = _lookback.KvCache(capacity, kv_heads, head_dim, dtype=dtype,
-                                        rope_theta=rope_theta)
+                                        rope_theta=rope_theta,
+                                        ring_sink_tokens=ring_sink_tokens if ring else None)
 
     @classmethod
     def load(cls, path: str) -> "KVCache":
@@ -433,8 +449,19 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        """Tokens the cache can hold."""
+        """Tokens the cache can hold (a ring's slots)."""
         return self._cache.capacity
+
+    @property
+    def ring_sink_tokens(self) -> Optional[int]:
+        """A ring's sink tokens, or None for a cache that is not a ring."""
+        return self._cache.ring_sink_tokens
+
+    @property
+    def first_kept(self) -> int:
+        """The oldest token a ring still holds above its sink tokens (0 until
+        it wraps, and for a cache that is not a ring)."""
+        return self._cache.first_kept
 
     @property
     def kv_heads(self) -> int:

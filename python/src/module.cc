@@ -514,8 +514,12 @@ py::object decode(const py::object& q, bool return_lse, const DecodeArgs& args,
 class PyKvCache {
  public:
   PyKvCache(std::int64_t capacity, std::int64_t kv_heads, std::int64_t head_dim,
-            const std::string& dtype, std::optional<float> rope_theta)
-      : cache_(cache_config(kv_heads, head_dim, dtype, rope_theta), capacity) {}
+            const std::string& dtype, std::optional<float> rope_theta,
+            std::optional<std::int64_t> ring_sink_tokens)
+      : cache_(ring_sink_tokens
+                   ? KvCache(cache_config(kv_heads, head_dim, dtype, rope_theta), capacity,
+                             RingSpec{.sink_tokens = *ring_sink_tokens})
+                   : KvCache(cache_config(kv_heads, head_dim, dtype, rope_theta), capacity)) {}
   explicit PyKvCache(KvCache&& cache) : cache_(std::move(cache)) {}
 
   void append(const py::object& k, const py::object& v) {
@@ -543,6 +547,11 @@ class PyKvCache {
 
   std::int64_t length() const { return cache_.length(); }
   std::int64_t capacity() const { return cache_.capacity(); }
+  std::optional<std::int64_t> ring_sink_tokens() const {
+    if (!cache_.ring()) return std::nullopt;
+    return cache_.ring()->sink_tokens;
+  }
+  std::int64_t first_kept() const { return cache_.first_kept(); }
   const CacheConfig& config() const { return cache_.config(); }
   void clear() {
     py::gil_scoped_release released;
@@ -792,9 +801,9 @@ PYBIND11_MODULE(_lookback, m) {
 
   py::class_<PyKvCache>(m, "KvCache")
       .def(py::init<std::int64_t, std::int64_t, std::int64_t, const std::string&,
-                    std::optional<float>>(),
+                    std::optional<float>, std::optional<std::int64_t>>(),
            py::arg("capacity"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("dtype"),
-           py::arg("rope_theta"))
+           py::arg("rope_theta"), py::arg("ring_sink_tokens"))
       .def_static("load", [](const std::string& path) {
         lb::KvCache cache = [&] {
           py::gil_scoped_release released;
@@ -808,6 +817,8 @@ PYBIND11_MODULE(_lookback, m) {
            py::arg("sink_logits"), py::arg("return_lse"), py::arg("threads"))
       .def("__len__", &PyKvCache::length)
       .def_property_readonly("capacity", &PyKvCache::capacity)
+      .def_property_readonly("ring_sink_tokens", &PyKvCache::ring_sink_tokens)
+      .def_property_readonly("first_kept", &PyKvCache::first_kept)
       .def_property_readonly("config", [](const PyKvCache& c) { return config_dict(c.config()); })
       .def("clear", &PyKvCache::clear)
       .def("save", &PyKvCache::save);

@@ -148,14 +148,16 @@ def decode_steps(attend_step, append, q, k, v, prompt, chunk):
     return np.concatenate(outs)[None], np.concatenate(lses, axis=1)[None]
 
 
-@pytest.mark.parametrize("path", ["cache", "pool"])
+@pytest.mark.parametrize("path", ["cache", "pool", "ring"])
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_sink_tokens_and_logits_through_caches(rng, path, chunk):
     q, k, v = random_qkv(rng, 1, 30, 30, 4, 2, 16)
     sinks = sinks_for(4, rng)
     options = dict(window=5, sink_tokens=2, sink_logits=sinks, return_lse=True)
-    if path == "cache":
-        cache = lookback.KVCache(30, 2, 16)
+    if path in ("cache", "ring"):
+        # The ring: 2 sink slots, the window's 5 and a step's; it wraps often.
+        cache = (lookback.KVCache(30, 2, 16) if path == "cache" else
+                 lookback.KVCache(2 + 5 + max(chunk, 7), 2, 16, ring=True, ring_sink_tokens=2))
         append, attend = cache.append, lambda x: cache.attend(x, **options)
     else:
         pool = lookback.PagedKVPool(16, 4, 2, 16)
@@ -169,6 +171,29 @@ def test_sink_tokens_and_logits_through_caches(rng, path, chunk):
     assert np.isfinite(out).all()
     assert_close(out, expected)
     assert_lse_close(lse, expected_lse)
+    if path == "ring":
+        assert len(cache) == 30 and cache.first_kept == 30 - 12 and cache.ring_sink_tokens == 2
+
+
+def test_ring_cache_refusals(rng):
+    q, k, v = random_qkv(rng, 1, 20, 20, 4, 2, 16)
+    ring = lookback.KVCache(8, 2, 16, ring=True, ring_sink_tokens=2)  # 6 window slots
+    assert ring.ring_sink_tokens == 2 and lookback.KVCache(8, 2, 16).ring_sink_tokens is None
+    with pytest.raises(ValueError, match="at most 6 tokens at once"):
+        ring.append(k[0, :7], v[0, :7])
+    for start in range(0, 18, 6):
+        ring.append(k[0, start:start + 6], v[0, start:start + 6])
+    with pytest.raises(ValueError, match="window 6 with 1 new tokens reaches key 11"):
+        ring.attend(q[0, 17:18], window=6)
+    with pytest.raises(ValueError, match="no window"):
+        ring.attend(q[0, 17:18])
+    assert np.isfinite(ring.attend(q[0, 17:18], window=5, sink_tokens=2)).all()
+    with pytest.raises(ValueError, match="ring cache"):
+        ring.save("/nonexistent/ring.lbkv")
+    with pytest.raises(ValueError, match="without ring=True"):
+        lookback.KVCache(8, 2, 16, ring_sink_tokens=2)
+    with pytest.raises(ValueError, match="ring sink_tokens: 8"):
+        lookback.KVCache(8, 2, 16, ring=True, ring_sink_tokens=8)
 
 
 # ---- varlen -----------------------------------------------------------------------
