@@ -130,7 +130,8 @@ std::string path_label(const ModeOptions& mode) {
   switch (mode.mode) {
     case Mode::kPrefill:
     case Mode::kDecode: return std::string(mode_name(mode.mode));
-    case Mode::kChunked: return fmt::format("chunked (chunk {})", mode.chunk);
+    case Mode::kChunked:
+      return fmt::format("chunked (chunk {}){}", mode.chunk, mode.ring ? ", ring cache" : "");
     case Mode::kPaged: return fmt::format("paged (block {}, chunk {})", mode.block_size, mode.chunk);
     case Mode::kSplit: return fmt::format("split ({} parts)", mode.splits);
   }
@@ -145,25 +146,29 @@ std::vector<BuiltinCheck> builtin_plan(std::int64_t window, std::int64_t sink_to
       {.sink_logits = true},
   };
   std::vector<BuiltinCheck> checks;
+  const auto add = [&checks](const ModeOptions& mode_options, const BuiltinConfig& config) {
+    for (DType storage : {DType::kF32, DType::kBF16, DType::kF16, DType::kI8, DType::kFP8E4M3,
+                          DType::kFP8E5M2}) {
+      BuiltinCheck check;
+      check.label = path_label(mode_options) + config_label(config);
+      check.mode = mode_options;
+      check.storage = storage;
+      check.window = config.window;
+      check.sink_tokens = config.sink_tokens;
+      check.sink_logits = config.sink_logits;
+      checks.push_back(std::move(check));
+    }
+  };
   for (Mode mode : all_modes()) {
     const ModeOptions mode_options{.mode = mode,
                                    .chunk = kBuiltinChunk,
                                    .block_size = kBuiltinBlockSize,
                                    .splits = kBuiltinSplits};
-    for (const BuiltinConfig& config : configs) {
-      for (DType storage : {DType::kF32, DType::kBF16, DType::kF16, DType::kI8, DType::kFP8E4M3,
-                            DType::kFP8E5M2}) {
-        BuiltinCheck check;
-        check.label = path_label(mode_options) + config_label(config);
-        check.mode = mode_options;
-        check.storage = storage;
-        check.window = config.window;
-        check.sink_tokens = config.sink_tokens;
-        check.sink_logits = config.sink_logits;
-        checks.push_back(std::move(check));
-      }
-    }
+    for (const BuiltinConfig& config : configs) add(mode_options, config);
   }
+  // The contiguous cache as a ring, which needs the window (and keeps the sinks).
+  add({.mode = Mode::kChunked, .chunk = kBuiltinChunk, .ring = true},
+      {.window = window, .sink_tokens = sink_tokens});
   return checks;
 }
 

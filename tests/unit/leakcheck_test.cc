@@ -154,8 +154,9 @@ TEST(LeakCheck, RunsAShellCommandAsTheImplementation) {
 
 TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   const std::vector<BuiltinCheck> plan = builtin_plan(3);
-  // Four configurations per path: none, window, window + sink tokens, sink logits.
-  ASSERT_EQ(plan.size(), all_modes().size() * 4 * 6);
+  // Four configurations per path: none, window, window + sink tokens, sink
+  // logits; then the chunked ring cache with window and sink tokens.
+  ASSERT_EQ(plan.size(), (all_modes().size() * 4 + 1) * 6);
   EXPECT_EQ(plan[0].storage, DType::kF32);
   EXPECT_EQ(plan[1].storage, DType::kBF16);
   EXPECT_EQ(plan[2].storage, DType::kF16);
@@ -171,6 +172,8 @@ TEST(LeakCheck, BuiltinPlanChecksEveryPathDtypeAndWindow) {
   EXPECT_FALSE(plan[18].window.has_value());
   EXPECT_TRUE(plan[18].sink_logits);
   EXPECT_EQ(plan[18].label, path_label(plan[18].mode) + ", sink logits");
+  EXPECT_TRUE(plan.back().mode.ring);
+  EXPECT_EQ(plan.back().label, "chunked (chunk 5), ring cache, window 3, 2 sink tokens");
 
   std::int64_t last_done = 0, last_total = 0;
   const std::vector<BuiltinCheck> checks =
