@@ -417,7 +417,9 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         rows = [line.split() for line in lines[4:] if line.strip()]
         self.assertTrue(any(row[0] == "prefill" for row in rows), result.stdout)
         self.assertNotIn("leak", " ".join(lines[4:-1]))
-        self.assertEqual(sum("window 6, 2 sink tokens" in line for line in lines[4:]), 5)
+        # Every path, and the chunked one again over a ring cache.
+        self.assertEqual(sum("window 6, 2 sink tokens" in line for line in lines[4:]), 6)
+        self.assertEqual(sum("ring cache" in line for line in lines[4:]), 1)
         self.assertEqual(sum("sink logits" in line for line in lines[4:]), 5)
         self.assertTrue(lines[-1].startswith("verdict: causal"), lines[-1])
 
@@ -432,8 +434,13 @@ class LeakcheckBuiltin(clitest.CliTestCase):
         self.assertEqual({check["storage"] for check in checks},
                          {"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"})
         self.assertEqual({check["window"] is None for check in checks}, {True, False})
-        # Four configurations per path: none, window, window + sink tokens, sink logits.
-        self.assertEqual(len(checks), 5 * 6 * 4)
+        # Four configurations per path: none, window, window + sink tokens, sink
+        # logits; and the chunked path over a ring cache, with window and sinks.
+        self.assertEqual(len(checks), 5 * 6 * 4 + 6)
+        rings = [check for check in checks if check["ring_cache"]]
+        self.assertEqual({(c["path"], c["window"], c["sink_tokens"]) for c in rings},
+                         {("chunked", 6, 2)})
+        self.assertEqual(len(rings), 6)
         configs = {(check["window"], check["sink_tokens"], check["sink_logits"])
                    for check in checks}
         self.assertEqual(configs, {(None, 0, False), (6, 0, False), (6, 2, False),

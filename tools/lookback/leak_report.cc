@@ -316,6 +316,7 @@ std::string render_builtin_json(const std::vector<BuiltinCheck>& checks, const L
     nlohmann::ordered_json item;
     item["path"] = std::string(mode_name(check.mode.mode));
     item["label"] = check.label;  // with the path's chunk, block size or splits
+    item["ring_cache"] = check.mode.ring;
     item["storage"] = std::string(dtype_name(check.storage));
     item["window"] =
         check.window ? nlohmann::ordered_json(*check.window) : nlohmann::ordered_json(nullptr);
