@@ -113,6 +113,7 @@ struct CheckpointInfo {
 // thrown; a path that cannot be opened or read throws lookback::Error (kIo).
 CheckpointInfo inspect_checkpoint(const std::string& path);
 
-std::string_view checkpoint_kind_name(CheckpointKind kind) noexcept;  // "contiguous", "paged", "ring"
+// "contiguous", "paged", "ring"
+std::string_view checkpoint_kind_name(CheckpointKind kind) noexcept;
 
 }  // namespace lookback

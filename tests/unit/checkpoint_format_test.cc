@@ -169,11 +169,15 @@ TEST(CheckpointFormat, RingRoundTripInMemoryReencodesIdentically) {
   // Row order: the sink tokens, then the newest tokens kept.
   const format::Header wrapped = format::ring_header(kConfig, 8, 21, 3);
   std::vector<std::int64_t> positions;
-  for (std::int64_t row = 0; row < 8; ++row) positions.push_back(format::stored_position(wrapped, row));
+  for (std::int64_t row = 0; row < 8; ++row) {
+    positions.push_back(format::stored_position(wrapped, row));
+  }
   EXPECT_EQ(positions, (std::vector<std::int64_t>{0, 1, 2, 16, 17, 18, 19, 20}));
   const format::Header young = format::ring_header(kConfig, 8, 5, 3);
   positions.clear();
-  for (std::int64_t row = 0; row < 5; ++row) positions.push_back(format::stored_position(young, row));
+  for (std::int64_t row = 0; row < 5; ++row) {
+    positions.push_back(format::stored_position(young, row));
+  }
   EXPECT_EQ(positions, (std::vector<std::int64_t>{0, 1, 2, 3, 4}));
 }
 

@@ -295,7 +295,8 @@ void add_cache_command(CLI::App& app, Runner& runner) {
       "Examples:\n"
       "  lookback cache save --k k.npy --v v.npy --out prompt.lbkv --dtype bf16\n"
       "  lookback cache save --k k.npy --v v.npy --out pool.lbkv --paged --block-size 16\n"
-      "  lookback cache save --k k.npy --v v.npy --out ring.lbkv --capacity 64 --ring-sink-tokens 4\n"
+      "  lookback cache save --k k.npy --v v.npy --out ring.lbkv --capacity 64 \\\n"
+      "      --ring-sink-tokens 4\n"
       "  lookback cache inspect prompt.lbkv\n"
       "  lookback cache inspect pool.lbkv --format json");
 
