@@ -8,6 +8,7 @@
 //   2, 3: parse_header() of a header section (contiguous, paged): behind
 //      the CRCs, where whole-file mutations rarely reach.
 //   4: parse_tables() of a tables section against a fixed paged header.
+//   5: parse_header() of a ring header section.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -45,7 +46,7 @@ void check_round_trip(format::Bytes file) {
 }
 
 void run(std::uint8_t mode, format::Bytes input) {
-  switch (mode % 5) {
+  switch (mode % 6) {
     case 0:
       check_round_trip(input);
       return;
@@ -57,6 +58,9 @@ void run(std::uint8_t mode, format::Bytes input) {
       return;
     case 3:
       format::parse_header(input, CheckpointKind::kPaged);
+      return;
+    case 5:
+      format::parse_header(input, CheckpointKind::kRing);
       return;
     default: {
       const format::Header header =

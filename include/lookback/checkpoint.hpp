@@ -26,8 +26,10 @@
 namespace lookback {
 
 // Saves the cache's configuration, capacity and its `length` filled tokens
-// (the unfilled capacity is not written). Throws lookback::Error (kIo) when
-// the file cannot be written; the path is then left as it was.
+// (the unfilled capacity is not written). A ring (RingSpec) is saved as a
+// "ring" checkpoint: its sink tokens and the min(length, capacity) tokens it
+// still holds, oldest position first. Throws lookback::Error (kIo) when the
+// file cannot be written; the path is then left as it was.
 void save_checkpoint(const KvCache& cache, const std::string& path);
 // Saves the whole pool: configuration, geometry, every sequence's id, length
 // and block table, reference counts, the free list in order (so the restored
@@ -53,13 +55,15 @@ PagedKvPool load_paged_pool(const std::string& path, const CheckpointLimits& lim
 // Replace `into`'s state (tokens; for a pool also every sequence, block table
 // and the free list) with the checkpoint's. The checkpoint must come from an
 // object of the same configuration (kv_heads, head_dim, storage, RoPE) and
-// geometry (capacity; block_size and num_blocks), else lookback::Error
-// (kInvalidArgument). All or nothing: the file is read and verified in full
+// geometry (capacity; block_size and num_blocks; a ring checkpoint needs a
+// ring with the same sink tokens, a contiguous one a cache without a ring),
+// else lookback::Error (kInvalidArgument). All or nothing: the file is read and verified in full
 // before `into` changes, so on any error `into` is untouched.
 void load_checkpoint(const std::string& path, KvCache& into);
 void load_checkpoint(const std::string& path, PagedKvPool& into);
 
-enum class CheckpointKind { kContiguous, kPaged };
+// kRing: a KvCache run as a ring (RingSpec); load_kv_cache returns a ring.
+enum class CheckpointKind { kContiguous, kPaged, kRing };
 
 struct CheckpointSection {
   std::string name;         // "header", "tables", "keys", "values"
@@ -87,8 +91,9 @@ struct CheckpointInfo {
   std::uint32_t version = 0;  // 0 when the file is too short to hold one
   std::optional<CheckpointKind> kind;
   std::optional<CacheConfig> config;
-  std::int64_t capacity = 0;                  // contiguous: tokens
-  std::int64_t length = 0;                    // contiguous: filled tokens
+  std::int64_t capacity = 0;                  // contiguous, ring: tokens (a ring's slots)
+  std::int64_t length = 0;                    // contiguous, ring: tokens appended
+  std::int64_t sink_tokens = 0;               // ring: RingSpec::sink_tokens
   std::int64_t block_size = 0;                // paged
   std::int64_t num_blocks = 0;                // paged
   std::int64_t used_blocks = 0;               // paged: blocks with a reference (saved)
@@ -108,6 +113,7 @@ struct CheckpointInfo {
 // thrown; a path that cannot be opened or read throws lookback::Error (kIo).
 CheckpointInfo inspect_checkpoint(const std::string& path);
 
-std::string_view checkpoint_kind_name(CheckpointKind kind) noexcept;  // "contiguous", "paged"
+// "contiguous", "paged", "ring"
+std::string_view checkpoint_kind_name(CheckpointKind kind) noexcept;
 
 }  // namespace lookback

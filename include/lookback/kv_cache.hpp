@@ -85,7 +85,8 @@ class KvCache {
   // included). attend throws lookback::Error when the step's window, new
   // tokens or sink tokens reach a token already overwritten: keep window +
   // tokens <= capacity - ring.sink_tokens and the step's sink tokens <=
-  // ring.sink_tokens. Checkpoints refuse rings.
+  // ring.sink_tokens. A checkpoint of a ring (lookback/checkpoint.hpp) loads
+  // as the same ring.
   KvCache(const CacheConfig& config, std::int64_t capacity, const RingSpec& ring);
   ~KvCache();
   KvCache(KvCache&&) noexcept;

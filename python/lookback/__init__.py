@@ -397,7 +397,7 @@ class KVCache:
     those sink tokens decodes without end in ring_sink_tokens + W + chunk
     slots. len() keeps counting every token (positions stay absolute);
     attending with a window, new tokens or sink tokens that reach an
-    overwritten token is a ValueError, and rings cannot be saved.
+    overwritten token is a ValueError. save() and load() keep a ring a ring.
 
         c = KVCache(4 + 128 + 1, 8, 128, ring=True, ring_sink_tokens=4)
         c.append(k, v); out = c.attend(q, window=128, sink_tokens=4)
@@ -415,8 +415,9 @@ class KVCache:
 
     @classmethod
     def load(cls, path: str) -> "KVCache":
-        """A cache from a checkpoint written by save() (docs/checkpoint.md).
-        A missing, damaged or truncated file is an OSError."""
+        """A cache from a checkpoint written by save() (docs/checkpoint.md);
+        a ring's checkpoint loads as a ring (ring_sink_tokens set). A
+        missing, damaged or truncated file is an OSError."""
         cache = cls.__new__(cls)
         cache._cache = _lookback.KvCache.load(str(path))
         return cache

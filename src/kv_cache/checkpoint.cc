@@ -58,20 +58,50 @@ Parsed read_checkpoint(const std::string& path, std::vector<std::byte>& storage)
   return with_path(path, [&] { return checkpoint_format::parse(storage); });
 }
 
-void require_kind(const std::string& path, const Header& header, CheckpointKind expected) {
-  if (header.kind != expected) {
+// A KvCache loads a contiguous or ring checkpoint, a PagedKvPool a paged one.
+void require_kind(const std::string& path, const Header& header, bool pool) {
+  const bool paged = header.kind == CheckpointKind::kPaged;
+  if (paged != pool) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("{}: a {} checkpoint (expected a {} one: load it with {})", path,
-                            checkpoint_kind_name(header.kind), checkpoint_kind_name(expected),
-                            header.kind == CheckpointKind::kContiguous ? "load_kv_cache"
-                                                                       : "load_paged_pool"));
+                            checkpoint_kind_name(header.kind),
+                            pool ? "paged" : "contiguous or ring",
+                            paged ? "load_paged_pool" : "load_kv_cache"));
+  }
+}
+
+// A ring checkpoint loads into a ring with the same sink tokens, a contiguous
+// one into a cache without a ring (load_checkpoint's contract).
+void require_same_ring(const std::string& path, const Header& header,
+                       const std::optional<RingSpec>& ring) {
+  const bool ring_file = header.kind == CheckpointKind::kRing;
+  if (ring_file && !ring) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("{}: a ring checkpoint ({} sink tokens), the cache loaded into is not "
+                            "a ring (expected a ring KvCache of the same capacity and sink tokens; "
+                            "load_kv_cache makes a new one)",
+                            path, header.sink_tokens));
+  }
+  if (!ring_file && ring) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("{}: a contiguous checkpoint, the cache loaded into is a ring ({} sink "
+                            "tokens) (expected a KvCache without a ring; load_kv_cache makes a "
+                            "new one)",
+                            path, ring->sink_tokens));
+  }
+  if (ring_file && ring->sink_tokens != header.sink_tokens) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("{}: the checkpoint has ring sink_tokens {}, the ring loaded into has "
+                            "{} (expected a ring with the same sink tokens; load_kv_cache makes a "
+                            "new one)",
+                            path, header.sink_tokens, ring->sink_tokens));
   }
 }
 
 void check_limit(const std::string& path, const Header& header, const CheckpointLimits& limits) {
   const std::int64_t limit =
       limits.max_cache_bytes > 0 ? limits.max_cache_bytes : detail::physical_memory();
-  const bool contiguous = header.kind == CheckpointKind::kContiguous;
+  const bool contiguous = header.kind != CheckpointKind::kPaged;  // or a ring
   std::int64_t slots;
   if (contiguous) {
     slots = header.capacity;
@@ -104,7 +134,7 @@ void require_same_shape(const std::string& path, const Header& header, const Cac
     const char* name;
     std::string file, object;
   };
-  const bool contiguous = header.kind == CheckpointKind::kContiguous;
+  const bool contiguous = header.kind != CheckpointKind::kPaged;  // or a ring
   const Field fields[] = {
       {"kv_heads", std::to_string(header.config.kv_heads), std::to_string(config.kv_heads)},
       {"head_dim", std::to_string(header.config.head_dim), std::to_string(config.head_dim)},
@@ -174,21 +204,21 @@ void write_checkpoint(const std::string& path, const Header& header, const Table
 struct CacheState {
   static void save(const KvCache& cache, const std::string& path) {
     const KvCache::Impl& impl = *cache.impl_;
-    if (impl.ring) {
-      throw Error(fmt::format("cache: a ring cache ({} slots, {} sink tokens) cannot be saved "
-                              "(expected a KvCache without a ring, or a PagedKvPool)",
-                              impl.capacity, impl.ring->sink_tokens));
-    }
     const Header header =
-        checkpoint_format::contiguous_header(impl.config, impl.capacity, impl.length);
+        impl.ring ? checkpoint_format::ring_header(impl.config, impl.capacity, impl.length,
+                                                   impl.ring->sink_tokens)
+                  : checkpoint_format::contiguous_header(impl.config, impl.capacity, impl.length);
     const std::int64_t row_stride = padded_row_bytes(impl.config);
-    // (kv_heads, length, head_dim): the filled tokens, without the padding.
+    const std::int64_t stored = checkpoint_format::stored_tokens(header);
+    // (kv_heads, stored, head_dim): the tokens held, in position order (a
+    // ring's from the slots they occupy), without the padding.
     const auto rows_of = [&](const detail::CacheStorage& data) -> SectionWriter {
-      return [&impl, &header, base = data.data(), row_stride](const ByteSink& sink) {
+      return [&impl, &header, base = data.data(), row_stride, stored](const ByteSink& sink) {
         const std::byte* scales = scales_at(impl.config, base, impl.capacity);
         for (std::int64_t h = 0; h < impl.config.kv_heads; ++h) {
-          for (std::int64_t t = 0; t < impl.length; ++t) {
-            const std::int64_t row = h * impl.capacity + t;
+          for (std::int64_t t = 0; t < stored; ++t) {
+            const std::int64_t slot = impl.slot_of(checkpoint_format::stored_position(header, t));
+            const std::int64_t row = h * impl.capacity + slot;
             save_row(sink, base + row * row_stride,
                      scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
                      header);
@@ -240,16 +270,20 @@ struct CacheState {
     KvCache::Impl& impl = *cache.impl_;
     const Header& header = parsed.header;
     const std::int64_t row_stride = padded_row_bytes(impl.config);
+    const std::int64_t stored = checkpoint_format::stored_tokens(header);
     const std::pair<detail::CacheStorage*, Bytes> parts[] = {{&impl.k, parsed.keys},
                                                                {&impl.v, parsed.values}};
     for (const auto& [data, file] : parts) {
       std::byte* scales = scales_at(impl.config, data->data(), impl.capacity);
       for (std::int64_t h = 0; h < header.config.kv_heads; ++h) {
-        for (std::int64_t t = 0; t < header.length; ++t) {
-          const std::int64_t row = h * impl.capacity + t;
+        for (std::int64_t t = 0; t < stored; ++t) {
+          // A ring's row goes back to the slot its position maps to (the
+          // same ring geometry was checked), so it goes on as it would have.
+          const std::int64_t slot = impl.slot_of(checkpoint_format::stored_position(header, t));
+          const std::int64_t row = h * impl.capacity + slot;
           restore_row(data->data() + row * row_stride,
                       scales ? scales + row * static_cast<std::int64_t>(sizeof(float)) : nullptr,
-                      file.data() + (h * header.length + t) * header.row_bytes, header, row_stride);
+                      file.data() + (h * stored + t) * header.row_bytes, header, row_stride);
         }
       }
     }
@@ -308,9 +342,12 @@ void save_checkpoint(const PagedKvPool& pool, const std::string& path) {
 KvCache load_kv_cache(const std::string& path, const CheckpointLimits& limits) {
   std::vector<std::byte> storage;
   const Parsed parsed = read_checkpoint(path, storage);
-  require_kind(path, parsed.header, CheckpointKind::kContiguous);
+  require_kind(path, parsed.header, /*pool=*/false);
   check_limit(path, parsed.header, limits);
-  KvCache cache(parsed.header.config, parsed.header.capacity);
+  KvCache cache = parsed.header.kind == CheckpointKind::kRing
+                      ? KvCache(parsed.header.config, parsed.header.capacity,
+                                RingSpec{.sink_tokens = parsed.header.sink_tokens})
+                      : KvCache(parsed.header.config, parsed.header.capacity);
   CacheState::restore(cache, parsed);
   return cache;
 }
@@ -318,7 +355,7 @@ KvCache load_kv_cache(const std::string& path, const CheckpointLimits& limits) {
 PagedKvPool load_paged_pool(const std::string& path, const CheckpointLimits& limits) {
   std::vector<std::byte> storage;
   Parsed parsed = read_checkpoint(path, storage);
-  require_kind(path, parsed.header, CheckpointKind::kPaged);
+  require_kind(path, parsed.header, /*pool=*/true);
   check_limit(path, parsed.header, limits);
   PagedKvPool pool(parsed.header.config, parsed.header.block_size, parsed.header.num_blocks);
   CacheState::restore(pool, parsed);
@@ -328,7 +365,8 @@ PagedKvPool load_paged_pool(const std::string& path, const CheckpointLimits& lim
 void load_checkpoint(const std::string& path, KvCache& into) {
   std::vector<std::byte> storage;
   const Parsed parsed = read_checkpoint(path, storage);
-  require_kind(path, parsed.header, CheckpointKind::kContiguous);
+  require_kind(path, parsed.header, /*pool=*/false);
+  require_same_ring(path, parsed.header, into.ring());
   require_same_shape(path, parsed.header, into.config(), into.capacity(), 0);
   CacheState::restore(into, parsed);
 }
@@ -336,7 +374,7 @@ void load_checkpoint(const std::string& path, KvCache& into) {
 void load_checkpoint(const std::string& path, PagedKvPool& into) {
   std::vector<std::byte> storage;
   Parsed parsed = read_checkpoint(path, storage);
-  require_kind(path, parsed.header, CheckpointKind::kPaged);
+  require_kind(path, parsed.header, /*pool=*/true);
   require_same_shape(path, parsed.header, into.config(), into.block_size(), into.num_blocks());
   CacheState::restore(into, parsed);
 }
@@ -400,6 +438,7 @@ void inspect_fields(const detail::InputFile& file, const Directory& directory,
   info.config = header.config;
   info.capacity = header.capacity;
   info.length = header.length;
+  info.sink_tokens = header.sink_tokens;
   info.block_size = header.block_size;
   info.num_blocks = header.num_blocks;
   info.used_blocks = header.used_blocks;
@@ -439,7 +478,15 @@ CheckpointInfo inspect_checkpoint(const std::string& path) {
 }
 
 std::string_view checkpoint_kind_name(CheckpointKind kind) noexcept {
-  return kind == CheckpointKind::kContiguous ? "contiguous" : "paged";
+  switch (kind) {
+    case CheckpointKind::kContiguous:
+      return "contiguous";
+    case CheckpointKind::kPaged:
+      return "paged";
+    case CheckpointKind::kRing:
+      return "ring";
+  }
+  return "unknown";
 }
 
 }  // namespace lookback

@@ -43,6 +43,7 @@ constexpr std::int64_t kEntryBytes = 32;            // tag, crc, offset, length,
 constexpr std::int64_t kDirectoryTrailerBytes = 8;  // directory crc, reserved
 constexpr std::int64_t kContiguousHeaderBytes = 48;
 constexpr std::int64_t kPagedHeaderBytes = 72;
+constexpr std::int64_t kRingHeaderBytes = 56;  // contiguous's fields, then sink_tokens
 
 // Far above any model (the largest have tens), and low enough that kv_heads *
 // padded head_dim * 4 bytes stays far from overflowing.
@@ -62,9 +63,10 @@ constexpr std::array<SectionSpec, 3> kContiguousSections{kHeaderSpec, kKeysSpec,
 constexpr std::array<SectionSpec, 4> kPagedSections{kHeaderSpec, kTablesSpec, kKeysSpec,
                                                     kValuesSpec};
 
+// A ring has a contiguous cache's sections (its header is longer).
 std::span<const SectionSpec> sections_of(CheckpointKind kind) {
-  if (kind == CheckpointKind::kContiguous) return kContiguousSections;
-  return kPagedSections;
+  if (kind == CheckpointKind::kPaged) return kPagedSections;
+  return kContiguousSections;
 }
 
 // Where each kind's sections sit in CheckpointInfo::sections / Directory.
@@ -83,10 +85,29 @@ std::int64_t directory_bytes(CheckpointKind kind) {
 static_assert(kLongestDirectoryBytes == kPreambleBytes + 4 * kEntryBytes + kDirectoryTrailerBytes);
 
 std::int64_t header_bytes(CheckpointKind kind) {
-  return kind == CheckpointKind::kContiguous ? kContiguousHeaderBytes : kPagedHeaderBytes;
+  switch (kind) {
+    case CheckpointKind::kContiguous:
+      return kContiguousHeaderBytes;
+    case CheckpointKind::kPaged:
+      return kPagedHeaderBytes;
+    case CheckpointKind::kRing:
+      return kRingHeaderBytes;
+  }
+  return 0;
 }
 
-std::uint32_t kind_code(CheckpointKind kind) { return kind == CheckpointKind::kContiguous ? 1 : 2; }
+// The kind's code in the file (docs/checkpoint.md).
+std::uint32_t kind_code(CheckpointKind kind) {
+  switch (kind) {
+    case CheckpointKind::kContiguous:
+      return 1;
+    case CheckpointKind::kPaged:
+      return 2;
+    case CheckpointKind::kRing:
+      return 3;
+  }
+  return 0;
+}
 
 // Storage dtypes have their own codes in the file, so the enum's order in
 // dtype.hpp can change without changing the format.
@@ -175,13 +196,14 @@ CheckpointKind parse_preamble(Bytes head, std::int64_t file_bytes) {
         fmt::format("the file is {} bytes, it ends inside the directory (truncated)", file_bytes));
   }
   const std::uint32_t kind_value = get_u32(head.data() + 12);
-  if (kind_value != 1 && kind_value != 2) {
-    damaged(
-        fmt::format("kind {} (expected 1 for a contiguous cache or 2 for a paged pool; the "
-                    "directory is damaged)",
-                    kind_value));
+  for (CheckpointKind kind :
+       {CheckpointKind::kContiguous, CheckpointKind::kPaged, CheckpointKind::kRing}) {
+    if (kind_code(kind) == kind_value) return kind;
   }
-  return kind_value == 1 ? CheckpointKind::kContiguous : CheckpointKind::kPaged;
+  damaged(
+      fmt::format("kind {} (expected 1 for a contiguous cache, 2 for a paged pool or 3 for a "
+                  "ring cache; the directory is damaged)",
+                  kind_value));
 }
 
 // The section entries of a directory whose CRC matched: tags in order, each
@@ -234,9 +256,10 @@ std::vector<std::byte> encode_header(const Header& header) {
   put_u32(out, rope_flags);
   put_u32(out, theta_bits);
   put_u32(out, 0);
-  if (header.kind == CheckpointKind::kContiguous) {
+  if (header.kind != CheckpointKind::kPaged) {
     put_i64(out, header.capacity);
     put_i64(out, header.length);
+    if (header.kind == CheckpointKind::kRing) put_i64(out, header.sink_tokens);
   } else {
     put_i64(out, header.block_size);
     put_i64(out, header.num_blocks);
@@ -396,6 +419,31 @@ Header contiguous_header(const CacheConfig& config, std::int64_t capacity, std::
   return header;
 }
 
+Header ring_header(const CacheConfig& config, std::int64_t capacity, std::int64_t length,
+                   std::int64_t sink_tokens) {
+  Header header;
+  header.kind = CheckpointKind::kRing;
+  header.config = config;
+  header.capacity = capacity;
+  header.length = length;
+  header.sink_tokens = sink_tokens;
+  header.row_bytes = file_row_bytes(config);
+  header.data_bytes = config.kv_heads * stored_tokens(header) * header.row_bytes;
+  return header;
+}
+
+std::int64_t stored_tokens(const Header& header) {
+  return header.kind == CheckpointKind::kRing ? std::min(header.length, header.capacity)
+                                              : header.length;
+}
+
+std::int64_t stored_position(const Header& header, std::int64_t row) {
+  // Rows past the sinks are the newest stored_tokens() - sink_tokens tokens
+  // (every token, for a ring that has not wrapped or a contiguous cache).
+  if (row < header.sink_tokens) return row;
+  return header.length - stored_tokens(header) + row;
+}
+
 Header paged_header(const CacheConfig& config, std::int64_t block_size, std::int64_t num_blocks,
                     std::int64_t used_blocks, std::int64_t sequence_count, SequenceId next_id) {
   Header header;
@@ -427,6 +475,15 @@ Header parse_header(Bytes bytes, CheckpointKind kind) {
     checked_product({header.capacity, token_bytes}, "capacity's tokens");
     header.data_bytes =
         checked_product({config.kv_heads, header.length, header.row_bytes}, "length's tokens");
+  } else if (kind == CheckpointKind::kRing) {
+    // A ring needs a slot beside its sink tokens (RingSpec), and counts every
+    // token appended: its length may exceed its capacity.
+    header.capacity = in.number("capacity", 1, kMaxInt64);
+    header.length = in.number("length", 0, kMaxInt64);
+    header.sink_tokens = in.number("sink_tokens", 0, header.capacity - 1);
+    checked_product({header.capacity, token_bytes}, "capacity's tokens");
+    header.data_bytes = checked_product(
+        {config.kv_heads, stored_tokens(header), header.row_bytes}, "stored tokens");
   } else {
     header.block_size = in.number("block_size", 1, kMaxInt64);
     header.num_blocks = in.number("num_blocks", 0, kMaxInt64);
@@ -452,13 +509,19 @@ void check_data_sizes(const Header& header, const Directory& directory) {
   for (SectionId id : {SectionId::kKeys, SectionId::kValues}) {
     const CheckpointSection& section = directory.section(id);
     if (section.bytes != header.data_bytes) {
-      const std::string shape =
-          header.kind == CheckpointKind::kContiguous
-              ? fmt::format("kv_heads {} x length {} x head_dim {}", header.config.kv_heads,
-                            header.length, header.config.head_dim)
-              : fmt::format("used_blocks {} x kv_heads {} x block_size {} x head_dim {}",
+      std::string shape;
+      if (header.kind == CheckpointKind::kContiguous) {
+        shape = fmt::format("kv_heads {} x length {} x head_dim {}", header.config.kv_heads,
+                            header.length, header.config.head_dim);
+      } else if (header.kind == CheckpointKind::kRing) {
+        shape = fmt::format("kv_heads {} x min(length {}, capacity {}) x head_dim {}",
+                            header.config.kv_heads, header.length, header.capacity,
+                            header.config.head_dim);
+      } else {
+        shape = fmt::format("used_blocks {} x kv_heads {} x block_size {} x head_dim {}",
                             header.used_blocks, header.config.kv_heads, header.block_size,
                             header.config.head_dim);
+      }
       damaged(fmt::format("{} section is {} bytes (expected {} = {} x {} bytes of {}{})",
                           section.name, section.bytes, header.data_bytes, shape,
                           element_bytes(header.config), dtype_name(header.config.storage),

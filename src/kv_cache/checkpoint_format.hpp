@@ -62,8 +62,9 @@ struct Directory {
 struct Header {
   CheckpointKind kind = CheckpointKind::kContiguous;
   CacheConfig config;
-  std::int64_t capacity = 0;        // contiguous
-  std::int64_t length = 0;          // contiguous
+  std::int64_t capacity = 0;        // contiguous, ring
+  std::int64_t length = 0;          // contiguous, ring (a ring's may exceed its capacity)
+  std::int64_t sink_tokens = 0;     // ring
   std::int64_t block_size = 0;      // paged
   std::int64_t num_blocks = 0;      // paged
   std::int64_t used_blocks = 0;     // paged
@@ -85,6 +86,7 @@ struct Tables {
 
 // Everything a verified checkpoint holds; `keys` and `values` point into the
 // bytes parsed, in file order: (kv_heads, length, head_dim) contiguous,
+// (kv_heads, stored_tokens(header), head_dim) ring,
 // (used_blocks, kv_heads, block_size, head_dim) paged.
 struct Parsed {
   Header header;
@@ -95,8 +97,18 @@ struct Parsed {
 
 // Headers for saving, with row_bytes and data_bytes filled in.
 Header contiguous_header(const CacheConfig& config, std::int64_t capacity, std::int64_t length);
+Header ring_header(const CacheConfig& config, std::int64_t capacity, std::int64_t length,
+                   std::int64_t sink_tokens);
 Header paged_header(const CacheConfig& config, std::int64_t block_size, std::int64_t num_blocks,
                     std::int64_t used_blocks, std::int64_t sequence_count, SequenceId next_id);
+
+// Tokens a contiguous or ring checkpoint stores per kv head: length, or a
+// ring's min(length, capacity).
+std::int64_t stored_tokens(const Header& header);
+// The position of the `row`-th stored token (0 <= row < stored_tokens): rows
+// run in position order, a ring's sink tokens first, then the newest tokens
+// it keeps (docs/checkpoint.md).
+std::int64_t stored_position(const Header& header, std::int64_t row);
 
 // Bytes of one stored element.
 std::int64_t element_bytes(const CacheConfig& config);

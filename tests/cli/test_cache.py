@@ -103,6 +103,27 @@ class CacheTest(CliTestCase):
         self.assertTrue(doc["intact"])
         self.assertEqual(doc["problems"], [])
 
+    def test_save_and_inspect_ring(self):
+        """A ring of 16 slots, 4 of them for sink tokens, fed 40 tokens: it
+        stores tokens 0..3 and 28..39, in position order."""
+        out = self.make_checkpoint("--capacity", "16", "--ring-sink-tokens", "4")
+        result = run("cache", "inspect", out)
+        self.assert_ok(result)
+        for line in ("format: version 1, ring", "capacity: 16 tokens", "length: 40 tokens",
+                     "sink_tokens: 4", "status: intact"):
+            self.assertIn(line, result.stdout)
+        doc = json.loads(run("cache", "inspect", out, "--format", "json").stdout)
+        self.assertEqual((doc["kind"], doc["capacity"], doc["length"], doc["sink_tokens"]),
+                         ("ring", 16, 40, 4))
+        data = read_bytes(out)
+        self.assertEqual(struct.unpack_from("<I", data, 12)[0], 3)  # kind
+        offset, length = sections(data)["KDAT"]
+        self.assertEqual(length, 2 * 16 * 24 * 4)
+        keys = np.frombuffer(data[offset:offset + length], dtype="<f4").reshape(2, 16, 24)
+        k = np.load(self.path("k.npy"))
+        positions = list(range(4)) + list(range(28, 40))
+        np.testing.assert_array_equal(keys, k[positions].transpose(1, 0, 2))
+
     def test_flipped_byte_in_the_data_is_damage(self):
         out = self.make_checkpoint()
         data = bytearray(read_bytes(out))
@@ -159,6 +180,10 @@ class CacheTest(CliTestCase):
             (["--block-size", "4"], "--block-size: given without --paged"),
             (["--num-blocks", "4"], "--num-blocks: given without --paged"),
             (["--paged", "--capacity", "64"], "--capacity: given with --paged"),
+            (["--ring-sink-tokens", "2"], "--ring-sink-tokens: given without --capacity"),
+            (["--paged", "--ring-sink-tokens", "2"], "--ring-sink-tokens: given with --paged"),
+            (["--capacity", "4", "--ring-sink-tokens", "4"],
+             "--ring-sink-tokens: 4 (expected less than --capacity 4"),
         ]
         for extra, mention in cases:
             with self.subTest(extra=extra):

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstring>
 #include <string>
@@ -139,6 +140,82 @@ TEST(CheckpointFormat, PagedRoundTripInMemoryReencodesIdentically) {
   // What was parsed encodes to the same bytes: no field is lost or altered.
   const std::vector<std::byte> again = encode(parsed.header, parsed.tables, keys, values);
   EXPECT_EQ(again, file);
+}
+
+// A ring's header (kind 3): a contiguous header plus sink_tokens; its data
+// sections hold min(length, capacity) tokens, oldest position first.
+TEST(CheckpointFormat, RingRoundTripInMemoryReencodesIdentically) {
+  for (std::int64_t length : {21, 8, 5, 0}) {
+    SCOPED_TRACE("length " + std::to_string(length));
+    const format::Header header =
+        format::ring_header(kConfig, /*capacity=*/8, length, /*sink_tokens=*/3);
+    const std::int64_t stored = std::min<std::int64_t>(length, 8);
+    EXPECT_EQ(format::stored_tokens(header), stored);
+    EXPECT_EQ(header.data_bytes, 2 * stored * 6 * 2);
+    const std::vector<std::byte> keys = pattern_bytes(header.data_bytes, 11);
+    const std::vector<std::byte> values = pattern_bytes(header.data_bytes, 12);
+    const std::vector<std::byte> file = encode(header, {}, keys, values);
+    ASSERT_EQ(file.size(), 128u + 56u + 2u * static_cast<std::size_t>(header.data_bytes));
+
+    const format::Parsed parsed = format::parse(file);
+    EXPECT_EQ(parsed.header.kind, CheckpointKind::kRing);
+    EXPECT_EQ(parsed.header.capacity, 8);
+    EXPECT_EQ(parsed.header.length, length);
+    EXPECT_EQ(parsed.header.sink_tokens, 3);
+    EXPECT_TRUE(same_bytes(parsed.keys, keys));
+    EXPECT_TRUE(same_bytes(parsed.values, values));
+    EXPECT_EQ(encode(parsed.header, {}, keys, values), file);
+  }
+  // Row order: the sink tokens, then the newest tokens kept.
+  const format::Header wrapped = format::ring_header(kConfig, 8, 21, 3);
+  std::vector<std::int64_t> positions;
+  for (std::int64_t row = 0; row < 8; ++row) {
+    positions.push_back(format::stored_position(wrapped, row));
+  }
+  EXPECT_EQ(positions, (std::vector<std::int64_t>{0, 1, 2, 16, 17, 18, 19, 20}));
+  const format::Header young = format::ring_header(kConfig, 8, 5, 3);
+  positions.clear();
+  for (std::int64_t row = 0; row < 5; ++row) {
+    positions.push_back(format::stored_position(young, row));
+  }
+  EXPECT_EQ(positions, (std::vector<std::int64_t>{0, 1, 2, 3, 4}));
+}
+
+TEST(CheckpointFormat, RingHeadersOutOfRangeAreFormatErrors) {
+  // The encoder writes what it is given, with valid CRCs.
+  format::Header sinks = format::ring_header(kConfig, 8, 21, 3);
+  sinks.sink_tokens = 8;
+  EXPECT_NE(format_error(encode(sinks, {}, pattern_bytes(sinks.data_bytes, 1),
+                                pattern_bytes(sinks.data_bytes, 2)))
+                .find("header section: sink_tokens is 8 (expected 0 to 7)"),
+            std::string::npos);
+  format::Header shorter = format::ring_header(kConfig, 8, 21, 3);  // data for 8 tokens
+  shorter.length = 5;
+  EXPECT_NE(format_error(encode(shorter, {}, pattern_bytes(shorter.data_bytes, 3),
+                                pattern_bytes(shorter.data_bytes, 4)))
+                .find("keys section is 192 bytes (expected 120 = kv_heads 2 x min(length 5, "
+                      "capacity 8) x head_dim 6"),
+            std::string::npos);
+  format::Header empty = format::ring_header(kConfig, 8, 0, 0);
+  empty.capacity = 0;
+  EXPECT_NE(format_error(encode(empty, {}, {}, {})).find("capacity is 0 (expected 1"),
+            std::string::npos);
+}
+
+TEST(CheckpointFormat, EveryTruncationAndFlippedByteOfARingIsAFormatError) {
+  const format::Header header = format::ring_header(kConfig, 6, 17, 2);
+  const std::vector<std::byte> file =
+      encode(header, {}, pattern_bytes(header.data_bytes, 5), pattern_bytes(header.data_bytes, 6));
+  for (std::size_t size = 0; size < file.size(); ++size) {
+    SCOPED_TRACE("truncated to " + std::to_string(size) + " bytes");
+    EXPECT_FALSE(format_error(format::Bytes(file).first(size)).empty());
+  }
+  for (std::size_t at = 0; at < file.size(); ++at) {
+    SCOPED_TRACE("byte " + std::to_string(at) + " flipped");
+    std::vector<std::byte> damaged = file;
+    damaged[at] ^= std::byte{0x10};
+    EXPECT_FALSE(format_error(damaged).empty());
+  }
 }
 
 TEST(CheckpointFormat, EveryTruncationAndFlippedByteIsAFormatError) {

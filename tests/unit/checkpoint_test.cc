@@ -780,6 +780,229 @@ TEST_F(Checkpoint, AbsurdOrInconsistentFieldsAreErrorsWithoutHugeAllocations) {
   }
 }
 
+// ---- rings -------------------------------------------------------------------------
+
+// A ring of kRingSinks + kRingWindow + 3 slots: observe_ring's steps of 3
+// tokens with that window and those sink tokens reach no overwritten key.
+constexpr std::int64_t kRingSinks = 2, kRingWindow = 9, kRingSlots = kRingSinks + kRingWindow + 3;
+constexpr DecodeOptions kRingOptions{.window_left = kRingWindow, .sink_tokens = kRingSinks};
+
+KvCache make_ring(const CacheConfig& config, std::int64_t sinks = kRingSinks,
+                  std::int64_t slots = kRingSlots) {
+  return KvCache(config, slots, RingSpec{.sink_tokens = sinks});
+}
+
+// Appends `tokens` random tokens in steps of 1 to 5 (a ring takes at most
+// capacity - sink tokens at once), so the ring wraps at odd points.
+void fill_ring(KvCache& ring, std::int64_t tokens, std::uint64_t seed) {
+  for (std::int64_t done = 0, step = 0; done < tokens; ++step) {
+    const std::int64_t count = std::min<std::int64_t>(tokens - done, 1 + step % 5);
+    append_random(ring, count, seed + static_cast<std::uint64_t>(step));
+    done += count;
+  }
+}
+
+// observe() for a ring: its geometry, then attention with a window and sink
+// tokens (a wrapped ring refuses a step without a window).
+std::vector<float> observe_ring(const KvCache& cache) {
+  Context& context = shared_context();
+  const std::optional<RingSpec> ring = cache.ring();
+  std::vector<float> seen{static_cast<float>(cache.capacity()),
+                          static_cast<float>(ring ? ring->sink_tokens : -1),
+                          static_cast<float>(cache.first_kept())};
+  observe_attention(
+      cache.config(), cache.length(),
+      [&](const DecodeStep& step) { cache.attend(step, kRingOptions, context); }, seen);
+  return seen;
+}
+
+// Rings that wrapped many times, that wrapped just now, that are exactly
+// full and that have not reached their sink tokens: loaded (fresh, or into a
+// ring of the same shape holding other tokens), each attends bit for bit like
+// the original, and goes on identically after more tokens.
+TEST_F(Checkpoint, RingsRoundTripAndGoOnBitForBit) {
+  const CacheConfig configs[] = {small_config(DType::kF32),
+                                 small_config(DType::kBF16, RopeSpec{.theta = 10000.0f}),
+                                 small_config(DType::kI8, RopeSpec{.theta = 500000.0f}),
+                                 small_config(DType::kF16, RopeSpec{.interleaved = true})};
+  for (const CacheConfig& config : configs) {
+    for (std::int64_t tokens : {std::int64_t{100}, std::int64_t{15}, kRingSlots, std::int64_t{9},
+                                std::int64_t{1}, std::int64_t{0}}) {
+      SCOPED_TRACE(std::string(dtype_name(config.storage)) + (config.rope ? " rope" : "") + ", " +
+                   std::to_string(tokens) + " tokens");
+      KvCache ring = make_ring(config);
+      fill_ring(ring, tokens, 10);
+      ASSERT_EQ(ring.length(), tokens);
+      save_checkpoint(ring, path("ring.lbkv"));
+
+      KvCache loaded = load_kv_cache(path("ring.lbkv"));
+      ASSERT_TRUE(loaded.ring().has_value());
+      EXPECT_EQ(loaded.ring()->sink_tokens, kRingSinks);
+      EXPECT_EQ(loaded.capacity(), kRingSlots);
+      EXPECT_EQ(loaded.length(), tokens);
+      EXPECT_EQ(loaded.first_kept(), ring.first_kept());
+      EXPECT_TRUE(bit_identical(observe_ring(loaded), observe_ring(ring)));
+
+      KvCache into = make_ring(config);
+      fill_ring(into, 37, 50);  // other tokens, wrapped elsewhere
+      load_checkpoint(path("ring.lbkv"), into);
+      EXPECT_EQ(into.length(), tokens);
+      EXPECT_TRUE(bit_identical(observe_ring(into), observe_ring(ring)));
+
+      // Resuming: the next tokens land in the same slots, at the same positions.
+      for (KvCache* c : {&ring, &loaded, &into}) fill_ring(*c, 23, 70);
+      EXPECT_TRUE(bit_identical(observe_ring(loaded), observe_ring(ring)));
+      EXPECT_TRUE(bit_identical(observe_ring(into), observe_ring(ring)));
+    }
+  }
+}
+
+// The data sections hold the stored tokens in position order, whatever slot
+// each occupies: the sink tokens, then the newest capacity - sinks tokens.
+TEST_F(Checkpoint, RingLayoutMatchesTheDocumentation) {
+  const CacheConfig config = small_config(DType::kF32);  // stored as given: comparable
+  const std::int64_t tokens = 23, slots = 7, sinks = 2;  // wraps 3 times, 5 window slots
+  const KvRows rows(config, tokens, 4);
+  KvCache ring = make_ring(config, sinks, slots);
+  for (std::int64_t t = 0; t < tokens; t += 4) {
+    const std::int64_t count = std::min<std::int64_t>(4, tokens - t);
+    ring.append(slice(rows.k_view, 0, t, count), slice(rows.v_view, 0, t, count));
+  }
+  save_checkpoint(ring, path("ring.lbkv"));
+  const FileBytes file = FileBytes::read(path("ring.lbkv"));
+  EXPECT_EQ(file.u32(12), 3u);  // kind: ring
+  ASSERT_EQ(file.sections(), 3u);
+  EXPECT_EQ(file.tag(0), "HEAD");
+  EXPECT_EQ(file.tag(1), "KDAT");
+  EXPECT_EQ(file.tag(2), "VDAT");
+  const std::size_t head = file.offset(0);
+  EXPECT_EQ(file.length(0), 56u);
+  EXPECT_EQ(file.u64(head + 32), static_cast<std::uint64_t>(slots));
+  EXPECT_EQ(file.u64(head + 40), static_cast<std::uint64_t>(tokens));
+  EXPECT_EQ(file.u64(head + 48), static_cast<std::uint64_t>(sinks));
+  const std::size_t row_bytes = static_cast<std::size_t>(config.head_dim) * sizeof(float);
+  ASSERT_EQ(file.length(1), static_cast<std::size_t>(config.kv_heads * slots) * row_bytes);
+  const std::int64_t positions[] = {0, 1, 18, 19, 20, 21, 22};
+  for (std::int64_t h = 0; h < config.kv_heads; ++h) {
+    for (std::int64_t row = 0; row < slots; ++row) {
+      const std::size_t input = static_cast<std::size_t>(
+          (positions[row] * config.kv_heads + h) * config.head_dim);
+      const std::size_t at = static_cast<std::size_t>(h * slots + row) * row_bytes;
+      EXPECT_EQ(std::memcmp(&file.bytes[file.offset(1) + at], &rows.k[input], row_bytes), 0)
+          << "keys, head " << h << ", row " << row;
+      EXPECT_EQ(std::memcmp(&file.bytes[file.offset(2) + at], &rows.v[input], row_bytes), 0)
+          << "values, head " << h << ", row " << row;
+    }
+  }
+  const CheckpointInfo info = inspect_checkpoint(path("ring.lbkv"));
+  EXPECT_TRUE(info.intact());
+  ASSERT_EQ(info.kind, CheckpointKind::kRing);
+  EXPECT_EQ(checkpoint_kind_name(*info.kind), "ring");
+  EXPECT_EQ(info.capacity, slots);
+  EXPECT_EQ(info.length, tokens);
+  EXPECT_EQ(info.sink_tokens, sinks);
+}
+
+// load_checkpoint needs the ring's kind, capacity and sink tokens; anything
+// else is a clear error that leaves the object untouched.
+TEST_F(Checkpoint, RingsLoadOnlyIntoMatchingRings) {
+  const CacheConfig config = small_config(DType::kBF16, RopeSpec{.theta = 10000.0f});
+  KvCache ring = make_ring(config);
+  fill_ring(ring, 40, 1);
+  save_checkpoint(ring, path("ring.lbkv"));
+  KvCache plain(config, kRingSlots);
+  append_random(plain, 5, 2);
+  save_checkpoint(plain, path("plain.lbkv"));
+
+  struct Case {
+    const char* file;
+    std::optional<std::int64_t> sinks;  // the cache loaded into; nullopt: not a ring
+    std::int64_t slots;
+    const char* mentions;
+  };
+  for (const Case& c : {Case{"ring.lbkv", std::nullopt, kRingSlots, "is not a ring"},
+                        Case{"ring.lbkv", kRingSinks + 1, kRingSlots, "ring sink_tokens 2"},
+                        Case{"ring.lbkv", 0, kRingSlots, "ring sink_tokens 2"},
+                        Case{"ring.lbkv", kRingSinks, kRingSlots + 1, "capacity"},
+                        Case{"plain.lbkv", kRingSinks, kRingSlots, "is a ring (2 sink tokens)"}}) {
+    SCOPED_TRACE(std::string(c.file) + " into " + c.mentions);
+    KvCache into = c.sinks ? make_ring(config, *c.sinks, c.slots) : KvCache(config, c.slots);
+    append_random(into, 4, 3);
+    const std::vector<float> before = observe_ring(into);
+    expect_error([&] { load_checkpoint(path(c.file), into); }, ErrorCode::kInvalidArgument,
+                 path(c.file), c.mentions);
+    EXPECT_TRUE(bit_identical(observe_ring(into), before));
+  }
+  PagedKvPool pool(config, 4, 8);
+  expect_error([&] { load_checkpoint(path("ring.lbkv"), pool); }, ErrorCode::kInvalidArgument,
+               path("ring.lbkv"), "load_kv_cache");
+  expect_error([&] { load_paged_pool(path("ring.lbkv")); }, ErrorCode::kInvalidArgument,
+               path("ring.lbkv"), "a ring checkpoint");
+  expect_error([&] { load_kv_cache(path("ring.lbkv"), {.max_cache_bytes = 64}); },
+               ErrorCode::kCapacity, path("ring.lbkv"), "capacity 14 tokens");
+}
+
+// Ring headers whose checksums are valid but whose fields are not.
+TEST_F(Checkpoint, RingHeadersOutOfRangeAreFormatErrors) {
+  const CacheConfig config = small_config();
+  KvCache ring = make_ring(config);
+  fill_ring(ring, 30, 1);  // wrapped: kRingSlots tokens stored
+  save_checkpoint(ring, path("ring.lbkv"));
+  const FileBytes good = FileBytes::read(path("ring.lbkv"));
+  const std::size_t head = good.offset(0);
+  KvCache into = make_ring(config);
+  append_random(into, 6, 2);
+  const std::vector<float> before = observe_ring(into);
+  struct Patch {
+    const char* what;
+    std::size_t at;
+    std::uint64_t value;
+    const char* mentions;
+  };
+  const Patch patches[] = {
+      {"sink_tokens = capacity", head + 48, kRingSlots, "sink_tokens is 14 (expected 0 to 13)"},
+      {"sink_tokens huge", head + 48, std::uint64_t{1} << 63, "sink_tokens"},
+      {"capacity 0", head + 32, 0, "capacity is 0 (expected 1"},
+      {"capacity below sink_tokens", head + 32, 2, "sink_tokens is 2 (expected 0 to 1)"},
+      {"length below capacity", head + 40, 5, "min(length 5, capacity 14)"},
+      {"capacity above length", head + 32, 31, "min(length 30, capacity 31)"},
+      {"capacity huge", head + 32, std::uint64_t{1} << 62, "overflow"},
+      {"length negative", head + 40, ~std::uint64_t{0}, "length"},
+  };
+  for (const Patch& patch : patches) {
+    FileBytes bad = good;
+    bad.set_u64(patch.at, patch.value);
+    bad.reseal();
+    bad.write(path("bad.lbkv"));
+    SCOPED_TRACE(patch.what);
+    expect_error([&] { load_kv_cache(path("bad.lbkv")); }, ErrorCode::kFormat, path("bad.lbkv"),
+                 patch.mentions);
+    expect_error([&] { load_checkpoint(path("bad.lbkv"), into); }, ErrorCode::kFormat,
+                 path("bad.lbkv"), patch.mentions);
+    EXPECT_TRUE(bit_identical(observe_ring(into), before));
+    EXPECT_FALSE(inspect_checkpoint(path("bad.lbkv")).intact());
+  }
+  // A length beyond the capacity keeps the data's size: a valid file (the
+  // ring's tokens then sit at later positions).
+  FileBytes later = good;
+  later.set_u64(head + 40, 1000);
+  later.reseal();
+  later.write(path("later.lbkv"));
+  EXPECT_EQ(load_kv_cache(path("later.lbkv")).first_kept(), 1000 - (kRingSlots - kRingSinks));
+  // The kind says contiguous, the header is a ring's: the directory says so.
+  FileBytes kind = good;
+  kind.set_u32(12, 1);
+  kind.reseal_directory();
+  kind.write(path("kind.lbkv"));
+  expect_error([&] { load_kv_cache(path("kind.lbkv")); }, ErrorCode::kFormat, path("kind.lbkv"),
+               "header section is 56 bytes (expected 48");
+  kind.set_u32(12, 4);
+  kind.reseal_directory();
+  kind.write(path("kind.lbkv"));
+  expect_error([&] { load_kv_cache(path("kind.lbkv")); }, ErrorCode::kFormat, path("kind.lbkv"),
+               "kind 4 (expected 1");
+}
+
 TEST_F(Checkpoint, SavingToAMissingFolderIsAnIoErrorAndWritesNothing) {
   KvCache cache(small_config(), 4);
   const std::string file = path("no/such/folder/c.lbkv");

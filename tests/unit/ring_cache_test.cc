@@ -2,9 +2,11 @@
 // in sink_tokens + window + chunk slots. A ring must attend bit for bit like a
 // cache that kept every token, through any number of wraps, for every storage
 // dtype and with RoPE (positions stay absolute); asking for a key it has
-// overwritten is an error, never a wrong answer.
+// overwritten is an error, never a wrong answer (also after a checkpoint;
+// checkpoint_test.cc has the ring checkpoints' round trips).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
@@ -186,8 +188,16 @@ TEST(RingCache, RefusesStepsThatReachOverwrittenKeys) {
   EXPECT_TRUE(testing::throws_error(
       [&] { attend_last(ring, s, 1, {.window_left = 5, .sink_tokens = 3}, context); },
       ErrorCode::kInvalidArgument, "expected at most 2 sink tokens"));
-  EXPECT_TRUE(testing::throws_error([&] { save_checkpoint(ring, "/nonexistent/ring.lbkv"); },
-                                    ErrorCode::kInvalidArgument, "ring cache"));
+  // A checkpoint of the ring loads as the same ring: it refuses the same steps.
+  const std::string file = ::testing::TempDir() + "/lookback-ring-refusals.lbkv";
+  save_checkpoint(ring, file);
+  const KvCache loaded = load_kv_cache(file);
+  std::remove(file.c_str());
+  EXPECT_EQ(loaded.first_kept(), 10);
+  EXPECT_TRUE(testing::throws_error([&] { attend_last(loaded, s, 1, {}, context); },
+                                    ErrorCode::kInvalidArgument,
+                                    "no window, but this ring cache keeps keys 0..1 and 10..19"));
+  EXPECT_NO_THROW(attend_last(loaded, s, 1, {.window_left = 9, .sink_tokens = 2}, context));
   EXPECT_TRUE(testing::throws_error([&] { KvCache(config, 4, RingSpec{.sink_tokens = 4}); },
                                     ErrorCode::kInvalidArgument, "ring sink_tokens: 4"));
   EXPECT_TRUE(testing::throws_error([&] { KvCache(config, 4, RingSpec{.sink_tokens = -1}); },

@@ -7,6 +7,7 @@
 // The format and its guarantees: docs/checkpoint.md.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -38,7 +39,9 @@ struct SaveOptions {
   bool paged = false;
   std::int64_t block_size = 16;
   std::int64_t num_blocks = 0;  // only read when --num-blocks was given
+  std::int64_t ring_sink_tokens = 0;  // only read when --ring-sink-tokens was given
   CLI::Option* capacity_option = nullptr;
+  CLI::Option* ring_option = nullptr;
   CLI::Option* block_size_option = nullptr;
   CLI::Option* num_blocks_option = nullptr;
   CLI::Option* rope_theta_option = nullptr;
@@ -71,10 +74,39 @@ void check_kind_options(const SaveOptions& options) {
                               name));
     }
   }
+  if (*options.ring_option && (options.paged || !*options.capacity_option)) {
+    throw Error(fmt::format("--ring-sink-tokens: given {} (expected it with --capacity, the ring's "
+                            "slots, and without --paged)",
+                            options.paged ? "with --paged" : "without --capacity"));
+  }
   if (options.paged && *options.capacity_option) {
     throw Error("--capacity: given with --paged (expected --num-blocks and --block-size to size "
                 "a paged pool; --capacity sizes a contiguous cache)");
   }
+}
+
+// A ring of --capacity slots holding --ring-sink-tokens sink tokens, fed the
+// tokens of --k and --v in steps it can take (capacity - sink tokens each).
+void save_ring(const SaveOptions& options, const CacheConfig& config, const LoadedNpy& k,
+               const LoadedNpy& v) {
+  if (options.ring_sink_tokens >= options.capacity) {
+    throw Error(fmt::format("--ring-sink-tokens: {} (expected less than --capacity {}: the ring "
+                            "needs a slot beside its sink tokens)",
+                            options.ring_sink_tokens, options.capacity));
+  }
+  KvCache ring(config, options.capacity, RingSpec{.sink_tokens = options.ring_sink_tokens});
+  const std::int64_t tokens = k.shape[0];
+  const std::int64_t step = options.capacity - options.ring_sink_tokens;
+  for (std::int64_t done = 0; done < tokens; done += step) {
+    const std::int64_t count = std::min(step, tokens - done);
+    ring.append(slice(k.view("--k"), 0, done, count), slice(v.view("--v"), 0, done, count));
+  }
+  save_checkpoint(ring, options.out);
+  if (options.out == "-") return;  // stdout holds the checkpoint
+  std::cout << fmt::format(
+      "saved a ring cache of {} slots ({} sink tokens) holding {} of {} tokens to {}\n",
+      options.capacity, options.ring_sink_tokens, std::min(tokens, options.capacity), tokens,
+      options.out);
 }
 
 int run_save(const SaveOptions& options) {
@@ -116,6 +148,8 @@ int run_save(const SaveOptions& options) {
         "saved a paged pool of {} blocks of {} tokens, one sequence of {} "
         "tokens, to {}\n",
         num_blocks, options.block_size, tokens, options.out);
+  } else if (*options.ring_option) {
+    save_ring(options, config, k, v);
   } else {
     const std::int64_t capacity = *options.capacity_option ? options.capacity : tokens;
     if (capacity < tokens) {
@@ -157,8 +191,10 @@ std::string render_text(const CheckpointInfo& info) {
     const CacheConfig& config = *info.config;
     text += fmt::format("kv_heads: {}\nhead_dim: {}\nstorage: {}\nrope: {}\n", config.kv_heads,
                         config.head_dim, dtype_name(config.storage), rope_text(config.rope));
-    if (info.kind == CheckpointKind::kContiguous) {
+    if (info.kind != CheckpointKind::kPaged) {
       text += fmt::format("capacity: {} tokens\nlength: {} tokens\n", info.capacity, info.length);
+      if (info.kind == CheckpointKind::kRing)
+        text += fmt::format("sink_tokens: {}\n", info.sink_tokens);
     } else {
       text += fmt::format("block_size: {} tokens\nblocks: {} ({} used, {} free)\nnext_id: {}\n",
                           info.block_size, info.num_blocks, info.used_blocks,
@@ -203,9 +239,10 @@ std::string render_json(const CheckpointInfo& info) {
     doc["rope"] =
         config.rope ? Json{{"theta", config.rope->theta}, {"interleaved", config.rope->interleaved}}
                     : Json(nullptr);
-    if (info.kind == CheckpointKind::kContiguous) {
+    if (info.kind != CheckpointKind::kPaged) {
       doc["capacity"] = info.capacity;
       doc["length"] = info.length;
+      if (info.kind == CheckpointKind::kRing) doc["sink_tokens"] = info.sink_tokens;
     } else {
       doc["block_size"] = info.block_size;
       doc["num_blocks"] = info.num_blocks;
@@ -258,6 +295,8 @@ void add_cache_command(CLI::App& app, Runner& runner) {
       "Examples:\n"
       "  lookback cache save --k k.npy --v v.npy --out prompt.lbkv --dtype bf16\n"
       "  lookback cache save --k k.npy --v v.npy --out pool.lbkv --paged --block-size 16\n"
+      "  lookback cache save --k k.npy --v v.npy --out ring.lbkv --capacity 64 \\\n"
+      "      --ring-sink-tokens 4\n"
       "  lookback cache inspect prompt.lbkv\n"
       "  lookback cache inspect pool.lbkv --format json");
 
@@ -286,6 +325,12 @@ void add_cache_command(CLI::App& app, Runner& runner) {
           ->check(kFloat);
   save_command->add_flag("--rope-interleaved", save->rope_interleaved,
                          "RoPE on pairs (2e, 2e + 1) instead of halves (e, e + d/2)");
+  save->ring_option =
+      save_command
+          ->add_option("--ring-sink-tokens", save->ring_sink_tokens,
+                       "save a ring cache of --capacity slots keeping this many sink tokens "
+                       "(the newest tokens fill the other slots)")
+          ->check(kNonNegative);
   save_command->add_flag("--paged", save->paged, "save a paged pool with one sequence");
   save->block_size_option =
       save_command
