@@ -48,7 +48,8 @@ std::vector<std::byte> encode(const format::Header& header, const format::Tables
 }
 
 bool same_bytes(format::Bytes a, const std::vector<std::byte>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), b.size()) == 0;
+  // memcmp on an empty section would take null pointers.
+  return a.size() == b.size() && (b.empty() || std::memcmp(a.data(), b.data(), b.size()) == 0);
 }
 
 // A paged pool's tables in a consistent state: block 1 shared by three
