@@ -70,6 +70,95 @@ std::string rate(std::int64_t tokens, double seconds) {
   return seconds > 0 ? fmt::format("{:.1f} tokens/s", tokens / seconds) : "-";
 }
 
+// The prompt as token ids, checked against the model: ids below vocab_size,
+// and (but for a ring, which never runs out of room) the prompt and the
+// tokens fed back within max_position_embeddings. Notes on stderr what the
+// model or the positions will meet.
+std::vector<std::int32_t> checked_prompt(const GenerateOptions& options,
+                                         const model::ModelConfig& config,
+                                         const model::Tokenizer& tokenizer, bool ring) {
+  const std::vector<std::int32_t> prompt =
+      options.prompt ? tokenizer.encode(*options.prompt) : parse_ids(*options.prompt_ids);
+  if (prompt.empty()) throw Error("--prompt: empty (expected at least one token)");
+  const auto n_prompt = static_cast<std::int64_t>(prompt.size());
+  const std::int64_t positions = config.max_position_embeddings;
+  if (!ring && n_prompt > positions) {
+    throw Error(fmt::format("--prompt: {} tokens (expected at most max_position_embeddings {})",
+                            n_prompt, positions));
+  }
+  if (!ring && options.tokens - 1 > positions - n_prompt) {
+    throw Error(fmt::format("--tokens: {} after a prompt of {} tokens (expected at most {}: "
+                            "the prompt and the tokens fed back must fit in "
+                            "max_position_embeddings {})",
+                            options.tokens, n_prompt, positions - n_prompt + 1, positions));
+  }
+  for (std::int32_t id : prompt) {
+    if (id >= config.vocab_size) {
+      throw Error(fmt::format("--prompt-ids: {} (expected ids below vocab_size {})", id,
+                              config.vocab_size));
+    }
+  }
+  if (config.attention_lookahead > 0) {
+    fmt::print(stderr,
+               "lookback: note: {} was trained with an attention mask that let each position "
+               "see {} future position(s) (config.json attention_lookahead); it runs causally "
+               "here, as generation must (docs/leakage.md)\n",
+               options.model, config.attention_lookahead);
+  }
+  if (ring && n_prompt + options.tokens - 1 > positions) {
+    fmt::print(stderr,
+               "lookback: note: {} positions pass max_position_embeddings {}: positions stay "
+               "absolute, so RoPE turns past the angles the model was trained on\n",
+               n_prompt + options.tokens - 1, positions);
+  }
+  return prompt;
+}
+
+struct Generation {
+  std::vector<std::int32_t> tokens;
+  std::string text;
+  std::vector<float> dumped;  // (tokens, vocab) with --dump-logits
+  double prefill_seconds = 0, decode_seconds = 0;
+};
+
+// Prefills the prompt in chunks, then samples --tokens tokens, feeding each
+// back but the last; with text output each piece is printed as it comes.
+Generation generate_tokens(const GenerateOptions& options, const std::vector<std::int32_t>& prompt,
+                           const model::Tokenizer& tokenizer, model::Runner& runner) {
+  model::Sampler sampler({.temperature = options.temperature,
+                          .top_k = options.top_k,
+                          .top_p = options.top_p,
+                          .seed = options.seed});
+  const bool text = options.format == OutputFormat::kText;
+  const auto n_prompt = static_cast<std::int64_t>(prompt.size());
+  Generation g;
+  const auto prefill_start = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  for (std::int64_t begin = 0; begin < n_prompt; begin += options.prefill_chunk) {
+    const std::int64_t count = std::min(options.prefill_chunk, n_prompt - begin);
+    logits = runner.feed(std::span<const std::int32_t>(prompt).subspan(begin, count));
+  }
+  g.prefill_seconds = seconds_since(prefill_start);
+
+  const auto decode_start = std::chrono::steady_clock::now();
+  std::vector<std::int32_t> sequence = prompt;
+  for (std::int64_t t = 0; t < options.tokens; ++t) {
+    if (options.dump_logits) g.dumped.insert(g.dumped.end(), logits.begin(), logits.end());
+    const std::int32_t token = sampler.sample(logits);
+    const std::string piece = tokenizer.decode_next(sequence, token);
+    g.tokens.push_back(token);
+    sequence.push_back(token);
+    g.text += piece;
+    if (text) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    }
+    if (t + 1 < options.tokens) logits = runner.feed(std::span<const std::int32_t>(&token, 1));
+  }
+  g.decode_seconds = seconds_since(decode_start);
+  return g;
+}
+
 int run_generate(const GenerateOptions& options) {
   if (options.prompt.has_value() == options.prompt_ids.has_value()) {
     throw Error("--prompt or --prompt-ids: expected exactly one of them");
@@ -87,42 +176,8 @@ int run_generate(const GenerateOptions& options) {
   const model::ModelConfig& config = model.config();
   const model::Tokenizer tokenizer = model::Tokenizer::load(options.model, config.vocab_size);
   const std::vector<std::int32_t> prompt =
-      options.prompt ? tokenizer.encode(*options.prompt) : parse_ids(*options.prompt_ids);
-  if (prompt.empty()) throw Error("--prompt: empty (expected at least one token)");
+      checked_prompt(options, config, tokenizer, cache == model::CacheMode::kRing);
   const auto n_prompt = static_cast<std::int64_t>(prompt.size());
-  // A ring never runs out of room; every other cache holds the whole sequence.
-  const bool ring = cache == model::CacheMode::kRing;
-  if (!ring && n_prompt > config.max_position_embeddings) {
-    throw Error(fmt::format("--prompt: {} tokens (expected at most max_position_embeddings {})",
-                            n_prompt, config.max_position_embeddings));
-  }
-  if (!ring && options.tokens - 1 > config.max_position_embeddings - n_prompt) {
-    throw Error(fmt::format("--tokens: {} after a prompt of {} tokens (expected at most {}: "
-                            "the prompt and the tokens fed back must fit in "
-                            "max_position_embeddings {})",
-                            options.tokens, n_prompt, config.max_position_embeddings - n_prompt + 1,
-                            config.max_position_embeddings));
-  }
-  for (std::int32_t id : prompt) {
-    if (id >= config.vocab_size) {
-      throw Error(fmt::format("--prompt-ids: {} (expected ids below vocab_size {})", id,
-                              config.vocab_size));
-    }
-  }
-  if (config.attention_lookahead > 0) {
-    fmt::print(stderr,
-               "lookback: note: {} was trained with an attention mask that let each position "
-               "see {} future position(s) (config.json attention_lookahead); it runs causally "
-               "here, as generation must (docs/leakage.md)\n",
-               options.model, config.attention_lookahead);
-  }
-
-  if (ring && n_prompt + options.tokens - 1 > config.max_position_embeddings) {
-    fmt::print(stderr,
-               "lookback: note: {} positions pass max_position_embeddings {}: positions stay "
-               "absolute, so RoPE turns past the angles the model was trained on\n",
-               n_prompt + options.tokens - 1, config.max_position_embeddings);
-  }
 
   Context context(options.threads);
   model::Runner runner(model,
@@ -132,49 +187,17 @@ int run_generate(const GenerateOptions& options) {
                         .sink_tokens = options.sink_tokens,
                         .ring_chunk = std::min<std::int64_t>(options.prefill_chunk, 512)},
                        context);
-  model::Sampler sampler({.temperature = options.temperature,
-                          .top_k = options.top_k,
-                          .top_p = options.top_p,
-                          .seed = options.seed});
   const bool text = options.format == OutputFormat::kText;
-  std::vector<float> dumped;  // (rows, vocab)
-  std::vector<std::int32_t> sequence = prompt;
-  std::string generated_text;
-
   if (text && options.prompt) {
     std::fwrite(options.prompt->data(), 1, options.prompt->size(), stdout);
     std::fflush(stdout);
   }
-  // Prefill: the prompt in chunks (each one call through the cache).
-  const auto prefill_start = std::chrono::steady_clock::now();
-  std::vector<float> logits;
-  for (std::int64_t begin = 0; begin < n_prompt; begin += options.prefill_chunk) {
-    const std::int64_t count = std::min(options.prefill_chunk, n_prompt - begin);
-    logits = runner.feed(std::span<const std::int32_t>(prompt).subspan(begin, count));
-  }
-  const double prefill_seconds = seconds_since(prefill_start);
-
-  const auto decode_start = std::chrono::steady_clock::now();
-  std::vector<std::int32_t> generated;
-  for (std::int64_t t = 0; t < options.tokens; ++t) {
-    if (options.dump_logits) dumped.insert(dumped.end(), logits.begin(), logits.end());
-    const std::int32_t token = sampler.sample(logits);
-    const std::string piece = tokenizer.decode_next(sequence, token);
-    generated.push_back(token);
-    sequence.push_back(token);
-    generated_text += piece;
-    if (text) {
-      std::fwrite(piece.data(), 1, piece.size(), stdout);
-      std::fflush(stdout);
-    }
-    if (t + 1 < options.tokens) logits = runner.feed(std::span<const std::int32_t>(&token, 1));
-  }
-  const double decode_seconds = seconds_since(decode_start);
+  const Generation g = generate_tokens(options, prompt, tokenizer, runner);
   const std::int64_t decoded = std::max<std::int64_t>(options.tokens - 1, 0);  // steps run
 
   if (options.dump_logits) {
     const std::int64_t shape[] = {options.tokens, config.vocab_size};
-    write_npy(*options.dump_logits, DType::kF32, shape, dumped.data());
+    write_npy(*options.dump_logits, DType::kF32, shape, g.dumped.data());
   }
   if (text) {
     std::fputs("\n", stdout);
@@ -189,20 +212,21 @@ int run_generate(const GenerateOptions& options) {
         {"kv_dtype", options.kv_dtype},
         {"linear", model::linear_backend()},
         {"prompt_tokens", prompt},
-        {"tokens", generated},
-        {"text", generated_text},
-        {"prefill_seconds", prefill_seconds},
-        {"decode_seconds", decode_seconds},
-        {"prompt_tokens_per_second", prefill_seconds > 0 ? n_prompt / prefill_seconds : 0.0},
-        {"generated_tokens_per_second", decode_seconds > 0 ? decoded / decode_seconds : 0.0}};
+        {"tokens", g.tokens},
+        {"text", g.text},
+        {"prefill_seconds", g.prefill_seconds},
+        {"decode_seconds", g.decode_seconds},
+        {"prompt_tokens_per_second", g.prefill_seconds > 0 ? n_prompt / g.prefill_seconds : 0.0},
+        {"generated_tokens_per_second", g.decode_seconds > 0 ? decoded / g.decode_seconds : 0.0}};
     write_output("-", json.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   }
   fmt::print(stderr,
              "lookback: prompt {} tokens in {:.3f} s ({}); generated {} tokens, {} decode steps "
              "in {:.3f} s ({}); cache {}, kv {}, {} thread{}, linear layers {}\n",
-             n_prompt, prefill_seconds, rate(n_prompt, prefill_seconds), generated.size(), decoded,
-             decode_seconds, rate(decoded, decode_seconds), options.cache, options.kv_dtype,
-             context.threads(), context.threads() == 1 ? "" : "s", model::linear_backend());
+             n_prompt, g.prefill_seconds, rate(n_prompt, g.prefill_seconds), g.tokens.size(),
+             decoded, g.decode_seconds, rate(decoded, g.decode_seconds), options.cache,
+             options.kv_dtype, context.threads(), context.threads() == 1 ? "" : "s",
+             model::linear_backend());
   return kExitOk;
 }
 
