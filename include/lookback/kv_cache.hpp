@@ -73,6 +73,11 @@ struct RingSpec {
   std::int64_t sink_tokens = 0;  // 0 .. capacity - 1
 };
 
+// The slots such a ring needs: sink_tokens + window_left + chunk, saturating
+// at the int64 maximum (a size no machine holds, refused by KvCache).
+std::int64_t ring_slots(std::int64_t sink_tokens, std::int64_t window_left,
+                        std::int64_t chunk) noexcept;
+
 class KvCache {
  public:
   // Allocates K and V for `capacity` tokens without writing them: memory is

@@ -63,18 +63,6 @@ struct CacheRun {
   bool ring = false;              // contiguous caches as rings of sinks + window + chunk slots
 };
 
-// The slots of a ring cache that serves `chunk` tokens per step under the
-// mask: its sink tokens, its window and the step's own tokens, but never
-// more than the sequence (then it does not wrap).
-std::int64_t ring_slots(const MaskSpec& mask, std::int64_t chunk, std::int64_t seqlen_k) {
-  std::int64_t slots;
-  if (__builtin_add_overflow(mask.sink_tokens, *mask.window_left, &slots) ||
-      __builtin_add_overflow(slots, chunk, &slots)) {
-    return seqlen_k;
-  }
-  return std::max<std::int64_t>(std::min(slots, seqlen_k), mask.sink_tokens + 1);
-}
-
 // decode / chunked / paged: fill a cache per batch element with the first
 // seqlen_k - seqlen_q tokens, then append and attend `chunk` tokens at a time.
 void run_through_cache(const AttentionParams& params, const AttentionShape& shape,
@@ -103,7 +91,12 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
     pool->shuffle_blocks(0x5eed);
     for (std::int64_t b = 0; b < shape.batch; ++b) ids.push_back(pool->create());
   } else if (run.ring) {
-    const std::int64_t slots = ring_slots(params.mask, chunk, shape.seqlen_k);
+    // The sinks, the window and a step's tokens, but never more than the
+    // sequence (the ring then never wraps).
+    const std::int64_t slots = std::max(
+        std::min(ring_slots(params.mask.sink_tokens, *params.mask.window_left, chunk),
+                 shape.seqlen_k),
+        params.mask.sink_tokens + 1);
     for (std::int64_t b = 0; b < shape.batch; ++b) {
       caches.emplace_back(config, slots, RingSpec{.sink_tokens = params.mask.sink_tokens});
     }

@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "kv_cache/cache_common.hpp"
@@ -24,6 +25,16 @@ KvCache::KvCache(const CacheConfig& config, std::int64_t capacity) : impl_(std::
   // Not zeroed: only rows below the length are ever read or saved.
   impl_->k = detail::CacheStorage(bytes, "capacity");
   impl_->v = detail::CacheStorage(bytes, "capacity");
+}
+
+std::int64_t ring_slots(std::int64_t sink_tokens, std::int64_t window_left,
+                        std::int64_t chunk) noexcept {
+  std::int64_t slots;
+  if (__builtin_add_overflow(sink_tokens, window_left, &slots) ||
+      __builtin_add_overflow(slots, chunk, &slots)) {
+    return std::numeric_limits<std::int64_t>::max();
+  }
+  return slots;
 }
 
 KvCache::KvCache(const CacheConfig& config, std::int64_t capacity, const RingSpec& ring)

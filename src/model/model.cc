@@ -161,7 +161,9 @@ struct Runner::Impl {
       for (std::int64_t l = 0; l < layers; ++l) caches.emplace_back(cache_config(), capacity);
     } else if (options.cache == CacheMode::kRing) {
       for (std::int64_t l = 0; l < layers; ++l) {
-        caches.emplace_back(cache_config(), ring_slots(), RingSpec{.sink_tokens = options.sink_tokens});
+        caches.emplace_back(cache_config(),
+                            ring_slots(options.sink_tokens, *window_left(), options.ring_chunk),
+                            RingSpec{.sink_tokens = options.sink_tokens});
       }
     } else if (options.cache == CacheMode::kPaged) {
       if (options.block_size < 1) {
@@ -210,16 +212,6 @@ struct Runner::Impl {
     return window;
   }
 
-  // Slots of each layer's ring: the sinks, the window and one step's tokens
-  // (saturating: a window too wide for memory is refused by KvCache).
-  std::int64_t ring_slots() const {
-    std::int64_t slots;
-    if (__builtin_add_overflow(options.sink_tokens, *window_left(), &slots) ||
-        __builtin_add_overflow(slots, options.ring_chunk, &slots)) {
-      return std::numeric_limits<std::int64_t>::max();
-    }
-    return slots;
-  }
 
   // Attention of one layer for the `rows` newest positions. q (rows, heads,
   // head_dim), k and v (rows, kv_heads, head_dim), unrotated; cached modes

@@ -485,6 +485,36 @@ int run_attend(const AttendOptions& options) {
 
 }  // namespace
 
+// --mode and the options that steer some paths only (checked against the
+// mode in parse_mode_options and run_distributed).
+void add_path_options(CLI::App& command, AttendOptions& options) {
+  command.add_option("--mode", options.mode,
+                      "path (all compute the same function): prefill (one call), decode (cache "
+                      "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "
+                      "(--chunk tokens at a time), paged (decode or chunked over a paged cache "
+                      "of --block-size blocks), split (key range cut into --splits parts, merged "
+                      "through their LSEs); under mpirun: ring (one sequence cut across the "
+                      "ranks, K/V passed around a ring) or sharded-decode (decode over a KV "
+                      "cache spread across the ranks); see docs/distributed.md")
+      ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split", "ring",
+                             "sharded-decode"}));
+  command.add_option("--chunk", options.chunk, "tokens per step for chunked and paged (>= 1)")
+      ->check(kPositive);
+  command.add_option("--block-size", options.block_size,
+                      "tokens per block of the paged cache (>= 1, default 16)")
+      ->check(kPositive);
+  command.add_option("--splits", options.splits, "parts of the key range for split (>= 1, default 2)")
+      ->check(kPositive);
+  command.add_flag("--ring-cache", options.ring_cache,
+                    "decode, chunked: run each cache as a ring of S + W + chunk slots that "
+                    "overwrites what the window no longer sees (needs --window; S = "
+                    "--sink-tokens)");
+  command.add_option("--segment", options.segment,
+                      "tokens per segment of the sharded cache for sharded-decode (>= 1, "
+                      "default 256): each new segment goes to the rank holding the fewest")
+      ->check(kPositive);
+}
+
 void add_attend_command(CLI::App& app, Runner& runner) {
   auto options = std::make_shared<AttendOptions>();
   CLI::App* command = app.add_subcommand(
@@ -537,31 +567,7 @@ void add_attend_command(CLI::App& app, Runner& runner) {
                       "storage dtype of Q/K/V: f32 (default), bf16, f16; or K/V in 8 bits with "
                       "an f32 scale per row (Q stays f32): int8, fp8e4m3, fp8e5m2")
       ->check(CLI::IsMember({"f32", "bf16", "f16", "int8", "fp8e4m3", "fp8e5m2"}));
-  command->add_option("--mode", options->mode,
-                      "path (all compute the same function): prefill (one call), decode (cache "
-                      "the first seqlen_k - seqlen_q tokens, then one token at a time), chunked "
-                      "(--chunk tokens at a time), paged (decode or chunked over a paged cache "
-                      "of --block-size blocks), split (key range cut into --splits parts, merged "
-                      "through their LSEs); under mpirun: ring (one sequence cut across the "
-                      "ranks, K/V passed around a ring) or sharded-decode (decode over a KV "
-                      "cache spread across the ranks); see docs/distributed.md")
-      ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split", "ring",
-                             "sharded-decode"}));
-  command->add_option("--chunk", options->chunk, "tokens per step for chunked and paged (>= 1)")
-      ->check(kPositive);
-  command->add_option("--block-size", options->block_size,
-                      "tokens per block of the paged cache (>= 1, default 16)")
-      ->check(kPositive);
-  command->add_option("--splits", options->splits, "parts of the key range for split (>= 1, default 2)")
-      ->check(kPositive);
-  command->add_flag("--ring-cache", options->ring_cache,
-                    "decode, chunked: run each cache as a ring of S + W + chunk slots that "
-                    "overwrites what the window no longer sees (needs --window; S = "
-                    "--sink-tokens)");
-  command->add_option("--segment", options->segment,
-                      "tokens per segment of the sharded cache for sharded-decode (>= 1, "
-                      "default 256): each new segment goes to the rank holding the fewest")
-      ->check(kPositive);
+  add_path_options(*command, *options);
   command->add_flag("--timings", options->timings,
                     "print the time spent reading (and checking) the inputs, computing and "
                     "writing the outputs on standard error");
