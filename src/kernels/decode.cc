@@ -2,9 +2,11 @@
 // group) times the step's tokens are the rows; keys stream in tiles of
 // kKeyTile straight from the cache (contiguous runs or paged blocks), in the
 // storage dtype, converted to f32 in registers (8-bit codes too, their
-// row's scale applied to K's row and folded into P for V). Per tile: one dot product
-// per (row, visible key), the shared online-softmax step, then O += P V over
-// each row's visible keys only (hidden slots are never read).
+// row's scale applied to the score for K and folded into P for V). Per
+// tile: the scores of the visible keys (on AVX-512 four keys by four rows at
+// a time, their 16 dot products reduced together), the shared
+// online-softmax step, then O += P V over each row's visible keys only
+// (hidden slots are never read).
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/decode.cc"
@@ -157,14 +159,15 @@ void LoadQueries(const DecodeFrame& f) {
 }
 
 // Row pointers of the tile's keys and of those up to table_end, from
-// whichever runs hold them; `run` follows the tile. The walk ahead uses its
-// own cursor: the next tile starts again at tile.end, possibly in an
-// earlier run than the last key looked ahead.
+// whichever runs hold them, one stretch of consecutive rows per run; `run`
+// follows the tile. The walk ahead uses its own cursor: the next tile
+// starts again at tile.end, possibly in an earlier run than the last key
+// looked ahead.
 template <typename T>
 void GatherRows(const DecodeFrame& f, const DecodeTile& tile, std::int64_t& run) {
   const DecodeParams& params = f.params;
   std::int64_t cursor = run;
-  for (std::int64_t key = tile.begin; key < tile.table_end; ++key) {
+  for (std::int64_t key = tile.begin; key < tile.table_end;) {
     // Runs cover [0, seqlen_k) in order; never step past the last one.
     while (cursor + 1 < params.run_count &&
            key >= params.runs[cursor].first_key + params.runs[cursor].count) {
@@ -172,14 +175,25 @@ void GatherRows(const DecodeFrame& f, const DecodeTile& tile, std::int64_t& run)
     }
     if (key < tile.end) run = cursor;
     const KvRun& r = params.runs[cursor];
+    const std::int64_t stop = cursor + 1 < params.run_count
+                                  ? std::min(tile.table_end, r.first_key + r.count)
+                                  : tile.table_end;
     const std::int64_t offset = f.kv_head * r.head_stride + (key - r.first_key) * f.padded;
-    f.k_rows[key - tile.begin] = static_cast<const T*>(r.k) + offset;
-    f.v_rows[key - tile.begin] = static_cast<const T*>(r.v) + offset;
+    const T* k = static_cast<const T*>(r.k) + offset;
+    const T* v = static_cast<const T*>(r.v) + offset;
+    const void** k_rows = f.k_rows + (key - tile.begin);
+    const void** v_rows = f.v_rows + (key - tile.begin);
+    for (std::int64_t i = 0; i < stop - key; ++i) {
+      k_rows[i] = k + i * f.padded;
+      v_rows[i] = v + i * f.padded;
+    }
     if constexpr (kIsCode<T>) {
       const std::int64_t scale = f.kv_head * r.scale_head_stride + (key - r.first_key);
-      f.k_scales[key - tile.begin] = r.k_scales[scale];
-      f.v_scales[key - tile.begin] = r.v_scales[scale];
+      const auto bytes = static_cast<std::size_t>(stop - key) * sizeof(float);
+      std::memcpy(f.k_scales + (key - tile.begin), r.k_scales + scale, bytes);
+      std::memcpy(f.v_scales + (key - tile.begin), r.v_scales + scale, bytes);
     }
+    key = stop;
   }
 }
 
@@ -221,6 +235,63 @@ HWY_INLINE void PrefetchAhead(const DecodeFrame& f, const DecodeTile& tile, std:
   }
 }
 
+#if LOOKBACK_X86_AVX512
+// Scores of four query rows against four keys: 16 dot products accumulated
+// side by side over the head dim (each K vector converted once for the four
+// rows) and reduced together. Lanes 4 r .. 4 r + 3 of the result are row r's
+// scores of keys k[0..3].
+template <typename T>
+HWY_INLINE __m512 ScoreBlock4x4(const float* const* q, const T* const* k, std::size_t dim) {
+  const hn::ScalableTag<float> d;
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (std::size_t e = 0; e < dim; e += 16) {
+    __m512 kv[4], qv[4];
+    for (int c = 0; c < 4; ++c) kv[c] = LoadAsFloat(d, k[c], e).raw;
+    for (int r = 0; r < 4; ++r) qv[r] = _mm512_loadu_ps(q[r] + e);
+    for (int r = 0; r < 4; ++r) {
+      for (int c = 0; c < 4; ++c) acc[4 * r + c] = _mm512_fmadd_ps(qv[r], kv[c], acc[4 * r + c]);
+    }
+  }
+  return SumsOf16(acc);
+}
+
+// Decode scores on AVX-512 for f32, f16 and 8-bit caches: the visible
+// columns `all` of the tile, four keys by four query rows at a time. Scores
+// of (row, key) pairs outside a row's range are written too and never read
+// (the masked softmax selects by range). 8-bit K rows are scored on their
+// bare codes and the score takes the row's scale.
+template <typename T>
+void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::int64_t ahead,
+                   std::int64_t row_bytes) {
+  const auto dim = static_cast<std::size_t>(f.padded);
+  const std::int64_t rows = f.rows;
+  float* HWY_RESTRICT scores = f.scores;
+  for (std::int64_t j = all.begin; j < all.end; j += 4) {
+    const std::int64_t keys = std::min<std::int64_t>(4, all.end - j);
+    for (std::int64_t c = 0; c < keys; ++c) PrefetchAhead(f, tile, j + c, ahead, row_bytes);
+    const T* k[4];
+    for (std::int64_t c = 0; c < 4; ++c) {
+      k[c] = static_cast<const T*>(f.k_rows[j + std::min(c, keys - 1)]);  // repeats past the end
+    }
+    __m512 key_scale = _mm512_set1_ps(1.0f);
+    if constexpr (kIsCode<T>) {
+      alignas(16) float s[4];
+      for (std::int64_t c = 0; c < 4; ++c) s[c] = f.k_scales[j + std::min(c, keys - 1)];
+      key_scale = _mm512_broadcast_f32x4(_mm_load_ps(s));
+    }
+    for (std::int64_t row = 0; row < rows; row += 4) {
+      const float* q[4];
+      for (std::int64_t r = 0; r < 4; ++r) q[r] = f.q + std::min(row + r, rows - 1) * f.padded;
+      __m512 block = ScoreBlock4x4(q, k, dim);
+      if constexpr (kIsCode<T>) block = _mm512_mul_ps(block, key_scale);
+      StoreScoreBlock(block, static_cast<std::size_t>(rows - row), keys,
+                      scores + row * kKeyTile + j, kKeyTile);
+    }
+  }
+}
+#endif
+
 // S for the visible columns `all` of the tile, key by key so that each K row
 // is read from memory once for the whole group.
 template <typename T>
@@ -236,6 +307,10 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
                        f.scores, kKeyTile);
       return;
     }
+  }
+  if constexpr (!std::is_same_v<T, hwy::bfloat16_t>) {
+    ScoresBlocked<T>(f, tile, all, ahead, row_bytes);
+    return;
   }
 #endif
   // Locals: the stores to scores below must not make the compiler reload

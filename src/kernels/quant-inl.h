@@ -75,31 +75,34 @@ inline constexpr bool kIsCode = std::is_same_v<T, Int8Code> || std::is_same_v<T,
 
 // Lanes(d) codes at row + offset as f32, unscaled: decode(code).
 //   int8:  sign-extended and converted;
-//   fp8:   the code's exponent and mantissa placed at the top of an f32
-//          exponent and mantissa field (sign apart), which reads as the fp8
-//          value times 2^(bias_f32 - bias_fp8), subnormal codes included
-//          (as f32 subnormals, exact unless the CPU flushes them), then
-//          rescaled by that power of two. Codes of infinity or NaN are never
-//          stored (the rule saturates; a NaN row has a NaN scale).
+//   fp8:   read through f16, which holds every fp8 value exactly. An e5m2
+//          code is the top byte of the f16 of the same value. An e4m3
+//          code's sign goes to the f16 sign and its exponent and mantissa
+//          to the top of the f16's (the exponent's top bit stays 0), which
+//          reads as the value times 2^(7 - 15), subnormal codes included;
+//          the product by 2^8 restores it. The f16 -> f32 conversion is
+//          exact. Codes of infinity or NaN are never stored (the rule
+//          saturates; a NaN row has a NaN scale).
 template <typename T, class D>
 HWY_INLINE hn::Vec<D> LoadCodes(D d, const T* HWY_RESTRICT row, std::size_t offset) {
-  const auto* bytes = reinterpret_cast<const std::uint8_t*>(row) + offset;
+  const auto* bytes = reinterpret_cast<const std::int8_t*>(row) + offset;
+  const hn::Rebind<std::int8_t, D> d8;
   if constexpr (std::is_same_v<T, Int8Code>) {
-    const hn::Rebind<std::int8_t, D> d8;
     const hn::Rebind<std::int32_t, D> d32;
-    return hn::ConvertTo(d, hn::PromoteTo(d32, hn::LoadU(d8, reinterpret_cast<const std::int8_t*>(bytes))));
+    return hn::ConvertTo(d, hn::PromoteTo(d32, hn::LoadU(d8, bytes)));
   } else {
-    constexpr int kMantissaBits = std::is_same_v<T, E4M3Code> ? 3 : 2;
-    constexpr int kBias = std::is_same_v<T, E4M3Code> ? 7 : 15;
-    const hn::Rebind<std::uint8_t, D> d8;
-    const hn::Rebind<std::uint32_t, D> du;
-    const auto codes = hn::PromoteTo(du, hn::LoadU(d8, bytes));
-    const auto sign = hn::ShiftLeft<24>(hn::And(codes, hn::Set(du, 0x80u)));
-    const auto magnitude = hn::ShiftLeft<23 - kMantissaBits>(hn::And(codes, hn::Set(du, 0x7Fu)));
-    const auto value = hn::BitCast(d, hn::Or(sign, magnitude));
-    // 2^(127 - bias) as an f32 (exact, a normal number for both formats).
-    const float rescale = static_cast<float>(1ull << 60) * static_cast<float>(1ull << (127 - kBias - 60));
-    return hn::Mul(value, hn::Set(d, rescale));
+    const hn::Rebind<std::int16_t, D> d16;
+    const hn::Rebind<hwy::float16_t, D> dh;
+    // Sign-extended: the code in the low byte, its sign bit copied above.
+    const auto wide = hn::PromoteTo(d16, hn::LoadU(d8, bytes));
+    if constexpr (std::is_same_v<T, E5M2Code>) {
+      return hn::PromoteTo(d, hn::BitCast(dh, hn::ShiftLeft<8>(wide)));
+    } else {
+      // Shifted by 7: the sign lands on bit 15 (a copy of it on bit 14,
+      // cleared), exponent and mantissa on bits 13..7.
+      const auto bits = hn::And(hn::ShiftLeft<7>(wide), hn::Set(d16, static_cast<std::int16_t>(0xBF80)));
+      return hn::Mul(hn::PromoteTo(d, hn::BitCast(dh, bits)), hn::Set(d, 256.0f));
+    }
   }
 }
 

@@ -172,6 +172,63 @@ TEST(QuantRule, RowsMatchTheIndependentRuleAndZerosStayZero) {
   }
 }
 
+// Every code as the kernels read it: V rows made of representable values
+// with the range at element 0 (so the scale is exactly 1) decode to
+// themselves, subnormal fp8 codes and both signs included, through the
+// decode kernel (a cache of one token: the output is its V row) and the
+// prefill kernels, on every SIMD target.
+TEST(QuantRule, KernelsDecodeEveryCode) {
+  constexpr std::int64_t kDim = 32;
+  for (DType dtype : kQuantized) {
+    SCOPED_TRACE(std::string(dtype_name(dtype)));
+    std::vector<float> values;
+    if (dtype == DType::kI8) {
+      for (int c = -127; c <= 127; ++c) values.push_back(static_cast<float>(c));
+    } else {
+      for (double magnitude : fp8_table(dtype).values) {
+        values.push_back(static_cast<float>(magnitude));
+        if (magnitude != 0.0) values.push_back(-static_cast<float>(magnitude));
+      }
+    }
+    const auto range = static_cast<float>(reference_range(dtype));
+    for (const std::string& target : simd_targets()) {
+      force_simd_target(target);
+      SCOPED_TRACE("simd target " + target);
+      Context context(1);
+      for (std::size_t first = 0; first < values.size(); first += kDim - 1) {
+        std::vector<float> v(kDim, 0.0f), k(kDim, 0.5f), q(kDim, 0.25f), out(kDim, -1.0f);
+        v[0] = range;
+        for (std::size_t e = 1; e < kDim && first + e - 1 < values.size(); ++e) {
+          v[e] = values[first + e - 1];
+        }
+        KvCache cache({.kv_heads = 1, .head_dim = kDim, .storage = dtype}, 1);
+        cache.append(make_view(k.data(), DType::kF32, {1, 1, kDim}),
+                     make_view(v.data(), DType::kF32, {1, 1, kDim}));
+        cache.attend({.q = make_view(q.data(), DType::kF32, {1, 1, kDim}),
+                      .out = make_mutable_view(out.data(), DType::kF32, {1, 1, kDim})},
+                     DecodeOptions{}, context);
+        for (std::int64_t e = 0; e < kDim; ++e) {
+          ASSERT_FLOAT_EQ(out[static_cast<std::size_t>(e)], v[static_cast<std::size_t>(e)])
+              << "decode, element " << e;
+        }
+        AttentionParams params;
+        params.q = make_view(q.data(), DType::kF32, {1, 1, 1, kDim});
+        params.k = make_view(k.data(), DType::kF32, {1, 1, 1, kDim});
+        params.v = make_view(v.data(), DType::kF32, {1, 1, 1, kDim});
+        params.out = make_mutable_view(out.data(), DType::kF32, {1, 1, 1, kDim});
+        params.storage = dtype;
+        std::fill(out.begin(), out.end(), -1.0f);
+        attend(params, context);
+        for (std::int64_t e = 0; e < kDim; ++e) {
+          ASSERT_FLOAT_EQ(out[static_cast<std::size_t>(e)], v[static_cast<std::size_t>(e)])
+              << "prefill, element " << e;
+        }
+      }
+    }
+    force_simd_target("");
+  }
+}
+
 // ---- Every path against the reference on the dequantized K and V ----
 
 struct QuantCase {
