@@ -119,6 +119,7 @@ struct DecodeFrame {
   std::uint16_t* q_bf16;
   float* acc;
   float* scores;
+  float* probs;
   float* alpha;
   float* k_row;
   OnlineSoftmaxState* state;
@@ -353,10 +354,19 @@ void Softmax(const DecodeFrame& f, const DecodeTile& tile) {
     if (range.empty()) continue;
     const std::int64_t head = f.head_of_row(row);
     const float slope = params.maybe_alibi_slopes != nullptr ? params.maybe_alibi_slopes[head] : 0.0f;
-    f.alpha[row] = SoftmaxRow<true>(f.scores + row * kKeyTile, range, params.softcap, slope,
-                                    static_cast<float>(f.mask.position(row / f.group)),
-                                    static_cast<float>(tile.begin), f.state[row],
-                                    f.plan.bf16_dots ? params.scale : 1.0f);
+    const float position = static_cast<float>(f.mask.position(row / f.group));
+    const float score_scale = f.plan.bf16_dots ? params.scale : 1.0f;
+    float* scores = f.scores + row * kKeyTile;
+    float* p = f.probs + row * kKeyTile;
+    // A row that sees the whole tile takes the unmasked softmax (one pass
+    // against the running max where it can), the others the masked one.
+    f.alpha[row] = range.begin == 0 && range.end == kKeyTile
+                       ? SoftmaxRow<false>(scores, range, params.softcap, slope, position,
+                                           static_cast<float>(tile.begin), f.state[row],
+                                           score_scale, nullptr, p)
+                       : SoftmaxRow<true>(scores, range, params.softcap, slope, position,
+                                          static_cast<float>(tile.begin), f.state[row],
+                                          score_scale, nullptr, p);
   }
 }
 
@@ -365,7 +375,7 @@ void Softmax(const DecodeFrame& f, const DecodeTile& tile) {
 void ScaleProbabilitiesByV(const DecodeFrame& f) {
   for (std::int64_t row = 0; row < f.rows; ++row) {
     const LocalRange range = f.ranges[row];
-    float* p = f.scores + row * kKeyTile;
+    float* p = f.probs + row * kKeyTile;
     for (std::int64_t j = range.begin; j < range.end; ++j) p[j] *= f.v_scales[j];
   }
 }
@@ -385,7 +395,7 @@ void Accumulate(const DecodeFrame& f) {
     }
     if (!range.empty()) {
       float* acc = f.acc + row * f.padded;
-      const float* p = f.scores + row * kKeyTile;
+      const float* p = f.probs + row * kKeyTile;
       const float* alpha = f.alpha + row;
       switch (same) {
         case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
@@ -453,6 +463,7 @@ void DecodeKvHead(const DecodeParams& params, const DecodePlan& plan, std::int64
                           .q_bf16 = s.q_bf16.in(scratch),
                           .acc = s.acc.in(scratch),
                           .scores = s.scores.in(scratch),
+                          .probs = s.probs.in(scratch),
                           .alpha = s.alpha.in(scratch),
                           .k_row = s.k_row.in(scratch),
                           .state = s.state.in(scratch),
@@ -492,6 +503,7 @@ DecodePlan plan_decode(const DecodeParams& params) {
   s.q_bf16 = layout.add<std::uint16_t>(plan.bf16_dots ? rows * static_cast<std::size_t>(s.bf16_stride) : 0);
   s.acc = layout.add<float>(rows * dim);
   s.scores = layout.add<float>(rows * static_cast<std::size_t>(kKeyTile));
+  s.probs = layout.add<float>(rows * static_cast<std::size_t>(kKeyTile));
   s.alpha = layout.add<float>(rows);
   s.k_row = layout.add<float>(params.storage == DType::kF32 ? 0 : dim);
   s.state = layout.add<OnlineSoftmaxState>(rows);

@@ -68,6 +68,7 @@ struct DecodeScratchLayout {
   ScratchRegion<std::uint16_t> q_bf16;  // (rows, bf16_stride): unscaled bf16 queries (bf16 dots)
   ScratchRegion<float> acc;            // (rows, padded_dim)
   ScratchRegion<float> scores;         // (rows, kKeyTile)
+  ScratchRegion<float> probs;          // (rows, kKeyTile): P of the tile (8-bit: times V's scales)
   ScratchRegion<float> alpha;          // (rows)
   ScratchRegion<float> k_row;          // (padded_dim): one key row converted to f32 (f16/bf16)
   ScratchRegion<OnlineSoftmaxState> state;  // (rows)
