@@ -86,8 +86,7 @@ HWY_INLINE void StoreScoreBlock(__m512 block, std::size_t rows, std::int64_t key
 // they must hold that many readable elements (padded cache rows: dims past
 // the head dim are zeros). Four rows by four keys at a time, their 16 dot
 // products reduced together. While scoring key j, the K and V rows `ahead`
-// keys on are prefetched into L1 and those 2 * ahead keys on into L2 (below
-// prefetch_end).
+// keys on are prefetched into L1 (below prefetch_end).
 inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DecodeScoresBf16(
     const std::uint16_t* q, std::size_t q_stride, std::size_t rows, const void* const* k_rows,
     const void* const* v_rows, std::int64_t begin, std::int64_t end, std::int64_t ahead,
@@ -104,14 +103,6 @@ inline LOOKBACK_BF16_TARGET HWY_NOINLINE void DecodeScoresBf16(
         for (std::size_t line = 0; line < row_bytes; line += 64) {
           _mm_prefetch(k_ahead + line, _MM_HINT_T0);
           _mm_prefetch(v_ahead + line, _MM_HINT_T0);
-        }
-      }
-      if (key + 2 * ahead < prefetch_end) {
-        const auto* k_far = static_cast<const char*>(k_rows[key + 2 * ahead]);
-        const auto* v_far = static_cast<const char*>(v_rows[key + 2 * ahead]);
-        for (std::size_t line = 0; line < row_bytes; line += 64) {
-          _mm_prefetch(k_far + line, _MM_HINT_T1);
-          _mm_prefetch(v_far + line, _MM_HINT_T1);
         }
       }
     }

@@ -133,7 +133,7 @@ struct DecodeFrame {
 };
 
 // One key tile [begin, end) and the rows gathered for it: keys begin ..
-// table_end (the tile and up to 2 * ahead keys past it, for prefetching).
+// table_end (the tile and up to `ahead` keys past it, for prefetching).
 struct DecodeTile {
   std::int64_t begin = 0, end = 0, table_end = 0;
 };
@@ -213,9 +213,10 @@ LocalRange SetRanges(const DecodeFrame& f, const DecodeTile& tile) {
   return all;
 }
 
-// Prefetches the K and V rows of key j + ahead into L1 and of j + 2 * ahead
-// into L2 (one head's keys are contiguous within a block, but blocks are
-// scattered, and the hardware prefetchers stop at every page).
+// Prefetches the K and V rows of key j + ahead into L1 (one head's keys are
+// contiguous within a block, but blocks are scattered, and the hardware
+// prefetchers stop at every page). A second prefetch twice as far into L2
+// made 64k-token decode 2-5% slower (docs/PERFORMANCE.md).
 HWY_INLINE void PrefetchAhead(const DecodeFrame& f, const DecodeTile& tile, std::int64_t j,
                               std::int64_t ahead, std::int64_t row_bytes) {
   if (tile.begin + j + ahead < tile.table_end) {
@@ -224,14 +225,6 @@ HWY_INLINE void PrefetchAhead(const DecodeFrame& f, const DecodeTile& tile, std:
     for (std::int64_t line = 0; line < row_bytes; line += 64) {
       hwy::Prefetch(k_ahead + line);
       hwy::Prefetch(v_ahead + line);
-    }
-  }
-  if (tile.begin + j + 2 * ahead < tile.table_end) {
-    const auto* k_far = static_cast<const char*>(f.k_rows[j + 2 * ahead]);
-    const auto* v_far = static_cast<const char*>(f.v_rows[j + 2 * ahead]);
-    for (std::int64_t line = 0; line < row_bytes; line += 64) {
-      __builtin_prefetch(k_far + line, 0, 2);
-      __builtin_prefetch(v_far + line, 0, 2);
     }
   }
 }
@@ -426,14 +419,14 @@ template <typename T>
 void DecodeTyped(const DecodeFrame& f) {
   LoadQueries(f);
   const std::int64_t row_bytes = f.padded * static_cast<std::int64_t>(sizeof(T));
-  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys / 2);
+  const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys);
   KeyRange keys = f.mask.key_range_of_rows(0, f.params.tokens);
   keys.begin = std::max(keys.begin, f.params.keys.begin);
   keys.end = std::min(keys.end, f.params.keys.end);
   std::int64_t run = 0;
   for (std::int64_t begin = keys.begin; begin < keys.end; begin += kKeyTile) {
     const std::int64_t end = std::min(keys.end, begin + kKeyTile);
-    const DecodeTile tile{begin, end, std::min(keys.end, end + 2 * ahead)};
+    const DecodeTile tile{begin, end, std::min(keys.end, end + ahead)};
     GatherRows<T>(f, tile, run);
     const LocalRange all = SetRanges(f, tile);
     Scores<T>(f, tile, all, ahead, row_bytes);

@@ -34,13 +34,14 @@ struct KvRun {
 };
 
 // How far ahead of the current key the decode kernel prefetches K and V
-// rows: about 3 KiB of each into L1 (6 keys of f32 at head_dim 128, 12 of
-// bf16) and twice as far into L2. Farther L1 prefetches hold the core's
-// line-fill buffers on DRAM misses and stall the loads (measured in
+// rows into L1: about 3 KiB of each (6 keys of f32 at head_dim 128, 12 of
+// bf16, 16 of 8-bit codes). Farther L1 prefetches hold the core's line-fill
+// buffers on DRAM misses and stall the loads, and a second prefetch into L2
+// twice as far slowed 64k-token decode (both measured in
 // docs/PERFORMANCE.md); the hardware prefetchers stop at every 4 KiB page
 // and cannot follow scattered paged blocks.
 inline constexpr std::int64_t kPrefetchBytes = 3072;
-inline constexpr std::int64_t kMaxPrefetchKeys = 32;
+inline constexpr std::int64_t kMaxPrefetchKeys = 16;
 
 struct DecodeParams {
   const float* q = nullptr;  // (tokens, heads, padded_dim), f32, rotated, zero-padded, unscaled
