@@ -138,13 +138,64 @@ void run_through_cache(const AttentionParams& params, const AttentionShape& shap
   }
 }
 
-// split: prefill over `splits` parts of the key range, merged through LSEs.
-void run_split(const AttentionParams& params, const AttentionShape& shape, std::int64_t splits,
-               Context& context) {
+// One part of a split prefill: a range of keys and the mask it is attended under.
+struct SplitPart {
+  MaskSpec mask;
+  KeyRange keys;
+};
+
+// The parts: with sink tokens, first the sinks [0, S) under a plain causal
+// mask at the same positions (query_offset), then `splits` parts of
+// [S, seqlen_k) under the window. The kernels never see sink tokens.
+std::vector<SplitPart> split_parts(const AttentionParams& params, const AttentionShape& shape,
+                                   std::int64_t splits) {
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  const std::int64_t sinks = mask.effective_sink_tokens();
+  std::vector<SplitPart> parts;
+  MaskSpec window_mask = params.mask;
+  window_mask.sink_tokens = 0;
+  if (sinks > 0) {
+    parts.push_back({.mask = {.causal = params.mask.causal, .query_offset = mask.position(0)},
+                     .keys = {0, sinks}});
+  }
+  const std::int64_t window_keys = shape.seqlen_k - sinks;
+  for (std::int64_t part = 0; part < splits; ++part) {
+    parts.push_back({.mask = window_mask,
+                     .keys = {sinks + window_keys * part / splits,
+                              sinks + window_keys * (part + 1) / splits}});
+  }
+  return parts;
+}
+
+// Rows r = (b, i, h) of a split prefill: out (batch, seqlen_q, heads, head_dim)
+// and lse (batch, seqlen_q, heads).
+struct SplitRows {
+  std::vector<float> out, lse;
+};
+
+// Points the prefill's outputs at `rows`.
+void bind_rows(kernels::PrefillParams& prefill, const AttentionShape& shape, SplitRows& rows) {
+  prefill.out =
+      make_mutable_view(rows.out.data(), DType::kF32,
+                        {shape.batch, shape.seqlen_q, shape.heads, shape.head_dim}, "out");
+  MutableTensorView lse_view;
+  lse_view.data = rows.lse.data();
+  lse_view.dtype = DType::kF32;
+  lse_view.rank = 3;
+  lse_view.shape = {shape.batch, shape.heads, shape.seqlen_q, 0};
+  lse_view.strides = {shape.seqlen_q * shape.heads, 1, shape.heads, 0};
+  prefill.maybe_lse = lse_view;
+}
+
+// Prefills each part, merging every later part into the first through the LSEs.
+SplitRows attend_parts(const AttentionParams& params, const AttentionShape& shape,
+                       const std::vector<SplitPart>& parts, Context& context) {
   const std::int64_t rows = shape.batch * shape.seqlen_q * shape.heads;
   const std::int64_t dim = shape.head_dim;
-  std::vector<float> out(static_cast<std::size_t>(rows * dim)), lse(static_cast<std::size_t>(rows));
-  std::vector<float> part_out(out.size()), part_lse(lse.size());
+  SplitRows merged{.out = std::vector<float>(static_cast<std::size_t>(rows * dim)),
+                   .lse = std::vector<float>(static_cast<std::size_t>(rows))};
+  SplitRows part_rows{.out = std::vector<float>(merged.out.size()),
+                      .lse = std::vector<float>(merged.lse.size())};
   kernels::PrefillParams prefill{
       .q = params.q,
       .k = params.k,
@@ -158,64 +209,35 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
       .mask = {},
       .storage = params.storage,
   };
-  // Row r = (b, i, h) in both buffers, so LSE is (batch, seqlen_q, heads) here.
-  auto bind = [&](std::vector<float>& o, std::vector<float>& l) {
-    prefill.out = make_mutable_view(o.data(), DType::kF32,
-                                    {shape.batch, shape.seqlen_q, shape.heads, dim}, "out");
-    MutableTensorView lse_view;
-    lse_view.data = l.data();
-    lse_view.dtype = DType::kF32;
-    lse_view.rank = 3;
-    lse_view.shape = {shape.batch, shape.heads, shape.seqlen_q, 0};
-    lse_view.strides = {shape.seqlen_q * shape.heads, 1, shape.heads, 0};
-    prefill.maybe_lse = lse_view;
-  };
-  // The parts: with sink tokens, first the sinks [0, S) under a plain causal
-  // mask at the same positions (query_offset), then `splits` parts of
-  // [S, seqlen_k) under the window. The kernels never see sink tokens.
-  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
-  const std::int64_t sinks = mask.effective_sink_tokens();
-  struct Part {
-    MaskSpec mask;
-    KeyRange keys;
-  };
-  std::vector<Part> parts;
-  MaskSpec window_mask = params.mask;
-  window_mask.sink_tokens = 0;
-  if (sinks > 0) {
-    parts.push_back({.mask = {.causal = params.mask.causal, .query_offset = mask.position(0)},
-                     .keys = {0, sinks}});
-  }
-  const std::int64_t window_keys = shape.seqlen_k - sinks;
-  for (std::int64_t part = 0; part < splits; ++part) {
-    parts.push_back({.mask = window_mask,
-                     .keys = {sinks + window_keys * part / splits,
-                              sinks + window_keys * (part + 1) / splits}});
-  }
   for (std::size_t part = 0; part < parts.size(); ++part) {
     prefill.mask = parts[part].mask;
     prefill.keys = parts[part].keys;
     if (part == 0) {
-      bind(out, lse);
+      bind_rows(prefill, shape, merged);
       kernels::prefill(prefill, context);
     } else {
-      bind(part_out, part_lse);
+      bind_rows(prefill, shape, part_rows);
       kernels::prefill(prefill, context);
-      merge_attention(out.data(), lse.data(), part_out.data(), part_lse.data(), rows, dim);
+      merge_attention(merged.out.data(), merged.lse.data(), part_rows.out.data(),
+                      part_rows.lse.data(), rows, dim);
     }
   }
-  if (shape.seqlen_k == 0) {  // no part ran
-    std::fill(out.begin(), out.end(), 0.0f);
-    std::fill(lse.begin(), lse.end(), -std::numeric_limits<float>::infinity());
+  return merged;
+}
+
+// The learned sink logits, added once to each merged row.
+void add_sink_logits(const AttentionParams& params, const AttentionShape& shape, SplitRows& rows) {
+  const std::int64_t count = shape.batch * shape.seqlen_q * shape.heads;
+  const std::int64_t dim = shape.head_dim;
+  for (std::int64_t row = 0; row < count; ++row) {
+    kernels::add_sink(rows.out.data() + row * dim, rows.lse[static_cast<std::size_t>(row)],
+                      params.maybe_sink_logits[row % shape.heads], static_cast<std::size_t>(dim));
   }
-  // The parts left the sink out (prefill.maybe_sink_logits is null): it is
-  // added once, to the merged rows.
-  if (params.maybe_sink_logits != nullptr) {
-    for (std::int64_t row = 0; row < rows; ++row) {
-      kernels::add_sink(out.data() + row * dim, lse[static_cast<std::size_t>(row)],
-                        params.maybe_sink_logits[row % shape.heads], static_cast<std::size_t>(dim));
-    }
-  }
+}
+
+// Writes the merged rows to the caller's (strided) out and maybe_lse.
+void write_rows(const AttentionParams& params, const AttentionShape& shape, const SplitRows& rows) {
+  const std::int64_t dim = shape.head_dim;
   auto* destination = static_cast<float*>(params.out.data);
   auto* lse_destination = static_cast<float*>(params.maybe_lse.data);
   for (std::int64_t b = 0; b < shape.batch; ++b) {
@@ -224,14 +246,31 @@ void run_split(const AttentionParams& params, const AttentionShape& shape, std::
         const std::int64_t row = (b * shape.seqlen_q + i) * shape.heads + h;
         const std::int64_t base = params.out.offset(b, i, h, 0);
         for (std::int64_t e = 0; e < dim; ++e) {
-          destination[base + e * params.out.strides[3]] = out[static_cast<std::size_t>(row * dim + e)];
+          destination[base + e * params.out.strides[3]] =
+              rows.out[static_cast<std::size_t>(row * dim + e)];
         }
         if (lse_destination != nullptr) {
-          lse_destination[params.maybe_lse.offset(b, h, i)] = lse[static_cast<std::size_t>(row)];
+          lse_destination[params.maybe_lse.offset(b, h, i)] =
+              rows.lse[static_cast<std::size_t>(row)];
         }
       }
     }
   }
+}
+
+// split: prefill over `splits` parts of the key range, merged through LSEs.
+void run_split(const AttentionParams& params, const AttentionShape& shape, std::int64_t splits,
+               Context& context) {
+  const std::vector<SplitPart> parts = split_parts(params, shape, splits);
+  SplitRows rows = attend_parts(params, shape, parts, context);
+  if (shape.seqlen_k == 0) {  // no part ran
+    std::fill(rows.out.begin(), rows.out.end(), 0.0f);
+    std::fill(rows.lse.begin(), rows.lse.end(), -std::numeric_limits<float>::infinity());
+  }
+  // The parts left the sink out (prefill.maybe_sink_logits is null): it is
+  // added once, to the merged rows.
+  if (params.maybe_sink_logits != nullptr) add_sink_logits(params, shape, rows);
+  write_rows(params, shape, rows);
 }
 
 // The mode's own rules, on top of validate_shapes().

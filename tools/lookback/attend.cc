@@ -260,11 +260,9 @@ std::vector<float> per_head(const LoadedNpy& array) {
   return values;
 }
 
-// A packed variable-length batch: q (total_q, heads, head_dim), k and v
-// (total_k, kv_heads, head_dim), the offsets (batch + 1,) as <i4 or <i8. The
-// offsets (small) are read first, then every header is checked with them
-// before q, k and v are read.
-int run_attend_varlen(const AttendOptions& options) {
+// Refuses what a packed batch cannot run with: it needs both offsets files,
+// runs as prefill, and has no reference path.
+void check_varlen_options(const AttendOptions& options) {
   if (options.cu_q_path.empty() || options.cu_k_path.empty()) {
     throw Error(fmt::format("{}: missing (expected --cu-seqlens-q and --cu-seqlens-k together)",
                             options.cu_q_path.empty() ? "--cu-seqlens-q" : "--cu-seqlens-k"));
@@ -279,28 +277,38 @@ int run_attend_varlen(const AttendOptions& options) {
     throw Error("--reference: not with --cu-seqlens-q (expected one of them; run each "
                 "sequence alone for the reference)");
   }
-  check_outputs(options);
+}
+
+// The offsets of a packed batch, each (batch + 1,) as <i4 or <i8.
+struct VarlenOffsets {
+  NpyArray cu_q, cu_k;
+};
+
+VarlenOffsets read_offsets(const AttendOptions& options) {
   const DType offsets[] = {DType::kI32, DType::kI64};
-  const NpyArray cu_q = read_npy(options.cu_q_path, offsets);
-  const NpyArray cu_k = read_npy(options.cu_k_path, offsets);
-  for (const auto& [array, option] : {std::pair{&cu_q, "--cu-seqlens-q"}, std::pair{&cu_k, "--cu-seqlens-k"}}) {
+  VarlenOffsets result{.cu_q = read_npy(options.cu_q_path, offsets),
+                       .cu_k = read_npy(options.cu_k_path, offsets)};
+  for (const auto& [array, option] :
+       {std::pair{&result.cu_q, "--cu-seqlens-q"}, std::pair{&result.cu_k, "--cu-seqlens-k"}}) {
     if (array->shape.size() != 1) {
       throw Error(fmt::format("{}: shape {} (expected (batch + 1,) offsets)", option,
                               tuple_text(array->shape)));
     }
   }
-  std::vector<Input> inputs = inputs_of(options);
-  for (Input& input : inputs) {
-    if (input.rank == 4) input.rank = 3;
-  }
-  std::vector<NpyHeader> headers;
-  for (const Input& input : inputs) headers.push_back(read_header(input.path, input.option, input.rank));
+  return result;
+}
+
+// Every option and input header of a packed batch checked with the offsets:
+// the params with views of null data for q, k and v.
+VarlenParams check_varlen_headers(const AttendOptions& options,
+                                  const std::vector<NpyHeader>& headers,
+                                  const VarlenOffsets& offsets) {
   VarlenParams params;
   params.q = headers[0].view("--q");
   params.k = headers[1].view("--k");
   params.v = headers[2].view("--v");
-  params.cu_seqlens_q = cu_q.view("--cu-seqlens-q");
-  params.cu_seqlens_k = cu_k.view("--cu-seqlens-k");
+  params.cu_seqlens_q = offsets.cu_q.view("--cu-seqlens-q");
+  params.cu_seqlens_k = offsets.cu_k.view("--cu-seqlens-k");
   params.scale = options.scale;
   params.softcap = options.softcap;
   check_sink_tokens(options);
@@ -322,7 +330,33 @@ int run_attend_varlen(const AttendOptions& options) {
     throw Error(fmt::format("--sink-logits {}: {} logits (expected {}, one per query head)",
                             options.sink_path, headers[sinks].shape[0], heads));
   }
-  std::vector<LoadedNpy> arrays;
+  return params;
+}
+
+// A packed batch read and checked: the params point into the rest.
+struct VarlenInputs {
+  VarlenOffsets offsets;
+  std::vector<LoadedNpy> arrays;  // mapped, in the order of inputs_of()
+  std::vector<float> slopes, sink_logits;
+  VarlenParams params;
+};
+
+// Reads the offsets (small) first, then checks every header with them before
+// q, k and v are read.
+VarlenInputs read_varlen_inputs(const AttendOptions& options) {
+  VarlenInputs result;
+  result.offsets = read_offsets(options);
+  std::vector<Input> inputs = inputs_of(options);
+  for (Input& input : inputs) {
+    if (input.rank == 4) input.rank = 3;
+  }
+  std::vector<NpyHeader> headers;
+  for (const Input& input : inputs) {
+    headers.push_back(read_header(input.path, input.option, input.rank));
+  }
+  VarlenParams& params = result.params;
+  params = check_varlen_headers(options, headers, result.offsets);
+  std::vector<LoadedNpy>& arrays = result.arrays;
   for (const Input& input : inputs) {
     arrays.push_back(read_checked(input.path, input.option, headers[arrays.size()]));
     guard_mapping(arrays.size() - 1, input.option, input.path, arrays.back());
@@ -330,19 +364,28 @@ int run_attend_varlen(const AttendOptions& options) {
   params.q = arrays[0].view("--q");
   params.k = arrays[1].view("--k");
   params.v = arrays[2].view("--v");
-  std::vector<float> slopes, sink_logits;
   if (!options.alibi_path.empty()) {
-    slopes = per_head(arrays[3]);
-    params.maybe_alibi_slopes = slopes.data();
+    result.slopes = per_head(arrays[3]);
+    params.maybe_alibi_slopes = result.slopes.data();
   }
   if (!options.sink_path.empty()) {
-    sink_logits = per_head(arrays[sinks]);
-    params.maybe_sink_logits = sink_logits.data();
+    result.sink_logits = per_head(arrays[sink_index(options)]);
+    params.maybe_sink_logits = result.sink_logits.data();
   }
-  const std::vector<std::int64_t>& shape = arrays[0].shape;  // (total_q, heads, head_dim)
+  return result;
+}
+
+// A packed variable-length batch: q (total_q, heads, head_dim), k and v
+// (total_k, kv_heads, head_dim), the offsets (batch + 1,) as <i4 or <i8.
+int run_attend_varlen(const AttendOptions& options) {
+  check_varlen_options(options);
+  check_outputs(options);
+  VarlenInputs inputs = read_varlen_inputs(options);
+  VarlenParams& params = inputs.params;
+  const std::vector<std::int64_t>& shape = inputs.arrays[0].shape;  // (total_q, heads, head_dim)
   // The sequences cover every row, and each row of O and LSE is written (an
   // empty one gets zeros), so their memory is not filled first.
-  LargeBuffer out(static_cast<std::size_t>(arrays[0].numel()) * sizeof(float), "--out");
+  LargeBuffer out(static_cast<std::size_t>(inputs.arrays[0].numel()) * sizeof(float), "--out");
   auto* out_data = reinterpret_cast<float*>(out.data());
   params.out = make_mutable_view(out_data, DType::kF32, {shape[0], shape[1], shape[2]}, "out");
   const std::int64_t lse_count = options.lse_path.empty() ? 0 : shape[0] * shape[1];

@@ -97,6 +97,112 @@ struct Outputs {
   std::vector<float> lse;  // (batch, heads, seqlen_q), on rank 0
 };
 
+// Where this rank stands in a ring run: the communicator, its rank, and the
+// zigzag layout of the sequence over the ranks.
+struct RingPlace {
+  MPI_Comm comm;
+  int rank = 0;
+  mpi::ZigzagLayout layout;
+};
+
+// This rank's zigzag rows (ZigzagLayout::local_seqlen of them) as f32.
+struct LocalRows {
+  std::int64_t local = 0;
+  std::vector<float> q;     // (batch, local, heads, head_dim)
+  std::vector<float> k, v;  // (batch, local, kv_heads, head_dim)
+  std::vector<float> out;   // (batch, local, heads, head_dim)
+  std::vector<float> lse;   // (batch, heads, local)
+};
+
+// Rank 0 sends every rank its zigzag rows of q, k and v.
+LocalRows distribute_rows(const Description& d, const RingPlace& place, AttendInputs& inputs) {
+  const mpi::ZigzagLayout& layout = place.layout;
+  LocalRows rows;
+  rows.local = layout.local_seqlen(place.rank);
+  rows.q.resize(static_cast<std::size_t>(d.batch * rows.local * d.heads * d.head_dim));
+  rows.k.resize(static_cast<std::size_t>(d.batch * rows.local * d.kv_heads * d.head_dim));
+  rows.v.resize(rows.k.size());
+  if (place.rank == 0) {
+    for (int r = layout.ranks - 1; r >= 0; --r) {
+      std::vector<float> rq = mpi::gather_local_rows(inputs.params.q, layout, r);
+      std::vector<float> rk = mpi::gather_local_rows(inputs.params.k, layout, r);
+      std::vector<float> rv = mpi::gather_local_rows(inputs.params.v, layout, r);
+      if (r == 0) {
+        rows.q = std::move(rq), rows.k = std::move(rk), rows.v = std::move(rv);
+      } else {
+        send_floats(rq, r, place.comm);
+        send_floats(rk, r, place.comm);
+        send_floats(rv, r, place.comm);
+      }
+    }
+    inputs.arrays.clear();  // the inputs' memory is not needed any more
+  } else {
+    receive_floats(rows.q, 0, place.comm);
+    receive_floats(rows.k, 0, place.comm);
+    receive_floats(rows.v, 0, place.comm);
+  }
+  return rows;
+}
+
+// The ring's arguments over this rank's rows, the settings as described.
+mpi::RingParams ring_params(const Description& d, const std::vector<float>& slopes,
+                            LocalRows& rows) {
+  const std::int64_t local = rows.local;
+  return {
+      .q = make_view(rows.q.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
+      .k = make_view(rows.k.data(), DType::kF32, {d.batch, local, d.kv_heads, d.head_dim}),
+      .v = make_view(rows.v.data(), DType::kF32, {d.batch, local, d.kv_heads, d.head_dim}),
+      .out = make_mutable_view(rows.out.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
+      .maybe_lse = make_mutable_view(rows.lse.data(), DType::kF32, {d.batch, d.heads, local}),
+      .maybe_alibi_slopes = d.alibi ? slopes.data() : nullptr,
+      .seqlen = d.seqlen_q,
+      .scale = d.scale_bits >= 0 ? std::optional<float>(float_of(d.scale_bits)) : std::nullopt,
+      .softcap = float_of(d.softcap_bits),
+      .mask = {.causal = static_cast<Causal>(d.causal),
+               .window_left = d.window >= 0 ? std::optional<std::int64_t>(d.window) : std::nullopt},
+      .storage = static_cast<DType>(d.storage)};
+}
+
+// Rank 0 collects every rank's rows of out and lse into the whole sequence's;
+// the other ranks send theirs and return empty outputs.
+Outputs collect_rows(const Description& d, const RingPlace& place, const LocalRows& rows) {
+  const mpi::ZigzagLayout& layout = place.layout;
+  Outputs result;
+  if (place.rank != 0) {
+    send_floats(rows.out, 0, place.comm);
+    send_floats(rows.lse, 0, place.comm);
+    return result;
+  }
+  result.out.resize(static_cast<std::size_t>(d.batch * d.seqlen_q * d.heads * d.head_dim));
+  result.lse.resize(static_cast<std::size_t>(d.batch * d.heads * d.seqlen_q));
+  const MutableTensorView full = make_mutable_view(
+      result.out.data(), DType::kF32, {d.batch, d.seqlen_q, d.heads, d.head_dim}, "out");
+  for (int r = 0; r < layout.ranks; ++r) {
+    const std::int64_t local = layout.local_seqlen(r);
+    std::vector<float> r_out =
+        r == 0
+            ? rows.out
+            : std::vector<float>(static_cast<std::size_t>(d.batch * local * d.heads * d.head_dim));
+    std::vector<float> r_lse =
+        r == 0 ? rows.lse : std::vector<float>(static_cast<std::size_t>(d.batch * d.heads * local));
+    if (r != 0) {
+      receive_floats(r_out, r, place.comm);
+      receive_floats(r_lse, r, place.comm);
+    }
+    mpi::scatter_local_rows(r_out.data(), layout, r, full);
+    for (std::int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
+      std::int64_t row = 0;
+      for (const KeyRange& chunk : layout.rank_chunks(r)) {
+        for (std::int64_t i = chunk.begin; i < chunk.end; ++i, ++row) {
+          result.lse[static_cast<std::size_t>(bh * d.seqlen_q + i)] =
+              r_lse[static_cast<std::size_t>(bh * local + row)];
+        }
+      }
+    }
+  }
+  return result;
+}
+
 Outputs run_ring(const Description& d, const std::vector<float>& slopes, AttendInputs& inputs,
                  const DistributedAttend& options, MPI_Comm comm) {
   int rank = 0, ranks = 1;
@@ -108,81 +214,14 @@ Outputs run_ring(const Description& d, const std::vector<float>& slopes, AttendI
                     "sequence: q, k and v of the same length)",
                     d.seqlen_q, d.seqlen_k));
   }
-  const mpi::ZigzagLayout layout{.seqlen = d.seqlen_q, .ranks = ranks};
-  const std::int64_t local = layout.local_seqlen(rank);
-  std::vector<float> q(static_cast<std::size_t>(d.batch * local * d.heads * d.head_dim));
-  std::vector<float> k(static_cast<std::size_t>(d.batch * local * d.kv_heads * d.head_dim));
-  std::vector<float> v(k.size());
-  // Rank 0 sends every rank its zigzag rows.
-  if (rank == 0) {
-    for (int r = ranks - 1; r >= 0; --r) {
-      std::vector<float> rq = mpi::gather_local_rows(inputs.params.q, layout, r);
-      std::vector<float> rk = mpi::gather_local_rows(inputs.params.k, layout, r);
-      std::vector<float> rv = mpi::gather_local_rows(inputs.params.v, layout, r);
-      if (r == 0) {
-        q = std::move(rq), k = std::move(rk), v = std::move(rv);
-      } else {
-        send_floats(rq, r, comm), send_floats(rk, r, comm), send_floats(rv, r, comm);
-      }
-    }
-    inputs.arrays.clear();  // the inputs' memory is not needed any more
-  } else {
-    receive_floats(q, 0, comm), receive_floats(k, 0, comm), receive_floats(v, 0, comm);
-  }
-  std::vector<float> out(q.size());
-  std::vector<float> lse(static_cast<std::size_t>(d.batch * d.heads * local));
+  const RingPlace place{
+      .comm = comm, .rank = rank, .layout = {.seqlen = d.seqlen_q, .ranks = ranks}};
+  LocalRows rows = distribute_rows(d, place, inputs);
+  rows.out.resize(rows.q.size());
+  rows.lse.resize(static_cast<std::size_t>(d.batch * d.heads * rows.local));
   Context context(options.threads);
-  mpi::ring_attend(
-      {.q = make_view(q.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
-       .k = make_view(k.data(), DType::kF32, {d.batch, local, d.kv_heads, d.head_dim}),
-       .v = make_view(v.data(), DType::kF32, {d.batch, local, d.kv_heads, d.head_dim}),
-       .out = make_mutable_view(out.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
-       .maybe_lse = make_mutable_view(lse.data(), DType::kF32, {d.batch, d.heads, local}),
-       .maybe_alibi_slopes = d.alibi ? slopes.data() : nullptr,
-       .seqlen = d.seqlen_q,
-       .scale = d.scale_bits >= 0 ? std::optional<float>(float_of(d.scale_bits)) : std::nullopt,
-       .softcap = float_of(d.softcap_bits),
-       .mask = {.causal = static_cast<Causal>(d.causal),
-                .window_left =
-                    d.window >= 0 ? std::optional<std::int64_t>(d.window) : std::nullopt},
-       .storage = static_cast<DType>(d.storage)},
-      comm, context);
-
-  // Rank 0 collects every rank's rows.
-  Outputs result;
-  if (rank != 0) {
-    send_floats(out, 0, comm);
-    send_floats(lse, 0, comm);
-    return result;
-  }
-  result.out.resize(static_cast<std::size_t>(d.batch * d.seqlen_q * d.heads * d.head_dim));
-  result.lse.resize(static_cast<std::size_t>(d.batch * d.heads * d.seqlen_q));
-  const MutableTensorView full = make_mutable_view(
-      result.out.data(), DType::kF32, {d.batch, d.seqlen_q, d.heads, d.head_dim}, "out");
-  for (int r = 0; r < ranks; ++r) {
-    const std::int64_t rows = layout.local_seqlen(r);
-    std::vector<float> r_out =
-        r == 0
-            ? out
-            : std::vector<float>(static_cast<std::size_t>(d.batch * rows * d.heads * d.head_dim));
-    std::vector<float> r_lse =
-        r == 0 ? lse : std::vector<float>(static_cast<std::size_t>(d.batch * d.heads * rows));
-    if (r != 0) {
-      receive_floats(r_out, r, comm);
-      receive_floats(r_lse, r, comm);
-    }
-    mpi::scatter_local_rows(r_out.data(), layout, r, full);
-    for (std::int64_t bh = 0; bh < d.batch * d.heads; ++bh) {
-      std::int64_t row = 0;
-      for (const KeyRange& chunk : layout.rank_chunks(r)) {
-        for (std::int64_t i = chunk.begin; i < chunk.end; ++i, ++row) {
-          result.lse[static_cast<std::size_t>(bh * d.seqlen_q + i)] =
-              r_lse[static_cast<std::size_t>(bh * rows + row)];
-        }
-      }
-    }
-  }
-  return result;
+  mpi::ring_attend(ring_params(d, slopes, rows), comm, context);
+  return collect_rows(d, place, rows);
 }
 
 Outputs run_sharded_decode(const Description& d, const std::vector<float>& slopes,

@@ -227,6 +227,109 @@ int run_builtin(const LeakcheckOptions& options) {
   return all_causal(checks) ? kExitOk : kExitFailure;
 }
 
+// The footer of `lookback leakcheck --help`.
+constexpr const char* kLeakcheckFooter =
+    "Black-box mode (--exec): CMD runs through /bin/sh with {q} {k} {v} {out} replaced by .npy\n"
+    "paths: Q (batch, len, heads, dim), K and V (batch, len, kv_heads, dim), <f4; CMD writes\n"
+    "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs twice on random inputs, then\n"
+    "once per position j with the q, k and v rows at j changed: len + 2 runs. Output row i\n"
+    "depends on j when any bit of it changed. A leak is a dependency on a position the mask\n"
+    "hides from row i (--causal, --window, --sink-tokens; docs/semantics.md). With\n"
+    "--sink-tokens S (StreamingLLM, needs --window) positions 0..S-1 stay visible to every\n"
+    "later row: depending on them is no leak, and not depending on them is a '.' warning.\n"
+    "\n"
+    "Matrix (text): S allowed and observed, . allowed but not observed (a warning), X leak,\n"
+    "blank masked and clean. json: {len, verdict, leaks, missing, dependency, ...}.\n"
+    "\n"
+    "Built-in mode (no --exec): checks every lookback path and storage dtype in-process, in\n"
+    "four configurations: no window, --window W (default 6), W with --sink-tokens S sink\n"
+    "tokens (default 2), and learned sink logits; prints a table.\n"
+    "\n"
+    "CMD should be deterministic: the base run is run twice, and when identical inputs give\n"
+    "different outputs leakcheck says so ('nondeterministic: ...') and exits 2; for an\n"
+    "implementation nondeterministic by design, --tolerance T counts a change only when it\n"
+    "exceeds T relative to the output row. The inputs hold no NaN, so NaN in an output is a\n"
+    "finding of its own: exit 2 (cannot judge) unless --allow-nan. Each run may take\n"
+    "--timeout seconds (default 300); past it, or on SIGINT, SIGTERM or SIGHUP, the run's\n"
+    "process group is killed and the temporary files removed.\n"
+    "\n"
+    "Exit codes: 0 no leak, 1 leak found, 2 usage error, CMD failed, timed out, wrote a wrong\n"
+    "output, was nondeterministic or wrote NaN.\n"
+    "\n"
+    "Examples:\n"
+    "  lookback leakcheck --exec 'python3 attn.py {q} {k} {v} {out}' --len 8 --heads 2 --dim 16\n"
+    "  lookback leakcheck --exec './attn {q} {k} {v} {out}' --len 64 --heads 8 --kv-heads 2 \\\n"
+    "      --dim 64 --jobs 8 --format json --out leaks.json\n"
+    "  lookback leakcheck --exec './streaming {q} {k} {v} {out}' --len 16 --heads 2 --dim 16 \\\n"
+    "      --window 4 --sink-tokens 2\n"
+    "  lookback leakcheck\n"
+    "\n"
+    "Whole models (--exec-model 'CMD {tokens} {logits}' --len N --vocab V, or --model DIR):\n"
+    "CMD reads token ids <i4 (batch, len) at {tokens} and writes logits (batch, len, V), <f4\n"
+    "or <f8, at {logits}; each run changes the token at one position j, and row i depends on j\n"
+    "when its logits changed. --model runs lookback's own model runner in-process.\n"
+    "  lookback leakcheck --exec-model '/usr/bin/python3 models/forward.py models/kjv-tiny \\\n"
+    "      {tokens} {logits}' --len 16 --vocab 256\n"
+    "  lookback leakcheck --model models/kjv-tiny --len 32\n"
+    "More: docs/leakage.md.";
+
+// What is checked: a command (--exec), a whole model (--exec-model, --model),
+// or, with none of them, lookback's own paths.
+void add_implementation_options(CLI::App& command, LeakcheckOptions& options) {
+  command.add_option("--exec", options.exec,
+                     "command to check, with {q} {k} {v} {out} (omit: check lookback's own paths)");
+  command.add_option("--exec-model", options.exec_model,
+                     "model command to check, with {tokens} {logits} (docs/leakage.md)");
+  command.add_option("--model", options.model,
+                     "check lookback's own runner on this model folder, in-process");
+  command.add_option("--vocab", options.vocab, "vocabulary size V of --exec-model")
+      ->check(kPositive);
+  command.add_option("--cache", options.cache,
+                     "--model: the runner's cache: paged, contiguous, none")
+      ->check(CLI::IsMember({"paged", "contiguous", "none"}));
+}
+
+// The attention checked: its shape and its mask.
+void add_shape_options(CLI::App& command, LeakcheckOptions& options) {
+  command.add_option("--len", options.len, "sequence length N (>= 1)")->check(kPositive);
+  command.add_option("--heads", options.heads, "query heads H (>= 1)")->check(kPositive);
+  command.add_option("--kv-heads", options.kv_heads, "key/value heads HK (default: --heads)")
+      ->check(kPositive);
+  command.add_option("--dim", options.dim, "head dimension D (>= 1)")->check(kPositive);
+  command.add_option("--batch", options.batch, "batch size B (default 1)")->check(kPositive);
+  command.add_option("--causal", options.causal,
+                     "what may be seen: bottom-right (default), top-left, none")
+      ->check(CLI::IsMember({"bottom-right", "top-left", "none"}));
+  command.add_option("--window", options.window,
+                     "left window W >= 0: row i may see positions i-W..i")
+      ->check(kNonNegative);
+  command.add_option("--sink-tokens", options.sink_tokens,
+                     "StreamingLLM sink tokens S (with --window): positions 0..S-1 stay visible; "
+                     "built-in mode: the sinks of its sink-token checks (default 2)")
+      ->check(kNonNegative);
+}
+
+// How the check runs and what it prints.
+void add_run_options(CLI::App& command, LeakcheckOptions& options) {
+  command.add_flag("--per-head", options.per_head, "also report the matrix of each head");
+  command.add_option("--jobs", options.jobs, "runs in parallel (default: one per core)")
+      ->check(kPositive);
+  command.add_option("--seed", options.seed, "seed of the random inputs (default 1)");
+  command.add_option("--tolerance", options.tolerance,
+                     "count a change only past T relative to the row (default 0: any bit)")
+      ->check(CLI::NonNegativeNumber);
+  command.add_option("--timeout", options.timeout,
+                     "seconds each run may take (default 300); then its processes are killed")
+      ->check(CLI::PositiveNumber);
+  command.add_flag("--allow-nan", options.allow_nan,
+                   "check outputs that hold NaN instead of refusing them (exit 2)");
+  add_format_option(command, options.format,
+                    {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});
+  add_out_option(command, options.out);
+  command.add_flag("--progress", options.progress,
+                   "show 'run i/n' on stderr (default: only when stderr is a terminal)");
+}
+
 }  // namespace
 
 void add_leakcheck_command(CLI::App& app, Runner& runner) {
@@ -234,92 +337,10 @@ void add_leakcheck_command(CLI::App& app, Runner& runner) {
   CLI::App* command = add_command(
       app, "leakcheck",
       "Find future tokens leaking into past outputs of any attention implementation.",
-      "Black-box mode (--exec): CMD runs through /bin/sh with {q} {k} {v} {out} replaced by .npy\n"
-      "paths: Q (batch, len, heads, dim), K and V (batch, len, kv_heads, dim), <f4; CMD writes\n"
-      "O (batch, len, heads, dim) as <f4 or <f8 at {out}. It runs twice on random inputs, then\n"
-      "once per position j with the q, k and v rows at j changed: len + 2 runs. Output row i\n"
-      "depends on j when any bit of it changed. A leak is a dependency on a position the mask\n"
-      "hides from row i (--causal, --window, --sink-tokens; docs/semantics.md). With\n"
-      "--sink-tokens S (StreamingLLM, needs --window) positions 0..S-1 stay visible to every\n"
-      "later row: depending on them is no leak, and not depending on them is a '.' warning.\n"
-      "\n"
-      "Matrix (text): S allowed and observed, . allowed but not observed (a warning), X leak,\n"
-      "blank masked and clean. json: {len, verdict, leaks, missing, dependency, ...}.\n"
-      "\n"
-      "Built-in mode (no --exec): checks every lookback path and storage dtype in-process, in\n"
-      "four configurations: no window, --window W (default 6), W with --sink-tokens S sink\n"
-      "tokens (default 2), and learned sink logits; prints a table.\n"
-      "\n"
-      "CMD should be deterministic: the base run is run twice, and when identical inputs give\n"
-      "different outputs leakcheck says so ('nondeterministic: ...') and exits 2; for an\n"
-      "implementation nondeterministic by design, --tolerance T counts a change only when it\n"
-      "exceeds T relative to the output row. The inputs hold no NaN, so NaN in an output is a\n"
-      "finding of its own: exit 2 (cannot judge) unless --allow-nan. Each run may take\n"
-      "--timeout seconds (default 300); past it, or on SIGINT, SIGTERM or SIGHUP, the run's\n"
-      "process group is killed and the temporary files removed.\n"
-      "\n"
-      "Exit codes: 0 no leak, 1 leak found, 2 usage error, CMD failed, timed out, wrote a wrong\n"
-      "output, was nondeterministic or wrote NaN.\n"
-      "\n"
-      "Examples:\n"
-      "  lookback leakcheck --exec 'python3 attn.py {q} {k} {v} {out}' --len 8 --heads 2 --dim 16\n"
-      "  lookback leakcheck --exec './attn {q} {k} {v} {out}' --len 64 --heads 8 --kv-heads 2 \\\n"
-      "      --dim 64 --jobs 8 --format json --out leaks.json\n"
-      "  lookback leakcheck --exec './streaming {q} {k} {v} {out}' --len 16 --heads 2 --dim 16 \\\n"
-      "      --window 4 --sink-tokens 2\n"
-      "  lookback leakcheck\n"
-      "\n"
-      "Whole models (--exec-model 'CMD {tokens} {logits}' --len N --vocab V, or --model DIR):\n"
-      "CMD reads token ids <i4 (batch, len) at {tokens} and writes logits (batch, len, V), <f4\n"
-      "or <f8, at {logits}; each run changes the token at one position j, and row i depends on j\n"
-      "when its logits changed. --model runs lookback's own model runner in-process.\n"
-      "  lookback leakcheck --exec-model '/usr/bin/python3 models/forward.py models/kjv-tiny \\\n"
-      "      {tokens} {logits}' --len 16 --vocab 256\n"
-      "  lookback leakcheck --model models/kjv-tiny --len 32\n"
-      "More: docs/leakage.md.");
-  command->add_option("--exec", options->exec,
-                      "command to check, with {q} {k} {v} {out} (omit: check lookback's own paths)");
-  command->add_option("--exec-model", options->exec_model,
-                      "model command to check, with {tokens} {logits} (docs/leakage.md)");
-  command->add_option("--model", options->model,
-                      "check lookback's own runner on this model folder, in-process");
-  command->add_option("--vocab", options->vocab, "vocabulary size V of --exec-model")
-      ->check(kPositive);
-  command->add_option("--cache", options->cache, "--model: the runner's cache: paged, contiguous, none")
-      ->check(CLI::IsMember({"paged", "contiguous", "none"}));
-  command->add_option("--len", options->len, "sequence length N (>= 1)")->check(kPositive);
-  command->add_option("--heads", options->heads, "query heads H (>= 1)")->check(kPositive);
-  command->add_option("--kv-heads", options->kv_heads, "key/value heads HK (default: --heads)")
-      ->check(kPositive);
-  command->add_option("--dim", options->dim, "head dimension D (>= 1)")->check(kPositive);
-  command->add_option("--batch", options->batch, "batch size B (default 1)")->check(kPositive);
-  command->add_option("--causal", options->causal,
-                      "what may be seen: bottom-right (default), top-left, none")
-      ->check(CLI::IsMember({"bottom-right", "top-left", "none"}));
-  command->add_option("--window", options->window,
-                      "left window W >= 0: row i may see positions i-W..i")
-      ->check(kNonNegative);
-  command->add_option("--sink-tokens", options->sink_tokens,
-                      "StreamingLLM sink tokens S (with --window): positions 0..S-1 stay visible; "
-                      "built-in mode: the sinks of its sink-token checks (default 2)")
-      ->check(kNonNegative);
-  command->add_flag("--per-head", options->per_head, "also report the matrix of each head");
-  command->add_option("--jobs", options->jobs, "runs in parallel (default: one per core)")
-      ->check(kPositive);
-  command->add_option("--seed", options->seed, "seed of the random inputs (default 1)");
-  command->add_option("--tolerance", options->tolerance,
-                      "count a change only past T relative to the row (default 0: any bit)")
-      ->check(CLI::NonNegativeNumber);
-  command->add_option("--timeout", options->timeout,
-                      "seconds each run may take (default 300); then its processes are killed")
-      ->check(CLI::PositiveNumber);
-  command->add_flag("--allow-nan", options->allow_nan,
-                    "check outputs that hold NaN instead of refusing them (exit 2)");
-  add_format_option(*command, options->format,
-                    {OutputFormat::kText, OutputFormat::kJson, OutputFormat::kSvg});
-  add_out_option(*command, options->out);
-  command->add_flag("--progress", options->progress,
-                    "show 'run i/n' on stderr (default: only when stderr is a terminal)");
+      kLeakcheckFooter);
+  add_implementation_options(*command, *options);
+  add_shape_options(*command, *options);
+  add_run_options(*command, *options);
   command->callback([options, &runner] {
     runner = [options] {
       if (options->exec_model || options->model) return run_models(*options);
