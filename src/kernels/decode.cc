@@ -193,6 +193,12 @@ void GatherRows(const DecodeFrame& f, const DecodeTile& tile, std::int64_t& run)
       const auto bytes = static_cast<std::size_t>(stop - key) * sizeof(float);
       std::memcpy(f.k_scales + (key - tile.begin), r.k_scales + scale, bytes);
       std::memcpy(f.v_scales + (key - tile.begin), r.v_scales + scale, bytes);
+      if constexpr (kCodeFactor<T> != 1.0f) {
+        for (std::int64_t i = key - tile.begin; i < stop - tile.begin; ++i) {
+          f.k_scales[i] *= kCodeFactor<T>;
+          f.v_scales[i] *= kCodeFactor<T>;
+        }
+      }
     }
     key = stop;
   }

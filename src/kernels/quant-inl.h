@@ -4,7 +4,8 @@
 //                      the ordinary f32 tiles (pack-inl.h);
 //   LoadCodes:         decode's vector decoder: stored codes to f32 in
 //                      registers (unscaled; the caller applies the row's
-//                      scale), so a cache is never copied at full precision.
+//                      scale times kCodeFactor), so a cache is never copied
+//                      at full precision.
 //
 // Per-target: included from prefill.cc and decode.cc inside their
 // foreach_target loops.
@@ -73,16 +74,23 @@ template <typename T>
 inline constexpr bool kIsCode = std::is_same_v<T, Int8Code> || std::is_same_v<T, E4M3Code> ||
                                 std::is_same_v<T, E5M2Code>;
 
-// Lanes(d) codes at row + offset as f32, unscaled: decode(code).
+// What LoadCodes leaves out of a code's value: decode(code) =
+// LoadCodes(...) * kCodeFactor<T>, a power of two that the caller folds into
+// the row's scale (exact: the scale times 2^8 stays finite, since a scale
+// is at most FLT_MAX / 448).
+template <typename T>
+inline constexpr float kCodeFactor = std::is_same_v<T, E4M3Code> ? 256.0f : 1.0f;
+
+// Lanes(d) codes at row + offset as f32, unscaled: decode(code) / kCodeFactor.
 //   int8:  sign-extended and converted;
 //   fp8:   read through f16, which holds every fp8 value exactly. An e5m2
 //          code is the top byte of the f16 of the same value. An e4m3
 //          code's sign goes to the f16 sign and its exponent and mantissa
 //          to the top of the f16's (the exponent's top bit stays 0), which
-//          reads as the value times 2^(7 - 15), subnormal codes included;
-//          the product by 2^8 restores it. The f16 -> f32 conversion is
-//          exact. Codes of infinity or NaN are never stored (the rule
-//          saturates; a NaN row has a NaN scale).
+//          reads as the value times 2^(7 - 15) = 1 / kCodeFactor, subnormal
+//          codes included. The f16 -> f32 conversion is exact. Codes of
+//          infinity or NaN are never stored (the rule saturates; a NaN row
+//          has a NaN scale).
 template <typename T, class D>
 HWY_INLINE hn::Vec<D> LoadCodes(D d, const T* HWY_RESTRICT row, std::size_t offset) {
   const auto* bytes = reinterpret_cast<const std::int8_t*>(row) + offset;
@@ -101,7 +109,7 @@ HWY_INLINE hn::Vec<D> LoadCodes(D d, const T* HWY_RESTRICT row, std::size_t offs
       // Shifted by 7: the sign lands on bit 15 (a copy of it on bit 14,
       // cleared), exponent and mantissa on bits 13..7.
       const auto bits = hn::And(hn::ShiftLeft<7>(wide), hn::Set(d16, static_cast<std::int16_t>(0xBF80)));
-      return hn::Mul(hn::PromoteTo(d, hn::BitCast(dh, bits)), hn::Set(d, 256.0f));
+      return hn::PromoteTo(d, hn::BitCast(dh, bits));
     }
   }
 }
