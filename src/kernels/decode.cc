@@ -256,7 +256,7 @@ HWY_INLINE __m512 ScoreBlock4x4(const float* const* q, const T* const* k, std::s
   return SumsOf16(acc);
 }
 
-// Decode scores on AVX-512 for f32, f16 and 8-bit caches: the visible
+// Decode scores on AVX-512 for every cache but bf16 with VDPBF16PS: the visible
 // columns `all` of the tile, four keys by four query rows at a time. Scores
 // of (row, key) pairs outside a row's range are written too and never read
 // (the masked softmax selects by range). 8-bit K rows are scored on their
@@ -308,10 +308,8 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
       return;
     }
   }
-  if constexpr (!std::is_same_v<T, hwy::bfloat16_t>) {
-    ScoresBlocked<T>(f, tile, all, ahead, row_bytes);
-    return;
-  }
+  ScoresBlocked<T>(f, tile, all, ahead, row_bytes);
+  return;
 #endif
   // Locals: the stores to scores below must not make the compiler reload
   // the frame's fields.
