@@ -40,6 +40,11 @@ HWY_INLINE hn::Vec<D> LoadAsFloat(D d, const T* HWY_RESTRICT row, std::size_t of
     return hn::LoadU(d, row + offset);
   } else if constexpr (kIsCode<T>) {
     return LoadCodes(d, row, offset);
+  } else if constexpr (std::is_same_v<T, hwy::float16_t> && !kVectorF16) {
+    HWY_ALIGN float lanes[hn::MaxLanes(d)];
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(row + offset);
+    for (std::size_t i = 0; i < hn::Lanes(d); ++i) lanes[i] = f16_to_f32(bits[i]);
+    return hn::Load(d, lanes);
   } else {
     const hn::Rebind<T, D> narrow;
     return hn::PromoteTo(d, hn::LoadU(narrow, row + offset));

@@ -36,6 +36,63 @@ HWY_INLINE float LoadRounded(const TensorView& view, std::int64_t offset, DType 
   return storage == DType::kF32 ? value : round_to_storage(value, storage);
 }
 
+namespace hn = hwy::HWY_NAMESPACE;
+
+// round_to_storage on a vector: bf16 by round-to-nearest-even on the 16
+// bits dropped (NaN kept as a quiet NaN of the same sign, as f32_to_bf16),
+// f16 by the hardware conversion there and back.
+template <class D>
+HWY_INLINE hn::Vec<D> RoundToStorage(D d, hn::Vec<D> x, DType storage) {
+  if (storage == DType::kBF16) {
+    const hn::RebindToUnsigned<D> du;
+    const auto bits = hn::BitCast(du, x);
+    const auto lowest_kept = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
+    const auto rounding = hn::Add(hn::Set(du, 0x7FFFu), lowest_kept);
+    const auto high = hn::Set(du, 0xFFFF0000u);
+    const auto rounded = hn::BitCast(d, hn::And(hn::Add(bits, rounding), high));
+    const auto quiet_nan = hn::BitCast(d, hn::Or(hn::And(bits, high), hn::Set(du, 0x00400000u)));
+    return hn::IfThenElse(hn::IsNaN(x), quiet_nan, rounded);
+  }
+  if constexpr (kVectorF16) {
+    if (storage == DType::kF16) {
+      const hn::Rebind<hwy::float16_t, D> dh;
+      return hn::PromoteTo(d, hn::DemoteTo(dh, x));
+    }
+  }
+  return x;
+}
+
+// Elements base .. base + dim - 1 of a view's last axis as f32 rounded to
+// the storage dtype (LoadRounded), into out: whole vectors when the row is
+// contiguous f32, bf16 or f16 and the rounding has a vector form.
+HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::int64_t dim,
+                               DType storage, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const bool vector_input = view.dtype == DType::kF32 || view.dtype == DType::kBF16 ||
+                            (view.dtype == DType::kF16 && kVectorF16);
+  const bool vector_rounding = storage != DType::kF16 || kVectorF16;
+  std::int64_t e = 0;
+  if (view.strides[3] == 1 && vector_input && vector_rounding && !is_quantized(storage)) {
+    for (; e + lanes <= dim; e += lanes) {
+      hn::Vec<decltype(d)> x;
+      if (view.dtype == DType::kF32) {
+        x = hn::LoadU(d, static_cast<const float*>(view.data) + base + e);
+      } else if (view.dtype == DType::kBF16) {
+        const hn::Rebind<hwy::bfloat16_t, decltype(d)> db;
+        const auto* row = static_cast<const hwy::bfloat16_t*>(view.data) + base;
+        x = hn::PromoteTo(d, hn::LoadU(db, row + e));
+      } else {
+        const hn::Rebind<hwy::float16_t, decltype(d)> dh;
+        const auto* row = static_cast<const hwy::float16_t*>(view.data) + base;
+        x = hn::PromoteTo(d, hn::LoadU(dh, row + e));
+      }
+      hn::StoreU(RoundToStorage(d, x, storage), d, out + e);
+    }
+  }
+  for (; e < dim; ++e) out[e] = LoadRounded(view, base + e * view.strides[3], storage);
+}
+
 // out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim.
 HWY_INLINE void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
   std::int64_t c0 = 0;
@@ -113,6 +170,22 @@ HWY_INLINE void PackF32Tile(const PrefillParams& params, const PackedKV& packed,
       const float* v_row =
           static_cast<const float*>(params.v.data) + params.v.offset(b, key_begin + c, kv_head, 0);
       std::memcpy(v_out + c * padded, v_row, sizeof(float) * static_cast<std::size_t>(dim));
+    }
+    TransposeKeys(k_rows, count, dim, k_out);
+  } else if (params.k.strides[3] == 1 && params.v.strides[3] == 1) {
+    // Contiguous rows of another dtype or storage: each row converted and
+    // rounded in vectors, V into place, K into rows transposed as above.
+    alignas(64) float k_converted[kKeyTile * kMaxHeadDim];
+    const float* k_rows[kKeyTile];
+    for (std::int64_t c = 0; c < count; ++c) {
+      prefetch_row(params.k, b, key_begin + c + kRowPrefetchDistance, kv_head);
+      prefetch_row(params.v, b, key_begin + c + kRowPrefetchDistance, kv_head);
+      float* k_row = k_converted + c * dim;
+      const std::int64_t key = key_begin + c;
+      LoadRoundedRow(params.k, params.k.offset(b, key, kv_head, 0), dim, params.storage, k_row);
+      LoadRoundedRow(params.v, params.v.offset(b, key, kv_head, 0), dim, params.storage,
+                     v_out + c * padded);
+      k_rows[c] = k_row;
     }
     TransposeKeys(k_rows, count, dim, k_out);
   } else {

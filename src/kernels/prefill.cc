@@ -259,10 +259,8 @@ struct F32Path {
           const float* q_in = static_cast<const float*>(q.data) + base;
           for (std::int64_t e = 0; e < dim; ++e) q_row[e] = q_in[e] * f.params.scale;
         } else {
-          for (std::int64_t e = 0; e < dim; ++e) {
-            const float value = load_as_float(q.data, q.dtype, base + e * q.strides[3]);
-            q_row[e] = round_to_storage(value, f.params.storage) * f.params.scale;
-          }
+          LoadRoundedRow(q, base, dim, f.params.storage, q_row);
+          for (std::int64_t e = 0; e < dim; ++e) q_row[e] *= f.params.scale;
         }
         std::fill(q_row + dim, q_row + f.padded, 0.0f);
       }

@@ -65,6 +65,17 @@ HWY_INLINE void PackQuantizedTile(const PrefillParams& params, const PackedKV& p
   }
 }
 
+// Whether this target converts between f32 and f16 in hardware (F16C on x86
+// from AVX2 on, NEON/SVE on Arm): exact both ways, infinities included, and
+// round-to-nearest-even. Highway's emulation elsewhere (SSE4, scalar) reads
+// an f16 infinity as 65536, so f16 rows are converted one element at a time
+// there. Finite fp8 values read through f16 are exact on every target.
+#if (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2) || (HWY_ARCH_ARM && HWY_TARGET <= HWY_NEON)
+inline constexpr bool kVectorF16 = true;
+#else
+inline constexpr bool kVectorF16 = false;
+#endif
+
 // Element types of the stored 8-bit codes, one byte each (a row pointer of
 // one of them steps by codes).
 struct Int8Code { std::uint8_t bits; };

@@ -2,12 +2,15 @@
 // CPU supports, across the sweep of shapes and options in the prefill issue.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "lookback/attention.hpp"
 #include "lookback/error.hpp"
+#include "lookback/kv_cache.hpp"
 #include "testing/testing.hpp"
 
 namespace lookback {
@@ -309,6 +312,90 @@ TEST(Prefill, Bf16RowsWhoseMaxStepsUpAndVisibleNaN) {
         }
       }
     });
+  }
+}
+
+float round_to_storage_reference(float value, DType storage) {
+  return storage == DType::kBF16 ? bf16_to_f32(f32_to_bf16(value)) : f16_to_f32(f32_to_f16(value));
+}
+
+// Rounding to bf16 and f16 storage is exact on every path and input dtype:
+// with one key, the output is V's row as stored, so it must equal
+// round_to_storage of each value bit for bit (NaN apart, which stays NaN,
+// and -0, which the accumulation turns into +0):
+// ties both ways, the largest finite values and overflow to infinity,
+// subnormals, signed zeros.
+TEST(Prefill, StorageRoundingIsExactOnEveryTarget) {
+  constexpr std::int64_t kDim = 48;
+  const float tie = std::ldexp(1.0f, -8), f16_tie = std::ldexp(1.0f, -11);
+  const std::vector<float> values = {
+      1.0f + tie,  1.0f + 3 * tie,  -1.0f - tie,  -1.0f - 3 * tie, 1.0f + f16_tie, 1.0f + 3 * f16_tie,
+      65504.0f,    65519.0f,        65520.0f,     -65520.0f,       3.3895314e38f,  -3.4028235e38f,
+      std::ldexp(1.0f, -25), std::ldexp(3.0f, -25), std::ldexp(1.0f, -24), std::ldexp(1.0f, -14),
+      std::ldexp(1.0f, -126), std::ldexp(1.0f, -149), 0.0f, -0.0f,
+      std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+      std::numeric_limits<float>::quiet_NaN(), 0.1f, -0.7f, 3.14159f, 1e-3f, 1e5f};
+  std::vector<float> v(kDim, 0.25f), k(kDim, 0.5f), q(kDim, 0.125f), out(kDim);
+  std::copy(values.begin(), values.end(), v.begin());
+  for (DType storage : {DType::kBF16, DType::kF16}) {
+    for (DType input : {DType::kF32, DType::kBF16, DType::kF16}) {
+      // Inputs in a narrower dtype hold the values as that dtype rounds them.
+      std::vector<std::uint16_t> v16(kDim), k16(kDim), q16(kDim);
+      for (std::int64_t e = 0; e < kDim; ++e) {
+        const auto i = static_cast<std::size_t>(e);
+        v16[i] = input == DType::kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
+        k16[i] = input == DType::kBF16 ? f32_to_bf16(k[i]) : f32_to_f16(k[i]);
+        q16[i] = input == DType::kBF16 ? f32_to_bf16(q[i]) : f32_to_f16(q[i]);
+      }
+      const bool narrow = input != DType::kF32;
+      AttentionParams params;
+      params.q = make_view(narrow ? static_cast<const void*>(q16.data()) : q.data(), input, {1, 1, 1, kDim});
+      params.k = make_view(narrow ? static_cast<const void*>(k16.data()) : k.data(), input, {1, 1, 1, kDim});
+      params.v = make_view(narrow ? static_cast<const void*>(v16.data()) : v.data(), input, {1, 1, 1, kDim});
+      params.out = make_mutable_view(out.data(), DType::kF32, {1, 1, 1, kDim});
+      params.storage = storage;
+      for (const std::string& target : simd_targets()) {
+        force_simd_target(target);
+        SCOPED_TRACE("storage " + std::string(dtype_name(storage)) + ", input " +
+                     std::string(dtype_name(input)) + ", simd target " + target);
+        Context context(1);
+        attend(params, context);
+        if (!narrow) {
+          // The decode kernel on a cache that stores the row (in the cache's
+          // own append path) must read it back as the same values.
+          std::vector<float> decoded(kDim);
+          KvCache cache({.kv_heads = 1, .head_dim = kDim, .storage = storage}, 1);
+          cache.append(make_view(k.data(), DType::kF32, {1, 1, kDim}),
+                       make_view(v.data(), DType::kF32, {1, 1, kDim}));
+          cache.attend({.q = make_view(q.data(), DType::kF32, {1, 1, kDim}),
+                        .out = make_mutable_view(decoded.data(), DType::kF32, {1, 1, kDim})},
+                       DecodeOptions{}, context);
+          for (std::int64_t e = 0; e < kDim; ++e) {
+            const auto i = static_cast<std::size_t>(e);
+            const float stored = round_to_storage_reference(v[i], storage);
+            if (std::isnan(stored)) {
+              EXPECT_TRUE(std::isnan(decoded[i])) << "decode, element " << e;
+            } else {
+              EXPECT_EQ(decoded[i], stored) << "decode, element " << e;
+            }
+          }
+        }
+        for (std::int64_t e = 0; e < kDim; ++e) {
+          const auto i = static_cast<std::size_t>(e);
+          const float given = !narrow ? v[i] : input == DType::kBF16 ? bf16_to_f32(v16[i]) : f16_to_f32(v16[i]);
+          const float expected = round_to_storage_reference(given, storage);
+          if (std::isnan(expected)) {
+            EXPECT_TRUE(std::isnan(out[i])) << "element " << e;
+          } else if (expected == 0.0f) {
+            EXPECT_EQ(out[i], 0.0f) << "element " << e;  // O = 0 + p v: -0 reads as +0
+          } else {
+            EXPECT_EQ(std::bit_cast<std::uint32_t>(out[i]), std::bit_cast<std::uint32_t>(expected))
+                << "element " << e << ": " << given << " stored as " << out[i] << ", expected " << expected;
+          }
+        }
+      }
+      force_simd_target("");
+    }
   }
 }
 
