@@ -329,7 +329,8 @@ TEST(Prefill, StorageRoundingIsExactOnEveryTarget) {
   constexpr std::int64_t kDim = 48;
   const float tie = std::ldexp(1.0f, -8), f16_tie = std::ldexp(1.0f, -11);
   const std::vector<float> values = {
-      1.0f + tie,  1.0f + 3 * tie,  -1.0f - tie,  -1.0f - 3 * tie, 1.0f + f16_tie, 1.0f + 3 * f16_tie,
+      1.0f + tie,  1.0f + 3 * tie,  -1.0f - tie,  -1.0f - 3 * tie,
+      1.0f + f16_tie, 1.0f + 3 * f16_tie,
       65504.0f,    65519.0f,        65520.0f,     -65520.0f,       3.3895314e38f,  -3.4028235e38f,
       std::ldexp(1.0f, -25), std::ldexp(3.0f, -25), std::ldexp(1.0f, -24), std::ldexp(1.0f, -14),
       std::ldexp(1.0f, -126), std::ldexp(1.0f, -149), 0.0f, -0.0f,
@@ -349,9 +350,12 @@ TEST(Prefill, StorageRoundingIsExactOnEveryTarget) {
       }
       const bool narrow = input != DType::kF32;
       AttentionParams params;
-      params.q = make_view(narrow ? static_cast<const void*>(q16.data()) : q.data(), input, {1, 1, 1, kDim});
-      params.k = make_view(narrow ? static_cast<const void*>(k16.data()) : k.data(), input, {1, 1, 1, kDim});
-      params.v = make_view(narrow ? static_cast<const void*>(v16.data()) : v.data(), input, {1, 1, 1, kDim});
+      auto data = [&](std::vector<std::uint16_t>& narrow_row, std::vector<float>& row) {
+        return narrow ? static_cast<const void*>(narrow_row.data()) : row.data();
+      };
+      params.q = make_view(data(q16, q), input, {1, 1, 1, kDim});
+      params.k = make_view(data(k16, k), input, {1, 1, 1, kDim});
+      params.v = make_view(data(v16, v), input, {1, 1, 1, kDim});
       params.out = make_mutable_view(out.data(), DType::kF32, {1, 1, 1, kDim});
       params.storage = storage;
       for (const std::string& target : simd_targets()) {
@@ -382,7 +386,9 @@ TEST(Prefill, StorageRoundingIsExactOnEveryTarget) {
         }
         for (std::int64_t e = 0; e < kDim; ++e) {
           const auto i = static_cast<std::size_t>(e);
-          const float given = !narrow ? v[i] : input == DType::kBF16 ? bf16_to_f32(v16[i]) : f16_to_f32(v16[i]);
+          const float given = !narrow                  ? v[i]
+                              : input == DType::kBF16 ? bf16_to_f32(v16[i])
+                                                      : f16_to_f32(v16[i]);
           const float expected = round_to_storage_reference(given, storage);
           if (std::isnan(expected)) {
             EXPECT_TRUE(std::isnan(out[i])) << "element " << e;
@@ -390,7 +396,8 @@ TEST(Prefill, StorageRoundingIsExactOnEveryTarget) {
             EXPECT_EQ(out[i], 0.0f) << "element " << e;  // O = 0 + p v: -0 reads as +0
           } else {
             EXPECT_EQ(std::bit_cast<std::uint32_t>(out[i]), std::bit_cast<std::uint32_t>(expected))
-                << "element " << e << ": " << given << " stored as " << out[i] << ", expected " << expected;
+                << "element " << e << ": " << given << " stored as " << out[i] << ", expected "
+                << expected;
           }
         }
       }
