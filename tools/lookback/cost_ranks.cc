@@ -14,7 +14,9 @@
 #include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common.hpp"
@@ -159,10 +161,7 @@ Measured measure_ring(const RankCostOptions& o, DType storage) {
           .bytes_sent = stats.bytes_sent};
 }
 
-}  // namespace
-
-int run_rank_cost(const RankCostOptions& o) {
-  const DType storage = parse_dtype(o.dtype, "--dtype");
+void check_rank_cost_options(const RankCostOptions& o) {
   if (o.heads % o.kv_heads != 0) {
     throw Error(fmt::format("--kv-heads: {} does not divide --heads {} (expected a divisor)",
                             o.kv_heads, o.heads));
@@ -177,6 +176,116 @@ int run_rank_cost(const RankCostOptions& o) {
   if (!(o.link_gbps > 0) || !(o.latency_us >= 0)) {
     throw Error("--link-gbps, --latency-us: expected a positive bandwidth and a latency >= 0");
   }
+}
+
+// The model's figures for both layouts.
+struct RankCostModel {
+  std::int64_t rate_tokens = 0;  // block size the kernel rate was measured on (0: given)
+  double rate = 0;               // FLOP/s per rank
+  LayoutCost zigzag, plain;
+  double useful_pairs = 0;
+  double ideal_s = 0;
+};
+
+RankCostModel model_rank_cost(const RankCostOptions& o, DType storage) {
+  RankCostModel m;
+  // The kernel rate: given, or measured on blocks of a ring step's size (at
+  // most 1024 tokens, to keep the measurement short).
+  const std::int64_t chunk = std::max<std::int64_t>(1, o.context / (2 * o.ranks));
+  m.rate_tokens = o.rate_gflops ? 0 : std::min<std::int64_t>(chunk, 1024);
+  m.rate = o.rate_gflops ? *o.rate_gflops * 1e9 : measure_rate(o, storage, m.rate_tokens);
+  const double bytes_per_token =
+      2.0 * static_cast<double>(o.kv_heads * o.dim) * static_cast<double>(dtype_size(storage));
+  m.zigzag = layout_cost(o, mpi::RingLayout::kZigzag, m.rate, bytes_per_token);
+  m.plain = layout_cost(o, mpi::RingLayout::kContiguous, m.rate, bytes_per_token);
+  m.useful_pairs =
+      static_cast<double>(Mask(o.context, o.context, {.window_left = o.window}).visible_total());
+  m.ideal_s = m.useful_pairs * 4.0 * static_cast<double>(o.heads * o.dim) / m.rate / o.ranks;
+  return m;
+}
+
+std::string rank_cost_json(const RankCostOptions& o, const RankCostModel& m,
+                           const std::optional<Measured>& measured) {
+  auto layout_json = [&](const LayoutCost& c) {
+    return nlohmann::json{{"steps", c.steps},
+                          {"compute_s", c.compute_s},
+                          {"transfer_s", c.transfer_s},
+                          {"time_s", c.time_s},
+                          {"largest_step_bytes", c.largest_step_bytes},
+                          {"communication_hidden", c.hidden},
+                          {"efficiency", m.ideal_s / c.time_s}};
+  };
+  nlohmann::json doc{{"ranks", o.ranks},
+                     {"context", o.context},
+                     {"heads", o.heads},
+                     {"kv_heads", o.kv_heads},
+                     {"head_dim", o.dim},
+                     {"dtype", o.dtype},
+                     {"window", o.window ? nlohmann::json(*o.window) : nlohmann::json()},
+                     {"rate_gflops", m.rate / 1e9},
+                     {"rate_measured", !o.rate_gflops},
+                     {"link_gbps", o.link_gbps},
+                     {"latency_us", o.latency_us},
+                     {"ideal_s", m.ideal_s},
+                     {"zigzag", layout_json(m.zigzag)},
+                     {"plain", layout_json(m.plain)}};
+  if (measured) {
+    doc["measured"] = {{"compute_s", measured->compute_s},
+                       {"wait_s", measured->wait_s},
+                       {"total_s", measured->total_s}};
+  }
+  return doc.dump() + "\n";
+}
+
+std::string rank_cost_text(const RankCostOptions& o, const RankCostModel& m,
+                           const std::optional<Measured>& measured) {
+  const LayoutCost& zigzag = m.zigzag;
+  const LayoutCost& plain = m.plain;
+  std::string text = fmt::format(
+      "ring prefill across {} ranks: context {}, {} heads, {} kv heads, head_dim {}, {}{}\n",
+      o.ranks, o.context, o.heads, o.kv_heads, o.dim, o.dtype,
+      o.window ? fmt::format(", window {}", *o.window) : "");
+  text += fmt::format(
+      "kernel rate {:.1f} GFLOP/s per rank ({}); link {} Gbit/s, {} us "
+      "latency\n\n",
+      m.rate / 1e9,
+      o.rate_gflops ? "given by --rate"
+                    : fmt::format("measured here on {}-token blocks", m.rate_tokens),
+      o.link_gbps, o.latency_us);
+  text += fmt::format("{:<34}{:>16}{:>16}\n", "", "zigzag", "plain ring");
+  auto row = [&](std::string_view name, const std::string& a, const std::string& b) {
+    text += fmt::format("{:<34}{:>16}{:>16}\n", name, a, b);
+  };
+  row("steps with work", std::to_string(zigzag.steps), std::to_string(plain.steps));
+  row("compute, busiest rank per step", seconds_text(zigzag.slowest_step_compute_s),
+      seconds_text(plain.slowest_step_compute_s));
+  row("bytes sent per rank per step", bytes_text(zigzag.largest_step_bytes),
+      bytes_text(plain.largest_step_bytes));
+  row("compute, all steps", seconds_text(zigzag.compute_s), seconds_text(plain.compute_s));
+  row("transfers, all steps", seconds_text(zigzag.transfer_s), seconds_text(plain.transfer_s));
+  row("communication hidden by compute", zigzag.hidden ? "yes" : "no",
+      plain.hidden ? "yes" : "no");
+  row("time", seconds_text(zigzag.time_s), seconds_text(plain.time_s));
+  row("efficiency (ideal / time)", fmt::format("{:.1f}%", 100 * m.ideal_s / zigzag.time_s),
+      fmt::format("{:.1f}%", 100 * m.ideal_s / plain.time_s));
+  text += fmt::format("\nideal: {} ({} useful FLOPs spread evenly over {} ranks)\n",
+                      seconds_text(m.ideal_s),
+                      fmt::format("{:.3g}", m.useful_pairs * 4.0 * o.heads * o.dim), o.ranks);
+  if (measured) {
+    text += fmt::format(
+        "measured here (slowest rank, zigzag): compute {}, waiting for blocks {}, total {}; "
+        "predicted compute {}\n",
+        seconds_text(measured->compute_s), seconds_text(measured->wait_s),
+        seconds_text(measured->total_s), seconds_text(zigzag.compute_s));
+  }
+  return text;
+}
+
+}  // namespace
+
+int run_rank_cost(const RankCostOptions& o) {
+  const DType storage = parse_dtype(o.dtype, "--dtype");
+  check_rank_cost_options(o);
   int initialized = 0;
   if (o.measure) {
     MPI_Initialized(&initialized);
@@ -184,96 +293,13 @@ int run_rank_cost(const RankCostOptions& o) {
   }
   int rank = 0;
   if (o.measure) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-
-  // The kernel rate: given, or measured on blocks of a ring step's size (at
-  // most 1024 tokens, to keep the measurement short).
-  const std::int64_t chunk = std::max<std::int64_t>(1, o.context / (2 * o.ranks));
-  const double rate = o.rate_gflops ? *o.rate_gflops * 1e9
-                                    : measure_rate(o, storage, std::min<std::int64_t>(chunk, 1024));
-  const double bytes_per_token =
-      2.0 * static_cast<double>(o.kv_heads * o.dim) * static_cast<double>(dtype_size(storage));
-  const LayoutCost zigzag = layout_cost(o, mpi::RingLayout::kZigzag, rate, bytes_per_token);
-  const LayoutCost plain = layout_cost(o, mpi::RingLayout::kContiguous, rate, bytes_per_token);
-  const double useful_pairs =
-      static_cast<double>(Mask(o.context, o.context, {.window_left = o.window}).visible_total());
-  const double ideal_s = useful_pairs * 4.0 * static_cast<double>(o.heads * o.dim) / rate / o.ranks;
+  const RankCostModel model = model_rank_cost(o, storage);
   std::optional<Measured> measured;
   if (o.measure) measured = measure_ring(o, storage);
   if (o.measure && !initialized) MPI_Finalize();
   if (rank != 0) return kExitOk;
-
-  std::string text;
-  if (o.json) {
-    auto layout_json = [&](const LayoutCost& c) {
-      return nlohmann::json{{"steps", c.steps},
-                            {"compute_s", c.compute_s},
-                            {"transfer_s", c.transfer_s},
-                            {"time_s", c.time_s},
-                            {"largest_step_bytes", c.largest_step_bytes},
-                            {"communication_hidden", c.hidden},
-                            {"efficiency", ideal_s / c.time_s}};
-    };
-    nlohmann::json doc{{"ranks", o.ranks},
-                       {"context", o.context},
-                       {"heads", o.heads},
-                       {"kv_heads", o.kv_heads},
-                       {"head_dim", o.dim},
-                       {"dtype", o.dtype},
-                       {"window", o.window ? nlohmann::json(*o.window) : nlohmann::json()},
-                       {"rate_gflops", rate / 1e9},
-                       {"rate_measured", !o.rate_gflops},
-                       {"link_gbps", o.link_gbps},
-                       {"latency_us", o.latency_us},
-                       {"ideal_s", ideal_s},
-                       {"zigzag", layout_json(zigzag)},
-                       {"plain", layout_json(plain)}};
-    if (measured) {
-      doc["measured"] = {{"compute_s", measured->compute_s},
-                         {"wait_s", measured->wait_s},
-                         {"total_s", measured->total_s}};
-    }
-    text = doc.dump() + "\n";
-  } else {
-    text += fmt::format(
-        "ring prefill across {} ranks: context {}, {} heads, {} kv heads, head_dim {}, {}{}\n",
-        o.ranks, o.context, o.heads, o.kv_heads, o.dim, o.dtype,
-        o.window ? fmt::format(", window {}", *o.window) : "");
-    text += fmt::format(
-        "kernel rate {:.1f} GFLOP/s per rank ({}); link {} Gbit/s, {} us "
-        "latency\n\n",
-        rate / 1e9,
-        o.rate_gflops
-            ? "given by --rate"
-            : fmt::format("measured here on {}-token blocks", std::min<std::int64_t>(chunk, 1024)),
-        o.link_gbps, o.latency_us);
-    text += fmt::format("{:<34}{:>16}{:>16}\n", "", "zigzag", "plain ring");
-    auto row = [&](std::string_view name, const std::string& a, const std::string& b) {
-      text += fmt::format("{:<34}{:>16}{:>16}\n", name, a, b);
-    };
-    row("steps with work", std::to_string(zigzag.steps), std::to_string(plain.steps));
-    row("compute, busiest rank per step", seconds_text(zigzag.slowest_step_compute_s),
-        seconds_text(plain.slowest_step_compute_s));
-    row("bytes sent per rank per step", bytes_text(zigzag.largest_step_bytes),
-        bytes_text(plain.largest_step_bytes));
-    row("compute, all steps", seconds_text(zigzag.compute_s), seconds_text(plain.compute_s));
-    row("transfers, all steps", seconds_text(zigzag.transfer_s), seconds_text(plain.transfer_s));
-    row("communication hidden by compute", zigzag.hidden ? "yes" : "no",
-        plain.hidden ? "yes" : "no");
-    row("time", seconds_text(zigzag.time_s), seconds_text(plain.time_s));
-    row("efficiency (ideal / time)", fmt::format("{:.1f}%", 100 * ideal_s / zigzag.time_s),
-        fmt::format("{:.1f}%", 100 * ideal_s / plain.time_s));
-    text += fmt::format("\nideal: {} ({} useful FLOPs spread evenly over {} ranks)\n",
-                        seconds_text(ideal_s),
-                        fmt::format("{:.3g}", useful_pairs * 4.0 * o.heads * o.dim), o.ranks);
-    if (measured) {
-      text += fmt::format(
-          "measured here (slowest rank, zigzag): compute {}, waiting for blocks {}, total {}; "
-          "predicted compute {}\n",
-          seconds_text(measured->compute_s), seconds_text(measured->wait_s),
-          seconds_text(measured->total_s), seconds_text(zigzag.compute_s));
-    }
-  }
-  write_output(o.out, text);
+  write_output(o.out, o.json ? rank_cost_json(o, model, measured)
+                             : rank_cost_text(o, model, measured));
   return kExitOk;
 }
 
