@@ -323,8 +323,9 @@ def flash_attn_func(
 
 
 def _check_max_seqlen(max_seqlen: Any, cu_seqlens: Any, name: str, cu_name: str) -> None:
-    """max_seqlen must be the longest sequence in cu_seqlens; offsets that
-    are malformed are left to the library's checks (and its messages)."""
+    """max_seqlen must be at least the longest sequence in cu_seqlens (an
+    upper bound, as FlashAttention takes it); offsets that are malformed are
+    left to the library's checks (and its messages)."""
     offsets = np.asarray(_as_numpy(cu_seqlens, cu_name))
     if offsets.ndim != 1 or offsets.size < 2 or offsets.dtype.kind != "i":
         return
@@ -332,9 +333,9 @@ def _check_max_seqlen(max_seqlen: Any, cu_seqlens: Any, name: str, cu_name: str)
     if (lengths < 0).any():
         return
     longest = int(lengths.max())
-    if int(max_seqlen) != longest:
-        raise ValueError(f"{name}: {max_seqlen} (expected {longest}, the longest sequence in "
-                         f"{cu_name})")
+    if int(max_seqlen) < longest:
+        raise ValueError(f"{name}: {max_seqlen} (expected at least {longest}, the longest "
+                         f"sequence in {cu_name})")
 
 
 def flash_attn_varlen_func(
@@ -359,8 +360,8 @@ def flash_attn_varlen_func(
 
     q (total_q, heads, head_dim), k, v (total_k, kv_heads, head_dim) packed;
     cu_seqlens_q, cu_seqlens_k (batch + 1,) int32 offsets. max_seqlen_q and
-    max_seqlen_k must be the longest sequence of each (a ValueError
-    otherwise). The other arguments are flash_attn_func's; causal=True is
+    max_seqlen_k bound the longest sequence of each (a ValueError when one
+    is shorter; they need not be exact). The other arguments are flash_attn_func's; causal=True is
     bottom-right aligned within each sequence. return_attn_probs=True returns
     (out, lse, None) with lse (heads, total_q).
     """
