@@ -240,13 +240,20 @@ HWY_INLINE void PrefetchAhead(const DecodeFrame& f, const DecodeTile& tile, std:
   }
 }
 
+// Blocked decode scores: kScoreKeys keys by four query rows at a time,
+// their dot products accumulated side by side over the head dim (each K
+// vector converted once for the four rows) and reduced together into one
+// vector, whose lanes kScoreKeys r .. kScoreKeys (r + 1) - 1 are row r's
+// scores of the keys. AVX-512: 4 keys (16 accumulators); AVX2: 2 keys (8
+// accumulators of its 16 registers).
+#undef LOOKBACK_BLOCKED_SCORES
 #if LOOKBACK_X86_AVX512
-// Scores of four query rows against four keys: 16 dot products accumulated
-// side by side over the head dim (each K vector converted once for the four
-// rows) and reduced together. Lanes 4 r .. 4 r + 3 of the result are row r's
-// scores of keys k[0..3].
+#define LOOKBACK_BLOCKED_SCORES 1
+inline constexpr std::int64_t kScoreKeys = 4;
+using ScoreVec = __m512;
+
 template <typename T>
-HWY_INLINE __m512 ScoreBlock4x4(const float* const* q, const T* const* k, std::size_t dim) {
+HWY_INLINE __m512 ScoreBlock(const float* const* q, const T* const* k, std::size_t dim) {
   const hn::ScalableTag<float> d;
   __m512 acc[16];
   for (auto& a : acc) a = _mm512_setzero_ps();
@@ -261,37 +268,95 @@ HWY_INLINE __m512 ScoreBlock4x4(const float* const* q, const T* const* k, std::s
   return SumsOf16(acc);
 }
 
-// Decode scores on AVX-512 for every cache but bf16 with VDPBF16PS: the visible
-// columns `all` of the tile, four keys by four query rows at a time. Scores
-// of (row, key) pairs outside a row's range are written too and never read
-// (the masked softmax selects by range). 8-bit K rows are scored on their
-// bare codes and the score takes the row's scale.
+// The block times each key's scale (scales[c] for key c).
+HWY_INLINE __m512 ScaleBlock(__m512 block, const float* scales) {
+  return _mm512_mul_ps(block, _mm512_broadcast_f32x4(_mm_loadu_ps(scales)));
+}
+
+HWY_INLINE void StoreBlock(__m512 block, std::size_t rows, std::int64_t keys, float* scores,
+                           std::size_t stride) {
+  StoreScoreBlock(block, rows, keys, scores, stride);
+}
+
+#elif HWY_TARGET == HWY_AVX2
+#define LOOKBACK_BLOCKED_SCORES 1
+inline constexpr std::int64_t kScoreKeys = 2;
+using ScoreVec = __m256;
+
+// Lane i of the result is the sum of acc[i]'s lanes: horizontal adds in
+// pairs, then the two 128-bit halves.
+HWY_INLINE __m256 SumsOf8(const __m256* acc) {
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 low = _mm256_hadd_ps(h01, h23), high = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                       _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+template <typename T>
+HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size_t dim) {
+  const hn::ScalableTag<float> d;
+  __m256 acc[8];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (std::size_t e = 0; e < dim; e += 8) {
+    const __m256 k0 = LoadAsFloat(d, k[0], e).raw, k1 = LoadAsFloat(d, k[1], e).raw;
+    for (int r = 0; r < 4; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q[r] + e);
+      acc[2 * r] = _mm256_fmadd_ps(qv, k0, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(qv, k1, acc[2 * r + 1]);
+    }
+  }
+  return SumsOf8(acc);
+}
+
+HWY_INLINE __m256 ScaleBlock(__m256 block, const float* scales) {
+  return _mm256_mul_ps(block, _mm256_setr_ps(scales[0], scales[1], scales[0], scales[1],
+                                             scales[0], scales[1], scales[0], scales[1]));
+}
+
+HWY_INLINE void StoreBlock(__m256 block, std::size_t rows, std::int64_t keys, float* scores,
+                           std::size_t stride) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, block);
+  for (std::size_t r = 0; r < rows && r < 4; ++r) {
+    for (std::int64_t c = 0; c < keys; ++c) {
+      scores[r * stride + static_cast<std::size_t>(c)] = lanes[2 * r + static_cast<std::size_t>(c)];
+    }
+  }
+}
+#else
+#define LOOKBACK_BLOCKED_SCORES 0
+#endif
+
+#if LOOKBACK_BLOCKED_SCORES
+// Decode scores, blocked (above), for every cache but bf16 with VDPBF16PS:
+// the visible columns `all` of the tile. Scores of (row, key) pairs outside
+// a row's range are written too and never read (the masked softmax selects
+// by range). 8-bit K rows are scored on their bare codes and the score takes
+// the row's scale.
 template <typename T>
 void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::int64_t ahead,
                    std::int64_t row_bytes) {
   const auto dim = static_cast<std::size_t>(f.padded);
   const std::int64_t rows = f.rows;
   float* HWY_RESTRICT scores = f.scores;
-  for (std::int64_t j = all.begin; j < all.end; j += 4) {
-    const std::int64_t keys = std::min<std::int64_t>(4, all.end - j);
+  for (std::int64_t j = all.begin; j < all.end; j += kScoreKeys) {
+    const std::int64_t keys = std::min<std::int64_t>(kScoreKeys, all.end - j);
     for (std::int64_t c = 0; c < keys; ++c) PrefetchAhead(f, tile, j + c, ahead, row_bytes);
-    const T* k[4];
-    for (std::int64_t c = 0; c < 4; ++c) {
-      k[c] = static_cast<const T*>(f.k_rows[j + std::min(c, keys - 1)]);  // repeats past the end
-    }
-    __m512 key_scale = _mm512_set1_ps(1.0f);
-    if constexpr (kIsCode<T>) {
-      alignas(16) float s[4];
-      for (std::int64_t c = 0; c < 4; ++c) s[c] = f.k_scales[j + std::min(c, keys - 1)];
-      key_scale = _mm512_broadcast_f32x4(_mm_load_ps(s));
+    const T* k[kScoreKeys];
+    float key_scales[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (std::int64_t c = 0; c < kScoreKeys; ++c) {
+      const std::int64_t key = j + std::min(c, keys - 1);  // repeats past the end
+      k[c] = static_cast<const T*>(f.k_rows[key]);
+      if constexpr (kIsCode<T>) key_scales[c] = f.k_scales[key];
     }
     for (std::int64_t row = 0; row < rows; row += 4) {
       const float* q[4];
       for (std::int64_t r = 0; r < 4; ++r) q[r] = f.q + std::min(row + r, rows - 1) * f.padded;
-      __m512 block = ScoreBlock4x4(q, k, dim);
-      if constexpr (kIsCode<T>) block = _mm512_mul_ps(block, key_scale);
-      StoreScoreBlock(block, static_cast<std::size_t>(rows - row), keys,
-                      scores + row * kKeyTile + j, kKeyTile);
+      ScoreVec block = ScoreBlock(q, k, dim);
+      if constexpr (kIsCode<T>) block = ScaleBlock(block, key_scales);
+      StoreBlock(block, static_cast<std::size_t>(rows - row), keys, scores + row * kKeyTile + j,
+                 kKeyTile);
     }
   }
 }
@@ -313,6 +378,8 @@ void Scores(const DecodeFrame& f, const DecodeTile& tile, LocalRange all, std::i
       return;
     }
   }
+#endif
+#if LOOKBACK_BLOCKED_SCORES
   ScoresBlocked<T>(f, tile, all, ahead, row_bytes);
   return;
 #endif
