@@ -104,13 +104,17 @@ struct RingParams {
   MutableTensorView out;        // (batch, local_seqlen, heads, head_dim), f32
   MutableTensorView maybe_lse;  // (batch, heads, local_seqlen), f32; optional
   const float* maybe_alibi_slopes = nullptr;  // (heads,); optional, the same on every rank
+  // Learned sink logits (gpt-oss): one more term e^sink_h in each row's
+  // softmax denominator, added once to the merged rows after the last ring
+  // step (never to the partial results of a step).
+  const float* maybe_sink_logits = nullptr;  // (heads,), finite, the same on every rank; optional
 
   std::int64_t seqlen = 0;  // tokens in the whole sequence (queries and keys alike)
   std::optional<float> scale;
   float softcap = 0.0f;
   // Self-attention over one sequence: causal (bottom-right and top-left are
   // the same mask here) with an optional window, or kNone. No query_offset,
-  // no sink tokens.
+  // no sink tokens (MaskSpec::sink_tokens; sink logits are above).
   MaskSpec mask;
   DType storage = DType::kF32;  // what K/V travel in and the kernels hold
 };
@@ -126,7 +130,8 @@ struct RingStats {
 };
 
 // Computes params.out (and maybe_lse) for this rank's rows. Equal to
-// lookback::attend on the whole sequence within float32 rounding, for any
+// lookback::attend on the whole sequence (with the same sink logits) within
+// float32 rounding, for any
 // number of ranks; an output row never changes, bit for bit, when a later
 // token changes, on any rank.
 RingStats ring_attend(const RingParams& params, MPI_Comm comm, Context& context);
@@ -177,6 +182,10 @@ class ShardedKvCache {
   // every rank attends its shard, and one MPI_Allreduce with the online-
   // softmax merge gives every rank the same out (tokens, heads, head_dim)
   // and maybe_lse (heads, tokens). q may be empty on the other ranks.
+  // options as KvCache::attend takes them, the same on every rank (window,
+  // softcap, scale and whether slopes and sink logits are given are checked;
+  // sink_tokens must be 0, splits is not used); learned sink logits join
+  // each row's denominator once, after the reduction.
   void attend(const DecodeStep& step, const DecodeOptions& options, Context& context,
               int root = 0) const;
 

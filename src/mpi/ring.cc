@@ -4,15 +4,16 @@
 // (r - step) mod P, computes its two query chunks against the block's two key
 // chunks with the keys' absolute positions (MaskSpec::query_offset), skips the
 // fully masked pairs, and merges the partial (output, LSE) pairs exactly;
-// meanwhile the block travels on to the rank that needs it next.
+// meanwhile the block travels on to the rank that needs it next. Learned sink
+// logits join each row's denominator once, after the last step.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <new>
 
+#include "kernels/online_softmax.hpp"
 #include "lookback/merge.hpp"
 #include "lookback/mpi.hpp"
 #include "mpi/common.hpp"
@@ -21,6 +22,9 @@ namespace lookback::mpi {
 
 namespace {
 
+// This rank's share as one attention call would see it, for validate(): the
+// sink logits are checked here, but the partial attends of the ring never get
+// them (they join the denominator once, after the last merge).
 AttentionParams local_params(const RingParams& params) {
   return {.q = params.q,
           .k = params.k,
@@ -28,6 +32,7 @@ AttentionParams local_params(const RingParams& params) {
           .out = params.out,
           .maybe_lse = params.maybe_lse,
           .maybe_alibi_slopes = params.maybe_alibi_slopes,
+          .maybe_sink_logits = params.maybe_sink_logits,
           .scale = params.scale,
           .softcap = params.softcap,
           .mask = params.mask,
@@ -66,12 +71,6 @@ AttentionShape validate_ring(const RingParams& params, const ZigzagLayout& layou
   return shape;
 }
 
-std::int64_t float_bits(float value) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
-}
-
 // One (batch, len, heads, head_dim) view over contiguous storage.
 TensorView contiguous(const std::uint8_t* data, DType dtype, std::int64_t batch, std::int64_t rows,
                       std::int64_t heads, std::int64_t dim) {
@@ -89,17 +88,19 @@ double seconds() { return MPI_Wtime(); }
 // Collective: throws the same lookback::Error on every rank unless every rank
 // was given the same sequence, shape and attention settings.
 void check_same_settings(const RingParams& params, const AttentionShape& shape, MPI_Comm comm) {
-  detail::check_same_everywhere(comm, {{"seqlen", params.seqlen},
-                                       {"batch", shape.batch},
-                                       {"heads", shape.heads},
-                                       {"kv_heads", shape.kv_heads},
-                                       {"head_dim", shape.head_dim},
-                                       {"storage", static_cast<std::int64_t>(params.storage)},
-                                       {"causal", static_cast<std::int64_t>(params.mask.causal)},
-                                       {"window", params.mask.window_left.value_or(-1)},
-                                       {"softcap", float_bits(params.softcap)},
-                                       {"scale", params.scale ? float_bits(*params.scale) : -1},
-                                       {"alibi", params.maybe_alibi_slopes != nullptr ? 1 : 0}});
+  detail::check_same_everywhere(
+      comm, {{"seqlen", params.seqlen},
+             {"batch", shape.batch},
+             {"heads", shape.heads},
+             {"kv_heads", shape.kv_heads},
+             {"head_dim", shape.head_dim},
+             {"storage", static_cast<std::int64_t>(params.storage)},
+             {"causal", static_cast<std::int64_t>(params.mask.causal)},
+             {"window", params.mask.window_left.value_or(-1)},
+             {"softcap", detail::float_bits(params.softcap)},
+             {"scale", params.scale ? detail::float_bits(*params.scale) : -1},
+             {"alibi", params.maybe_alibi_slopes != nullptr ? 1 : 0},
+             {"sink_logits", params.maybe_sink_logits != nullptr ? 1 : 0}});
 }
 
 // One ring_attend call on this rank, its arguments validated and agreed on:
@@ -287,6 +288,23 @@ void run_step(const Ring& ring, std::size_t t, RingBuffers& buffers, RingStats& 
   stats.wait_seconds += seconds() - wait_start;
 }
 
+// The learned sink logits, added once to each merged row (rows (batch, head,
+// local) of the accumulators), after every ring step.
+void add_sink_logits(const Ring& ring, RingBuffers& buffers) {
+  const float* sinks = ring.params.maybe_sink_logits;
+  if (sinks == nullptr) return;
+  const std::int64_t heads = ring.shape.heads;
+  const std::int64_t dim = ring.shape.head_dim;
+  const std::int64_t local = ring.local();
+  for (std::int64_t bh = 0; bh < ring.shape.batch * heads; ++bh) {
+    for (std::int64_t i = 0; i < local; ++i) {
+      const auto row = static_cast<std::size_t>(bh * local + i);
+      kernels::add_sink(buffers.acc_out.data() + row * static_cast<std::size_t>(dim),
+                        buffers.acc_lse[row], sinks[bh % heads], static_cast<std::size_t>(dim));
+    }
+  }
+}
+
 // Writes the merged rows to the caller's (strided) outputs.
 void write_outputs(const Ring& ring, const RingBuffers& buffers) {
   const RingParams& params = ring.params;
@@ -340,6 +358,7 @@ RingStats ring_attend(const RingParams& params, MPI_Comm comm, Context& context)
     detail::abort_job(comm, error.what());
   }
 
+  add_sink_logits(ring, buffers);
   write_outputs(ring, buffers);
   return stats;
 }
