@@ -463,7 +463,6 @@ int run_distributed(const AttendOptions& options) {
   refuse(options.splits.has_value(), "--splits");
   refuse(options.ring_cache, "--ring-cache");
   refuse(options.reference, "--reference");
-  refuse(!options.sink_path.empty(), "--sink-logits");
   refuse(options.segment.has_value() && options.mode != "sharded-decode", "--segment");
   return run_distributed_attend({.mode = options.mode,
                                  .segment = options.segment.value_or(256),
