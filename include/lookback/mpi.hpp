@@ -32,6 +32,7 @@
 
 #include "lookback/attention.hpp"
 #include "lookback/context.hpp"
+#include "lookback/dtype.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/mask.hpp"
@@ -116,15 +117,27 @@ struct RingParams {
   // the same mask here) with an optional window, or kNone. No query_offset,
   // no sink tokens (MaskSpec::sink_tokens; sink logits are above).
   MaskSpec mask;
-  DType storage = DType::kF32;  // what K/V travel in and the kernels hold
+  // What the kernels hold K/V in: f32, f16, bf16, or 8 bits with an f32
+  // scale per (token, kv head) row (int8, fp8e4m3, fp8e5m2). Blocks travel in
+  // ring_block_dtype(storage).
+  DType storage = DType::kF32;
 };
+
+// What K/V blocks travel in between the ranks: the storage dtype, or f32 for
+// 8-bit storage. Each rank quantizes the f32 rows it receives per (token, kv
+// head) row, exactly as single-process attention quantizes them, so the
+// codes and scales are the same; sending the codes would save 4x the bytes
+// but not change the result.
+constexpr DType ring_block_dtype(DType storage) noexcept {
+  return is_quantized(storage) ? DType::kF32 : storage;
+}
 
 // What one ring_attend call did on this rank, for the scaling measurements.
 struct RingStats {
   int steps = 0;                    // ring steps run (ring_steps().size())
   std::int64_t pairs_computed = 0;  // (query chunk, key chunk) attention calls
   std::int64_t pairs_skipped = 0;   // fully masked pairs skipped without a call
-  std::int64_t bytes_sent = 0;      // K/V bytes this rank sent
+  std::int64_t bytes_sent = 0;      // K/V bytes this rank sent, in ring_block_dtype(storage)
   double compute_seconds = 0.0;     // in the attention kernel and the merge
   double wait_seconds = 0.0;        // waiting for the next block beyond the compute
 };
@@ -166,7 +179,9 @@ class ShardOwnership {
 // A KV cache of one long sequence spread over the ranks of a communicator.
 class ShardedKvCache {
  public:
-  // config.rope must be empty (rotate before appending). segment >= 1.
+  // config.rope must be empty (rotate before appending); config.storage is
+  // f32, f16 or bf16 (the shards are plain rows, not KvCaches: no 8-bit
+  // storage). segment >= 1.
   ShardedKvCache(const CacheConfig& config, std::int64_t segment, MPI_Comm comm);
 
   std::int64_t length() const noexcept;        // tokens of the sequence

@@ -4,8 +4,10 @@
 // (r - step) mod P, computes its two query chunks against the block's two key
 // chunks with the keys' absolute positions (MaskSpec::query_offset), skips the
 // fully masked pairs, and merges the partial (output, LSE) pairs exactly;
-// meanwhile the block travels on to the rank that needs it next. Learned sink
-// logits join each row's denominator once, after the last step.
+// meanwhile the block travels on to the rank that needs it next (in the
+// storage dtype, or f32 for 8-bit storage, which the kernels quantize on
+// arrival). Learned sink logits join each row's denominator once, after the
+// last step.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -52,10 +54,6 @@ AttentionShape validate_ring(const RingParams& params, const ZigzagLayout& layou
   if (params.mask.sink_tokens != 0) {
     throw Error(fmt::format("sink_tokens: {} (ring attention takes no sink tokens: expected 0)",
                             params.mask.sink_tokens));
-  }
-  if (params.storage != DType::kF32 && params.storage != DType::kF16 &&
-      params.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));
   }
   const AttentionShape shape = validate(local_params(params));
   const std::int64_t expected = layout.local_seqlen(rank);
@@ -114,10 +112,12 @@ struct Ring {
   AttentionShape shape;
   std::vector<int> steps;  // ring_steps(): the steps that do any work
 
+  // What the blocks travel in: the storage dtype, f32 for 8-bit storage.
+  DType block_dtype() const { return ring_block_dtype(params.storage); }
   // K then V of rank `origin`'s block, each (batch, local_seqlen(origin), kv_heads, head_dim).
   std::int64_t block_bytes(int origin) const {
     return 2 * shape.batch * layout.local_seqlen(origin) * shape.kv_heads * shape.head_dim *
-           static_cast<std::int64_t>(dtype_size(params.storage));
+           static_cast<std::int64_t>(dtype_size(block_dtype()));
   }
   // The rank whose block this rank holds at steps[t].
   int origin(std::size_t t) const { return (rank - steps[t] + layout.ranks) % layout.ranks; }
@@ -155,11 +155,11 @@ RingBuffers allocate_buffers(const Ring& ring) {
   return buffers;
 }
 
-// This rank's own block: K then V in the storage dtype, rows in local order.
+// This rank's own block: K then V in the block dtype, rows in local order.
 void pack_own_block(const Ring& ring, std::vector<std::uint8_t>& block) {
   const std::int64_t half = ring.block_bytes(ring.rank) / 2;
-  detail::pack_rows(ring.params.k, 0, ring.local(), ring.params.storage, block.data());
-  detail::pack_rows(ring.params.v, 0, ring.local(), ring.params.storage, block.data() + half);
+  detail::pack_rows(ring.params.k, 0, ring.local(), ring.block_dtype(), block.data());
+  detail::pack_rows(ring.params.v, 0, ring.local(), ring.block_dtype(), block.data() + half);
 }
 
 // Starts passing the block held at steps[t] on to the rank that needs it at
@@ -240,9 +240,9 @@ void attend_block(const Ring& ring, int origin, RingBuffers& buffers, RingStats&
   const AttentionShape& shape = ring.shape;
   const std::int64_t block_rows = ring.layout.local_seqlen(origin);
   const KvBlock block{
-      .k = contiguous(buffers.current.data(), ring.params.storage, shape.batch, block_rows,
+      .k = contiguous(buffers.current.data(), ring.block_dtype(), shape.batch, block_rows,
                       shape.kv_heads, shape.head_dim),
-      .v = contiguous(buffers.current.data() + ring.block_bytes(origin) / 2, ring.params.storage,
+      .v = contiguous(buffers.current.data() + ring.block_bytes(origin) / 2, ring.block_dtype(),
                       shape.batch, block_rows, shape.kv_heads, shape.head_dim)};
   std::int64_t query_row = 0;
   for (const KeyRange& queries : ring.layout.rank_chunks(ring.rank)) {

@@ -42,7 +42,10 @@ void check_config(const CacheConfig& config) {
   }
   if (config.storage != DType::kF32 && config.storage != DType::kF16 &&
       config.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(config.storage)));
+    throw Error(fmt::format(
+        "storage: {} (expected f32, f16 or bf16: a sharded cache stores no 8-bit K/V; "
+        "ring_attend, KvCache and PagedKvPool do)",
+        dtype_name(config.storage)));
   }
   if (config.rope) {
     throw Error("rope: a sharded cache takes keys already rotated (expected no rope)");

@@ -296,6 +296,57 @@ TEST(RingSinks, AreAddedOnceAsSingleProcessAttentionAddsThem) {
   }
 }
 
+// 8-bit K/V: the blocks travel as f32 and every rank quantizes the rows it
+// receives as a single-process call does (per (token, kv head) row), so both
+// compute in f32 on the same dequantized values and differ only in the order
+// of the f32 sums and the LSE merges. The f32 tolerances of the other ring
+// tests therefore apply (kF32Tolerance, kLseTolerance), not kQuantTolerance,
+// which bounds the distance to the float64 reference on dequantized values.
+// The quantization error itself (about 1e-2 relative) lies far beyond them:
+// a ring that attended unquantized K/V fails.
+TEST(RingQuantized, EqualsSingleProcessAttentionWithTheSameStorage) {
+  for (const DType storage : {DType::kI8, DType::kFP8E4M3, DType::kFP8E5M2}) {
+    std::vector<ProblemSpec> specs;
+    ProblemSpec spec{.seqlen_q = 203, .seqlen_k = 203, .heads = 4, .kv_heads = 2, .head_dim = 24};
+    spec.storage = storage;
+    specs.push_back(spec);
+    spec.seqlen_q = spec.seqlen_k = 1000;
+    spec.mask.window_left = 37;
+    spec.softcap = 4.0f;
+    spec.alibi = true;
+    spec.sinks = true;
+    spec.head_dim = 17;
+    specs.push_back(spec);
+    ProblemSpec none{.batch = 2, .seqlen_q = 64, .seqlen_k = 64, .heads = 2, .kv_heads = 2,
+                     .head_dim = 8};
+    none.mask.causal = Causal::kNone;
+    none.storage = storage;
+    specs.push_back(none);
+    for (const ProblemSpec& s : specs) {
+      Problem full = make_problem(s, 4000 + static_cast<std::uint64_t>(s.seqlen_q));
+      Context context(1);
+      const RingRun run = run_ring(full, context);
+      const SingleProcessRows same = single_process_rows(full);
+      EXPECT_LE(relative_l2(run.out, same.out), kF32Tolerance) << s.describe();
+      EXPECT_LE(max_abs_difference(run.lse, same.lse), kLseTolerance) << s.describe();
+      Problem unquantized = full;
+      unquantized.spec.storage = DType::kF32;
+      EXPECT_GT(relative_l2(run.out, single_process_rows(unquantized).out), 10 * kF32Tolerance)
+          << s.describe();
+    }
+  }
+}
+
+// With 8-bit storage the blocks travel as f32: the same bytes as an f32 ring.
+TEST(RingQuantized, BlocksTravelAsF32) {
+  ProblemSpec spec{.seqlen_q = 203, .seqlen_k = 203, .heads = 4, .kv_heads = 2, .head_dim = 24};
+  Problem f32 = make_problem(spec, 5);
+  spec.storage = DType::kI8;
+  Problem int8 = make_problem(spec, 5);
+  Context context(1);
+  EXPECT_EQ(run_ring(int8, context).stats.bytes_sent, run_ring(f32, context).stats.bytes_sent);
+}
+
 // Runs the ring on `spec` (seqlen 301) with the future after a few positions
 // perturbed: local rows at positions <= that must not move, bit for bit.
 void expect_ring_causal(ProblemSpec spec) {
@@ -342,6 +393,17 @@ TEST(Ring, StaysCausalWithSinkLogits) {
   expect_ring_causal(spec);
   spec.mask.window_left = 20;
   spec.alibi = true;
+  expect_ring_causal(spec);
+}
+
+TEST(Ring, StaysCausalWith8BitStorage) {
+  ProblemSpec spec{.heads = 2, .kv_heads = 1, .head_dim = 16};
+  spec.storage = DType::kI8;
+  expect_ring_causal(spec);
+  spec.storage = DType::kFP8E5M2;
+  spec.mask.window_left = 20;
+  spec.alibi = true;
+  spec.sinks = true;
   expect_ring_causal(spec);
 }
 
@@ -659,6 +721,20 @@ TEST(Errors, RingAttentionRefusesSinkTokens) {
     message = error.what();
   }
   EXPECT_NE(message.find("sink_tokens: 2"), std::string::npos) << "rank " << rank << ": " << message;
+}
+
+// The sharded cache holds its shards unquantized: 8-bit storage is refused on
+// every rank, naming the storage and what to use instead.
+TEST(Errors, TheShardedCacheRefuses8BitStorage) {
+  std::string message;
+  try {
+    mpi::ShardedKvCache cache({.kv_heads = 1, .head_dim = 8, .storage = DType::kFP8E4M3}, 4,
+                              MPI_COMM_WORLD);
+  } catch (const Error& error) {
+    message = error.what();
+  }
+  EXPECT_NE(message.find("storage: fp8e4m3 (expected f32, f16 or bf16"), std::string::npos)
+      << message;
 }
 
 // Sink logits are checked like single-process attention checks them, and

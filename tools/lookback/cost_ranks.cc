@@ -190,8 +190,9 @@ int run_rank_cost(const RankCostOptions& o) {
   const std::int64_t chunk = std::max<std::int64_t>(1, o.context / (2 * o.ranks));
   const double rate = o.rate_gflops ? *o.rate_gflops * 1e9
                                     : measure_rate(o, storage, std::min<std::int64_t>(chunk, 1024));
-  const double bytes_per_token =
-      2.0 * static_cast<double>(o.kv_heads * o.dim) * static_cast<double>(dtype_size(storage));
+  // K and V as the ring sends them (f32 for 8-bit storage).
+  const double bytes_per_token = 2.0 * static_cast<double>(o.kv_heads * o.dim) *
+                                 static_cast<double>(dtype_size(mpi::ring_block_dtype(storage)));
   const LayoutCost zigzag = layout_cost(o, mpi::RingLayout::kZigzag, rate, bytes_per_token);
   const LayoutCost plain = layout_cost(o, mpi::RingLayout::kContiguous, rate, bytes_per_token);
   const double useful_pairs =
