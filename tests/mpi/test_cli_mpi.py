@@ -118,6 +118,23 @@ class DistributedAttendTest(unittest.TestCase):
                     self.assert_agrees(np.load(self.path("o.npy")), np.load(self.path("lse.npy")),
                                        single, single_lse)
 
+    def test_int8_through_ring_agrees_with_single_node_attend(self):
+        inputs = self.save_problem(203, 203)
+        args = [*inputs, "--alibi", self.path("slopes.npy"), "--window", "30", "--threads", 1]
+        single, single_lse = self.single_node(*args, "--dtype", "int8")
+        unquantized, _ = self.single_node(*args)
+        # The quantization error lies far beyond the tolerance: --dtype is honoured.
+        self.assertGreater(np.linalg.norm(single - unquantized) / np.linalg.norm(unquantized),
+                           1e-3)
+        for ranks in (1, 2, 3):
+            with self.subTest(ranks=ranks):
+                result = mpirun(ranks, "attend", *args, "--dtype", "int8", "--mode", "ring",
+                                "--out", self.path("o.npy"), "--lse", self.path("lse.npy"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                # The same codes on every rank as in one process: f32 tolerances apply.
+                self.assert_agrees(np.load(self.path("o.npy")), np.load(self.path("lse.npy")),
+                                   single, single_lse)
+
     def test_a_failing_rank_ends_the_job_with_one_message_and_exit_2(self):
         inputs = self.save_problem(40, 40)
         cases = (
@@ -127,6 +144,8 @@ class DistributedAttendTest(unittest.TestCase):
             (inputs[:4] + ["--v", self.path("q.npy")], "sharded-decode", "v: shape"),
             # the mode's own rule, found by every rank
             (inputs + ["--causal", "top-left"], "sharded-decode", "bottom-right"),
+            # the sharded cache stores no 8-bit K/V
+            (inputs + ["--dtype", "int8"], "sharded-decode", "storage: int8"),
             # the output folder does not exist
             (inputs, "ring", "does not exist"),
         )
