@@ -126,8 +126,8 @@ struct RingParams {
 // What K/V blocks travel in between the ranks: the storage dtype, or f32 for
 // 8-bit storage. Each rank quantizes the f32 rows it receives per (token, kv
 // head) row, exactly as single-process attention quantizes them, so the
-// codes and scales are the same; sending the codes would save 4x the bytes
-// but not change the result.
+// codes and scales are the same (codes and scales would travel in about a
+// quarter of the bytes, to the same result).
 constexpr DType ring_block_dtype(DType storage) noexcept {
   return is_quantized(storage) ? DType::kF32 : storage;
 }
@@ -143,10 +143,9 @@ struct RingStats {
 };
 
 // Computes params.out (and maybe_lse) for this rank's rows. Equal to
-// lookback::attend on the whole sequence (with the same sink logits) within
-// float32 rounding, for any
-// number of ranks; an output row never changes, bit for bit, when a later
-// token changes, on any rank.
+// lookback::attend on the whole sequence (with the same storage and sink
+// logits) within float32 rounding, for any number of ranks; an output row
+// never changes, bit for bit, when a later token changes, on any rank.
 RingStats ring_attend(const RingParams& params, MPI_Comm comm, Context& context);
 
 // ---------------------------------------------------------------------------
