@@ -32,6 +32,7 @@
 
 #include "lookback/attention.hpp"
 #include "lookback/context.hpp"
+#include "lookback/dtype.hpp"
 #include "lookback/error.hpp"
 #include "lookback/kv_cache.hpp"
 #include "lookback/mask.hpp"
@@ -104,31 +105,47 @@ struct RingParams {
   MutableTensorView out;        // (batch, local_seqlen, heads, head_dim), f32
   MutableTensorView maybe_lse;  // (batch, heads, local_seqlen), f32; optional
   const float* maybe_alibi_slopes = nullptr;  // (heads,); optional, the same on every rank
+  // Learned sink logits (gpt-oss): one more term e^sink_h in each row's
+  // softmax denominator, added once to the merged rows after the last ring
+  // step (never to the partial results of a step).
+  const float* maybe_sink_logits = nullptr;  // (heads,), finite, the same on every rank; optional
 
   std::int64_t seqlen = 0;  // tokens in the whole sequence (queries and keys alike)
   std::optional<float> scale;
   float softcap = 0.0f;
   // Self-attention over one sequence: causal (bottom-right and top-left are
   // the same mask here) with an optional window, or kNone. No query_offset,
-  // no sink tokens.
+  // no sink tokens (MaskSpec::sink_tokens; sink logits are above).
   MaskSpec mask;
-  DType storage = DType::kF32;  // what K/V travel in and the kernels hold
+  // What the kernels hold K/V in: f32, f16, bf16, or 8 bits with an f32
+  // scale per (token, kv head) row (int8, fp8e4m3, fp8e5m2). Blocks travel in
+  // ring_block_dtype(storage).
+  DType storage = DType::kF32;
 };
+
+// What K/V blocks travel in between the ranks: the storage dtype, or f32 for
+// 8-bit storage. Each rank quantizes the f32 rows it receives per (token, kv
+// head) row, exactly as single-process attention quantizes them, so the
+// codes and scales are the same (codes and scales would travel in about a
+// quarter of the bytes, to the same result).
+constexpr DType ring_block_dtype(DType storage) noexcept {
+  return is_quantized(storage) ? DType::kF32 : storage;
+}
 
 // What one ring_attend call did on this rank, for the scaling measurements.
 struct RingStats {
   int steps = 0;                    // ring steps run (ring_steps().size())
   std::int64_t pairs_computed = 0;  // (query chunk, key chunk) attention calls
   std::int64_t pairs_skipped = 0;   // fully masked pairs skipped without a call
-  std::int64_t bytes_sent = 0;      // K/V bytes this rank sent
+  std::int64_t bytes_sent = 0;      // K/V bytes this rank sent, in ring_block_dtype(storage)
   double compute_seconds = 0.0;     // in the attention kernel and the merge
   double wait_seconds = 0.0;        // waiting for the next block beyond the compute
 };
 
 // Computes params.out (and maybe_lse) for this rank's rows. Equal to
-// lookback::attend on the whole sequence within float32 rounding, for any
-// number of ranks; an output row never changes, bit for bit, when a later
-// token changes, on any rank.
+// lookback::attend on the whole sequence (with the same storage and sink
+// logits) within float32 rounding, for any number of ranks; an output row
+// never changes, bit for bit, when a later token changes, on any rank.
 RingStats ring_attend(const RingParams& params, MPI_Comm comm, Context& context);
 
 // ---------------------------------------------------------------------------
@@ -161,7 +178,9 @@ class ShardOwnership {
 // A KV cache of one long sequence spread over the ranks of a communicator.
 class ShardedKvCache {
  public:
-  // config.rope must be empty (rotate before appending). segment >= 1.
+  // config.rope must be empty (rotate before appending); config.storage is
+  // f32, f16 or bf16 (the shards are plain rows, not KvCaches: no 8-bit
+  // storage). segment >= 1.
   ShardedKvCache(const CacheConfig& config, std::int64_t segment, MPI_Comm comm);
 
   std::int64_t length() const noexcept;        // tokens of the sequence
@@ -177,6 +196,10 @@ class ShardedKvCache {
   // every rank attends its shard, and one MPI_Allreduce with the online-
   // softmax merge gives every rank the same out (tokens, heads, head_dim)
   // and maybe_lse (heads, tokens). q may be empty on the other ranks.
+  // options as KvCache::attend takes them, the same on every rank (window,
+  // softcap, scale and whether slopes and sink logits are given are checked;
+  // sink_tokens must be 0, splits is not used); learned sink logits join
+  // each row's denominator once, after the reduction.
   void attend(const DecodeStep& step, const DecodeOptions& options, Context& context,
               int root = 0) const;
 

@@ -45,6 +45,12 @@ void pack_rows(const TensorView& view, std::int64_t begin, std::int64_t count, D
   }
 }
 
+std::int64_t float_bits(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
 void check_same_everywhere(MPI_Comm comm,
                            const std::vector<std::pair<std::string_view, std::int64_t>>& settings) {
   const int count = static_cast<int>(settings.size());

@@ -25,6 +25,9 @@ void pack_rows(const TensorView& view, std::int64_t begin, std::int64_t count, D
 // One element converted to the storage dtype at `destination` (its index).
 void store_as(float value, DType storage, std::uint8_t* destination, std::int64_t index);
 
+// The bits of a float, for check_same_everywhere.
+std::int64_t float_bits(float value);
+
 // Collective: throws the same lookback::Error on every rank when the ranks
 // were given different values of any setting (name, value).
 void check_same_everywhere(MPI_Comm comm,

@@ -4,15 +4,18 @@
 // (r - step) mod P, computes its two query chunks against the block's two key
 // chunks with the keys' absolute positions (MaskSpec::query_offset), skips the
 // fully masked pairs, and merges the partial (output, LSE) pairs exactly;
-// meanwhile the block travels on to the rank that needs it next.
+// meanwhile the block travels on to the rank that needs it next (in the
+// storage dtype, or f32 for 8-bit storage, which the kernels quantize on
+// arrival). Learned sink logits join each row's denominator once, after the
+// last step.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <new>
 
+#include "kernels/online_softmax.hpp"
 #include "lookback/merge.hpp"
 #include "lookback/mpi.hpp"
 #include "mpi/common.hpp"
@@ -21,6 +24,9 @@ namespace lookback::mpi {
 
 namespace {
 
+// This rank's share as one attention call would see it, for validate(): the
+// sink logits are checked here, but the partial attends of the ring never get
+// them (they join the denominator once, after the last merge).
 AttentionParams local_params(const RingParams& params) {
   return {.q = params.q,
           .k = params.k,
@@ -28,6 +34,7 @@ AttentionParams local_params(const RingParams& params) {
           .out = params.out,
           .maybe_lse = params.maybe_lse,
           .maybe_alibi_slopes = params.maybe_alibi_slopes,
+          .maybe_sink_logits = params.maybe_sink_logits,
           .scale = params.scale,
           .softcap = params.softcap,
           .mask = params.mask,
@@ -48,10 +55,6 @@ AttentionShape validate_ring(const RingParams& params, const ZigzagLayout& layou
     throw Error(fmt::format("sink_tokens: {} (ring attention takes no sink tokens: expected 0)",
                             params.mask.sink_tokens));
   }
-  if (params.storage != DType::kF32 && params.storage != DType::kF16 &&
-      params.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(params.storage)));
-  }
   const AttentionShape shape = validate(local_params(params));
   const std::int64_t expected = layout.local_seqlen(rank);
   if (shape.seqlen_q != expected || shape.seqlen_k != expected) {
@@ -64,12 +67,6 @@ AttentionShape validate_ring(const RingParams& params, const ZigzagLayout& layou
         2 * layout.ranks));
   }
   return shape;
-}
-
-std::int64_t float_bits(float value) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
 }
 
 // One (batch, len, heads, head_dim) view over contiguous storage.
@@ -89,17 +86,19 @@ double seconds() { return MPI_Wtime(); }
 // Collective: throws the same lookback::Error on every rank unless every rank
 // was given the same sequence, shape and attention settings.
 void check_same_settings(const RingParams& params, const AttentionShape& shape, MPI_Comm comm) {
-  detail::check_same_everywhere(comm, {{"seqlen", params.seqlen},
-                                       {"batch", shape.batch},
-                                       {"heads", shape.heads},
-                                       {"kv_heads", shape.kv_heads},
-                                       {"head_dim", shape.head_dim},
-                                       {"storage", static_cast<std::int64_t>(params.storage)},
-                                       {"causal", static_cast<std::int64_t>(params.mask.causal)},
-                                       {"window", params.mask.window_left.value_or(-1)},
-                                       {"softcap", float_bits(params.softcap)},
-                                       {"scale", params.scale ? float_bits(*params.scale) : -1},
-                                       {"alibi", params.maybe_alibi_slopes != nullptr ? 1 : 0}});
+  detail::check_same_everywhere(
+      comm, {{"seqlen", params.seqlen},
+             {"batch", shape.batch},
+             {"heads", shape.heads},
+             {"kv_heads", shape.kv_heads},
+             {"head_dim", shape.head_dim},
+             {"storage", static_cast<std::int64_t>(params.storage)},
+             {"causal", static_cast<std::int64_t>(params.mask.causal)},
+             {"window", params.mask.window_left.value_or(-1)},
+             {"softcap", detail::float_bits(params.softcap)},
+             {"scale", params.scale ? detail::float_bits(*params.scale) : -1},
+             {"alibi", params.maybe_alibi_slopes != nullptr ? 1 : 0},
+             {"sink_logits", params.maybe_sink_logits != nullptr ? 1 : 0}});
 }
 
 // One ring_attend call on this rank, its arguments validated and agreed on:
@@ -113,10 +112,12 @@ struct Ring {
   AttentionShape shape;
   std::vector<int> steps;  // ring_steps(): the steps that do any work
 
+  // What the blocks travel in: the storage dtype, f32 for 8-bit storage.
+  DType block_dtype() const { return ring_block_dtype(params.storage); }
   // K then V of rank `origin`'s block, each (batch, local_seqlen(origin), kv_heads, head_dim).
   std::int64_t block_bytes(int origin) const {
     return 2 * shape.batch * layout.local_seqlen(origin) * shape.kv_heads * shape.head_dim *
-           static_cast<std::int64_t>(dtype_size(params.storage));
+           static_cast<std::int64_t>(dtype_size(block_dtype()));
   }
   // The rank whose block this rank holds at steps[t].
   int origin(std::size_t t) const { return (rank - steps[t] + layout.ranks) % layout.ranks; }
@@ -154,11 +155,11 @@ RingBuffers allocate_buffers(const Ring& ring) {
   return buffers;
 }
 
-// This rank's own block: K then V in the storage dtype, rows in local order.
+// This rank's own block: K then V in the block dtype, rows in local order.
 void pack_own_block(const Ring& ring, std::vector<std::uint8_t>& block) {
   const std::int64_t half = ring.block_bytes(ring.rank) / 2;
-  detail::pack_rows(ring.params.k, 0, ring.local(), ring.params.storage, block.data());
-  detail::pack_rows(ring.params.v, 0, ring.local(), ring.params.storage, block.data() + half);
+  detail::pack_rows(ring.params.k, 0, ring.local(), ring.block_dtype(), block.data());
+  detail::pack_rows(ring.params.v, 0, ring.local(), ring.block_dtype(), block.data() + half);
 }
 
 // Starts passing the block held at steps[t] on to the rank that needs it at
@@ -239,9 +240,9 @@ void attend_block(const Ring& ring, int origin, RingBuffers& buffers, RingStats&
   const AttentionShape& shape = ring.shape;
   const std::int64_t block_rows = ring.layout.local_seqlen(origin);
   const KvBlock block{
-      .k = contiguous(buffers.current.data(), ring.params.storage, shape.batch, block_rows,
+      .k = contiguous(buffers.current.data(), ring.block_dtype(), shape.batch, block_rows,
                       shape.kv_heads, shape.head_dim),
-      .v = contiguous(buffers.current.data() + ring.block_bytes(origin) / 2, ring.params.storage,
+      .v = contiguous(buffers.current.data() + ring.block_bytes(origin) / 2, ring.block_dtype(),
                       shape.batch, block_rows, shape.kv_heads, shape.head_dim)};
   std::int64_t query_row = 0;
   for (const KeyRange& queries : ring.layout.rank_chunks(ring.rank)) {
@@ -285,6 +286,23 @@ void run_step(const Ring& ring, std::size_t t, RingBuffers& buffers, RingStats& 
     std::swap(buffers.current, buffers.incoming);
   }
   stats.wait_seconds += seconds() - wait_start;
+}
+
+// The learned sink logits, added once to each merged row (rows (batch, head,
+// local) of the accumulators), after every ring step.
+void add_sink_logits(const Ring& ring, RingBuffers& buffers) {
+  const float* sinks = ring.params.maybe_sink_logits;
+  if (sinks == nullptr) return;
+  const std::int64_t heads = ring.shape.heads;
+  const std::int64_t dim = ring.shape.head_dim;
+  const std::int64_t local = ring.local();
+  for (std::int64_t bh = 0; bh < ring.shape.batch * heads; ++bh) {
+    for (std::int64_t i = 0; i < local; ++i) {
+      const auto row = static_cast<std::size_t>(bh * local + i);
+      kernels::add_sink(buffers.acc_out.data() + row * static_cast<std::size_t>(dim),
+                        buffers.acc_lse[row], sinks[bh % heads], static_cast<std::size_t>(dim));
+    }
+  }
 }
 
 // Writes the merged rows to the caller's (strided) outputs.
@@ -340,6 +358,7 @@ RingStats ring_attend(const RingParams& params, MPI_Comm comm, Context& context)
     detail::abort_job(comm, error.what());
   }
 
+  add_sink_logits(ring, buffers);
   write_outputs(ring, buffers);
   return stats;
 }

@@ -2,13 +2,15 @@
 // position (ShardOwnership). Each step's queries are broadcast from the root,
 // every rank attends the runs of positions it holds, and the partial
 // (LSE, output) rows are combined by one MPI_Allreduce whose operation is the
-// online-softmax merge, so every rank ends with the same result.
+// online-softmax merge, so every rank ends with the same result; learned sink
+// logits join each merged row's denominator once, after the reduction.
 #include <fmt/format.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 
+#include "kernels/online_softmax.hpp"
 #include "lookback/merge.hpp"
 #include "lookback/mpi.hpp"
 #include "mpi/common.hpp"
@@ -40,7 +42,10 @@ void check_config(const CacheConfig& config) {
   }
   if (config.storage != DType::kF32 && config.storage != DType::kF16 &&
       config.storage != DType::kBF16) {
-    throw Error(fmt::format("storage: {} (expected f32, f16 or bf16)", dtype_name(config.storage)));
+    throw Error(fmt::format(
+        "storage: {} (expected f32, f16 or bf16: a sharded cache stores no 8-bit K/V; "
+        "ring_attend, KvCache and PagedKvPool do)",
+        dtype_name(config.storage)));
   }
   if (config.rope) {
     throw Error("rope: a sharded cache takes keys already rotated (expected no rope)");
@@ -74,6 +79,20 @@ struct StepShape {
   std::int64_t dim = 0;  // head_dim, the cache's
 };
 
+// Collective: throws the same lookback::Error on every rank unless every
+// rank was given the same root and the same options (the sink logits' and
+// slopes' presence; their values are the caller's to keep the same).
+void check_same_step_settings(const DecodeOptions& options, const StepRanks& ranks) {
+  detail::check_same_everywhere(
+      ranks.comm,
+      {{"root", ranks.root},
+       {"window", options.window_left.value_or(-1)},
+       {"softcap", detail::float_bits(options.softcap)},
+       {"scale", options.scale ? detail::float_bits(*options.scale) : -1},
+       {"alibi", options.maybe_alibi_slopes != nullptr ? 1 : 0},
+       {"sink_logits", options.maybe_sink_logits != nullptr ? 1 : 0}});
+}
+
 // The root checks the queries (q: (tokens, heads, head_dim)) and tells every
 // rank their shape.
 StepShape broadcast_step_shape(const TensorView& q, std::int64_t dim, const StepRanks& ranks) {
@@ -91,7 +110,6 @@ StepShape broadcast_step_shape(const TensorView& q, std::int64_t dim, const Step
       throw Error(fmt::format("q: head_dim {} (expected {}, the cache's)", q.shape[2], dim));
     }
   });
-  detail::check_same_everywhere(ranks.comm, {{"root", ranks.root}});
   MPI_Bcast(header, 2, MPI_INT64_T, ranks.root, ranks.comm);
   return {.tokens = header[0], .heads = header[1], .dim = dim};
 }
@@ -125,6 +143,7 @@ void check_step(const DecodeStep& step, const DecodeOptions& options, const Cach
                                   .k = k_shape,
                                   .v = k_shape,
                                   .maybe_alibi_slopes = options.maybe_alibi_slopes,
+                                  .maybe_sink_logits = options.maybe_sink_logits,
                                   .scale = options.scale,
                                   .softcap = options.softcap,
                                   .mask = {.window_left = options.window_left},
@@ -256,6 +275,19 @@ void merge_across_ranks(std::vector<float>& packed, const StepShape& shape, MPI_
   MPI_Type_free(&row_type);
 }
 
+// The learned sink logits, added once to each row merged across the ranks
+// (the same arithmetic on every rank, so every rank keeps the same bits).
+void add_sink_logits(std::vector<float>& packed, const StepShape& shape, const float* sinks) {
+  if (sinks == nullptr) return;
+  const std::int64_t width = shape.dim + 1;
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    for (std::int64_t h = 0; h < shape.heads; ++h) {
+      float* row = packed.data() + (t * shape.heads + h) * width;
+      kernels::add_sink(row + 1, row[0], sinks[h], static_cast<std::size_t>(shape.dim));
+    }
+  }
+}
+
 // Writes the merged rows to the step's (strided) out and maybe_lse.
 void write_step(const std::vector<float>& packed, const StepShape& shape, const DecodeStep& step) {
   const std::int64_t width = shape.dim + 1;
@@ -340,6 +372,7 @@ void ShardedKvCache::append(const TensorView& k, const TensorView& v) {
 void ShardedKvCache::attend(const DecodeStep& step, const DecodeOptions& options, Context& context,
                             int root) const {
   const StepRanks ranks{.comm = comm_, .rank = rank_, .root = root};
+  check_same_step_settings(options, ranks);
   const StepShape shape = broadcast_step_shape(step.q, config_.head_dim, ranks);
   const std::int64_t length = this->length();
   checked_on_every_rank(comm_, [&] { check_step(step, options, config_, shape, length); });
@@ -373,6 +406,7 @@ void ShardedKvCache::attend(const DecodeStep& step, const DecodeOptions& options
   }
 
   merge_across_ranks(packed, shape, comm_);
+  add_sink_logits(packed, shape, options.maybe_sink_logits);
   write_step(packed, shape, step);
 }
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -136,6 +137,7 @@ RingRun run_ring(Problem& full, Context& context) {
                                 {spec.batch, local, spec.heads, spec.head_dim}),
        .maybe_lse = make_mutable_view(run.lse.data(), DType::kF32, {spec.batch, spec.heads, local}),
        .maybe_alibi_slopes = whole.maybe_alibi_slopes,
+       .maybe_sink_logits = whole.maybe_sink_logits,
        .seqlen = spec.seqlen_q,
        .scale = spec.scale,
        .softcap = spec.softcap,
@@ -206,39 +208,203 @@ TEST_P(RingTest, EqualsTheReferenceAndSingleProcessAttention) {
 
 INSTANTIATE_TEST_SUITE_P(Sweep, RingTest, ::testing::ValuesIn(ring_cases()));
 
-TEST(Ring, PerturbingTheFutureLeavesEarlierRowsBitIdentical) {
-  const int rank = world_rank();
-  for (const std::optional<std::int64_t> window :
-       {std::optional<std::int64_t>{}, std::optional<std::int64_t>{20}}) {
-    ProblemSpec spec{.seqlen_q = 301, .seqlen_k = 301, .heads = 2, .kv_heads = 1, .head_dim = 16};
-    spec.mask.window_left = window;
-    spec.alibi = window.has_value();
-    const mpi::ZigzagLayout layout{.seqlen = 301, .ranks = world_size()};
-    for (std::int64_t last : {0, 77, 150, 299}) {
-      Problem before = make_problem(spec, 7);
-      Problem after = make_problem(spec, 7);
-      perturb_future(after, last, 99);
+// Single-process lookback::attend of `problem` (its storage, its sink
+// logits) on this rank's rows, in the ring's local layout.
+struct SingleProcessRows {
+  std::vector<double> out;  // (batch, local, heads, dim)
+  std::vector<double> lse;  // (batch, heads, local)
+};
+
+SingleProcessRows single_process_rows(Problem problem) {
+  const ProblemSpec& spec = problem.spec;
+  const mpi::ZigzagLayout layout{.seqlen = spec.seqlen_q, .ranks = world_size()};
+  Context context(1);
+  attend(problem.params(), context);
+  const TensorView out = make_view(problem.out.data(), DType::kF32,
+                                   {spec.batch, spec.seqlen_q, spec.heads, spec.head_dim});
+  const std::vector<float> local_out = mpi::gather_local_rows(out, layout, world_rank());
+  SingleProcessRows rows{.out = {local_out.begin(), local_out.end()}};
+  for (std::int64_t bh = 0; bh < spec.batch * spec.heads; ++bh) {
+    for (const KeyRange& chunk : layout.rank_chunks(world_rank())) {
+      for (std::int64_t i = chunk.begin; i < chunk.end; ++i) {
+        rows.lse.push_back(problem.lse[static_cast<std::size_t>(bh * spec.seqlen_q + i)]);
+      }
+    }
+  }
+  return rows;
+}
+
+// The largest |actual - expected| over rows (the LSE's error).
+double max_abs_difference(const std::vector<float>& actual, const std::vector<double>& expected) {
+  double largest = 0.0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const double difference = std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    largest = std::isnan(difference) ? std::numeric_limits<double>::infinity()
+                                     : std::max(largest, difference);
+  }
+  return largest;
+}
+
+// The problem with its sink logits dropped, or moved by log 2 (the same as
+// adding each sink twice: e^(s + log 2) = 2 e^s).
+Problem without_sinks(Problem problem) {
+  problem.spec.sinks = false;
+  problem.sink_logits.clear();
+  return problem;
+}
+
+Problem with_sinks_twice(Problem problem) {
+  for (float& logit : problem.sink_logits) logit += std::log(2.0f);
+  return problem;
+}
+
+// Learned sink logits join each row's denominator once, after the ring's
+// last merge: the ring equals the float64 reference and single-process
+// attention with the same sinks, and lies far beyond the tolerance from the
+// results with the sinks dropped or added twice, so either mistake fails.
+TEST(RingSinks, AreAddedOnceAsSingleProcessAttentionAddsThem) {
+  std::vector<ProblemSpec> specs;
+  ProblemSpec spec{.seqlen_q = 203, .seqlen_k = 203, .heads = 4, .kv_heads = 2, .head_dim = 24};
+  spec.sinks = true;
+  specs.push_back(spec);
+  spec.seqlen_q = spec.seqlen_k = 1000;
+  spec.mask.window_left = 37;
+  spec.softcap = 4.0f;
+  spec.alibi = true;
+  spec.head_dim = 17;
+  specs.push_back(spec);
+  ProblemSpec tiny{.seqlen_q = 5, .seqlen_k = 5, .heads = 2, .kv_heads = 1, .head_dim = 8};
+  tiny.sinks = true;  // fewer tokens than chunks: some ranks hold none
+  specs.push_back(tiny);
+  for (const ProblemSpec& s : specs) {
+    Problem full = make_problem(s, 3000 + static_cast<std::uint64_t>(s.seqlen_q));
+    Context context(1);
+    const RingRun run = run_ring(full, context);
+    const mpi::ZigzagLayout layout{.seqlen = s.seqlen_q, .ranks = world_size()};
+    const LocalReference reference = local_reference(full, layout, world_rank());
+    EXPECT_TRUE(close_to(run.out, run.lse, reference.out, reference.lse, s.storage))
+        << s.describe() << " on rank " << world_rank();
+    const SingleProcessRows once = single_process_rows(full);
+    EXPECT_LE(relative_l2(run.out, once.out), kF32Tolerance) << s.describe();
+    EXPECT_LE(max_abs_difference(run.lse, once.lse), kLseTolerance) << s.describe();
+    if (run.out.empty()) continue;  // this rank holds no rows
+    for (const Problem& wrong : {without_sinks(full), with_sinks_twice(full)}) {
+      const SingleProcessRows rows = single_process_rows(wrong);
+      EXPECT_GT(relative_l2(run.out, rows.out), 10 * kF32Tolerance) << s.describe();
+      EXPECT_GT(max_abs_difference(run.lse, rows.lse), 10 * kLseTolerance) << s.describe();
+    }
+  }
+}
+
+// 8-bit K/V: the blocks travel as f32 and every rank quantizes the rows it
+// receives as a single-process call does (per (token, kv head) row), so both
+// compute in f32 on the same dequantized values and differ only in the order
+// of the f32 sums and the LSE merges. The f32 tolerances of the other ring
+// tests therefore apply (kF32Tolerance, kLseTolerance), not kQuantTolerance,
+// which bounds the distance to the float64 reference on dequantized values.
+// The quantization error itself (about 1e-2 relative) lies far beyond them:
+// a ring that attended unquantized K/V fails.
+TEST(RingQuantized, EqualsSingleProcessAttentionWithTheSameStorage) {
+  for (const DType storage : {DType::kI8, DType::kFP8E4M3, DType::kFP8E5M2}) {
+    std::vector<ProblemSpec> specs;
+    ProblemSpec spec{.seqlen_q = 203, .seqlen_k = 203, .heads = 4, .kv_heads = 2, .head_dim = 24};
+    spec.storage = storage;
+    specs.push_back(spec);
+    spec.seqlen_q = spec.seqlen_k = 1000;
+    spec.mask.window_left = 37;
+    spec.softcap = 4.0f;
+    spec.alibi = true;
+    spec.sinks = true;
+    spec.head_dim = 17;
+    specs.push_back(spec);
+    ProblemSpec none{.batch = 2, .seqlen_q = 64, .seqlen_k = 64, .heads = 2, .kv_heads = 2,
+                     .head_dim = 8};
+    none.mask.causal = Causal::kNone;
+    none.storage = storage;
+    specs.push_back(none);
+    for (const ProblemSpec& s : specs) {
+      Problem full = make_problem(s, 4000 + static_cast<std::uint64_t>(s.seqlen_q));
       Context context(1);
-      const RingRun a = run_ring(before, context);
-      const RingRun b = run_ring(after, context);
-      // Local rows at positions <= last must not have moved, bit for bit.
-      std::int64_t row = 0;
-      const std::int64_t local = layout.local_seqlen(rank);
-      for (const KeyRange& chunk : layout.rank_chunks(rank)) {
-        for (std::int64_t i = chunk.begin; i < chunk.end; ++i, ++row) {
-          if (i > last) continue;
-          for (std::int64_t h = 0; h < spec.heads; ++h) {
-            const auto o = static_cast<std::size_t>((row * spec.heads + h) * spec.head_dim);
-            EXPECT_EQ(0, std::memcmp(&a.out[o], &b.out[o], sizeof(float) * spec.head_dim))
-                << "position " << i << " head " << h << " moved when positions > " << last
-                << " changed (rank " << rank << ")";
-            const auto l = static_cast<std::size_t>(h * local + row);
-            EXPECT_EQ(0, std::memcmp(&a.lse[l], &b.lse[l], sizeof(float)));
-          }
+      const RingRun run = run_ring(full, context);
+      const SingleProcessRows same = single_process_rows(full);
+      EXPECT_LE(relative_l2(run.out, same.out), kF32Tolerance) << s.describe();
+      EXPECT_LE(max_abs_difference(run.lse, same.lse), kLseTolerance) << s.describe();
+      Problem unquantized = full;
+      unquantized.spec.storage = DType::kF32;
+      EXPECT_GT(relative_l2(run.out, single_process_rows(unquantized).out), 10 * kF32Tolerance)
+          << s.describe();
+    }
+  }
+}
+
+// With 8-bit storage the blocks travel as f32: the same bytes as an f32 ring.
+TEST(RingQuantized, BlocksTravelAsF32) {
+  ProblemSpec spec{.seqlen_q = 203, .seqlen_k = 203, .heads = 4, .kv_heads = 2, .head_dim = 24};
+  Problem f32 = make_problem(spec, 5);
+  spec.storage = DType::kI8;
+  Problem int8 = make_problem(spec, 5);
+  Context context(1);
+  EXPECT_EQ(run_ring(int8, context).stats.bytes_sent, run_ring(f32, context).stats.bytes_sent);
+}
+
+// Runs the ring on `spec` (seqlen 301) with the future after a few positions
+// perturbed: local rows at positions <= that must not move, bit for bit.
+void expect_ring_causal(ProblemSpec spec) {
+  const int rank = world_rank();
+  spec.seqlen_q = spec.seqlen_k = 301;
+  const mpi::ZigzagLayout layout{.seqlen = 301, .ranks = world_size()};
+  for (std::int64_t last : {0, 77, 150, 299}) {
+    Problem before = make_problem(spec, 7);
+    Problem after = make_problem(spec, 7);
+    perturb_future(after, last, 99);
+    Context context(1);
+    const RingRun a = run_ring(before, context);
+    const RingRun b = run_ring(after, context);
+    std::int64_t row = 0;
+    const std::int64_t local = layout.local_seqlen(rank);
+    for (const KeyRange& chunk : layout.rank_chunks(rank)) {
+      for (std::int64_t i = chunk.begin; i < chunk.end; ++i, ++row) {
+        if (i > last) continue;
+        for (std::int64_t h = 0; h < spec.heads; ++h) {
+          const auto o = static_cast<std::size_t>((row * spec.heads + h) * spec.head_dim);
+          EXPECT_EQ(0, std::memcmp(&a.out[o], &b.out[o], sizeof(float) * spec.head_dim))
+              << spec.describe() << ": position " << i << " head " << h
+              << " moved when positions > " << last << " changed (rank " << rank << ")";
+          const auto l = static_cast<std::size_t>(h * local + row);
+          EXPECT_EQ(0, std::memcmp(&a.lse[l], &b.lse[l], sizeof(float)))
+              << spec.describe() << ": lse of position " << i << " head " << h;
         }
       }
     }
   }
+}
+
+TEST(Ring, PerturbingTheFutureLeavesEarlierRowsBitIdentical) {
+  ProblemSpec spec{.heads = 2, .kv_heads = 1, .head_dim = 16};
+  expect_ring_causal(spec);
+  spec.mask.window_left = 20;
+  spec.alibi = true;
+  expect_ring_causal(spec);
+}
+
+TEST(Ring, StaysCausalWithSinkLogits) {
+  ProblemSpec spec{.heads = 2, .kv_heads = 1, .head_dim = 16};
+  spec.sinks = true;
+  expect_ring_causal(spec);
+  spec.mask.window_left = 20;
+  spec.alibi = true;
+  expect_ring_causal(spec);
+}
+
+TEST(Ring, StaysCausalWith8BitStorage) {
+  ProblemSpec spec{.heads = 2, .kv_heads = 1, .head_dim = 16};
+  spec.storage = DType::kI8;
+  expect_ring_causal(spec);
+  spec.storage = DType::kFP8E5M2;
+  spec.mask.window_left = 20;
+  spec.alibi = true;
+  spec.sinks = true;
+  expect_ring_causal(spec);
 }
 
 TEST(Ring, SkipsMaskedPairsAndAWindowShortensTheRing) {
@@ -374,6 +540,95 @@ TEST_P(ShardedDecodeTest, EqualsTheReferenceOnEveryRankBitForBit) {
 
 INSTANTIATE_TEST_SUITE_P(Sweep, ShardedDecodeTest, ::testing::ValuesIn(decode_cases()));
 
+// One step of a single-process KvCache: out (tokens, heads, dim), lse (heads, tokens).
+struct StepRows {
+  std::vector<double> out, lse;
+};
+
+StepRows single_cache_step(const KvCache& cache, const TensorView& q,
+                           const DecodeOptions& options) {
+  const std::int64_t tokens = q.shape[0], heads = q.shape[1], dim = q.shape[2];
+  std::vector<float> out(static_cast<std::size_t>(tokens * heads * dim));
+  std::vector<float> lse(static_cast<std::size_t>(heads * tokens));
+  Context context(1);
+  cache.attend({.q = q,
+                .out = make_mutable_view(out.data(), DType::kF32, {tokens, heads, dim}),
+                .maybe_lse = make_mutable_view(lse.data(), DType::kF32, {heads, tokens})},
+               options, context);
+  return {.out = {out.begin(), out.end()}, .lse = {lse.begin(), lse.end()}};
+}
+
+// Learned sink logits through the sharded cache: every step equals a
+// single-process KvCache given the same options, on every rank bit for bit,
+// and lies far beyond the tolerance from the results with the sinks dropped
+// or added twice, so either mistake fails.
+TEST(ShardedSinks, EqualASingleProcessCacheWithTheSameSinks) {
+  std::vector<DecodeCase> cases;
+  ProblemSpec spec{.heads = 4, .kv_heads = 2, .head_dim = 24};
+  spec.sinks = true;
+  cases.push_back({300, 16, spec});
+  spec.mask.window_left = 45;
+  spec.softcap = 5.0f;
+  spec.alibi = true;
+  cases.push_back({1000, 7, spec});
+  cases.push_back({1, 4, spec});  // one token, one key
+  for (DecodeCase& c : cases) {
+    c.spec.seqlen_q = c.spec.seqlen_k = c.seqlen;
+    Problem full = make_problem(c.spec, 5000 + static_cast<std::uint64_t>(c.seqlen));
+    const ProblemSpec& s = full.spec;
+    const CacheConfig config{.kv_heads = s.kv_heads, .head_dim = s.head_dim, .storage = s.storage};
+    mpi::ShardedKvCache sharded(config, c.segment, MPI_COMM_WORLD);
+    KvCache single(config, c.seqlen);
+    Context context(1);
+    const AttentionParams whole = full.params();
+    const DecodeOptions options{.scale = s.scale,
+                                .softcap = s.softcap,
+                                .window_left = s.mask.window_left,
+                                .maybe_alibi_slopes = whole.maybe_alibi_slopes,
+                                .maybe_sink_logits = whole.maybe_sink_logits};
+    DecodeOptions dropped = options;
+    dropped.maybe_sink_logits = nullptr;
+    const Problem doubled = with_sinks_twice(full);
+    DecodeOptions twice = options;
+    twice.maybe_sink_logits = doubled.sink_logits.data();
+    auto rows = [&](const TensorView& view, std::int64_t begin, std::int64_t count) {
+      return select(slice(view, 1, begin, count), 0, 0);  // (count, heads, dim)
+    };
+    const std::int64_t prompt = std::max<std::int64_t>(0, c.seqlen - 4);
+    if (prompt > 0) {
+      sharded.append(rows(whole.k, 0, prompt), rows(whole.v, 0, prompt));
+      single.append(rows(whole.k, 0, prompt), rows(whole.v, 0, prompt));
+    }
+    for (std::int64_t position = prompt; position < c.seqlen;) {
+      const std::int64_t tokens = std::min<std::int64_t>(position % 2 + 1, c.seqlen - position);
+      sharded.append(rows(whole.k, position, tokens), rows(whole.v, position, tokens));
+      single.append(rows(whole.k, position, tokens), rows(whole.v, position, tokens));
+      const TensorView q = rows(whole.q, position, tokens);
+      std::vector<float> out(static_cast<std::size_t>(tokens * s.heads * s.head_dim), NAN);
+      std::vector<float> lse(static_cast<std::size_t>(s.heads * tokens), NAN);
+      sharded.attend(
+          {.q = world_rank() == 0 ? q : TensorView{},
+           .out = make_mutable_view(out.data(), DType::kF32, {tokens, s.heads, s.head_dim}),
+           .maybe_lse = make_mutable_view(lse.data(), DType::kF32, {s.heads, tokens})},
+          options, context);
+      const StepRows expected = single_cache_step(single, q, options);
+      EXPECT_LE(relative_l2(out, expected.out), kF32Tolerance)
+          << s.describe() << " at " << position;
+      EXPECT_LE(max_abs_difference(lse, expected.lse), kLseTolerance) << s.describe();
+      for (const DecodeOptions* wrong : {&dropped, &twice}) {
+        const StepRows other = single_cache_step(single, q, *wrong);
+        EXPECT_GT(relative_l2(out, other.out), 10 * kF32Tolerance) << s.describe();
+        EXPECT_GT(max_abs_difference(lse, other.lse), 10 * kLseTolerance) << s.describe();
+      }
+      std::vector<float> root_out = out;
+      MPI_Bcast(root_out.data(), static_cast<int>(root_out.size()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+      EXPECT_EQ(0, std::memcmp(root_out.data(), out.data(), out.size() * sizeof(float)))
+          << "rank " << world_rank() << " differs from rank 0";
+      position += tokens;
+    }
+  }
+}
+
 TEST(ShardOwnership, GivesEachNewSegmentToTheRankWithFewest) {
   mpi::ShardOwnership ownership(3, 4);
   ownership.grow(10);  // segments 0, 1, 2 to ranks 0, 1, 2 (the last holds 2 tokens)
@@ -466,6 +721,71 @@ TEST(Errors, RingAttentionRefusesSinkTokens) {
     message = error.what();
   }
   EXPECT_NE(message.find("sink_tokens: 2"), std::string::npos) << "rank " << rank << ": " << message;
+}
+
+// The sharded cache holds its shards unquantized: 8-bit storage is refused on
+// every rank, naming the storage and what to use instead.
+TEST(Errors, TheShardedCacheRefuses8BitStorage) {
+  std::string message;
+  try {
+    mpi::ShardedKvCache cache({.kv_heads = 1, .head_dim = 8, .storage = DType::kFP8E4M3}, 4,
+                              MPI_COMM_WORLD);
+  } catch (const Error& error) {
+    message = error.what();
+  }
+  EXPECT_NE(message.find("storage: fp8e4m3 (expected f32, f16 or bf16"), std::string::npos)
+      << message;
+}
+
+// Sink logits are checked like single-process attention checks them, and
+// given on some ranks only they are every rank's error.
+TEST(Errors, SinkLogitsAreCheckedAndAgreedOn) {
+  const int ranks = world_size();
+  const int rank = world_rank();
+  ProblemSpec spec{.seqlen_q = 40, .seqlen_k = 40, .heads = 2, .kv_heads = 1, .head_dim = 8};
+  Problem full = make_problem(spec, 8);
+  const mpi::ZigzagLayout layout{.seqlen = 40, .ranks = ranks};
+  const std::int64_t local = layout.local_seqlen(rank);
+  const AttentionParams whole = full.params();
+  const std::vector<float> q = mpi::gather_local_rows(whole.q, layout, rank);
+  const std::vector<float> k = mpi::gather_local_rows(whole.k, layout, rank);
+  std::vector<float> out(q.size());
+  Context context(1);
+  auto ring_message = [&](const float* sinks) {
+    try {
+      mpi::ring_attend({.q = make_view(q.data(), DType::kF32, {1, local, 2, 8}),
+                        .k = make_view(k.data(), DType::kF32, {1, local, 1, 8}),
+                        .v = make_view(k.data(), DType::kF32, {1, local, 1, 8}),
+                        .out = make_mutable_view(out.data(), DType::kF32, {1, local, 2, 8}),
+                        .maybe_sink_logits = sinks,
+                        .seqlen = 40},
+                       MPI_COMM_WORLD, context);
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string();
+  };
+  const std::vector<float> finite{0.5f, 1.0f};
+  const std::vector<float> not_finite{0.5f, NAN};
+  std::string message = ring_message(rank == ranks - 1 ? not_finite.data() : finite.data());
+  EXPECT_NE(message.find("sink_logits: logit nan of head 1 (expected finite)"), std::string::npos)
+      << "rank " << rank << ": " << message;
+  if (ranks == 1) return;
+  message = ring_message(rank == 0 ? finite.data() : nullptr);
+  EXPECT_NE(message.find("sink_logits: the ranks disagree"), std::string::npos) << message;
+
+  mpi::ShardedKvCache cache({.kv_heads = 1, .head_dim = 8}, 4, MPI_COMM_WORLD);
+  cache.append(select(slice(whole.k, 1, 0, 1), 0, 0), select(slice(whole.v, 1, 0, 1), 0, 0));
+  std::vector<float> step_out(16);
+  message.clear();
+  try {
+    cache.attend({.q = rank == 0 ? select(slice(whole.q, 1, 0, 1), 0, 0) : TensorView{},
+                  .out = make_mutable_view(step_out.data(), DType::kF32, {1, 2, 8})},
+                 {.maybe_sink_logits = rank == 0 ? finite.data() : nullptr}, context);
+  } catch (const Error& error) {
+    message = error.what();
+  }
+  EXPECT_NE(message.find("sink_logits: the ranks disagree"), std::string::npos) << message;
 }
 
 }  // namespace

@@ -74,6 +74,67 @@ class DistributedAttendTest(unittest.TestCase):
                     self.assertLessEqual(np.abs(lse - expected_lse).max(),
                                          0.05 if tolerance > 1e-5 else 1e-4)
 
+    def single_node(self, *args):
+        """`lookback attend` in one process, without mpirun: (out, lse)."""
+        command = [os.environ["LOOKBACK_BIN"], "attend", *map(str, args),
+                   "--out", self.path("single_o.npy"), "--lse", self.path("single_lse.npy")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S,
+                                check=False)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return np.load(self.path("single_o.npy")), np.load(self.path("single_lse.npy"))
+
+    def assert_agrees(self, out, lse, expected, expected_lse, tolerance=1e-5):
+        error = np.linalg.norm(out - expected) / np.linalg.norm(expected)
+        self.assertLessEqual(error, tolerance)
+        self.assertLessEqual(np.abs(lse - expected_lse).max(), 1e-4)
+
+    def test_sink_logits_agree_with_single_node_attend(self):
+        # ring against prefill, sharded-decode against decode: the same function.
+        for mode, single_mode, seqlen_q, seqlen_k, extra in (
+                ("ring", "prefill", 203, 203, ["--window", "30", "--softcap", "4"]),
+                ("ring", "prefill", 3, 3, []),
+                ("sharded-decode", "decode", 9, 150, ["--window", "60"])):
+            inputs = self.save_problem(seqlen_q, seqlen_k)
+            sinks = np.array([0.5, 3.0, -1.0, 2.0], dtype="f4")
+            np.save(self.path("sinks.npy"), sinks)
+            window = int(extra[extra.index("--window") + 1]) if "--window" in extra else None
+            softcap = float(extra[extra.index("--softcap") + 1]) if "--softcap" in extra else 0.0
+            oracle, oracle_lse = numpy_attention(self.q, self.k, self.v, window=window,
+                                                 softcap=softcap, slopes=self.slopes, sinks=sinks)
+            args = [*inputs, "--alibi", self.path("slopes.npy"), "--sink-logits",
+                    self.path("sinks.npy"), "--threads", 1, *extra]
+            single, single_lse = self.single_node(*args, "--mode", single_mode)
+            self.assert_agrees(single, single_lse, oracle, oracle_lse)
+            # The sinks matter here: without them the LSE moves far beyond the tolerance.
+            _, plain_lse = numpy_attention(self.q, self.k, self.v, window=window,
+                                           softcap=softcap, slopes=self.slopes)
+            self.assertGreater(np.abs(plain_lse - oracle_lse).max(), 1e-2)
+            segment = ["--segment", 7] if mode == "sharded-decode" else []
+            for ranks in (1, 2, 3):
+                with self.subTest(mode=mode, seqlen=seqlen_q, ranks=ranks):
+                    result = mpirun(ranks, "attend", *args, "--mode", mode, *segment,
+                                    "--out", self.path("o.npy"), "--lse", self.path("lse.npy"))
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assert_agrees(np.load(self.path("o.npy")), np.load(self.path("lse.npy")),
+                                       single, single_lse)
+
+    def test_int8_through_ring_agrees_with_single_node_attend(self):
+        inputs = self.save_problem(203, 203)
+        args = [*inputs, "--alibi", self.path("slopes.npy"), "--window", "30", "--threads", 1]
+        single, single_lse = self.single_node(*args, "--dtype", "int8")
+        unquantized, _ = self.single_node(*args)
+        # The quantization error lies far beyond the tolerance: --dtype is honoured.
+        self.assertGreater(np.linalg.norm(single - unquantized) / np.linalg.norm(unquantized),
+                           1e-3)
+        for ranks in (1, 2, 3):
+            with self.subTest(ranks=ranks):
+                result = mpirun(ranks, "attend", *args, "--dtype", "int8", "--mode", "ring",
+                                "--out", self.path("o.npy"), "--lse", self.path("lse.npy"))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                # The same codes on every rank as in one process: f32 tolerances apply.
+                self.assert_agrees(np.load(self.path("o.npy")), np.load(self.path("lse.npy")),
+                                   single, single_lse)
+
     def test_a_failing_rank_ends_the_job_with_one_message_and_exit_2(self):
         inputs = self.save_problem(40, 40)
         cases = (
@@ -83,6 +144,8 @@ class DistributedAttendTest(unittest.TestCase):
             (inputs[:4] + ["--v", self.path("q.npy")], "sharded-decode", "v: shape"),
             # the mode's own rule, found by every rank
             (inputs + ["--causal", "top-left"], "sharded-decode", "bottom-right"),
+            # the sharded cache stores no 8-bit K/V
+            (inputs + ["--dtype", "int8"], "sharded-decode", "storage: int8"),
             # the output folder does not exist
             (inputs, "ring", "does not exist"),
         )

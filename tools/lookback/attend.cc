@@ -463,7 +463,6 @@ int run_distributed(const AttendOptions& options) {
   refuse(options.splits.has_value(), "--splits");
   refuse(options.ring_cache, "--ring-cache");
   refuse(options.reference, "--reference");
-  refuse(!options.sink_path.empty(), "--sink-logits");
   refuse(options.segment.has_value() && options.mode != "sharded-decode", "--segment");
   return run_distributed_attend({.mode = options.mode,
                                  .segment = options.segment.value_or(256),
@@ -537,8 +536,9 @@ void add_path_options(CLI::App& command, AttendOptions& options) {
                       "(--chunk tokens at a time), paged (decode or chunked over a paged cache "
                       "of --block-size blocks), split (key range cut into --splits parts, merged "
                       "through their LSEs); under mpirun: ring (one sequence cut across the "
-                      "ranks, K/V passed around a ring) or sharded-decode (decode over a KV "
-                      "cache spread across the ranks); see docs/distributed.md")
+                      "ranks, K/V passed around a ring; 8-bit --dtype travels as f32) or "
+                      "sharded-decode (decode over a KV cache spread across the ranks; f32, "
+                      "bf16 or f16 only); see docs/distributed.md")
       ->check(CLI::IsMember({"prefill", "decode", "chunked", "paged", "split", "ring",
                              "sharded-decode"}));
   command.add_option("--chunk", options.chunk, "tokens per step for chunked and paged (>= 1)")

@@ -36,7 +36,18 @@ namespace {
 // The problem as every rank knows it, broadcast from rank 0.
 struct Description {
   std::int64_t batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim;
-  std::int64_t storage, causal, window, softcap_bits, scale_bits, alibi;
+  std::int64_t storage, causal, window, softcap_bits, scale_bits, alibi, sinks;
+};
+
+// The per-head inputs every rank needs, broadcast from rank 0: ALiBi slopes
+// and learned sink logits, each (heads,) when given, empty otherwise.
+struct PerHead {
+  std::vector<float> slopes, sink_logits;
+
+  const float* maybe_slopes() const { return slopes.empty() ? nullptr : slopes.data(); }
+  const float* maybe_sink_logits() const {
+    return sink_logits.empty() ? nullptr : sink_logits.data();
+  }
 };
 
 std::int64_t bits_of(float value) {
@@ -145,8 +156,7 @@ LocalRows distribute_rows(const Description& d, const RingPlace& place, AttendIn
 }
 
 // The ring's arguments over this rank's rows, the settings as described.
-mpi::RingParams ring_params(const Description& d, const std::vector<float>& slopes,
-                            LocalRows& rows) {
+mpi::RingParams ring_params(const Description& d, const PerHead& per_head, LocalRows& rows) {
   const std::int64_t local = rows.local;
   return {
       .q = make_view(rows.q.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
@@ -154,7 +164,8 @@ mpi::RingParams ring_params(const Description& d, const std::vector<float>& slop
       .v = make_view(rows.v.data(), DType::kF32, {d.batch, local, d.kv_heads, d.head_dim}),
       .out = make_mutable_view(rows.out.data(), DType::kF32, {d.batch, local, d.heads, d.head_dim}),
       .maybe_lse = make_mutable_view(rows.lse.data(), DType::kF32, {d.batch, d.heads, local}),
-      .maybe_alibi_slopes = d.alibi ? slopes.data() : nullptr,
+      .maybe_alibi_slopes = per_head.maybe_slopes(),
+      .maybe_sink_logits = per_head.maybe_sink_logits(),
       .seqlen = d.seqlen_q,
       .scale = d.scale_bits >= 0 ? std::optional<float>(float_of(d.scale_bits)) : std::nullopt,
       .softcap = float_of(d.softcap_bits),
@@ -203,7 +214,7 @@ Outputs collect_rows(const Description& d, const RingPlace& place, const LocalRo
   return result;
 }
 
-Outputs run_ring(const Description& d, const std::vector<float>& slopes, AttendInputs& inputs,
+Outputs run_ring(const Description& d, const PerHead& per_head, AttendInputs& inputs,
                  const DistributedAttend& options, MPI_Comm comm) {
   int rank = 0, ranks = 1;
   MPI_Comm_rank(comm, &rank);
@@ -220,12 +231,12 @@ Outputs run_ring(const Description& d, const std::vector<float>& slopes, AttendI
   rows.out.resize(rows.q.size());
   rows.lse.resize(static_cast<std::size_t>(d.batch * d.heads * rows.local));
   Context context(options.threads);
-  mpi::ring_attend(ring_params(d, slopes, rows), comm, context);
+  mpi::ring_attend(ring_params(d, per_head, rows), comm, context);
   return collect_rows(d, place, rows);
 }
 
-Outputs run_sharded_decode(const Description& d, const std::vector<float>& slopes,
-                           AttendInputs& inputs, const DistributedAttend& options, MPI_Comm comm) {
+Outputs run_sharded_decode(const Description& d, const PerHead& per_head, AttendInputs& inputs,
+                           const DistributedAttend& options, MPI_Comm comm) {
   int rank = 0;
   MPI_Comm_rank(comm, &rank);
   if (static_cast<Causal>(d.causal) != Causal::kBottomRight) {
@@ -261,7 +272,8 @@ Outputs run_sharded_decode(const Description& d, const std::vector<float>& slope
       .scale = d.scale_bits >= 0 ? std::optional<float>(float_of(d.scale_bits)) : std::nullopt,
       .softcap = float_of(d.softcap_bits),
       .window_left = d.window >= 0 ? std::optional<std::int64_t>(d.window) : std::nullopt,
-      .maybe_alibi_slopes = d.alibi ? slopes.data() : nullptr};
+      .maybe_alibi_slopes = per_head.maybe_slopes(),
+      .maybe_sink_logits = per_head.maybe_sink_logits()};
   Context context(options.threads);
   const std::int64_t prompt = d.seqlen_k - d.seqlen_q;
   for (std::int64_t b = 0; b < d.batch; ++b) {
@@ -299,6 +311,23 @@ Outputs run_sharded_decode(const Description& d, const std::vector<float>& slope
   return result;
 }
 
+// Rank 0's slopes and sink logits, as the description says they are given.
+PerHead broadcast_per_head(const Description& d, const AttendInputs& inputs, MPI_Comm comm) {
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  PerHead per_head;
+  const auto heads = static_cast<std::size_t>(d.heads);
+  per_head.slopes.resize(d.alibi ? heads : 0);
+  per_head.sink_logits.resize(d.sinks ? heads : 0);
+  if (rank == 0) {
+    if (d.alibi) per_head.slopes = inputs.slopes;
+    if (d.sinks) per_head.sink_logits = inputs.sink_logits;
+  }
+  broadcast_floats(per_head.slopes, comm);
+  broadcast_floats(per_head.sink_logits, comm);
+  return per_head;
+}
+
 void run(const DistributedAttend& options, const std::function<AttendInputs()>& read_inputs,
          MPI_Comm comm) {
   int rank = 0;
@@ -323,16 +352,15 @@ void run(const DistributedAttend& options, const std::function<AttendInputs()>& 
          .window = p.mask.window_left.value_or(-1),
          .softcap_bits = bits_of(p.softcap),
          .scale_bits = p.scale ? bits_of(*p.scale) : -1,
-         .alibi = p.maybe_alibi_slopes != nullptr ? 1 : 0};
+         .alibi = p.maybe_alibi_slopes != nullptr ? 1 : 0,
+         .sinks = p.maybe_sink_logits != nullptr ? 1 : 0};
   });
   MPI_Bcast(&d, sizeof d / sizeof(std::int64_t), MPI_INT64_T, 0, comm);
-  std::vector<float> slopes(d.alibi ? static_cast<std::size_t>(d.heads) : 0);
-  if (rank == 0 && d.alibi) slopes = inputs.slopes;
-  broadcast_floats(slopes, comm);
+  const PerHead per_head = broadcast_per_head(d, inputs, comm);
 
   const Outputs outputs = options.mode == "ring"
-                              ? run_ring(d, slopes, inputs, options, comm)
-                              : run_sharded_decode(d, slopes, inputs, options, comm);
+                              ? run_ring(d, per_head, inputs, options, comm)
+                              : run_sharded_decode(d, per_head, inputs, options, comm);
   // Rank 0 writes (each file atomically); a failure is every rank's.
   mpi::checked_on_every_rank(comm, [&] {
     if (rank != 0) return;

@@ -16,7 +16,8 @@
 
 namespace lookback::cli {
 
-// What rank 0 read and checked: q, k, v views over `arrays` (and the slopes).
+// What rank 0 read and checked: q, k, v views over `arrays` (and the slopes
+// and sink logits, when given).
 struct AttendInputs {
   AttentionParams params;
   std::vector<LoadedNpy> arrays;  // mapped (map_npy)

@@ -194,8 +194,9 @@ RankCostModel model_rank_cost(const RankCostOptions& o, DType storage) {
   const std::int64_t chunk = std::max<std::int64_t>(1, o.context / (2 * o.ranks));
   m.rate_tokens = o.rate_gflops ? 0 : std::min<std::int64_t>(chunk, 1024);
   m.rate = o.rate_gflops ? *o.rate_gflops * 1e9 : measure_rate(o, storage, m.rate_tokens);
-  const double bytes_per_token =
-      2.0 * static_cast<double>(o.kv_heads * o.dim) * static_cast<double>(dtype_size(storage));
+  // K and V as the ring sends them (f32 for 8-bit storage).
+  const double bytes_per_token = 2.0 * static_cast<double>(o.kv_heads * o.dim) *
+                                 static_cast<double>(dtype_size(mpi::ring_block_dtype(storage)));
   m.zigzag = layout_cost(o, mpi::RingLayout::kZigzag, m.rate, bytes_per_token);
   m.plain = layout_cost(o, mpi::RingLayout::kContiguous, m.rate, bytes_per_token);
   m.useful_pairs =
