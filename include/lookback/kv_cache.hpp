@@ -34,7 +34,9 @@ struct RopeSpec {
 struct CacheConfig {
   std::int64_t kv_heads = 1;
   std::int64_t head_dim = 64;  // 1 .. kMaxHeadDim
-  DType storage = DType::kF32;  // f32, f16 or bf16
+  // f32, f16, bf16, or 8 bits with a scale per row: int8, fp8e4m3, fp8e5m2
+  // (docs/semantics.md).
+  DType storage = DType::kF32;
   std::optional<RopeSpec> rope;
 };
 
