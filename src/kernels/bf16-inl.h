@@ -34,8 +34,9 @@
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
 #include <immintrin.h>
 #define LOOKBACK_X86_AVX512 1
-#define LOOKBACK_BF16_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+// The current target's features and AVX512-BF16, so that the target's own
+// always-inline helpers (SumsOf16) inline into these functions with clang too.
+#define LOOKBACK_BF16_TARGET __attribute__((target(HWY_TARGET_STR ",avx512bf16")))
 #else
 #define LOOKBACK_X86_AVX512 0
 #endif
