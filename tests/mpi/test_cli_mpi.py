@@ -144,8 +144,8 @@ class DistributedAttendTest(unittest.TestCase):
             (inputs[:4] + ["--v", self.path("q.npy")], "sharded-decode", "v: shape"),
             # the mode's own rule, found by every rank
             (inputs + ["--causal", "top-left"], "sharded-decode", "bottom-right"),
-            # the sharded cache stores no 8-bit K/V
-            (inputs + ["--dtype", "int8"], "sharded-decode", "storage: int8"),
+            # the sharded cache stores no 8-bit K/V (refused before K/V move)
+            (inputs + ["--dtype", "int8"], "sharded-decode", "--dtype: int8"),
             # the output folder does not exist
             (inputs, "ring", "does not exist"),
         )

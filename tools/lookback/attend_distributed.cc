@@ -251,6 +251,12 @@ Outputs run_sharded_decode(const Description& d, const PerHead& per_head, Attend
                     "query's own key, so expected seqlen_q <= seqlen_k)",
                     d.seqlen_q, d.seqlen_k));
   }
+  if (is_quantized(static_cast<DType>(d.storage))) {
+    // Before any K/V moves: the sharded cache would refuse it once built.
+    throw Error(fmt::format("--dtype: {} (expected f32, f16 or bf16: --mode "
+                            "sharded-decode stores no 8-bit K/V; --mode ring, decode and paged do)",
+                            dtype_name(static_cast<DType>(d.storage))));
+  }
   // Every rank gets K and V (each keeps the positions it owns); Q stays on rank 0.
   std::vector<float> k(static_cast<std::size_t>(d.batch * d.seqlen_k * d.kv_heads * d.head_dim));
   std::vector<float> v(k.size()), q;
