@@ -1,5 +1,8 @@
 // AVX512-BF16 kernels for bf16 storage, written with intrinsics the
 // kernels' Highway targets do not enable:
+//   SumsOf16, StoreScoreBlock: decode's 4 x 4 score blocks reduced and
+//                     stored (plain AVX-512, shared with decode.cc's blocked
+//                     scores for the other dtypes);
 //   DecodeScoresBf16: decode's Q K^T on a bf16 cache by VDPBF16PS;
 //   RowToBf16:        one stored row as bf16 (f32 rows by a vector rounding);
 //   ScaleRows:        the accumulator rows times their factors;

@@ -273,11 +273,6 @@ HWY_INLINE __m512 ScaleBlock(__m512 block, const float* scales) {
   return _mm512_mul_ps(block, _mm512_broadcast_f32x4(_mm_loadu_ps(scales)));
 }
 
-HWY_INLINE void StoreBlock(__m512 block, std::size_t rows, std::int64_t keys, float* scores,
-                           std::size_t stride) {
-  StoreScoreBlock(block, rows, keys, scores, stride);
-}
-
 #elif HWY_TARGET == HWY_AVX2
 #define LOOKBACK_BLOCKED_SCORES 1
 inline constexpr std::int64_t kScoreKeys = 2;
@@ -314,8 +309,9 @@ HWY_INLINE __m256 ScaleBlock(__m256 block, const float* scales) {
                                              scales[0], scales[1], scales[0], scales[1]));
 }
 
-HWY_INLINE void StoreBlock(__m256 block, std::size_t rows, std::int64_t keys, float* scores,
-                           std::size_t stride) {
+// Row r's scores of the block's keys (lanes 2 r, 2 r + 1) at scores + r * stride.
+HWY_INLINE void StoreScoreBlock(__m256 block, std::size_t rows, std::int64_t keys, float* scores,
+                                std::size_t stride) {
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, block);
   for (std::size_t r = 0; r < rows && r < 4; ++r) {
@@ -355,8 +351,8 @@ void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all,
       for (std::int64_t r = 0; r < 4; ++r) q[r] = f.q + std::min(row + r, rows - 1) * f.padded;
       ScoreVec block = ScoreBlock(q, k, dim);
       if constexpr (kIsCode<T>) block = ScaleBlock(block, key_scales);
-      StoreBlock(block, static_cast<std::size_t>(rows - row), keys, scores + row * kKeyTile + j,
-                 kKeyTile);
+      StoreScoreBlock(block, static_cast<std::size_t>(rows - row), keys,
+                      scores + row * kKeyTile + j, kKeyTile);
     }
   }
 }

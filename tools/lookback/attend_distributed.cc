@@ -235,10 +235,9 @@ Outputs run_ring(const Description& d, const PerHead& per_head, AttendInputs& in
   return collect_rows(d, place, rows);
 }
 
-Outputs run_sharded_decode(const Description& d, const PerHead& per_head, AttendInputs& inputs,
-                           const DistributedAttend& options, MPI_Comm comm) {
-  int rank = 0;
-  MPI_Comm_rank(comm, &rank);
+// The mode's own rules, checked on every rank from the shared description
+// before any K/V moves.
+void check_sharded_decode(const Description& d) {
   if (static_cast<Causal>(d.causal) != Causal::kBottomRight) {
     throw Error(
         fmt::format("--causal: {} (--mode sharded-decode keeps a KV cache, which needs "
@@ -252,11 +251,18 @@ Outputs run_sharded_decode(const Description& d, const PerHead& per_head, Attend
                     d.seqlen_q, d.seqlen_k));
   }
   if (is_quantized(static_cast<DType>(d.storage))) {
-    // Before any K/V moves: the sharded cache would refuse it once built.
+    // The sharded cache would refuse it once built, after K/V had moved.
     throw Error(fmt::format("--dtype: {} (expected f32, f16 or bf16: --mode "
                             "sharded-decode stores no 8-bit K/V; --mode ring, decode and paged do)",
                             dtype_name(static_cast<DType>(d.storage))));
   }
+}
+
+Outputs run_sharded_decode(const Description& d, const PerHead& per_head, AttendInputs& inputs,
+                           const DistributedAttend& options, MPI_Comm comm) {
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  check_sharded_decode(d);
   // Every rank gets K and V (each keeps the positions it owns); Q stays on rank 0.
   std::vector<float> k(static_cast<std::size_t>(d.batch * d.seqlen_k * d.kv_heads * d.head_dim));
   std::vector<float> v(k.size()), q;
