@@ -41,7 +41,7 @@ inline constexpr std::size_t kBlockVectors = 2;
 #endif
 
 template <std::size_t kRows, std::size_t kVectors, Accumulate kMode>
-HWY_INLINE void MicroKernel(const float* HWY_RESTRICT a, std::size_t lda,
+HWY_NOINLINE void MicroKernel(const float* HWY_RESTRICT a, std::size_t lda,
                             const float* HWY_RESTRICT b, std::size_t ldb,
                             std::size_t depth, float* HWY_RESTRICT c, std::size_t ldc,
                             const float* HWY_RESTRICT alpha) {

@@ -15,9 +15,11 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/prefill.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -213,11 +215,52 @@ void AccumulateMasked(const TaskFrame& f, std::int64_t g, const float* v_rows) {
   }
 }
 
+// An output of at least this many bytes is written with streaming
+// (non-temporal) stores: it does not fit the cache that would hold it, so
+// reading each line in before overwriting it would only double the traffic.
+inline constexpr std::size_t kStreamOutputBytes = std::size_t{4} << 20;
+
+// out[e * stride] = acc[e] * factor for e < dim. A contiguous output row
+// (the common case) is written in whole vectors aligned to the output
+// (a row that starts mid-line, as rows of a 16-byte aligned buffer do,
+// would otherwise split every vector store over two cache lines), streamed
+// past the caches when `stream`; a strided output goes element by element.
+void ScaleRowOut(const float* HWY_RESTRICT acc, std::int64_t dim, float factor,
+                 float* HWY_RESTRICT out, std::int64_t stride, bool stream) {
+  std::int64_t e = 0;
+  if (stride == 1) {
+    const hn::ScalableTag<float> d;
+    const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+    const auto vector_bytes = static_cast<std::uintptr_t>(lanes) * sizeof(float);
+    const std::uintptr_t offset = reinterpret_cast<std::uintptr_t>(out) % vector_bytes;
+    if (offset % sizeof(float) == 0) {
+      const auto lead = std::min<std::int64_t>(
+          dim, static_cast<std::int64_t>((vector_bytes - offset) % vector_bytes / sizeof(float)));
+      for (; e < lead; ++e) out[e] = acc[e] * factor;
+      const auto scale = hn::Set(d, factor);
+      if (stream) {
+        for (; e + lanes <= dim; e += lanes) {
+          hn::Stream(hn::Mul(hn::LoadU(d, acc + e), scale), d, out + e);
+        }
+      } else {
+        for (; e + lanes <= dim; e += lanes) {
+          hn::Store(hn::Mul(hn::LoadU(d, acc + e), scale), d, out + e);
+        }
+      }
+    }
+  }
+  for (; e < dim; ++e) out[e * stride] = acc[e] * factor;
+}
+
 // O = acc / sum; LSE = max + log(sum). Empty rows: zeros and -inf.
 void WriteOutputs(const TaskFrame& f) {
   const PrefillParams& params = f.params;
   auto* out = static_cast<float*>(params.out.data);
   auto* lse = static_cast<float*>(params.maybe_lse.data);
+  const bool stream = static_cast<std::size_t>(params.shape.batch * params.shape.seqlen_q *
+                                               params.shape.heads * params.shape.head_dim) *
+                          sizeof(float) >=
+                      kStreamOutputBytes;
   for (std::int64_t g = 0; g < f.group; ++g) {
     const float* acc = f.acc_of(g);
     const OnlineSoftmaxState* state = f.state + g * kQueryTile;
@@ -230,14 +273,16 @@ void WriteOutputs(const TaskFrame& f) {
         row_lse = with_sink;
       }
       const std::int64_t base = params.out.offset(f.b, f.row_begin + r, f.head(g), 0);
-      for (std::int64_t e = 0; e < params.shape.head_dim; ++e) {
-        out[base + e * params.out.strides[3]] = acc[r * f.padded + e] * normalizer;
-      }
+      ScaleRowOut(acc + r * f.padded, params.shape.head_dim, normalizer, out + base,
+                  params.out.strides[3], stream);
       if (lse != nullptr) {
         lse[params.maybe_lse.offset(f.b, f.head(g), f.row_begin + r)] = row_lse;
       }
     }
   }
+  // Streaming stores are weakly ordered: they must be visible before the
+  // task counts as done (the context's synchronisation publishes them).
+  if (stream) hwy::FlushStream();
 }
 
 // ---- The f32 path: FMA micro-kernels on storage-rounded values ----

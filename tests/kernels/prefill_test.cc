@@ -233,6 +233,43 @@ TEST(Prefill, NonFiniteHiddenKeysDoNotReachVisibleOutputs) {
   });
 }
 
+// An output of 4 MiB or more is written with streaming stores, in vectors
+// aligned to the output: it must match the reference, and an output buffer
+// that starts at any 4-byte offset (as a slice of a larger array would)
+// must receive exactly the values an aligned one does.
+TEST(Prefill, LargeAndMisalignedOutputs) {
+  ProblemSpec spec;
+  spec.seqlen_q = spec.seqlen_k = 263;
+  spec.head_dim = 125;  // rows that end mid-vector
+  spec.heads = 32;
+  spec.kv_heads = 4;
+  testing::Problem problem = testing::make_problem(spec, 21);
+  ASSERT_GE(problem.out.size() * sizeof(float), std::size_t{4} << 20);
+  const ReferenceResult reference = reference_attention(problem.params());
+  Context context(2);
+  for_each_target([&](const std::string&) {
+    problem.poison_outputs();
+    attend(problem.params(), context);
+    const testing::Comparison result = testing::compare(problem, reference);
+    EXPECT_TRUE(result.finite) << result.describe();
+    EXPECT_LE(result.relative_l2, testing::tolerance_for(spec.storage)) << result.describe();
+    const std::vector<float> aligned = problem.out;
+    for (std::size_t shift : {1u, 3u, 4u, 15u}) {
+      std::vector<float> buffer(aligned.size() + 16, -7.0f);
+      AttentionParams params = problem.params();
+      params.out = make_mutable_view(buffer.data() + shift, DType::kF32,
+                                     {1, spec.seqlen_q, spec.heads, spec.head_dim}, "out");
+      attend(params, context);
+      EXPECT_EQ(std::memcmp(buffer.data() + shift, aligned.data(), aligned.size() * 4), 0)
+          << "shift " << shift;
+      for (std::size_t i = 0; i < shift; ++i) EXPECT_EQ(buffer[i], -7.0f) << "before, shift " << shift;
+      for (std::size_t i = shift + aligned.size(); i < buffer.size(); ++i) {
+        EXPECT_EQ(buffer[i], -7.0f) << "after, shift " << shift;
+      }
+    }
+  });
+}
+
 TEST(Prefill, EmptyRowsAndEmptyKeys) {
   // seqlen_k = 0: every row is empty.
   ProblemSpec spec;
