@@ -98,8 +98,21 @@ HWY_INLINE void RowBlock(const float* HWY_RESTRICT a, std::size_t lda,
   for (; col + kBlockVectors * lanes <= n; col += kBlockVectors * lanes) {
     MicroKernel<kRows, kBlockVectors, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
   }
-  for (; col < n; col += lanes) {
-    MicroKernel<kRows, 1, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
+  // The last 1 .. kBlockVectors - 1 vectors in one block (a single vector
+  // per call would load as often as it multiplies).
+  switch ((n - col) / lanes) {
+    case 3:
+      if constexpr (kBlockVectors > 3) {
+        MicroKernel<kRows, 3, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
+      }
+      break;
+    case 2:
+      if constexpr (kBlockVectors > 2) {
+        MicroKernel<kRows, 2, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha);
+      }
+      break;
+    case 1: MicroKernel<kRows, 1, kMode>(a, lda, b + col, ldb, depth, c + col, ldc, alpha); break;
+    default: break;
   }
 }
 

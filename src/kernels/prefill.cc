@@ -316,12 +316,35 @@ struct F32Path {
   static const float* VRows(const TaskFrame& f, const KeyStep& step) {
     return f.packed.v_rows(f.b, f.kv_head, f.params.shape.kv_heads, step.key_begin);
   }
-  // S = Q K^T over the whole tile (padded keys read zeros).
+  // S = Q K^T over the whole tile (padded keys read zeros); on a masked
+  // tile (the diagonal, a window's edge) each block of rows only over the
+  // whole vectors that hold its visible columns. The softmax of a masked
+  // tile replaces every column outside a row's range before it reads it.
   static void Scores(const TaskFrame& f, const KeyStep& step, std::int64_t g) {
-    Gemm<Accumulate::kOverwrite>(f.rows, kKeyTile, f.padded, f.q + g * kQueryTile * f.padded,
-                                 f.padded,
-                                 f.packed.k_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile),
-                                 kKeyTile, f.scores, kKeyTile);
+    const float* q = f.q + g * kQueryTile * f.padded;
+    const float* k_tile = f.packed.k_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile);
+    if (!step.masked) {
+      Gemm<Accumulate::kOverwrite>(f.rows, kKeyTile, f.padded, q, f.padded, k_tile, kKeyTile,
+                                   f.scores, kKeyTile);
+      return;
+    }
+    const auto lanes = static_cast<std::int64_t>(hn::Lanes(hn::ScalableTag<float>()));
+    const auto block = static_cast<std::int64_t>(kBlockRows);
+    for (std::int64_t r0 = 0; r0 < f.rows; r0 += block) {
+      const std::int64_t r1 = std::min(f.rows, r0 + block);
+      LocalRange columns{kKeyTile, 0};
+      for (std::int64_t r = r0; r < r1; ++r) {
+        if (f.ranges[r].empty()) continue;
+        columns.begin = std::min(columns.begin, f.ranges[r].begin);
+        columns.end = std::max(columns.end, f.ranges[r].end);
+      }
+      if (columns.empty()) continue;  // no row of the block reads its scores
+      const std::int64_t c0 = columns.begin / lanes * lanes;
+      const std::int64_t c1 = (columns.end + lanes - 1) / lanes * lanes;
+      Gemm<Accumulate::kOverwrite>(static_cast<std::size_t>(r1 - r0), static_cast<std::size_t>(c1 - c0),
+                                   f.padded, q + r0 * f.padded, f.padded, k_tile + c0, kKeyTile,
+                                   f.scores + r0 * kKeyTile + c0, kKeyTile);
+    }
   }
   static float ScoreScale(const TaskFrame&) { return 1.0f; }  // Q holds the scale
   static std::uint16_t* PBf16(const TaskFrame&, std::int64_t, std::int64_t) { return nullptr; }
