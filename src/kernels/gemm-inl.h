@@ -133,6 +133,12 @@ HWY_NOINLINE void Gemm(std::size_t rows, std::size_t n, std::size_t depth,
   float* c_rest = c + row * ldc;
   const float* alpha_rest = alpha ? alpha + row : nullptr;
   switch (rows - row) {
+    case 5:
+      if constexpr (kBlockRows > 5) RowBlock<5, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest);
+      break;
+    case 4:
+      if constexpr (kBlockRows > 4) RowBlock<4, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest);
+      break;
     case 3: RowBlock<3, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
     case 2: RowBlock<2, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
     case 1: RowBlock<1, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;

@@ -203,6 +203,22 @@ HWY_INLINE void PackF32Tile(const PrefillParams& params, const PackedKV& packed,
   }
 }
 
+// One key tile of (b, kv_head) in the plan's layout.
+inline void PackTile(const PrefillParams& params, [[maybe_unused]] const PrefillPlan& plan, const PackedKV& packed,
+                     std::int64_t b, std::int64_t kv_head, std::int64_t tile) {
+#if LOOKBACK_X86_AVX512
+  if (plan.path != PrefillPath::kF32) {  // AMX and bf16 dots: the pair layouts
+    PackAmxTile(params, packed, b, kv_head, tile);
+    return;
+  }
+#endif
+  if (is_quantized(params.storage)) {
+    PackQuantizedTile(params, packed, b, kv_head, tile);
+    return;
+  }
+  PackF32Tile(params, packed, b, kv_head, tile);
+}
+
 // Packs params.k and params.v for the plan's path, one task per key tile.
 inline void PackKV(const PrefillParams& params, const PrefillPlan& plan, const PackedKV& packed,
                    Context& context) {
@@ -211,17 +227,7 @@ inline void PackKV(const PrefillParams& params, const PrefillPlan& plan, const P
     const std::int64_t tile = task % plan.key_tiles;
     const std::int64_t kv_head = (task / plan.key_tiles) % shape.kv_heads;
     const std::int64_t b = task / (plan.key_tiles * shape.kv_heads);
-#if LOOKBACK_X86_AVX512
-    if (plan.path != PrefillPath::kF32) {  // AMX and bf16 dots: the pair layouts
-      PackAmxTile(params, packed, b, kv_head, tile);
-      return;
-    }
-#endif
-    if (is_quantized(params.storage)) {
-      PackQuantizedTile(params, packed, b, kv_head, tile);
-      return;
-    }
-    PackF32Tile(params, packed, b, kv_head, tile);
+    PackTile(params, plan, packed, b, kv_head, tile);
   });
 }
 

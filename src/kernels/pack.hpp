@@ -22,31 +22,41 @@ struct PackedKV {
   std::int64_t key_tiles;
   std::int64_t padded_dim;
 
-  PackedKV(const PackedLayout& layout, void* base, std::int64_t tiles, std::int64_t padded)
+  // One kv head's K/V only (a head task's own buffer): every (b, kv_head)
+  // maps to it.
+  bool one_head;
+
+  PackedKV(const PackedLayout& layout, void* base, std::int64_t tiles, std::int64_t padded,
+           bool single_head = false)
       : k_transposed(layout.k_transposed.count != 0 ? layout.k_transposed.in(base) : nullptr),
         v(layout.v.count != 0 ? layout.v.in(base) : nullptr),
         k_pairs(layout.k_pairs.count != 0 ? layout.k_pairs.in(base) : nullptr),
         v_pairs(layout.v_pairs.count != 0 ? layout.v_pairs.in(base) : nullptr),
         key_tiles(tiles),
-        padded_dim(padded) {}
+        padded_dim(padded),
+        one_head(single_head) {}
+
+  std::int64_t slot(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads) const noexcept {
+    return one_head ? 0 : b * kv_heads + kv_head;
+  }
 
   std::uint32_t* k_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                                    std::int64_t tile) const noexcept {
-    return k_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * padded_dim / 2) * kKeyTile;
+    return k_pairs + ((slot(b, kv_head, kv_heads) * key_tiles + tile) * padded_dim / 2) * kKeyTile;
   }
   std::uint32_t* v_pair_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                                    std::int64_t tile) const noexcept {
-    return v_pairs + (((b * kv_heads + kv_head) * key_tiles + tile) * kKeyTile / 2) * padded_dim;
+    return v_pairs + ((slot(b, kv_head, kv_heads) * key_tiles + tile) * kKeyTile / 2) * padded_dim;
   }
 
   float* k_tile(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                       std::int64_t tile) const noexcept {
     return k_transposed +
-           (((b * kv_heads + kv_head) * key_tiles + tile) * padded_dim) * kKeyTile;
+           ((slot(b, kv_head, kv_heads) * key_tiles + tile) * padded_dim) * kKeyTile;
   }
   float* v_rows(std::int64_t b, std::int64_t kv_head, std::int64_t kv_heads,
                       std::int64_t key) const noexcept {
-    return v + ((b * kv_heads + kv_head) * key_tiles * kKeyTile + key) * padded_dim;
+    return v + (slot(b, kv_head, kv_heads) * key_tiles * kKeyTile + key) * padded_dim;
   }
 };
 

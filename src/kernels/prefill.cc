@@ -494,31 +494,60 @@ TaskFrame MakeFrame(const PrefillParams& params, const PrefillPlan& plan, const 
           .ranges = s.ranges.in(base)};
 }
 
+void RunQueryTile(const PrefillParams& params, const PrefillPlan& plan, const PackedKV& packed,
+                  const Mask& mask, const PrefillTask& task, void* scratch) {
+  const TaskFrame frame = MakeFrame(params, plan, packed, mask, task, scratch);
+#if LOOKBACK_X86_AVX512
+  if (plan.path == PrefillPath::kAmx) {
+    RunTask<AmxPath>(frame);
+    return;
+  }
+  if (plan.path == PrefillPath::kBf16Dot) {
+    RunTask<Bf16DotPath>(frame);
+    return;
+  }
+#endif
+  RunTask<F32Path>(frame);
+}
+
 }  // namespace
 
-// The whole call on one target: pack K/V, then every task.
+// The whole call on one target: pack K/V, then every task; or, with head
+// tasks, each task packs its kv head and runs its query tiles.
 void PrefillRun(const PrefillParams& params, const PrefillPlan& plan, Context& context) {
   // Packing and the tiles share the context's scratch: hold it for both.
   const auto call = context.lock_for_call();
+  const Mask mask(params.shape.seqlen_q, params.shape.seqlen_k, params.mask);
+  if (plan.pack_per_head) {
+    const std::size_t tile_bytes = align_scratch(plan.scratch.bytes);
+    context.parallel_for(static_cast<std::int64_t>(plan.tasks.size()), [&](std::int64_t index, int worker) {
+      const PrefillTask& task = plan.tasks[static_cast<std::size_t>(index)];
+      auto* scratch = static_cast<char*>(context.scratch(worker, tile_bytes + plan.packed.bytes));
+      const PackedKV packed(plan.packed, scratch + tile_bytes, plan.key_tiles, plan.padded_dim,
+                            /*single_head=*/true);
+      // The key tiles any of the task's rows can see.
+      const std::int64_t row_begin = task.query_tile * kQueryTile;
+      KeyRange keys = mask.key_range_of_rows(
+          row_begin, std::min(params.shape.seqlen_q, row_begin + task.query_tiles * kQueryTile));
+      keys.begin = std::max(keys.begin, params.keys.begin);
+      keys.end = std::min(keys.end, params.keys.end);
+      if (!keys.empty()) {
+        for (std::int64_t tile = keys.begin / kKeyTile; tile <= (keys.end - 1) / kKeyTile; ++tile) {
+          PackTile(params, plan, packed, task.batch, task.kv_head, tile);
+        }
+      }
+      for (std::int64_t tile = task.query_tile; tile < task.query_tile + task.query_tiles; ++tile) {
+        RunQueryTile(params, plan, packed, mask, {task.batch, task.kv_head, tile}, scratch);
+      }
+    });
+    return;
+  }
   const PackedKV packed(plan.packed, context.shared_scratch(plan.packed.bytes), plan.key_tiles,
                         plan.padded_dim);
   PackKV(params, plan, packed, context);
-  const Mask mask(params.shape.seqlen_q, params.shape.seqlen_k, params.mask);
   context.parallel_for(static_cast<std::int64_t>(plan.tasks.size()), [&](std::int64_t index, int worker) {
-    const TaskFrame frame = MakeFrame(params, plan, packed, mask,
-                                      plan.tasks[static_cast<std::size_t>(index)],
-                                      context.scratch(worker, plan.scratch.bytes));
-#if LOOKBACK_X86_AVX512
-    if (plan.path == PrefillPath::kAmx) {
-      RunTask<AmxPath>(frame);
-      return;
-    }
-    if (plan.path == PrefillPath::kBf16Dot) {
-      RunTask<Bf16DotPath>(frame);
-      return;
-    }
-#endif
-    RunTask<F32Path>(frame);
+    RunQueryTile(params, plan, packed, mask, plan.tasks[static_cast<std::size_t>(index)],
+                 context.scratch(worker, plan.scratch.bytes));
   });
 }
 
@@ -568,15 +597,72 @@ PackedLayout packed_layout(PrefillPath path, const AttentionShape& shape) {
   return packed;
 }
 
-PrefillPlan plan_prefill(const PrefillParams& params) {
+PrefillPlan plan_prefill(const PrefillParams& params, int threads) {
   const AttentionShape& shape = params.shape;
   PrefillPlan plan;
   plan.padded_dim = padded_head_dim(shape.head_dim);
   plan.path = prefill_path(params.storage, plan.padded_dim);
   plan.group = shape.heads / shape.kv_heads;
   plan.key_tiles = tiles_for(shape.seqlen_k, kKeyTile);
-  plan.packed = packed_layout(plan.path, shape);
   plan.scratch = prefill_scratch_layout(plan.path, plan.group, plan.padded_dim);
+  const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
+
+  // Head tasks (PrefillPlan::pack_per_head) when the kv heads, each cut
+  // into at most kMaxHeadParts runs of query tiles of about equal cost,
+  // make at least kHeadTasksPerThread tasks per thread, in a multiple of
+  // the threads (one thread alone takes every head whole). A run packs only
+  // the key tiles its rows see, so cutting a head costs repacking some.
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  auto task_cost = [&](const PrefillTask& task) {
+    const std::int64_t row_begin = task.query_tile * kQueryTile;
+    return mask.visible_in_tile(row_begin, row_begin + task.query_tiles * kQueryTile, 0,
+                                shape.seqlen_k);
+  };
+  const std::int64_t heads = shape.batch * shape.kv_heads;
+  const std::int64_t workers = std::max(threads, 1);
+  std::int64_t parts = 1;
+  if (workers > 1) {
+    parts = std::max<std::int64_t>(1, tiles_for(kHeadTasksPerThread * workers, heads));
+    while (heads * parts % workers != 0) ++parts;
+  }
+  plan.pack_per_head = parts <= std::min(kMaxHeadParts, query_tiles);
+  if (plan.pack_per_head) {
+    AttentionShape one_head = shape;
+    one_head.batch = 1;
+    one_head.kv_heads = 1;
+    plan.packed = packed_layout(plan.path, one_head);
+    // Query tiles [0, query_tiles) cut into exactly `parts` runs, each cut
+    // at the first tile where the running cost reaches k / parts of the
+    // head's total (moved on where that would leave a run empty).
+    std::vector<std::int64_t> prefix{0};
+    for (std::int64_t tile = 0; tile < query_tiles; ++tile) {
+      prefix.push_back(prefix.back() + task_cost({0, 0, tile, 1}));
+    }
+    std::vector<std::int64_t> cuts{0};
+    for (std::int64_t k = 1; k < parts; ++k) {
+      std::int64_t cut = cuts.back() + 1;
+      while (cut < query_tiles - (parts - k) && prefix[static_cast<std::size_t>(cut)] * parts <
+                                                    prefix.back() * k) {
+        ++cut;
+      }
+      cuts.push_back(cut);
+    }
+    cuts.push_back(query_tiles);
+    for (std::int64_t b = 0; b < shape.batch; ++b) {
+      for (std::int64_t kv_head = 0; kv_head < shape.kv_heads; ++kv_head) {
+        for (std::size_t c = 0; c + 1 < cuts.size(); ++c) {
+          plan.tasks.push_back({b, kv_head, cuts[c], cuts[c + 1] - cuts[c]});
+        }
+      }
+    }
+    // Heaviest first, so the threads finish together.
+    std::stable_sort(plan.tasks.begin(), plan.tasks.end(),
+                     [&](const PrefillTask& x, const PrefillTask& y) {
+                       return task_cost(x) > task_cost(y);
+                     });
+    return plan;
+  }
+  plan.packed = packed_layout(plan.path, shape);
 
   // Task order: head by head (consecutive tasks read the same K/V tiles,
   // which stay in the core's L2 instead of streaming from L3), heaviest
@@ -584,18 +670,12 @@ PrefillPlan plan_prefill(const PrefillParams& params) {
   // seqlen/kQueryTile times the keys of the first, so the list ends with
   // small tasks and the threads finish together. The order depends only on
   // shapes, so results do not depend on which thread runs which task.
-  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
-  const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
   plan.tasks.reserve(static_cast<std::size_t>(shape.batch * shape.kv_heads * query_tiles));
   for (std::int64_t b = 0; b < shape.batch; ++b) {
     for (std::int64_t kv_head = 0; kv_head < shape.kv_heads; ++kv_head) {
       for (std::int64_t tile = 0; tile < query_tiles; ++tile) plan.tasks.push_back({b, kv_head, tile});
     }
   }
-  auto task_cost = [&](const PrefillTask& task) {
-    const std::int64_t row_begin = task.query_tile * kQueryTile;
-    return mask.visible_in_tile(row_begin, row_begin + kQueryTile, 0, shape.seqlen_k);
-  };
   std::stable_sort(plan.tasks.begin(), plan.tasks.end(),
                    [&](const PrefillTask& x, const PrefillTask& y) {
                      if (x.batch != y.batch || x.kv_head != y.kv_head) {
@@ -609,7 +689,7 @@ PrefillPlan plan_prefill(const PrefillParams& params) {
 void prefill(const PrefillParams& params, Context& context) {
   apply_simd_policy();
   if (params.shape.batch == 0 || params.shape.seqlen_q == 0) return;
-  const PrefillPlan plan = plan_prefill(params);
+  const PrefillPlan plan = plan_prefill(params, context.threads());
   HWY_DYNAMIC_DISPATCH(PrefillRun)(params, plan, context);
 }
 

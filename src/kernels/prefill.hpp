@@ -45,10 +45,12 @@ struct PrefillParams {
 
 // One unit of parallel work: a query tile of every head of one kv head's
 // group.
+// Query tiles [query_tile, query_tile + query_tiles) of one kv head's group.
 struct PrefillTask {
   std::int64_t batch;
   std::int64_t kv_head;
   std::int64_t query_tile;
+  std::int64_t query_tiles = 1;
 };
 
 // One worker's tile scratch. Regions a path does not use are empty.
@@ -89,11 +91,18 @@ struct PrefillPlan {
   std::int64_t key_tiles = 0;
   // Head by head, heaviest query tile first within a head.
   std::vector<PrefillTask> tasks;
+  // Head tasks: each task is a whole kv head (every query tile), packs that
+  // head's K/V into its worker's scratch (`packed` is one head's layout,
+  // after the tile scratch) and reads them from its own L2. Chosen when one
+  // head's packed K/V is small and the heads are many enough to share out;
+  // otherwise K/V are packed for the whole call first, into shared scratch.
+  bool pack_per_head = false;
   PackedLayout packed;
   PrefillScratchLayout scratch;  // per worker
 };
 
-PrefillPlan plan_prefill(const PrefillParams& params);
+// `threads`: the workers that will run it (the choice of head tasks).
+PrefillPlan plan_prefill(const PrefillParams& params, int threads = 1);
 
 void prefill(const PrefillParams& params, Context& context);
 

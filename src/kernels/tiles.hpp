@@ -23,6 +23,11 @@ inline constexpr std::int64_t kKeyTile = 64;
 // output tiles (whose short inner loop otherwise dominates).
 inline constexpr std::int64_t kAmxSpan = 4;
 
+// Head tasks (PrefillPlan::pack_per_head): at least this many tasks per
+// thread, each kv head cut into at most this many runs of query tiles.
+inline constexpr std::int64_t kHeadTasksPerThread = 8;
+inline constexpr std::int64_t kMaxHeadParts = 4;
+
 // head_dim is padded with zeros to a multiple of 16 floats, the widest vector,
 // so that every packed row is whole vectors on every target.
 inline constexpr std::int64_t kDimAlign = 16;

@@ -2,7 +2,9 @@
 // scratch layouts, against the formulas docs/architecture.md states.
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "kernels/decode.hpp"
@@ -10,6 +12,7 @@
 #include "kv_cache/decode_driver.hpp"
 #include "lookback/attention.hpp"
 #include "lookback/kernel_caps.hpp"
+#include "lookback/mask.hpp"
 
 namespace lookback {
 namespace {
@@ -102,6 +105,80 @@ TEST(ScratchLayout, DecodeRegionsAreDisjointAndAligned) {
     EXPECT_EQ(plan.bf16_dots ? s.q_bf16.count : s.q.count, plan.bf16_dots ? 12u * 96u : 12u * 80u);
     expect_disjoint_and_aligned(s, s.q, s.q_bf16, s.acc, s.scores, s.alpha, s.k_row, s.state,
                                 s.ranges, s.k_rows, s.v_rows);
+  }
+}
+
+// The prefill tasks cover every (batch, kv head, query tile) exactly once,
+// heaviest first; head tasks come in a multiple of the threads.
+void expect_tasks_cover(const kernels::PrefillParams& params, int threads) {
+  const AttentionShape& shape = params.shape;
+  const kernels::PrefillPlan plan = kernels::plan_prefill(params, threads);
+  const std::int64_t query_tiles = kernels::tiles_for(shape.seqlen_q, kernels::kQueryTile);
+  std::vector<int> seen(static_cast<std::size_t>(shape.batch * shape.kv_heads * query_tiles), 0);
+  const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
+  std::int64_t last_cost = INT64_MAX;
+  for (const kernels::PrefillTask& task : plan.tasks) {
+    ASSERT_GE(task.query_tiles, 1);
+    ASSERT_LE(task.query_tile + task.query_tiles, query_tiles);
+    for (std::int64_t t = task.query_tile; t < task.query_tile + task.query_tiles; ++t) {
+      ++seen[static_cast<std::size_t>((task.batch * shape.kv_heads + task.kv_head) * query_tiles + t)];
+    }
+    if (plan.pack_per_head) {  // across heads; the query tile lists order within a head
+      const std::int64_t row = task.query_tile * kernels::kQueryTile;
+      const std::int64_t cost =
+          mask.visible_in_tile(row, row + task.query_tiles * kernels::kQueryTile, 0, shape.seqlen_k);
+      EXPECT_LE(cost, last_cost);
+      last_cost = cost;
+    } else {
+      EXPECT_EQ(task.query_tiles, 1);
+    }
+  }
+  for (int count : seen) EXPECT_EQ(count, 1);
+  if (plan.pack_per_head && threads > 1) {
+    EXPECT_EQ(static_cast<std::int64_t>(plan.tasks.size()) % threads, 0);
+  }
+}
+
+TEST(PrefillPlan, HeadTasksWhenHeadsAreManyEnough) {
+  kernels::PrefillParams params{.shape = {.batch = 1, .seqlen_q = 512, .seqlen_k = 512,
+                                          .heads = 32, .kv_heads = 32, .head_dim = 128}};
+  params.mask.causal = Causal::kTopLeft;
+  // 32 heads on 2 threads: one task per head, packed K/V one head's worth.
+  kernels::PrefillPlan plan = kernels::plan_prefill(params, 2);
+  EXPECT_TRUE(plan.pack_per_head);
+  EXPECT_EQ(plan.tasks.size(), 32u);
+  EXPECT_EQ(plan.packed.bytes, kernels::packed_layout(plan.path, {.batch = 1, .seqlen_q = 512,
+                                                                   .seqlen_k = 512, .heads = 1,
+                                                                   .kv_heads = 1, .head_dim = 128})
+                                   .bytes);
+  // 8 kv heads on 2 threads: each head in 2 runs of query tiles.
+  params.shape.kv_heads = 8;
+  plan = kernels::plan_prefill(params, 2);
+  EXPECT_TRUE(plan.pack_per_head);
+  EXPECT_EQ(plan.tasks.size(), 16u);
+  // 1 kv head on 2 threads: K/V packed for the call, a task per query tile.
+  params.shape.kv_heads = 1;
+  plan = kernels::plan_prefill(params, 2);
+  EXPECT_FALSE(plan.pack_per_head);
+  EXPECT_EQ(plan.tasks.size(), 8u);
+  // One thread takes every head whole.
+  EXPECT_TRUE(kernels::plan_prefill(params, 1).pack_per_head);
+  EXPECT_EQ(kernels::plan_prefill(params, 1).tasks.size(), 1u);
+
+  for (std::int64_t kv_heads : {1, 2, 3, 5, 8}) {
+    for (std::int64_t seqlen : {1, 64, 65, 300, 1000}) {
+      for (const std::optional<std::int64_t> window : {std::optional<std::int64_t>{}, std::optional<std::int64_t>{100}}) {
+        for (int threads : {1, 2, 3, 4, 7}) {
+          params.shape = {.batch = 2, .seqlen_q = seqlen, .seqlen_k = seqlen + 7,
+                          .heads = 2 * kv_heads, .kv_heads = kv_heads, .head_dim = 64};
+          params.mask.window_left = window;
+          SCOPED_TRACE(::testing::Message() << kv_heads << " kv heads, seqlen " << seqlen
+                                            << ", window " << window.value_or(-1) << ", " << threads
+                                            << " threads");
+          expect_tasks_cover(params, threads);
+        }
+      }
+    }
   }
 }
 
