@@ -30,10 +30,11 @@ enum class Accumulate {
 };
 
 // Register block: kRows rows of A times kVectors vectors of B per step. With
-// 32 vector registers (AVX-512) 4 x 4 = 16 accumulators leave room for the
-// 4 B vectors and a broadcast; with 16 registers (AVX2, SSE4, NEON) 4 x 2.
+// 32 vector registers (AVX-512) 6 x 4 = 24 accumulators leave room for the
+// 4 B vectors and a broadcast (each B vector loaded feeds 6 FMAs, not 4);
+// with 16 registers (AVX2, SSE4, NEON) 4 x 2.
 #if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
-inline constexpr std::size_t kBlockRows = 4;
+inline constexpr std::size_t kBlockRows = 6;
 inline constexpr std::size_t kBlockVectors = 4;
 #else
 inline constexpr std::size_t kBlockRows = 4;
