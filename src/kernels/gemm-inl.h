@@ -117,6 +117,19 @@ HWY_INLINE void RowBlock(const float* HWY_RESTRICT a, std::size_t lda,
   }
 }
 
+// The last rows (fewer than kBlockRows) in one block of `rest` rows.
+template <std::size_t kRows, Accumulate kMode>
+HWY_INLINE void RestRows(std::size_t rest, const float* HWY_RESTRICT a, std::size_t lda,
+                         const float* HWY_RESTRICT b, std::size_t ldb, std::size_t depth,
+                         std::size_t n, float* HWY_RESTRICT c, std::size_t ldc,
+                         const float* HWY_RESTRICT alpha) {
+  if (rest == kRows) {
+    RowBlock<kRows, kMode>(a, lda, b, ldb, depth, n, c, ldc, alpha);
+  } else if constexpr (kRows > 1) {
+    RestRows<kRows - 1, kMode>(rest, a, lda, b, ldb, depth, n, c, ldc, alpha);
+  }
+}
+
 // C[rows x n] (op)= A[rows x depth] * B[depth x n]. alpha: one factor per row
 // (kScaleAdd only).
 template <Accumulate kMode>
@@ -130,20 +143,9 @@ HWY_NOINLINE void Gemm(std::size_t rows, std::size_t n, std::size_t depth,
     RowBlock<kBlockRows, kMode>(a + row * lda, lda, b, ldb, depth, n, c + row * ldc, ldc,
                                 alpha ? alpha + row : nullptr);
   }
-  const float* a_rest = a + row * lda;
-  float* c_rest = c + row * ldc;
-  const float* alpha_rest = alpha ? alpha + row : nullptr;
-  switch (rows - row) {
-    case 5:
-      if constexpr (kBlockRows > 5) RowBlock<5, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest);
-      break;
-    case 4:
-      if constexpr (kBlockRows > 4) RowBlock<4, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest);
-      break;
-    case 3: RowBlock<3, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
-    case 2: RowBlock<2, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
-    case 1: RowBlock<1, kMode>(a_rest, lda, b, ldb, depth, n, c_rest, ldc, alpha_rest); break;
-    default: break;
+  if (row < rows) {
+    RestRows<kBlockRows - 1, kMode>(rows - row, a + row * lda, lda, b, ldb, depth, n,
+                                    c + row * ldc, ldc, alpha ? alpha + row : nullptr);
   }
 }
 
