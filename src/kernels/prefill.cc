@@ -64,8 +64,8 @@ struct TaskFrame {
   float* acc_of(std::int64_t g) const { return acc + g * kQueryTile * padded; }
 };
 
-// One step of the key loop: a key tile, or (AMX) up to kAmxSpan consecutive
-// full tiles taken together.
+// One step of the key loop: a key tile, or up to the path's span (kF32Span,
+// kAmxSpan) of consecutive full tiles taken together.
 struct KeyStep {
   std::int64_t tile = 0;
   std::int64_t span = 1;
@@ -288,7 +288,7 @@ void WriteOutputs(const TaskFrame& f) {
 // ---- The f32 path: FMA micro-kernels on storage-rounded values ----
 
 struct F32Path {
-  static constexpr std::int64_t kMaxSpan = 1;
+  static constexpr std::int64_t kMaxSpan = kF32Span;
 
   // Q rows of every head in the group, scaled and rounded to storage.
   static void LoadQueries(const TaskFrame& f) {
@@ -316,7 +316,7 @@ struct F32Path {
   static const float* VRows(const TaskFrame& f, const KeyStep& step) {
     return f.packed.v_rows(f.b, f.kv_head, f.params.shape.kv_heads, step.key_begin);
   }
-  // S = Q K^T over the whole tile (padded keys read zeros); on a masked
+  // S = Q K^T over the whole step, tile by tile (padded keys read zeros); on a masked
   // tile (the diagonal, a window's edge) each block of rows only over the
   // whole vectors that hold its visible columns. The softmax of a masked
   // tile replaces every column outside a row's range before it reads it.
@@ -324,8 +324,12 @@ struct F32Path {
     const float* q = f.q + g * kQueryTile * f.padded;
     const float* k_tile = f.packed.k_tile(f.b, f.kv_head, f.params.shape.kv_heads, step.tile);
     if (!step.masked) {
-      Gemm<Accumulate::kOverwrite>(f.rows, kKeyTile, f.padded, q, f.padded, k_tile, kKeyTile,
-                                   f.scores, kKeyTile);
+      const std::int64_t width = step.width();
+      for (std::int64_t part = 0; part < step.span; ++part) {
+        Gemm<Accumulate::kOverwrite>(f.rows, kKeyTile, f.padded, q, f.padded,
+                                     k_tile + part * f.padded * kKeyTile, kKeyTile,
+                                     f.scores + part * kKeyTile, width);
+      }
       return;
     }
     const auto lanes = static_cast<std::int64_t>(hn::Lanes(hn::ScalableTag<float>()));
@@ -351,9 +355,10 @@ struct F32Path {
   static float* PF32(const TaskFrame& f, std::int64_t r, std::int64_t width) {
     return f.p + r * width;
   }
-  static void AccumulateFull(const TaskFrame& f, const KeyStep&, std::int64_t g,
+  static void AccumulateFull(const TaskFrame& f, const KeyStep& step, std::int64_t g,
                              const float* v_rows) {
-    Gemm<Accumulate::kScaleAdd>(f.rows, f.padded, kKeyTile, f.p, kKeyTile, v_rows, f.padded,
+    const std::int64_t width = step.width();
+    Gemm<Accumulate::kScaleAdd>(f.rows, f.padded, width, f.p, width, v_rows, f.padded,
                                 f.acc_of(g), f.padded, f.alpha);
   }
 };
@@ -565,14 +570,14 @@ PrefillScratchLayout prefill_scratch_layout(PrefillPath path, std::int64_t group
   const bool amx = path != PrefillPath::kF32;
   const auto heads = static_cast<std::size_t>(group), dim = static_cast<std::size_t>(padded_dim);
   const auto rows = static_cast<std::size_t>(kQueryTile), keys = static_cast<std::size_t>(kKeyTile);
-  const std::size_t span_keys = (amx ? static_cast<std::size_t>(kAmxSpan) : 1) * keys;
+  const std::size_t span_keys = static_cast<std::size_t>(amx ? kAmxSpan : kF32Span) * keys;
   ScratchLayout layout;
   PrefillScratchLayout s;
   s.q = layout.add<float>(amx ? 0 : heads * rows * dim);
   s.q_bf16 = layout.add<std::uint16_t>(amx ? heads * rows * dim : 0);
   s.acc = layout.add<float>(heads * rows * dim);
   s.scores = layout.add<float>(rows * span_keys);
-  s.p = layout.add<float>(amx ? 0 : rows * keys);
+  s.p = layout.add<float>(amx ? 0 : rows * span_keys);
   s.p_bf16 = layout.add<std::uint16_t>(amx ? rows * span_keys : 0);
   s.v_rows = layout.add<float>(amx ? keys * dim : 0);
   s.alpha = layout.add<float>(rows);

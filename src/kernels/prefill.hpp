@@ -59,7 +59,7 @@ struct PrefillScratchLayout {
   ScratchRegion<std::uint16_t> q_bf16;  // (group, kQueryTile, padded_dim): unscaled bf16 Q (AMX)
   ScratchRegion<float> acc;     // (group, kQueryTile, padded_dim): unnormalised output
   ScratchRegion<float> scores;  // (kQueryTile, span * kKeyTile): one step's S
-  ScratchRegion<float> p;       // (kQueryTile, kKeyTile): a full tile's P (f32)
+  ScratchRegion<float> p;       // (kQueryTile, kF32Span * kKeyTile): a full span's P (f32)
   ScratchRegion<std::uint16_t> p_bf16;  // (kQueryTile, kAmxSpan * kKeyTile): a span's P (AMX)
   ScratchRegion<float> v_rows;  // (kKeyTile, padded_dim): a masked tile's V unpacked (AMX)
   ScratchRegion<float> alpha;   // (kQueryTile): accumulator factors of one step

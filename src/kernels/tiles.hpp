@@ -23,6 +23,11 @@ inline constexpr std::int64_t kKeyTile = 64;
 // output tiles (whose short inner loop otherwise dominates).
 inline constexpr std::int64_t kAmxSpan = 4;
 
+// Full key tiles the f32 path takes in one step: P V accumulates 256 keys
+// per load and store of its output rows, and the softmax runs over rows of
+// 256 scores (2 and 8 measured slower at n = 4096; docs/PERFORMANCE.md).
+inline constexpr std::int64_t kF32Span = 4;
+
 // Head tasks (PrefillPlan::pack_per_head): at least this many tasks per
 // thread, each kv head cut into at most this many runs of query tiles.
 inline constexpr std::int64_t kHeadTasksPerThread = 8;

@@ -65,7 +65,7 @@ void expect_disjoint_and_aligned(const Layout& layout, const Regions&... regions
 
 // docs/architecture.md, "Memory": with G query heads per kv head and D the
 // padded head_dim, a worker's prefill scratch is, in bytes,
-//   f32 path: 4*G*64*D (Q) + 4*G*64*D (acc) + 4*64*64 (S) + 4*64*64 (P)
+//   f32 path: 4*G*64*D (Q) + 4*G*64*D (acc) + 4*64*256 (S of a span) + 4*64*256 (P)
 //             + 4*64 (alpha) + 8*G*64 (states) + 16*64 (row ranges)
 //   AMX and bf16-dot paths: 2*G*64*D (bf16 Q) + 4*G*64*D (acc) + 4*64*256 (S of a span)
 //             + 2*64*256 (bf16 P) + 4*64*D (a masked tile's V) + the same
@@ -73,7 +73,7 @@ void expect_disjoint_and_aligned(const Layout& layout, const Regions&... regions
 std::size_t documented_prefill_bytes(kernels::PrefillPath path, std::size_t g, std::size_t d) {
   const std::size_t shared = 4 * 64 + 8 * g * 64 + 16 * 64;
   if (path == kernels::PrefillPath::kF32) {
-    return 4 * g * 64 * d + 4 * g * 64 * d + 4 * 64 * 64 + 4 * 64 * 64 + shared;
+    return 4 * g * 64 * d + 4 * g * 64 * d + 4 * 64 * 256 + 4 * 64 * 256 + shared;
   }
   return 2 * g * 64 * d + 4 * g * 64 * d + 4 * 64 * 256 + 2 * 64 * 256 + 4 * 64 * d + shared;
 }
