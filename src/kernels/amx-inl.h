@@ -26,6 +26,7 @@
 #include "kernels/pack.hpp"
 #include "kernels/prefill.hpp"
 #include "kernels/tiles.hpp"
+#include "kernels/transpose-inl.h"
 
 #include "hwy/highway.h"
 
@@ -166,12 +167,18 @@ inline LOOKBACK_BF16_TARGET HWY_NOINLINE void PackAmxTile(const PrefillParams& p
     std::fill(rows + count * padded, rows + kKeyTile * padded, std::uint16_t{0});
   };
 
-  // K: dims (2r, 2r+1) of key c are the r-th u32 of its bf16 row.
+  // K: dims (2r, 2r+1) of key c are the r-th u32 of its bf16 row; the
+  // (keys x pairs) words transposed in 16 x 16 blocks (pairs is a multiple
+  // of 16: head_dim pads to whole tile rows here).
   convert(params.k);
   auto* k_pairs = const_cast<std::uint32_t*>(packed.k_pair_tile(b, kv_head, shape.kv_heads, tile));
-  const auto* words = reinterpret_cast<const std::uint32_t*>(rows);
-  for (std::int64_t r = 0; r < pairs; ++r) {
-    for (std::int64_t c = 0; c < kKeyTile; ++c) k_pairs[r * kKeyTile + c] = words[c * pairs + r];
+  const auto* words = reinterpret_cast<const float*>(rows);
+  for (std::int64_t c0 = 0; c0 < kKeyTile; c0 += 16) {
+    for (std::int64_t r0 = 0; r0 < pairs; r0 += 16) {
+      const float* block[16];
+      for (int i = 0; i < 16; ++i) block[i] = words + (c0 + i) * pairs + r0;
+      Transpose16x16(block, reinterpret_cast<float*>(k_pairs) + r0 * kKeyTile + c0, kKeyTile);
+    }
   }
 
   // V: interleave the bf16 rows of keys 2s and 2s+1.

@@ -23,6 +23,7 @@
 #include "kernels/prefill.hpp"
 #include "kernels/quant-inl.h"
 #include "kernels/tiles.hpp"
+#include "kernels/transpose-inl.h"
 #include "lookback/context.hpp"
 
 HWY_BEFORE_NAMESPACE();
@@ -96,38 +97,13 @@ HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::i
 // out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim.
 HWY_INLINE void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
   std::int64_t c0 = 0;
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-  // 16 x 16 blocks in registers: pairs, then quads within 128-bit lanes,
-  // then the lanes.
+#if LOOKBACK_TRANSPOSE_16X16
   for (; c0 + 16 <= count; c0 += 16) {
     std::int64_t e0 = 0;
     for (; e0 + 16 <= dim; e0 += 16) {
-      __m512 r[16], t[16], u[16], v[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[c0 + i] + e0);
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      // u[4q + k] holds columns k, k + 4, k + 8, k + 12 of rows 4q .. 4q + 3.
-      for (int h = 0; h < 16; h += 8) {
-        for (int k = 0; k < 4; ++k) {
-          // Rows h .. h + 7: columns k, k + 8 and columns k + 4, k + 12.
-          v[h + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0x88);
-          v[h + 4 + k] = _mm512_shuffle_f32x4(u[h + k], u[h + 4 + k], 0xDD);
-        }
-      }
-      // v[k] (k < 8) and v[k + 8]: columns k and k + 8 of rows 0-7 and 8-15.
-      for (int k = 0; k < 8; ++k) {
-        _mm512_storeu_ps(out + (e0 + k) * kKeyTile + c0, _mm512_shuffle_f32x4(v[k], v[k + 8], 0x88));
-        _mm512_storeu_ps(out + (e0 + k + 8) * kKeyTile + c0,
-                         _mm512_shuffle_f32x4(v[k], v[k + 8], 0xDD));
-      }
+      const float* block[16];
+      for (int i = 0; i < 16; ++i) block[i] = rows[c0 + i] + e0;
+      Transpose16x16(block, out + e0 * kKeyTile + c0, kKeyTile);
     }
     for (; e0 < dim; ++e0) {
       for (std::int64_t c = c0; c < c0 + 16; ++c) out[e0 * kKeyTile + c] = rows[c][e0];
