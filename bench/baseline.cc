@@ -32,8 +32,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void causal_softmax
 
 }  // namespace
 
-void materialised_attention(const std::vector<float>& q, const std::vector<float>& k,
-                            const std::vector<float>& v, std::vector<float>& out, std::int64_t n,
+void materialised_attention(std::span<const float> q, std::span<const float> k,
+                            std::span<const float> v, std::span<float> out, std::int64_t n,
                             std::int64_t heads, std::int64_t kv_heads, std::int64_t dim,
                             int threads, std::vector<std::vector<float>>& scores) {
   const auto sgemm = openblas().sgemm;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace lookback::bench {
@@ -12,10 +13,10 @@ namespace lookback::bench {
 // (cblas_sgemm). Heads are split across threads, one OpenBLAS thread each
 // (OpenBLAS is loaded on first use: openblas.hpp). Computes the whole n x n
 // square. `scores` holds one n x n buffer per thread.
-void materialised_attention(const std::vector<float>& q,  // (n, heads, head_dim)
-                            const std::vector<float>& k,  // (n, kv_heads, head_dim)
-                            const std::vector<float>& v,  // (n, kv_heads, head_dim)
-                            std::vector<float>& out,      // (n, heads, head_dim)
+void materialised_attention(std::span<const float> q,  // (n, heads, head_dim)
+                            std::span<const float> k,  // (n, kv_heads, head_dim)
+                            std::span<const float> v,  // (n, kv_heads, head_dim)
+                            std::span<float> out,      // (n, heads, head_dim)
                             std::int64_t n, std::int64_t heads, std::int64_t kv_heads,
                             std::int64_t dim, int threads,
                             std::vector<std::vector<float>>& scores);  // (threads, n * n)
@@ -25,10 +26,10 @@ void materialised_attention(const std::vector<float>& q,  // (n, heads, head_dim
 // head, a dot product with every cached key, a softmax, a weighted sum of the
 // values. Heads are split across threads. Plain C++ compiled with the
 // project's flags: no intrinsics, no Highway, no -ffast-math.
-void plain_decode(const std::vector<float>& q,  // (heads, head_dim)
-                  const std::vector<float>& k,  // (>= context, kv_heads, head_dim)
-                  const std::vector<float>& v,  // (>= context, kv_heads, head_dim)
-                  std::vector<float>& out,      // (heads, head_dim)
+void plain_decode(std::span<const float> q,  // (heads, head_dim)
+                  std::span<const float> k,  // (>= context, kv_heads, head_dim)
+                  std::span<const float> v,  // (>= context, kv_heads, head_dim)
+                  std::span<float> out,      // (heads, head_dim)
                   std::int64_t context, std::int64_t heads, std::int64_t kv_heads,
                   std::int64_t dim, int threads,
                   std::vector<std::vector<float>>& scores);  // (threads, context)

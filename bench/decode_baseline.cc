@@ -8,8 +8,8 @@
 
 namespace lookback::bench {
 
-void plain_decode(const std::vector<float>& q, const std::vector<float>& k,
-                  const std::vector<float>& v, std::vector<float>& out, std::int64_t context,
+void plain_decode(std::span<const float> q, std::span<const float> k,
+                  std::span<const float> v, std::span<float> out, std::int64_t context,
                   std::int64_t heads, std::int64_t kv_heads, std::int64_t dim, int threads,
                   std::vector<std::vector<float>>& scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));

@@ -5,8 +5,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <thread>
+
+#include <sys/mman.h>
 
 namespace lookback::bench {
 namespace {
@@ -43,7 +47,7 @@ std::string ms_text(const Timing& timing) {
   return fmt::format("{} ({}-{})", ms(timing.median), ms(timing.min), ms(timing.max));
 }
 
-void fill_uniform(std::vector<float>& values, std::uint64_t seed) {
+void fill_uniform(std::span<float> values, std::uint64_t seed) {
   std::uint64_t state = seed;
   for (float& x : values) {
     state += 0x9E3779B97F4A7C15ull;
@@ -55,7 +59,7 @@ void fill_uniform(std::vector<float>& values, std::uint64_t seed) {
   }
 }
 
-double rel_l2(const std::vector<float>& ours, const std::vector<float>& reference) {
+double rel_l2(std::span<const float> ours, std::span<const float> reference) {
   double diff = 0, norm = 0;
   for (std::size_t i = 0; i < ours.size(); ++i) {
     const double d = static_cast<double>(ours[i]) - static_cast<double>(reference[i]);
@@ -64,6 +68,20 @@ double rel_l2(const std::vector<float>& ours, const std::vector<float>& referenc
   }
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
+
+void* allocate_input(std::size_t bytes) {
+  constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  const std::size_t align = bytes >= kHugePage ? kHugePage : 64;
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + align - 1) / align * align;
+  void* pointer = std::aligned_alloc(align, rounded);
+  if (pointer == nullptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHugePage) ::madvise(pointer, rounded, MADV_HUGEPAGE);  // advice only
+#endif
+  return pointer;
+}
+
+void free_input(void* pointer) noexcept { std::free(pointer); }
 
 void on_threads(int threads, const std::function<void(int worker)>& body) {
   std::vector<std::thread> workers;

@@ -3,8 +3,10 @@
 // and how times are printed (DESIGN.md §6).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,13 +30,35 @@ std::string ms(double seconds);
 // "22.50 (22.39-22.62)": the median and, in brackets, min-max.
 std::string ms_text(const Timing& timing);
 
+// Memory for the benchmarks' inputs and outputs as lookback's CLI reads
+// .npy files into it (and NumPy allocates large arrays): 64-byte aligned,
+// and from 2 MiB up aligned to 2 MiB and advised for transparent huge
+// pages. The kernels read rows of one head 16 KiB apart, each on a page of
+// its own with 4 KiB pages; docs/PERFORMANCE.md (round six) measures both.
+void* allocate_input(std::size_t bytes);
+void free_input(void* pointer) noexcept;
+
+template <class T>
+struct InputAllocator {
+  using value_type = T;
+  InputAllocator() = default;
+  template <class U>
+  InputAllocator(const InputAllocator<U>&) noexcept {}
+  T* allocate(std::size_t count) { return static_cast<T*>(allocate_input(count * sizeof(T))); }
+  void deallocate(T* pointer, std::size_t) noexcept { free_input(pointer); }
+  template <class U>
+  bool operator==(const InputAllocator<U>&) const noexcept { return true; }
+};
+
+using Floats = std::vector<float, InputAllocator<float>>;
+
 // Uniform values in [-1, 1) from splitmix64: the values do not change the
 // work done, and a cheap generator keeps filling 64k-token caches quick.
-void fill_uniform(std::vector<float>& values, std::uint64_t seed);
+void fill_uniform(std::span<float> values, std::uint64_t seed);
 
 // ||ours - reference|| / ||reference|| in float64 (the plain norm of the
 // difference when the reference is all zeros).
-double rel_l2(const std::vector<float>& ours, const std::vector<float>& reference);
+double rel_l2(std::span<const float> ours, std::span<const float> reference);
 
 // Calls body(worker) for worker = 0 .. threads - 1, each on a thread of its
 // own (worker 0 on the caller's), and returns when all have finished.

@@ -121,9 +121,9 @@ int main(int argc, char** argv) {
                "%peak", "baseline ms", "GFLOP/s", "speedup");
     Context context(threads);
     for (std::int64_t n : options.sizes) {
-      std::vector<float> q(static_cast<std::size_t>(n * options.heads * options.dim));
-      std::vector<float> k(static_cast<std::size_t>(n * options.kv_heads * options.dim));
-      std::vector<float> v(k.size()), out(q.size());
+      bench::Floats q(static_cast<std::size_t>(n * options.heads * options.dim));
+      bench::Floats k(static_cast<std::size_t>(n * options.kv_heads * options.dim));
+      bench::Floats v(k.size()), out(q.size());
       for (float& x : q) x = normal(rng);
       for (float& x : k) x = normal(rng);
       for (float& x : v) x = normal(rng);
@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
       if (options.baseline) {
         std::vector<std::vector<float>> scores(static_cast<std::size_t>(threads),
                                                std::vector<float>(static_cast<std::size_t>(n * n)));
-        std::vector<float> reference_out(out.size());
+        bench::Floats reference_out(out.size());
         const bench::Timing base = bench::time_it(options.reps, [&] {
           bench::materialised_attention(q, k, v, reference_out, n, options.heads, options.kv_heads,
                                  options.dim, threads, scores);

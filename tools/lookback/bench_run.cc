@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <span>
 #include <thread>
 
 #include "baseline.hpp"
@@ -38,9 +39,10 @@ BenchCase new_case(const BenchPlan& plan, const std::string& suite, std::int64_t
 }
 
 struct Inputs {
-  std::vector<float> q;  // prefill (1, n, heads, head_dim); decode (heads, head_dim)
-  std::vector<float> k;  // (n or the longest context, kv_heads, head_dim)
-  std::vector<float> v;  // (n or the longest context, kv_heads, head_dim)
+  // In the memory lookback's CLI reads .npy files into (bench::Floats).
+  bench::Floats q;  // prefill (1, n, heads, head_dim); decode (heads, head_dim)
+  bench::Floats k;  // (n or the longest context, kv_heads, head_dim)
+  bench::Floats v;  // (n or the longest context, kv_heads, head_dim)
 };
 
 Inputs make_inputs(std::int64_t q_tokens, std::int64_t kv_tokens, const BenchPlan& plan,
@@ -104,7 +106,7 @@ void measure_ceilings(Ceilings& ceilings, int threads, const char* when, Progres
 // The baselines' cases (all f32) and outputs, by length, to compare with.
 struct Baselines {
   std::map<std::int64_t, BenchCase> prefill, decode;
-  std::map<std::int64_t, std::vector<float>> prefill_out, decode_out;
+  std::map<std::int64_t, bench::Floats> prefill_out, decode_out;
 };
 
 class CaseRunner {
@@ -125,7 +127,7 @@ class CaseRunner {
     for (std::int64_t n : plan_.sizes) {
       step(fmt::format("prefill n={} f32 baseline (OpenBLAS {})", n, report_.machine.openblas_core));
       const Inputs in = prefill_inputs(plan_, n);
-      std::vector<float>& out = baselines_.prefill_out[n];
+      bench::Floats& out = baselines_.prefill_out[n];
       out.assign(in.q.size(), 0.0f);
       for (auto& s : scores) s.resize(count(n, n, 1));
       BenchCase c = new_case(plan_, "prefill", n);
@@ -144,7 +146,7 @@ class CaseRunner {
     std::vector<std::vector<float>> scores(static_cast<std::size_t>(plan_.threads));
     for (std::int64_t n : plan_.contexts) {
       step(fmt::format("decode context={} f32 baseline (plain C++ loop)", n));
-      std::vector<float>& out = baselines_.decode_out[n];
+      bench::Floats& out = baselines_.decode_out[n];
       out.assign(in.q.size(), 0.0f);
       for (auto& s : scores) s.resize(static_cast<std::size_t>(n));
       BenchCase c = new_case(plan_, "decode", n);
@@ -161,7 +163,7 @@ class CaseRunner {
   void prefill() {
     for (std::int64_t n : plan_.sizes) {
       const Inputs in = prefill_inputs(plan_, n);
-      std::vector<float> out(in.q.size());
+      bench::Floats out(in.q.size());
       const std::int64_t kv_heads = plan_.prefill_kv_heads;
       AttentionParams params;
       params.q = make_view(in.q.data(), DType::kF32, {1, n, plan_.heads, plan_.dim}, "q");
@@ -221,8 +223,8 @@ class CaseRunner {
     return c;
   }
 
-  void finish(BenchCase& c, const BenchCase& baseline, const std::vector<float>& out,
-              const std::vector<float>& baseline_out) {
+  void finish(BenchCase& c, const BenchCase& baseline, std::span<const float> out,
+              std::span<const float> baseline_out) {
     c.speedup = baseline.time.median / c.time.median;
     c.rel_l2 = bench::rel_l2(out, baseline_out);
     report_.cases.push_back(c);
