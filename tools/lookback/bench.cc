@@ -5,7 +5,8 @@
 // present, the read bandwidth), then the baselines a user would otherwise
 // write (prefill: materialised attention with OpenBLAS sgemm; decode: a plain
 // C++ loop over a token-major cache), then lookback, then the ceilings again
-// (the higher measurement of each counts). Every time is the median of a few
+// (the higher measurement of each counts). Inputs and outputs are held as
+// the CLI holds .npy files (bench::Floats). Every time is the median of a few
 // repetitions after a warm-up, with min-max; rates are divided by the
 // ceilings and by the baseline, so the figures read as ratios.
 //
@@ -169,8 +170,10 @@ void add_bench_command(CLI::App& app, Runner& runner) {
       "correct core, measured; decode: a plain C++ loop), then lookback,\n"
       "then the ceilings again (the higher of the two measurements counts).\n"
       "Prefill: batch 1, 32 heads, head_dim 128, n = 512..16384, in useful GFLOP/s. Decode: 32\n"
-      "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. Progress goes to stderr; times are\n"
-      "medians after a warm-up. --quick runs in under a minute, the full suite in under ten.");
+      "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. Inputs and outputs sit in memory as\n"
+      "`lookback attend` reads .npy files (64-byte aligned, huge-page advised). Progress goes\n"
+      "to stderr; times are medians after a warm-up. --quick runs in under a minute, the full\n"
+      "suite in under ten.");
   command->add_option("--suite", o->suite, "prefill, decode or all (default)")
       ->check(CLI::IsMember({"prefill", "decode", "all"}));
   command->add_option("--threads", o->threads, "threads (default: all cores)")->check(kPositive);
