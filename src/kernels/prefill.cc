@@ -87,12 +87,19 @@ void ResetRows(const TaskFrame& f) {
   }
 }
 
-// Keys any of the task's rows can see, within the call's key range.
-KeyRange TaskKeys(const TaskFrame& f) {
-  KeyRange keys = f.mask.key_range_of_rows(f.row_begin, f.row_begin + f.rows);
-  keys.begin = std::max(keys.begin, f.params.keys.begin);
-  keys.end = std::min(keys.end, f.params.keys.end);
+// Keys any of query rows [row_begin, row_end) can see, within the call's
+// key range.
+KeyRange VisibleKeys(const PrefillParams& params, const Mask& mask, std::int64_t row_begin,
+                     std::int64_t row_end) {
+  KeyRange keys = mask.key_range_of_rows(row_begin, row_end);
+  keys.begin = std::max(keys.begin, params.keys.begin);
+  keys.end = std::min(keys.end, params.keys.end);
   return keys;
+}
+
+// Keys any of the task's rows can see.
+KeyRange TaskKeys(const TaskFrame& f) {
+  return VisibleKeys(f.params, f.mask, f.row_begin, f.row_begin + f.rows);
 }
 
 // Whether every row sees every key of `tile`, and the tile is whole.
@@ -532,10 +539,9 @@ void PrefillRun(const PrefillParams& params, const PrefillPlan& plan, Context& c
                             /*single_head=*/true);
       // The key tiles any of the task's rows can see.
       const std::int64_t row_begin = task.query_tile * kQueryTile;
-      KeyRange keys = mask.key_range_of_rows(
-          row_begin, std::min(params.shape.seqlen_q, row_begin + task.query_tiles * kQueryTile));
-      keys.begin = std::max(keys.begin, params.keys.begin);
-      keys.end = std::min(keys.end, params.keys.end);
+      const KeyRange keys = VisibleKeys(
+          params, mask, row_begin,
+          std::min(params.shape.seqlen_q, row_begin + task.query_tiles * kQueryTile));
       if (!keys.empty()) {
         for (std::int64_t tile = keys.begin / kKeyTile; tile <= (keys.end - 1) / kKeyTile; ++tile) {
           PackTile(params, plan, packed, task.batch, task.kv_head, tile);
@@ -602,6 +608,55 @@ PackedLayout packed_layout(PrefillPath path, const AttentionShape& shape) {
   return packed;
 }
 
+namespace {
+
+// A task's work: the visible (query, key) pairs of its query tiles.
+std::int64_t TaskCost(const Mask& mask, std::int64_t seqlen_k, const PrefillTask& task) {
+  const std::int64_t row_begin = task.query_tile * kQueryTile;
+  return mask.visible_in_tile(row_begin, row_begin + task.query_tiles * kQueryTile, 0, seqlen_k);
+}
+
+// Runs of query tiles per kv head for head tasks, or 0 for none: head
+// tasks when the kv heads, each cut into at most kMaxHeadParts runs, make
+// at least kHeadTasksPerThread tasks per thread, in a multiple of the
+// threads (one thread alone takes every head whole). A run packs only the
+// key tiles its rows see, so cutting a head costs repacking some.
+std::int64_t HeadParts(const AttentionShape& shape, std::int64_t query_tiles, int threads) {
+  const std::int64_t heads = shape.batch * shape.kv_heads;
+  const std::int64_t workers = std::max(threads, 1);
+  std::int64_t parts = 1;
+  if (workers > 1) {
+    parts = std::max<std::int64_t>(1, tiles_for(kHeadTasksPerThread * workers, heads));
+    while (heads * parts % workers != 0) ++parts;
+  }
+  return parts <= std::min(kMaxHeadParts, query_tiles) ? parts : 0;
+}
+
+// Query tiles [0, query_tiles) cut into exactly `parts` runs, each cut at
+// the first tile where the running cost reaches k / parts of the head's
+// total (moved on where that would leave a run empty): the run boundaries,
+// from 0 to query_tiles.
+std::vector<std::int64_t> CutHead(const Mask& mask, std::int64_t seqlen_k,
+                                  std::int64_t query_tiles, std::int64_t parts) {
+  std::vector<std::int64_t> prefix{0};
+  for (std::int64_t tile = 0; tile < query_tiles; ++tile) {
+    prefix.push_back(prefix.back() + TaskCost(mask, seqlen_k, {0, 0, tile, 1}));
+  }
+  std::vector<std::int64_t> cuts{0};
+  for (std::int64_t k = 1; k < parts; ++k) {
+    std::int64_t cut = cuts.back() + 1;
+    while (cut < query_tiles - (parts - k) &&
+           prefix[static_cast<std::size_t>(cut)] * parts < prefix.back() * k) {
+      ++cut;
+    }
+    cuts.push_back(cut);
+  }
+  cuts.push_back(query_tiles);
+  return cuts;
+}
+
+}  // namespace
+
 PrefillPlan plan_prefill(const PrefillParams& params, int threads) {
   const AttentionShape& shape = params.shape;
   PrefillPlan plan;
@@ -611,48 +666,16 @@ PrefillPlan plan_prefill(const PrefillParams& params, int threads) {
   plan.key_tiles = tiles_for(shape.seqlen_k, kKeyTile);
   plan.scratch = prefill_scratch_layout(plan.path, plan.group, plan.padded_dim);
   const std::int64_t query_tiles = tiles_for(shape.seqlen_q, kQueryTile);
-
-  // Head tasks (PrefillPlan::pack_per_head) when the kv heads, each cut
-  // into at most kMaxHeadParts runs of query tiles of about equal cost,
-  // make at least kHeadTasksPerThread tasks per thread, in a multiple of
-  // the threads (one thread alone takes every head whole). A run packs only
-  // the key tiles its rows see, so cutting a head costs repacking some.
   const Mask mask(shape.seqlen_q, shape.seqlen_k, params.mask);
-  auto task_cost = [&](const PrefillTask& task) {
-    const std::int64_t row_begin = task.query_tile * kQueryTile;
-    return mask.visible_in_tile(row_begin, row_begin + task.query_tiles * kQueryTile, 0,
-                                shape.seqlen_k);
-  };
-  const std::int64_t heads = shape.batch * shape.kv_heads;
-  const std::int64_t workers = std::max(threads, 1);
-  std::int64_t parts = 1;
-  if (workers > 1) {
-    parts = std::max<std::int64_t>(1, tiles_for(kHeadTasksPerThread * workers, heads));
-    while (heads * parts % workers != 0) ++parts;
-  }
-  plan.pack_per_head = parts <= std::min(kMaxHeadParts, query_tiles);
-  if (plan.pack_per_head) {
+  auto cost = [&](const PrefillTask& task) { return TaskCost(mask, shape.seqlen_k, task); };
+
+  if (const std::int64_t parts = HeadParts(shape, query_tiles, threads); parts > 0) {
+    plan.pack_per_head = true;
     AttentionShape one_head = shape;
     one_head.batch = 1;
     one_head.kv_heads = 1;
     plan.packed = packed_layout(plan.path, one_head);
-    // Query tiles [0, query_tiles) cut into exactly `parts` runs, each cut
-    // at the first tile where the running cost reaches k / parts of the
-    // head's total (moved on where that would leave a run empty).
-    std::vector<std::int64_t> prefix{0};
-    for (std::int64_t tile = 0; tile < query_tiles; ++tile) {
-      prefix.push_back(prefix.back() + task_cost({0, 0, tile, 1}));
-    }
-    std::vector<std::int64_t> cuts{0};
-    for (std::int64_t k = 1; k < parts; ++k) {
-      std::int64_t cut = cuts.back() + 1;
-      while (cut < query_tiles - (parts - k) && prefix[static_cast<std::size_t>(cut)] * parts <
-                                                    prefix.back() * k) {
-        ++cut;
-      }
-      cuts.push_back(cut);
-    }
-    cuts.push_back(query_tiles);
+    const std::vector<std::int64_t> cuts = CutHead(mask, shape.seqlen_k, query_tiles, parts);
     for (std::int64_t b = 0; b < shape.batch; ++b) {
       for (std::int64_t kv_head = 0; kv_head < shape.kv_heads; ++kv_head) {
         for (std::size_t c = 0; c + 1 < cuts.size(); ++c) {
@@ -662,9 +685,7 @@ PrefillPlan plan_prefill(const PrefillParams& params, int threads) {
     }
     // Heaviest first, so the threads finish together.
     std::stable_sort(plan.tasks.begin(), plan.tasks.end(),
-                     [&](const PrefillTask& x, const PrefillTask& y) {
-                       return task_cost(x) > task_cost(y);
-                     });
+                     [&](const PrefillTask& x, const PrefillTask& y) { return cost(x) > cost(y); });
     return plan;
   }
   plan.packed = packed_layout(plan.path, shape);
@@ -686,7 +707,7 @@ PrefillPlan plan_prefill(const PrefillParams& params, int threads) {
                      if (x.batch != y.batch || x.kv_head != y.kv_head) {
                        return std::tie(x.batch, x.kv_head) < std::tie(y.batch, y.kv_head);
                      }
-                     return task_cost(x) > task_cost(y);
+                     return cost(x) > cost(y);
                    });
   return plan;
 }
