@@ -94,22 +94,37 @@ HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::i
   for (; e < dim; ++e) out[e] = LoadRounded(view, base + e * view.strides[3], storage);
 }
 
-// out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim.
+// out[e * kKeyTile + c] = rows[c][e] for c < count, e < dim, in square
+// blocks of kSide rows (in registers where the target has a transpose):
+// the rows of a head sit a whole token apart (often a multiple of 4 KiB),
+// so reading one dim of 64 rows at a time would put all 64 lines in one
+// set of the L1 cache; a block reads kSide lines at a time, each whole.
 HWY_INLINE void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
-  std::int64_t c0 = 0;
 #if LOOKBACK_TRANSPOSE_16X16
-  for (; c0 + 16 <= count; c0 += 16) {
+  constexpr std::int64_t kSide = 16;
+#else
+  constexpr std::int64_t kSide = 8;
+#endif
+  std::int64_t c0 = 0;
+  for (; c0 + kSide <= count; c0 += kSide) {
     std::int64_t e0 = 0;
-    for (; e0 + 16 <= dim; e0 += 16) {
-      const float* block[16];
-      for (int i = 0; i < 16; ++i) block[i] = rows[c0 + i] + e0;
+    for (; e0 + kSide <= dim; e0 += kSide) {
+      const float* block[kSide];
+      for (std::int64_t i = 0; i < kSide; ++i) block[i] = rows[c0 + i] + e0;
+#if LOOKBACK_TRANSPOSE_16X16
       Transpose16x16(block, out + e0 * kKeyTile + c0, kKeyTile);
+#elif LOOKBACK_TRANSPOSE_8X8
+      Transpose8x8(block, out + e0 * kKeyTile + c0, kKeyTile);
+#else
+      for (std::int64_t e = 0; e < kSide; ++e) {
+        for (std::int64_t i = 0; i < kSide; ++i) out[(e0 + e) * kKeyTile + c0 + i] = block[i][e];
+      }
+#endif
     }
     for (; e0 < dim; ++e0) {
-      for (std::int64_t c = c0; c < c0 + 16; ++c) out[e0 * kKeyTile + c] = rows[c][e0];
+      for (std::int64_t c = c0; c < c0 + kSide; ++c) out[e0 * kKeyTile + c] = rows[c][e0];
     }
   }
-#endif
   for (std::int64_t e = 0; e < dim; ++e) {
     for (std::int64_t c = c0; c < count; ++c) out[e * kKeyTile + c] = rows[c][e];
   }
