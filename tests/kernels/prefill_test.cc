@@ -300,59 +300,64 @@ TEST(Prefill, LargeMagnitudesDoNotOverflow) {
   EXPECT_LE(result.relative_l2, testing::kF32Tolerance) << result.describe();
 }
 
-// Long bf16 rows whose scores step up tile after tile (by 3, below the AMX
-// path's one-pass margin of 8 ln 2, and by 6, above it): the one-pass
-// softmax step must hold probabilities above 1 in the first case and fall
-// back and rescale in the second. Scores are exact in bf16 (q = e0, k_j[0]
-// small integers), so the only rounding is P's. A visible NaN key must
-// still poison exactly the rows that see it.
-TEST(Prefill, Bf16RowsWhoseMaxStepsUpAndVisibleNaN) {
-  for (const float step : {3.0f, 6.0f}) {
-    SCOPED_TRACE("step " + std::to_string(step));
-    ProblemSpec spec;
-    spec.seqlen_q = spec.seqlen_k = 700;
-    spec.head_dim = 64;
-    spec.heads = 2;
-    spec.scale = 1.0f;
-    spec.storage = DType::kBF16;
-    testing::Problem problem = testing::make_problem(spec, 21);
-    for (std::int64_t j = 0; j < spec.seqlen_q; ++j) {
-      for (std::int64_t h = 0; h < spec.heads; ++h) {
-        float* q = problem.q.data() + problem.q_offset(0, j, h);
-        for (std::int64_t e = 0; e < spec.head_dim; ++e) q[e] = e == 0 ? 1.0f : 0.0f;
+// Long f32 and bf16 rows whose scores step up tile after tile (by 3, below
+// the one-pass softmax step's margin of 8 ln 2, and by 6, above it), or stay
+// flat: the one-pass step must hold probabilities above 1 in the first case
+// and fall back and rescale in the second. Scores are exact (q = e0, k_j[0]
+// small integers), so the only rounding is P's. A visible NaN key must still
+// poison exactly the rows that see it; with flat scores every full step
+// after a row's first takes the one-pass step, which must find the NaN also
+// where the exponential clamps its argument.
+TEST(Prefill, RowsWhoseMaxStepsUpAndVisibleNaN) {
+  for (const DType storage : {DType::kF32, DType::kBF16}) {
+    for (const float step : {0.0f, 3.0f, 6.0f}) {
+      SCOPED_TRACE(std::string(dtype_name(storage)) + ", step " + std::to_string(step));
+      ProblemSpec spec;
+      spec.seqlen_q = spec.seqlen_k = 700;
+      spec.head_dim = 64;
+      spec.heads = 2;
+      spec.scale = 1.0f;
+      spec.storage = storage;
+      testing::Problem problem = testing::make_problem(spec, 21);
+      for (std::int64_t j = 0; j < spec.seqlen_q; ++j) {
+        for (std::int64_t h = 0; h < spec.heads; ++h) {
+          float* q = problem.q.data() + problem.q_offset(0, j, h);
+          for (std::int64_t e = 0; e < spec.head_dim; ++e) q[e] = e == 0 ? 1.0f : 0.0f;
+        }
+        float* k = problem.k.data() + problem.kv_offset(0, j, 0);
+        k[0] = step * static_cast<float>(j / 64) + static_cast<float>(j % 5);
       }
-      float* k = problem.k.data() + problem.kv_offset(0, j, 0);
-      k[0] = step * static_cast<float>(j / 64) + static_cast<float>(j % 5);
-    }
-    const ReferenceResult reference = reference_attention(problem.params());
-    Context context(2);
-    for_each_target([&](const std::string&) {
-      problem.poison_outputs();
-      attend(problem.params(), context);
-      const testing::Comparison result = testing::compare(problem, reference);
-      EXPECT_TRUE(result.finite) << result.describe();
-      EXPECT_LE(result.relative_l2, testing::tolerance_for(DType::kBF16)) << result.describe();
-      EXPECT_LE(result.max_lse_error, 1e-3) << result.describe();
-    });
+      const ReferenceResult reference = reference_attention(problem.params());
+      Context context(2);
+      for_each_target([&](const std::string&) {
+        problem.poison_outputs();
+        attend(problem.params(), context);
+        const testing::Comparison result = testing::compare(problem, reference);
+        EXPECT_TRUE(result.finite) << result.describe();
+        EXPECT_LE(result.relative_l2, testing::tolerance_for(storage)) << result.describe();
+        EXPECT_LE(result.max_lse_error, 1e-3) << result.describe();
+      });
 
-    constexpr std::int64_t kPoisoned = 400;
-    problem.k[static_cast<std::size_t>(problem.kv_offset(0, kPoisoned, 0) + 3)] =
-        std::numeric_limits<float>::quiet_NaN();
-    for_each_target([&](const std::string&) {
-      problem.poison_outputs();
-      attend(problem.params(), context);
-      for (std::int64_t row = 0; row < spec.seqlen_q; ++row) {
-        for (std::int64_t head = 0; head < spec.heads; ++head) {
-          const float out = problem.out[static_cast<std::size_t>((row * spec.heads + head) * spec.head_dim)];
-          const float lse = problem.lse[static_cast<std::size_t>(head * spec.seqlen_q + row)];
-          if (row < kPoisoned) {
-            ASSERT_TRUE(std::isfinite(out) && std::isfinite(lse)) << "row " << row;
-          } else {
-            ASSERT_TRUE(std::isnan(out) && std::isnan(lse)) << "row " << row;
+      constexpr std::int64_t kPoisoned = 400;
+      problem.k[static_cast<std::size_t>(problem.kv_offset(0, kPoisoned, 0) + 3)] =
+          std::numeric_limits<float>::quiet_NaN();
+      for_each_target([&](const std::string&) {
+        problem.poison_outputs();
+        attend(problem.params(), context);
+        for (std::int64_t row = 0; row < spec.seqlen_q; ++row) {
+          for (std::int64_t head = 0; head < spec.heads; ++head) {
+            const auto first = static_cast<std::size_t>((row * spec.heads + head) * spec.head_dim);
+            const float out = problem.out[first];
+            const float lse = problem.lse[static_cast<std::size_t>(head * spec.seqlen_q + row)];
+            if (row < kPoisoned) {
+              ASSERT_TRUE(std::isfinite(out) && std::isfinite(lse)) << "row " << row;
+            } else {
+              ASSERT_TRUE(std::isnan(out) && std::isnan(lse)) << "row " << row;
+            }
           }
         }
-      }
-    });
+      });
+    }
   }
 }
 

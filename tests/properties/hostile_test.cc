@@ -161,6 +161,50 @@ TEST(Hostile, NonFiniteHiddenKeysAndValuesAreSkippedNotMultipliedByZero) {
   }
 }
 
+TEST(Hostile, VisibleNonFiniteKeysInALateFullTilePoisonTheirRowsOnEveryPath) {
+  // Key 200 lies in a key tile that rows past 256 see whole, after tiles
+  // that gave them a max: with scores of one scale throughout, those tiles
+  // take the one-pass softmax step, which must find a NaN or infinite
+  // score as the two passes do. Rows before key 200 stay bit-identical.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  Context context(2);
+  ProblemSpec spec;
+  spec.seqlen_q = spec.seqlen_k = 300;
+  spec.head_dim = 24;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  constexpr std::int64_t kKey = 200;
+  for (DType storage : {DType::kF32, DType::kBF16}) {
+    spec.storage = storage;
+    const testing::Problem clean = testing::make_problem(spec, 31);
+    for (const float k_value : {nan, inf, -inf}) {
+      for (const ModeOptions& options : kPaths) {
+        SCOPED_TRACE(name(options) + " " + std::string(dtype_name(storage)) + " k=" +
+                     std::to_string(k_value));
+        testing::Problem expected = clean;
+        attend_with_mode(expected.params(), options, context);
+        testing::Problem poisoned = clean;
+        poison_key(poisoned, kKey, k_value, 1.0f);
+        attend_with_mode(poisoned.params(), options, context);
+        for (std::int64_t i = 0; i < spec.seqlen_q; ++i) {
+          const auto offset = static_cast<std::size_t>(i * spec.heads * spec.head_dim);
+          const auto bytes = static_cast<std::size_t>(spec.heads * spec.head_dim) * sizeof(float);
+          if (i >= kKey) {
+            for (std::int64_t h = 0; h < spec.heads; ++h) {
+              ASSERT_TRUE(std::isnan(poisoned.out[offset + static_cast<std::size_t>(h * spec.head_dim)]))
+                  << "row " << i << " head " << h << " hid a non-finite score it sees";
+            }
+          } else {
+            ASSERT_EQ(std::memcmp(expected.out.data() + offset, poisoned.out.data() + offset, bytes), 0)
+                << "row " << i << " changed by a key it must not see";
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(Hostile, EmptyRowsWindowZeroAndSeqlenOne) {
   Context context(1);
   struct Case {
