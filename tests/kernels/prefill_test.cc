@@ -306,8 +306,8 @@ TEST(Prefill, LargeMagnitudesDoNotOverflow) {
 // and fall back and rescale in the second. Scores are exact (q = e0, k_j[0]
 // small integers), so the only rounding is P's. A visible NaN key must still
 // poison exactly the rows that see it; with flat scores every full step
-// after a row's first takes the one-pass step, which must find the NaN also
-// where the exponential clamps its argument.
+// after a row's first takes the one-pass step where a path has one (AVX-512),
+// and that step must find the NaN as the two passes do.
 TEST(Prefill, RowsWhoseMaxStepsUpAndVisibleNaN) {
   for (const DType storage : {DType::kF32, DType::kBF16}) {
     for (const float step : {0.0f, 3.0f, 6.0f}) {

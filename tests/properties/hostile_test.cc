@@ -164,8 +164,9 @@ TEST(Hostile, NonFiniteHiddenKeysAndValuesAreSkippedNotMultipliedByZero) {
 TEST(Hostile, VisibleNonFiniteKeysInALateFullTilePoisonTheirRowsOnEveryPath) {
   // Key 200 lies in a key tile that rows past 256 see whole, after tiles
   // that gave them a max: with scores of one scale throughout, those tiles
-  // take the one-pass softmax step, which must find a NaN or infinite
-  // score as the two passes do. Rows before key 200 stay bit-identical.
+  // take the one-pass softmax step where a path has one (AVX-512), which
+  // must find a NaN or infinite score as the two passes do. Rows before key
+  // 200 stay bit-identical.
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
   Context context(2);
