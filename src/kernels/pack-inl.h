@@ -73,6 +73,9 @@ HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::i
   const bool vector_input = view.dtype == DType::kF32 || view.dtype == DType::kBF16 ||
                             (view.dtype == DType::kF16 && kVectorF16);
   const bool vector_rounding = storage != DType::kF16 || kVectorF16;
+  // Input already in the storage dtype (bf16 or f16 kept as bf16 or f16)
+  // widens exactly: nothing to round.
+  const DType rounding = view.dtype == storage ? DType::kF32 : storage;
   std::int64_t e = 0;
   if (view.strides[3] == 1 && vector_input && vector_rounding && !is_quantized(storage)) {
     for (; e + lanes <= dim; e += lanes) {
@@ -88,7 +91,7 @@ HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::i
         const auto* row = static_cast<const hwy::float16_t*>(view.data) + base;
         x = hn::PromoteTo(d, hn::LoadU(dh, row + e));
       }
-      hn::StoreU(RoundToStorage(d, x, storage), d, out + e);
+      hn::StoreU(RoundToStorage(d, x, rounding), d, out + e);
     }
   }
   for (; e < dim; ++e) out[e] = LoadRounded(view, base + e * view.strides[3], storage);
