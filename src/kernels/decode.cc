@@ -297,8 +297,9 @@ HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size
     const __m256 k0 = LoadAsFloat(d, k[0], e).raw, k1 = LoadAsFloat(d, k[1], e).raw;
     for (int r = 0; r < 4; ++r) {
       // In a register: GCC would otherwise fold the load into both FMAs,
-      // loading each Q vector twice (ten loads per eight FMAs, where a
-      // Zen core's two load ports need five cycles for eight FMAs' six).
+      // loading each Q vector twice (ten loads per eight FMAs; on a core
+      // that splits 256-bit loads in two, as Zen 1 does, more cycles of
+      // loads than of FMAs).
       __m256 qv = _mm256_loadu_ps(q[r] + e);
       asm("" : "+x"(qv));
       acc[2 * r] = _mm256_fmadd_ps(qv, k0, acc[2 * r]);
