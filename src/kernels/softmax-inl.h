@@ -82,9 +82,16 @@ HWY_INLINE V Exp2(D d, V x) {
 #endif
   const hn::RebindToSigned<D> di;
   x = hn::Max(x, hn::Set(d, -126.0f));
-  const auto n = hn::NearestInt(x);
-  const V p = Exp2FractionOf<kForBf16>(d, hn::Sub(x, hn::ConvertTo(d, n)));
-  return hn::BitCast(d, hn::Add(hn::BitCast(di, p), hn::ShiftLeft<23>(n)));
+  // n = round(x) by the adder: x + 1.5 * 2^23 falls where the float ulp is
+  // 1, so the sum is rounded to an integer as NearestInt rounds (to nearest
+  // even), and its low mantissa bits are n in two's complement. Shifted
+  // into the exponent they give 2^n (the shift drops the bits of 1.5 *
+  // 2^23); the same bits as converting x to int and back, in two
+  // additions instead of two conversions and an overflow fix.
+  const V shifter = hn::Set(d, 12582912.0f);
+  const V shifted = hn::Add(x, shifter);
+  const V p = Exp2FractionOf<kForBf16>(d, hn::Sub(x, hn::Sub(shifted, shifter)));
+  return hn::BitCast(d, hn::Add(hn::BitCast(di, p), hn::ShiftLeft<23>(hn::BitCast(di, shifted))));
 }
 
 // Stores p (finite, non-negative) as bf16, rounded to nearest even.
