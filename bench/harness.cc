@@ -59,6 +59,17 @@ void fill_uniform(std::span<float> values, std::uint64_t seed) {
   }
 }
 
+Halves to_halves(std::span<const float> values, DType dtype) {
+  if (dtype != DType::kBF16 && dtype != DType::kF16) {
+    throw std::invalid_argument("to_halves: bf16 or f16 only");
+  }
+  Halves halves(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    halves[i] = dtype == DType::kBF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+  }
+  return halves;
+}
+
 double rel_l2(std::span<const float> ours, std::span<const float> reference) {
   double diff = 0, norm = 0;
   for (std::size_t i = 0; i < ours.size(); ++i) {

@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "lookback/dtype.hpp"
+
 namespace lookback::bench {
 
 struct Timing {
@@ -51,6 +53,13 @@ struct InputAllocator {
 };
 
 using Floats = std::vector<float, InputAllocator<float>>;
+
+// Arrays of 16-bit floats (bf16 or f16 bits) in the same memory.
+using Halves = std::vector<std::uint16_t, InputAllocator<std::uint16_t>>;
+
+// The values rounded to `dtype` (bf16 or f16, to nearest even), as a model
+// that keeps its tensors in that dtype hands them to the kernels.
+Halves to_halves(std::span<const float> values, DType dtype);
 
 // Uniform values in [-1, 1) from splitmix64: the values do not change the
 // work done, and a cheap generator keeps filling 64k-token caches quick.

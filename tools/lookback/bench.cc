@@ -170,8 +170,9 @@ void add_bench_command(CLI::App& app, Runner& runner) {
       "correct core, measured; decode: a plain C++ loop), then lookback,\n"
       "then the ceilings again (the higher of the two measurements counts).\n"
       "Prefill: batch 1, 32 heads, head_dim 128, n = 512..16384, in useful GFLOP/s. Decode: 32\n"
-      "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. Inputs and outputs sit in memory as\n"
-      "`lookback attend` reads .npy files (64-byte aligned, huge-page advised). Progress goes\n"
+      "heads, 8 kv heads, contexts 1k..64k, in KV GB/s. bf16 and f16 prefill take Q, K and V\n"
+      "in that dtype (the f32 inputs rounded), as a model that keeps its tensors in it passes\n"
+      "them. Inputs and outputs sit in 64-byte aligned, huge-page advised memory. Progress goes\n"
       "to stderr; times are medians after a warm-up. --quick runs in under a minute, the full\n"
       "suite in under ten.");
   command->add_option("--suite", o->suite, "prefill, decode or all (default)")
