@@ -59,15 +59,17 @@ void fill_uniform(std::span<float> values, std::uint64_t seed) {
   }
 }
 
-Halves to_halves(std::span<const float> values, DType dtype) {
-  if (dtype != DType::kBF16 && dtype != DType::kF16) {
-    throw std::invalid_argument("to_halves: bf16 or f16 only");
+TensorView storage_input(std::span<const float> values, DType storage, Halves& halves,
+                         std::initializer_list<std::int64_t> shape, std::string_view name) {
+  if (storage != DType::kBF16 && storage != DType::kF16) {
+    halves.clear();
+    return make_view(values.data(), DType::kF32, shape, name);
   }
-  Halves halves(values.size());
+  halves.resize(values.size());
   for (std::size_t i = 0; i < values.size(); ++i) {
-    halves[i] = dtype == DType::kBF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+    halves[i] = storage == DType::kBF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
   }
-  return halves;
+  return make_view(halves.data(), storage, shape, name);
 }
 
 double rel_l2(std::span<const float> ours, std::span<const float> reference) {

@@ -6,12 +6,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "lookback/dtype.hpp"
+#include "lookback/tensor.hpp"
 
 namespace lookback::bench {
 
@@ -57,9 +59,12 @@ using Floats = std::vector<float, InputAllocator<float>>;
 // Arrays of 16-bit floats (bf16 or f16 bits) in the same memory.
 using Halves = std::vector<std::uint16_t, InputAllocator<std::uint16_t>>;
 
-// The values rounded to `dtype` (bf16 or f16, to nearest even), as a model
-// that keeps its tensors in that dtype hands them to the kernels.
-Halves to_halves(std::span<const float> values, DType dtype);
+// An input as the kernels get it under `storage`: for bf16 and f16 the
+// values rounded to that dtype (to nearest even) into `halves`, as a model
+// that keeps its tensors in it passes them; for any other storage the f32
+// values themselves. The view reads `values` or `halves`, which must outlive it.
+TensorView storage_input(std::span<const float> values, DType storage, Halves& halves,
+                         std::initializer_list<std::int64_t> shape, std::string_view name);
 
 // Uniform values in [-1, 1) from splitmix64: the values do not change the
 // work done, and a cheap generator keeps filling 64k-token caches quick.

@@ -127,20 +127,13 @@ int main(int argc, char** argv) {
       for (float& x : q) x = normal(rng);
       for (float& x : k) x = normal(rng);
       for (float& x : v) x = normal(rng);
-      // bf16 and f16 storage get their inputs in that dtype, as a model that
-      // keeps its tensors in it passes them (the same rounded values).
-      const bool halves = options.storage == DType::kBF16 || options.storage == DType::kF16;
-      const bench::Halves q16 = halves ? bench::to_halves(q, options.storage) : bench::Halves{};
-      const bench::Halves k16 = halves ? bench::to_halves(k, options.storage) : bench::Halves{};
-      const bench::Halves v16 = halves ? bench::to_halves(v, options.storage) : bench::Halves{};
-      const DType input = halves ? options.storage : DType::kF32;
+      bench::Halves q16, k16, v16;  // bf16 or f16 inputs (bench::storage_input)
+      const DType storage = options.storage;
+      const std::int64_t heads = options.heads, kv_heads = options.kv_heads, dim = options.dim;
       AttentionParams params;
-      params.q = make_view(halves ? static_cast<const void*>(q16.data()) : q.data(), input,
-                           {1, n, options.heads, options.dim}, "q");
-      params.k = make_view(halves ? static_cast<const void*>(k16.data()) : k.data(), input,
-                           {1, n, options.kv_heads, options.dim}, "k");
-      params.v = make_view(halves ? static_cast<const void*>(v16.data()) : v.data(), input,
-                           {1, n, options.kv_heads, options.dim}, "v");
+      params.q = bench::storage_input(q, storage, q16, {1, n, heads, dim}, "q");
+      params.k = bench::storage_input(k, storage, k16, {1, n, kv_heads, dim}, "k");
+      params.v = bench::storage_input(v, storage, v16, {1, n, kv_heads, dim}, "v");
       params.out = make_mutable_view(out.data(), DType::kF32, {1, n, options.heads, options.dim}, "out");
       params.storage = options.storage;
       const double useful = 4.0 * static_cast<double>(options.heads * options.dim) *

@@ -101,7 +101,7 @@ HWY_INLINE void LoadRoundedRow(const TensorView& view, std::int64_t base, std::i
 // blocks of kSide rows (in registers where the target has a transpose):
 // the rows of a head sit a whole token apart (often a multiple of 4 KiB),
 // so reading one dim of 64 rows at a time would put all 64 lines in one
-// set of the L1 cache; a block reads kSide lines at a time, each whole.
+// set of the L1 cache; a block touches only kSide rows at a time.
 HWY_INLINE void TransposeKeys(const float* const* rows, std::int64_t count, std::int64_t dim, float* out) {
 #if LOOKBACK_TRANSPOSE_16X16
   constexpr std::int64_t kSide = 16;

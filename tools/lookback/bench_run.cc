@@ -165,25 +165,16 @@ class CaseRunner {
       const Inputs in = prefill_inputs(plan_, n);
       bench::Floats out(in.q.size());
       const std::int64_t kv_heads = plan_.prefill_kv_heads;
+      bench::Halves q16, k16, v16;  // bf16 or f16 inputs (bench::storage_input)
       AttentionParams params;
       params.out = make_mutable_view(out.data(), DType::kF32, {1, n, plan_.heads, plan_.dim}, "out");
       report_.cases.push_back(baselines_.prefill[n]);
       for (DType storage : plan_.storages) {
         step(fmt::format("prefill n={} {} lookback", n, dtype_name(storage)));
         params.storage = storage;
-        // bf16 and f16 storage get their inputs in that dtype, as a model
-        // that keeps its tensors in it passes them (the same rounded values).
-        const bool halves = storage == DType::kBF16 || storage == DType::kF16;
-        const bench::Halves q16 = halves ? bench::to_halves(in.q, storage) : bench::Halves{};
-        const bench::Halves k16 = halves ? bench::to_halves(in.k, storage) : bench::Halves{};
-        const bench::Halves v16 = halves ? bench::to_halves(in.v, storage) : bench::Halves{};
-        const DType input = halves ? storage : DType::kF32;
-        params.q = make_view(halves ? static_cast<const void*>(q16.data()) : in.q.data(), input,
-                             {1, n, plan_.heads, plan_.dim}, "q");
-        params.k = make_view(halves ? static_cast<const void*>(k16.data()) : in.k.data(), input,
-                             {1, n, kv_heads, plan_.dim}, "k");
-        params.v = make_view(halves ? static_cast<const void*>(v16.data()) : in.v.data(), input,
-                             {1, n, kv_heads, plan_.dim}, "v");
+        params.q = bench::storage_input(in.q, storage, q16, {1, n, plan_.heads, plan_.dim}, "q");
+        params.k = bench::storage_input(in.k, storage, k16, {1, n, kv_heads, plan_.dim}, "k");
+        params.v = bench::storage_input(in.v, storage, v16, {1, n, kv_heads, plan_.dim}, "v");
         BenchCase c = ours("prefill", n, storage, [&] { attend(params, context_); });
         c.work = prefill_flops(plan_, n);
         c.ceiling = storage != DType::kBF16   ? "fma"
