@@ -48,7 +48,9 @@ test-asan: deps
 	@cd $(ASAN_BUILD) && ctest --output-on-failure -j $(JOBS)
 
 # The CLI, benchmarks and examples are left out: ThreadSanitizer is about the
-# library's threads (the context, the kernels, the caches).
+# library's threads (the context, the kernels, the caches), which every SIMD
+# target shares, so the kernels are built for this CPU's best target alone
+# (CMakeLists.txt); the other targets run under ASan+UBSan.
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLOOKBACK_TSAN=ON \
 	  -DLOOKBACK_BUILD_TOOLS=OFF -DLOOKBACK_BUILD_BENCH=OFF -DLOOKBACK_BUILD_EXAMPLES=OFF > /dev/null
