@@ -65,14 +65,26 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
 }
 
+// Whether P V prefetches the next tile's K and V rows into L2, so that the
+// memory is not idle while it runs. On an AVX2-only EPYC (Zen 1) this takes
+// a fifth to a third off f32 decode at 16k and 64k; there bf16 and 8-bit decode are
+// bound by arithmetic, and the prefetches only cost instructions. On an
+// AVX-512 Xeon it made every dtype 10-18% slower (docs/PERFORMANCE.md).
+template <typename T>
+inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 &&
+                                          std::is_same_v<T, float>;
+
 // acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
 // share the key range [begin, end): each V row is loaded (and converted from
-// the storage dtype) once for all of them.
+// the storage dtype) once for all of them. With kPrefetchNextTile, the
+// next tile's K and V rows (next_k[j], v_rows[kKeyTile + j] for j <
+// next_count) are prefetched along the way, at element e in pass e.
 template <typename T, std::size_t kRows>
 HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
                                const float* HWY_RESTRICT alpha, const float* HWY_RESTRICT p,
                                std::size_t p_stride, const T* const* HWY_RESTRICT v_rows,
-                               std::int64_t begin, std::int64_t end, std::size_t dim) {
+                               std::int64_t begin, std::int64_t end, std::size_t dim,
+                               const T* const* HWY_RESTRICT next_k, std::int64_t next_count) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::size_t lanes = hn::Lanes(d);
@@ -85,6 +97,12 @@ HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
       a[r][1] = hn::Mul(hn::Load(d, acc + r * acc_stride + e + lanes), scale);
     }
     for (std::int64_t j = begin; j < end; ++j) {
+      if constexpr (kPrefetchNextTile<T>) {
+        if (j < next_count) {
+          __builtin_prefetch(next_k[j] + e, 0, 2);  // into L2
+          __builtin_prefetch(v_rows[kKeyTile + j] + e, 0, 2);
+        }
+      }
       const V v0 = LoadAsFloat(d, v_rows[j], e);
       const V v1 = LoadAsFloat(d, v_rows[j], e + lanes);
       for (std::size_t r = 0; r < kRows; ++r) {
@@ -138,7 +156,8 @@ struct DecodeFrame {
 };
 
 // One key tile [begin, end) and the rows gathered for it: keys begin ..
-// table_end (the tile and up to `ahead` keys past it, for prefetching).
+// table_end (the tile and up to `ahead` keys past it for prefetching, or the
+// whole next tile with kPrefetchNextTile).
 struct DecodeTile {
   std::int64_t begin = 0, end = 0, table_end = 0;
 };
@@ -453,9 +472,13 @@ void ScaleProbabilitiesByV(const DecodeFrame& f) {
 // O = alpha O + P V: rows that share a key range (the heads of a token) four
 // at a time, so each V row is converted once for them.
 template <typename T>
-void Accumulate(const DecodeFrame& f) {
+void Accumulate(const DecodeFrame& f, const DecodeTile& tile) {
   const auto dim = static_cast<std::size_t>(f.padded);
   const auto* v_rows = reinterpret_cast<const T* const*>(f.v_rows);
+  // The table holds the next tile's rows from index kKeyTile on, when this
+  // tile is full and there is one.
+  const auto* next_k = reinterpret_cast<const T* const*>(f.k_rows) + kKeyTile;
+  const std::int64_t next_count = tile.end - tile.begin == kKeyTile ? tile.table_end - tile.end : 0;
   for (std::int64_t row = 0; row < f.rows;) {
     const LocalRange range = f.ranges[row];
     std::int64_t same = 1;
@@ -468,10 +491,10 @@ void Accumulate(const DecodeFrame& f) {
       const float* p = f.probs + row * kKeyTile;
       const float* alpha = f.alpha + row;
       switch (same) {
-        case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-        case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-        case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
-        default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim); break;
+        case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
+        case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
+        case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
+        default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
       }
     }
     row += same;
@@ -503,13 +526,14 @@ void DecodeTyped(const DecodeFrame& f) {
   std::int64_t run = 0;
   for (std::int64_t begin = keys.begin; begin < keys.end; begin += kKeyTile) {
     const std::int64_t end = std::min(keys.end, begin + kKeyTile);
-    const DecodeTile tile{begin, end, std::min(keys.end, end + ahead)};
+    const std::int64_t table = kPrefetchNextTile<T> ? kKeyTile : ahead;
+    const DecodeTile tile{begin, end, std::min(keys.end, end + table)};
     GatherRows<T>(f, tile, run);
     const LocalRange all = SetRanges(f, tile);
     Scores<T>(f, tile, all, ahead, row_bytes);
     Softmax(f, tile);
     if constexpr (kIsCode<T>) ScaleProbabilitiesByV(f);
-    Accumulate<T>(f);
+    Accumulate<T>(f, tile);
   }
   WriteOutputs(f);
 }
@@ -565,7 +589,8 @@ DecodePlan plan_decode(const DecodeParams& params) {
   plan.bf16_dots = use_bf16_decode_dots(params.storage);
   const auto rows = static_cast<std::size_t>(params.tokens * (params.heads / params.kv_heads));
   const auto dim = static_cast<std::size_t>(params.padded_dim);
-  const auto table = static_cast<std::size_t>(kKeyTile + kMaxPrefetchKeys);
+  static_assert(kMaxPrefetchKeys <= kKeyTile);
+  const auto table = static_cast<std::size_t>(2 * kKeyTile);  // up to the whole next tile
   DecodeScratchLayout& s = plan.scratch;
   s.bf16_stride = (params.padded_dim + 31) / 32 * 32;
   ScratchLayout layout;

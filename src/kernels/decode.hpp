@@ -74,10 +74,10 @@ struct DecodeScratchLayout {
   ScratchRegion<float> k_row;          // (padded_dim): one key row converted to f32 (f16/bf16)
   ScratchRegion<OnlineSoftmaxState> state;  // (rows)
   ScratchRegion<LocalRange> ranges;         // (rows)
-  ScratchRegion<const void*> k_rows;   // (kKeyTile + kMaxPrefetchKeys): the tile's rows and those ahead
-  ScratchRegion<const void*> v_rows;   // (kKeyTile + kMaxPrefetchKeys)
-  ScratchRegion<float> k_scales;       // (kKeyTile + kMaxPrefetchKeys): the tile's K scales (8-bit)
-  ScratchRegion<float> v_scales;       // (kKeyTile + kMaxPrefetchKeys): the tile's V scales (8-bit)
+  ScratchRegion<const void*> k_rows;   // (2 kKeyTile): the tile's rows and those ahead (up to the next tile)
+  ScratchRegion<const void*> v_rows;   // (2 kKeyTile)
+  ScratchRegion<float> k_scales;       // (2 kKeyTile): the tile's K scales (8-bit)
+  ScratchRegion<float> v_scales;       // (2 kKeyTile): the tile's V scales (8-bit)
   std::int64_t bf16_stride = 0;        // padded_dim rounded up to one VDPBF16PS vector (32)
   std::size_t bytes = 0;
 };
