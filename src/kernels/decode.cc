@@ -67,9 +67,9 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
 
 // Whether P V prefetches the next tile's K and V rows into L2, so that the
 // memory is not idle while it runs. On an AVX2-only EPYC (Zen 1) this takes
-// a fifth to a third off f32 decode at 16k and 64k; there bf16 and 8-bit decode are
-// bound by arithmetic, and the prefetches only cost instructions. On an
-// AVX-512 Xeon it made every dtype 10-18% slower (docs/PERFORMANCE.md).
+// 16-23% off f32 decode at 64k; there bf16 and 8-bit decode are bound by
+// arithmetic, and the prefetches only cost instructions. On an AVX-512 Xeon
+// it made every dtype 10-18% slower (docs/PERFORMANCE.md).
 template <typename T>
 inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 &&
                                           std::is_same_v<T, float>;
@@ -77,14 +77,14 @@ inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2
 // acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
 // share the key range [begin, end): each V row is loaded (and converted from
 // the storage dtype) once for all of them. With kPrefetchNextTile, the
-// next tile's K and V rows (next_k[j], v_rows[kKeyTile + j] for j <
-// next_count) are prefetched along the way, at element e in pass e.
+// next tile's K and V rows (k_rows[kKeyTile + j], v_rows[kKeyTile + j] for
+// j < next_count) are prefetched along the way, at element e in pass e.
 template <typename T, std::size_t kRows>
 HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
                                const float* HWY_RESTRICT alpha, const float* HWY_RESTRICT p,
-                               std::size_t p_stride, const T* const* HWY_RESTRICT v_rows,
-                               std::int64_t begin, std::int64_t end, std::size_t dim,
-                               const T* const* HWY_RESTRICT next_k, std::int64_t next_count) {
+                               std::size_t p_stride, const T* const* HWY_RESTRICT k_rows,
+                               const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
+                               std::int64_t end, std::size_t dim, std::int64_t next_count) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::size_t lanes = hn::Lanes(d);
@@ -99,7 +99,7 @@ HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
     for (std::int64_t j = begin; j < end; ++j) {
       if constexpr (kPrefetchNextTile<T>) {
         if (j < next_count) {
-          __builtin_prefetch(next_k[j] + e, 0, 2);  // into L2
+          __builtin_prefetch(k_rows[kKeyTile + j] + e, 0, 2);  // into L2
           __builtin_prefetch(v_rows[kKeyTile + j] + e, 0, 2);
         }
       }
@@ -474,10 +474,10 @@ void ScaleProbabilitiesByV(const DecodeFrame& f) {
 template <typename T>
 void Accumulate(const DecodeFrame& f, const DecodeTile& tile) {
   const auto dim = static_cast<std::size_t>(f.padded);
+  const auto* k_rows = reinterpret_cast<const T* const*>(f.k_rows);
   const auto* v_rows = reinterpret_cast<const T* const*>(f.v_rows);
-  // The table holds the next tile's rows from index kKeyTile on, when this
+  // The tables hold the next tile's rows from index kKeyTile on, when this
   // tile is full and there is one.
-  const auto* next_k = reinterpret_cast<const T* const*>(f.k_rows) + kKeyTile;
   const std::int64_t next_count = tile.end - tile.begin == kKeyTile ? tile.table_end - tile.end : 0;
   for (std::int64_t row = 0; row < f.rows;) {
     const LocalRange range = f.ranges[row];
@@ -490,11 +490,15 @@ void Accumulate(const DecodeFrame& f, const DecodeTile& tile) {
       float* acc = f.acc + row * f.padded;
       const float* p = f.probs + row * kKeyTile;
       const float* alpha = f.alpha + row;
+      const auto rows = [&]<std::size_t kRows>() {
+        AccumulateRows<T, kRows>(acc, dim, alpha, p, kKeyTile, k_rows, v_rows, range.begin,
+                                 range.end, dim, next_count);
+      };
       switch (same) {
-        case 4: AccumulateRows<T, 4>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
-        case 3: AccumulateRows<T, 3>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
-        case 2: AccumulateRows<T, 2>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
-        default: AccumulateRows<T, 1>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin, range.end, dim, next_k, next_count); break;
+        case 4: rows.template operator()<4>(); break;
+        case 3: rows.template operator()<3>(); break;
+        case 2: rows.template operator()<2>(); break;
+        default: rows.template operator()<1>(); break;
       }
     }
     row += same;
@@ -520,14 +524,16 @@ void DecodeTyped(const DecodeFrame& f) {
   LoadQueries(f);
   const std::int64_t row_bytes = f.padded * static_cast<std::int64_t>(sizeof(T));
   const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys);
+  // Rows gathered past each tile: those the scores prefetch, or the whole
+  // next tile for P V's prefetches.
+  const std::int64_t past = kPrefetchNextTile<T> ? kKeyTile : ahead;
   KeyRange keys = f.mask.key_range_of_rows(0, f.params.tokens);
   keys.begin = std::max(keys.begin, f.params.keys.begin);
   keys.end = std::min(keys.end, f.params.keys.end);
   std::int64_t run = 0;
   for (std::int64_t begin = keys.begin; begin < keys.end; begin += kKeyTile) {
     const std::int64_t end = std::min(keys.end, begin + kKeyTile);
-    const std::int64_t table = kPrefetchNextTile<T> ? kKeyTile : ahead;
-    const DecodeTile tile{begin, end, std::min(keys.end, end + table)};
+    const DecodeTile tile{begin, end, std::min(keys.end, end + past)};
     GatherRows<T>(f, tile, run);
     const LocalRange all = SetRanges(f, tile);
     Scores<T>(f, tile, all, ahead, row_bytes);
