@@ -222,14 +222,14 @@ void LoadQueries(const DecodeFrame& f, bool even_odd) {
       std::uint16_t* q_bf16 = f.q_bf16 + row * bf16_stride;
       for (std::int64_t e = 0; e < bf16_stride; ++e) q_bf16[e] = e < f.padded ? f32_to_bf16(q[e]) : 0;
     } else {
+      // In the even/odd order, the row is scaled into k_row (free until the
+      // key tiles start), then reordered into q.
       float* q_row = f.q + row * f.padded;
+      float* scaled = even_odd ? f.k_row : q_row;
       for (std::int64_t e = 0; e < f.padded; ++e) {
-        q_row[e] = round_to_storage(q[e], params.storage) * params.scale;
+        scaled[e] = round_to_storage(q[e], params.storage) * params.scale;
       }
-      if (even_odd) {
-        std::copy(q_row, q_row + f.padded, f.k_row);
-        ToEvenOdd(f.k_row, q_row, f.padded);
-      }
+      if (even_odd) ToEvenOdd(scaled, q_row, f.padded);
     }
     std::fill(f.acc + row * f.padded, f.acc + (row + 1) * f.padded, 0.0f);
     f.state[row] = OnlineSoftmaxState{};

@@ -70,21 +70,26 @@ std::vector<ModeCase> cases() {
     c.options.splits = 4;
     all.push_back(c);
   }
-  // bf16 and f16 storage through every cache path.
-  for (DType storage : {DType::kBF16, DType::kF16}) {
-    for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
-      ModeCase c;
-      c.spec.seqlen_q = 40;
-      c.spec.seqlen_k = 100;
-      c.spec.head_dim = 64;
-      c.spec.heads = 4;
-      c.spec.kv_heads = 2;
-      c.spec.storage = storage;
-      c.options.mode = mode;
-      c.options.chunk = 7;
-      c.options.block_size = 16;
-      c.options.splits = 3;
-      all.push_back(c);
+  // bf16 and f16 storage through every cache path, at a head dim of whole
+  // 16-dim groups and at one padded to them (AVX2 decode reads bf16 rows in
+  // pairs of dims, 16 at a time).
+  const Shape storage_shapes[] = {{40, 100, 64, 4, 2}, {7, 239, 111, 8, 2}};
+  for (const Shape& s : storage_shapes) {
+    for (DType storage : {DType::kBF16, DType::kF16}) {
+      for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
+        ModeCase c;
+        c.spec.seqlen_q = s.seqlen_q;
+        c.spec.seqlen_k = s.seqlen_k;
+        c.spec.head_dim = s.head_dim;
+        c.spec.heads = s.heads;
+        c.spec.kv_heads = s.kv_heads;
+        c.spec.storage = storage;
+        c.options.mode = mode;
+        c.options.chunk = 7;
+        c.options.block_size = 16;
+        c.options.splits = 3;
+        all.push_back(c);
+      }
     }
   }
   return all;
