@@ -368,24 +368,8 @@ HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size
   const hn::ScalableTag<float> d;
   __m256 acc[8];
   for (auto& a : acc) a = _mm256_setzero_ps();
-  if constexpr (kEvenOdd<T>) {
-    for (std::size_t e = 0; e < dim; e += kEvenOddDims) {
-      hn::Vec<decltype(d)> k0[2], k1[2];
-      LoadEvenOdd(d, k[0], e, k0[0], k0[1]);
-      LoadEvenOdd(d, k[1], e, k1[0], k1[1]);
-      for (std::size_t half = 0; half < 2; ++half) {
-        for (int r = 0; r < 4; ++r) {
-          __m256 qv = _mm256_loadu_ps(q[r] + e + 8 * half);
-          asm("" : "+x"(qv));  // as below
-          acc[2 * r] = _mm256_fmadd_ps(qv, k0[half].raw, acc[2 * r]);
-          acc[2 * r + 1] = _mm256_fmadd_ps(qv, k1[half].raw, acc[2 * r + 1]);
-        }
-      }
-    }
-    return SumsOf8(acc);
-  }
-  for (std::size_t e = 0; e < dim; e += 8) {
-    const __m256 k0 = LoadAsFloat(d, k[0], e).raw, k1 = LoadAsFloat(d, k[1], e).raw;
+  // The four rows' dims e .. e + 7 against the two keys' vectors.
+  const auto accumulate = [&](std::size_t e, __m256 k0, __m256 k1) HWY_ATTR {
     for (int r = 0; r < 4; ++r) {
       // In a register: GCC would otherwise fold the load into both FMAs,
       // loading each Q vector twice (ten loads per eight FMAs; on a core
@@ -395,6 +379,19 @@ HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size
       asm("" : "+x"(qv));
       acc[2 * r] = _mm256_fmadd_ps(qv, k0, acc[2 * r]);
       acc[2 * r + 1] = _mm256_fmadd_ps(qv, k1, acc[2 * r + 1]);
+    }
+  };
+  if constexpr (kEvenOdd<T>) {
+    for (std::size_t e = 0; e < dim; e += kEvenOddDims) {
+      hn::Vec<decltype(d)> k0[2], k1[2];
+      LoadEvenOdd(d, k[0], e, k0[0], k0[1]);
+      LoadEvenOdd(d, k[1], e, k1[0], k1[1]);
+      accumulate(e, k0[0].raw, k1[0].raw);      // the even dims
+      accumulate(e + 8, k0[1].raw, k1[1].raw);  // the odd ones
+    }
+  } else {
+    for (std::size_t e = 0; e < dim; e += 8) {
+      accumulate(e, LoadAsFloat(d, k[0], e).raw, LoadAsFloat(d, k[1], e).raw);
     }
   }
   return SumsOf8(acc);
@@ -586,11 +583,11 @@ void WriteOutputs(const DecodeFrame& f, bool even_odd) {
     const float normalizer = f.state[row].normalizer();
     float* out = params.out + (token * params.heads + head) * f.padded;
     float* acc = f.acc + row * f.padded;
-    for (std::int64_t e = 0; e < f.padded; ++e) acc[e] *= normalizer;
     if (even_odd) {
+      for (std::int64_t e = 0; e < f.padded; ++e) acc[e] *= normalizer;
       FromEvenOdd(acc, out, f.padded);
     } else {
-      std::copy(acc, acc + f.padded, out);
+      for (std::int64_t e = 0; e < f.padded; ++e) out[e] = acc[e] * normalizer;
     }
     params.lse[head * params.tokens + token] = f.state[row].lse();
   }

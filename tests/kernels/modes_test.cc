@@ -33,16 +33,20 @@ std::vector<ModeCase> cases() {
                           {128, 217, 64, 8, 2}, {239, 239, 80, 2, 2}, {1, 1024, 96, 8, 1},
                           {33, 300, 111, 4, 4}, {20, 20, 128, 4, 2},  {5, 90, 256, 2, 1}};
   const std::optional<std::int64_t> windows[] = {std::nullopt, 0, 37, 64};
+  const auto with_shape = [](const Shape& s) {
+    ModeCase c;
+    c.spec.seqlen_q = s.seqlen_q;
+    c.spec.seqlen_k = s.seqlen_k;
+    c.spec.head_dim = s.head_dim;
+    c.spec.heads = s.heads;
+    c.spec.kv_heads = s.kv_heads;
+    return c;
+  };
   std::vector<ModeCase> all;
   int n = 0;
   for (const Shape& s : shapes) {
     for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
-      ModeCase c;
-      c.spec.seqlen_q = s.seqlen_q;
-      c.spec.seqlen_k = s.seqlen_k;
-      c.spec.head_dim = s.head_dim;
-      c.spec.heads = s.heads;
-      c.spec.kv_heads = s.kv_heads;
+      ModeCase c = with_shape(s);
       c.spec.mask.window_left = windows[n % 4];
       c.spec.softcap = n % 3 == 1 ? 4.0f : 0.0f;
       c.spec.alibi = n % 5 == 2;
@@ -77,12 +81,7 @@ std::vector<ModeCase> cases() {
   for (const Shape& s : storage_shapes) {
     for (DType storage : {DType::kBF16, DType::kF16}) {
       for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
-        ModeCase c;
-        c.spec.seqlen_q = s.seqlen_q;
-        c.spec.seqlen_k = s.seqlen_k;
-        c.spec.head_dim = s.head_dim;
-        c.spec.heads = s.heads;
-        c.spec.kv_heads = s.kv_heads;
+        ModeCase c = with_shape(s);
         c.spec.storage = storage;
         c.options.mode = mode;
         c.options.chunk = 7;
