@@ -118,5 +118,10 @@ inline std::uint16_t f32_to_f16(float value) noexcept {
 double load_as_double(const void* data, DType dtype, std::int64_t index) noexcept;
 // Reads element `index` as float (f64 is rounded).
 float load_as_float(const void* data, DType dtype, std::int64_t index) noexcept;
+// Reads `count` elements as float into `out`: elements index, index + stride,
+// ... (in elements). One dispatch on the dtype for the whole run, and a plain
+// copy for contiguous f32: the way to read a row of a view.
+void load_as_floats(const void* data, DType dtype, std::int64_t index, std::int64_t stride,
+                    std::int64_t count, float* out) noexcept;
 
 }  // namespace lookback

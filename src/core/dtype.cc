@@ -1,6 +1,7 @@
 #include "lookback/dtype.hpp"
 
 #include <bit>
+#include <cstring>
 #include <cmath>
 #include <string>
 
@@ -67,6 +68,40 @@ double load_as_double(const void* data, DType dtype, std::int64_t index) noexcep
 
 float load_as_float(const void* data, DType dtype, std::int64_t index) noexcept {
   return static_cast<float>(load_as_double(data, dtype, index));
+}
+
+namespace {
+
+template <typename T, typename Convert>
+void load_run(const void* data, std::int64_t index, std::int64_t stride, std::int64_t count,
+              float* out, Convert convert) noexcept {
+  const T* in = static_cast<const T*>(data) + index;
+  for (std::int64_t i = 0; i < count; ++i) out[i] = convert(in[i * stride]);
+}
+
+}  // namespace
+
+void load_as_floats(const void* data, DType dtype, std::int64_t index, std::int64_t stride,
+                    std::int64_t count, float* out) noexcept {
+  if (count <= 0) return;
+  switch (dtype) {
+    case DType::kF32:
+      if (stride == 1) {
+        std::memcpy(out, static_cast<const float*>(data) + index,
+                    static_cast<std::size_t>(count) * sizeof(float));
+        return;
+      }
+      return load_run<float>(data, index, stride, count, out, [](float x) { return x; });
+    case DType::kF16:
+      return load_run<std::uint16_t>(data, index, stride, count, out,
+                                     [](std::uint16_t x) { return f16_to_f32(x); });
+    case DType::kBF16:
+      return load_run<std::uint16_t>(data, index, stride, count, out,
+                                     [](std::uint16_t x) { return bf16_to_f32(x); });
+    default:
+      for (std::int64_t i = 0; i < count; ++i) out[i] = load_as_float(data, dtype, index + i * stride);
+      return;
+  }
 }
 
 }  // namespace lookback

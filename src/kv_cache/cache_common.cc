@@ -155,11 +155,8 @@ void store_tokens(const CacheConfig& config, const TensorView& source, std::int6
   const auto element = static_cast<std::int64_t>(dtype_size(config.storage));
   for (std::int64_t t = begin; t < end; ++t) {
     for (std::int64_t h = 0; h < config.kv_heads; ++h) {
-      const std::int64_t base = source.offset(t, h, 0);
-      for (std::int64_t e = 0; e < config.head_dim; ++e) {
-        row[static_cast<std::size_t>(h * padded + e)] =
-            load_as_float(source.data, source.dtype, base + e * source.strides[2]);
-      }
+      load_as_floats(source.data, source.dtype, source.offset(t, h, 0), source.strides[2],
+                     config.head_dim, row.data() + h * padded);
     }
     if (rotate && config.rope) {
       // One token, kv_heads heads; padded layout: rotate each head's first head_dim.

@@ -148,10 +148,12 @@ std::vector<float> prepare_queries(const CacheConfig& config, const DecodeStep& 
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t h = 0; h < heads; ++h) {
       float* row = q.data() + (t * heads + h) * padded;
-      const std::int64_t base = step.q.offset(t, h, 0);
-      for (std::int64_t e = 0; e < config.head_dim; ++e) {
-        row[e] = kernels::round_to_storage(
-            load_as_float(step.q.data, step.q.dtype, base + e * step.q.strides[2]), config.storage);
+      load_as_floats(step.q.data, step.q.dtype, step.q.offset(t, h, 0), step.q.strides[2],
+                     config.head_dim, row);
+      if (config.storage != DType::kF32) {
+        for (std::int64_t e = 0; e < config.head_dim; ++e) {
+          row[e] = kernels::round_to_storage(row[e], config.storage);
+        }
       }
       if (!config.rope) continue;
       apply_rope(row, 1, 1, config.head_dim, length - tokens + t, *config.rope);

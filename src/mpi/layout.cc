@@ -42,10 +42,9 @@ std::vector<float> gather_local_rows(const TensorView& full, const ZigzagLayout&
     for (const KeyRange& chunk : layout.rank_chunks(rank)) {
       for (std::int64_t i = chunk.begin; i < chunk.end; ++i) {
         for (std::int64_t h = 0; h < heads; ++h) {
-          const std::int64_t base = full.offset(b, i, h, 0);
-          for (std::int64_t e = 0; e < dim; ++e) {
-            local[index++] = load_as_float(full.data, full.dtype, base + e * full.strides[3]);
-          }
+          load_as_floats(full.data, full.dtype, full.offset(b, i, h, 0), full.strides[3], dim,
+                         local.data() + index);
+          index += static_cast<std::size_t>(dim);
         }
       }
     }

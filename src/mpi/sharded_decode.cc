@@ -173,11 +173,9 @@ std::vector<float> broadcast_queries(const TensorView& q, const StepShape& shape
     std::int64_t index = 0;
     for (std::int64_t t = 0; t < shape.tokens; ++t) {
       for (std::int64_t h = 0; h < shape.heads; ++h) {
-        const std::int64_t base = q.offset(t, h, 0);
-        for (std::int64_t e = 0; e < shape.dim; ++e) {
-          queries[static_cast<std::size_t>(index++)] =
-              load_as_float(q.data, q.dtype, base + e * q.strides[2]);
-        }
+        load_as_floats(q.data, q.dtype, q.offset(t, h, 0), q.strides[2], shape.dim,
+                       queries.data() + index);
+        index += shape.dim;
       }
     }
   }
