@@ -108,29 +108,42 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
 }
 
-// Whether P V prefetches the next tile's K and V rows into L2, so that the
-// memory is not idle while it runs. On an AVX2-only EPYC (Zen 1) this takes
-// 16-23% off f32 decode at 64k; there bf16 and 8-bit decode are bound by
-// arithmetic, and the prefetches only cost instructions. On an AVX-512 Xeon
-// it made every dtype 10-18% slower (docs/PERFORMANCE.md).
+// Whether each tile prefetches the next tile's rows into L2, so that the
+// memory is not idle while it computes: its K during the scores, its V
+// during P V, both in address order (row after row, line after line; the
+// memory streams them at 19-20 GB/s on the Zen 1 EPYC, but at 15 when they
+// are requested a line of every row at a time, as P V reads them). On that
+// CPU this takes 20-30% off f32 decode at 64k; there bf16 and 8-bit decode
+// are bound by arithmetic, and the prefetches only cost instructions. On an
+// AVX-512 Xeon it made every dtype 10-18% slower (docs/PERFORMANCE.md).
 template <typename T>
 inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 &&
                                           std::is_same_v<T, float>;
 
+// Prefetches all lines of `rows` rows into L2.
+HWY_INLINE void PrefetchRowsToL2(const void* const* rows, std::int64_t count, std::int64_t row_bytes) {
+  for (std::int64_t i = 0; i < count; ++i) {
+    const auto* row = static_cast<const char*>(rows[i]);
+    for (std::int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
+  }
+}
+
 // acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
 // share the key range [begin, end): each V row is loaded (and converted from
-// the storage dtype) once for all of them. With kPrefetchNextTile, the
-// next tile's K and V rows (k_rows[kKeyTile + j], v_rows[kKeyTile + j] for
-// j < next_count) are prefetched along the way, at element e in pass e.
+// the storage dtype) once for all of them. With kPrefetchNextTile, the next
+// tile's V rows (v_rows[kKeyTile + i] for i < next_count) are prefetched
+// along the way, one line per key and pass, in address order.
 template <typename T, std::size_t kRows>
 HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
                                const float* HWY_RESTRICT alpha, const float* HWY_RESTRICT p,
-                               std::size_t p_stride, const T* const* HWY_RESTRICT k_rows,
-                               const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
+                               std::size_t p_stride, const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
                                std::int64_t end, std::size_t dim, std::int64_t next_count) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::size_t lanes = hn::Lanes(d);
+  const std::size_t lines_per_row = dim * sizeof(T) / 64;
+  std::int64_t next_row = 0;  // the next V line to prefetch: next_row's line `next_line`
+  std::size_t next_line = 0;
   std::size_t e = 0;
   for (; e + 2 * lanes <= dim; e += 2 * lanes) {
     V a[kRows][2];
@@ -141,9 +154,13 @@ HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
     }
     for (std::int64_t j = begin; j < end; ++j) {
       if constexpr (kPrefetchNextTile<T>) {
-        if (j < next_count) {
-          __builtin_prefetch(k_rows[kKeyTile + j] + e, 0, 2);  // into L2
-          __builtin_prefetch(v_rows[kKeyTile + j] + e, 0, 2);
+        if (next_row < next_count) {
+          const auto* row = reinterpret_cast<const char*>(v_rows[kKeyTile + next_row]);
+          __builtin_prefetch(row + next_line * 64, 0, 2);  // into L2
+          if (++next_line == lines_per_row) {
+            next_line = 0;
+            ++next_row;
+          }
         }
       }
       V v0, v1;
@@ -208,6 +225,10 @@ struct DecodeFrame {
 // whole next tile with kPrefetchNextTile).
 struct DecodeTile {
   std::int64_t begin = 0, end = 0, table_end = 0;
+
+  // With kPrefetchNextTile: the next tile's keys in the tables (from index
+  // kKeyTile on), when this tile is full and there is one.
+  std::int64_t next_count() const { return end - begin == kKeyTile ? table_end - end : 0; }
 };
 
 // Queries are held in the storage dtype, like prefill's: as bf16 for the
@@ -432,6 +453,11 @@ void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all,
   for (std::int64_t j = all.begin; j < all.end; j += kScoreKeys) {
     const std::int64_t keys = std::min<std::int64_t>(kScoreKeys, all.end - j);
     for (std::int64_t c = 0; c < keys; ++c) PrefetchAhead(f, tile, j + c, ahead, row_bytes);
+    if constexpr (kPrefetchNextTile<T>) {
+      // The next tile's K rows at the same places, into L2.
+      PrefetchRowsToL2(f.k_rows + kKeyTile + j,
+                       std::clamp<std::int64_t>(tile.next_count() - j, 0, keys), row_bytes);
+    }
     const T* k[kScoreKeys];
     float key_scales[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     for (std::int64_t c = 0; c < kScoreKeys; ++c) {
@@ -543,11 +569,8 @@ void ScaleProbabilitiesByV(const DecodeFrame& f) {
 template <typename T>
 void Accumulate(const DecodeFrame& f, const DecodeTile& tile) {
   const auto dim = static_cast<std::size_t>(f.padded);
-  const auto* k_rows = reinterpret_cast<const T* const*>(f.k_rows);
   const auto* v_rows = reinterpret_cast<const T* const*>(f.v_rows);
-  // The tables hold the next tile's rows from index kKeyTile on, when this
-  // tile is full and there is one.
-  const std::int64_t next_count = tile.end - tile.begin == kKeyTile ? tile.table_end - tile.end : 0;
+  const std::int64_t next_count = tile.next_count();
   for (std::int64_t row = 0; row < f.rows;) {
     const LocalRange range = f.ranges[row];
     std::int64_t same = 1;
@@ -560,7 +583,7 @@ void Accumulate(const DecodeFrame& f, const DecodeTile& tile) {
       const float* p = f.probs + row * kKeyTile;
       const float* alpha = f.alpha + row;
       const auto rows = [&]<std::size_t kRows>() {
-        AccumulateRows<T, kRows>(acc, dim, alpha, p, kKeyTile, k_rows, v_rows, range.begin,
+        AccumulateRows<T, kRows>(acc, dim, alpha, p, kKeyTile, v_rows, range.begin,
                                  range.end, dim, next_count);
       };
       switch (same) {
@@ -601,7 +624,7 @@ void DecodeTyped(const DecodeFrame& f) {
   const std::int64_t row_bytes = f.padded * static_cast<std::int64_t>(sizeof(T));
   const std::int64_t ahead = std::clamp<std::int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchKeys);
   // Rows gathered past each tile: those the scores prefetch, or the whole
-  // next tile for P V's prefetches.
+  // next tile with kPrefetchNextTile.
   const std::int64_t past = kPrefetchNextTile<T> ? kKeyTile : ahead;
   KeyRange keys = f.mask.key_range_of_rows(0, f.params.tokens);
   keys.begin = std::max(keys.begin, f.params.keys.begin);
