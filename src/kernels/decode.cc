@@ -120,14 +120,6 @@ template <typename T>
 inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 &&
                                           std::is_same_v<T, float>;
 
-// Prefetches all lines of `rows` rows into L2.
-HWY_INLINE void PrefetchRowsToL2(const void* const* rows, std::int64_t count, std::int64_t row_bytes) {
-  for (std::int64_t i = 0; i < count; ++i) {
-    const auto* row = static_cast<const char*>(rows[i]);
-    for (std::int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
-  }
-}
-
 // acc[r] = alpha[r] * acc[r] + sum_j p[r][j] * v_rows[j] for kRows rows that
 // share the key range [begin, end): each V row is loaded (and converted from
 // the storage dtype) once for all of them. With kPrefetchNextTile, the next
@@ -384,8 +376,13 @@ HWY_INLINE __m256 SumsOf8(const __m256* acc) {
   return _mm256_add_ps(_mm256_blend_ps(low, high, 0xF0), crossed);
 }
 
+// With `next` (kPrefetchNextTile), next[c] is the row of the next tile at
+// key c's place, or null: their lines are prefetched into L2 one per step
+// over the dims, in address order, so that the requests spread over the
+// block instead of queueing at its start.
 template <typename T>
-HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size_t dim) {
+HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size_t dim,
+                             const char* const* next = nullptr) {
   const hn::ScalableTag<float> d;
   __m256 acc[8];
   for (auto& a : acc) a = _mm256_setzero_ps();
@@ -409,6 +406,15 @@ HWY_INLINE __m256 ScoreBlock(const float* const* q, const T* const* k, std::size
       LoadEvenOdd(d, k[1], e, k1[0], k1[1]);
       accumulate(e, k0[0].raw, k1[0].raw);      // the even dims
       accumulate(e + 8, k0[1].raw, k1[1].raw);  // the odd ones
+    }
+  } else if (next != nullptr) {
+    // The two rows hold one line per step of 8 floats: row 0's lines in the
+    // first half of the steps, row 1's in the second.
+    const std::size_t lines = dim * sizeof(T) / 64;
+    for (std::size_t e = 0, step = 0; e < dim; e += 8, ++step) {
+      const std::size_t row = step < lines ? 0 : 1;
+      if (next[row] != nullptr) __builtin_prefetch(next[row] + (step - row * lines) * 64, 0, 2);
+      accumulate(e, LoadAsFloat(d, k[0], e).raw, LoadAsFloat(d, k[1], e).raw);
     }
   } else {
     for (std::size_t e = 0; e < dim; e += 8) {
@@ -463,10 +469,12 @@ void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all,
   for (std::int64_t j = all.begin; j < all.end; j += kScoreKeys) {
     const std::int64_t keys = std::min<std::int64_t>(kScoreKeys, all.end - j);
     for (std::int64_t c = 0; c < keys; ++c) PrefetchAhead(f, tile, j + c, ahead, row_bytes);
+    // The next tile's K rows at the same places (prefetched by the block).
+    const char* next[kScoreKeys] = {};
     if constexpr (kPrefetchNextTile<T>) {
-      // The next tile's K rows at the same places, into L2.
-      PrefetchRowsToL2(f.k_rows + kKeyTile + j,
-                       std::clamp<std::int64_t>(tile.next_count() - j, 0, keys), row_bytes);
+      for (std::int64_t c = 0; c < keys && j + c < tile.next_count(); ++c) {
+        next[c] = static_cast<const char*>(f.k_rows[kKeyTile + j + c]);
+      }
     }
     const T* k[kScoreKeys];
     float key_scales[4] = {1.0f, 1.0f, 1.0f, 1.0f};
@@ -478,7 +486,12 @@ void ScoresBlocked(const DecodeFrame& f, const DecodeTile& tile, LocalRange all,
     for (std::int64_t row = 0; row < rows; row += 4) {
       const float* q[4];
       for (std::int64_t r = 0; r < 4; ++r) q[r] = f.q + std::min(row + r, rows - 1) * f.padded;
-      ScoreVec block = ScoreBlock(q, k, dim);
+      ScoreVec block;
+      if constexpr (kPrefetchNextTile<T>) {
+        block = ScoreBlock(q, k, dim, row == 0 ? next : nullptr);
+      } else {
+        block = ScoreBlock(q, k, dim);
+      }
       if constexpr (kIsCode<T>) block = ScaleBlock(block, key_scales);
       StoreScoreBlock(block, static_cast<std::size_t>(rows - row), keys,
                       scores + row * kKeyTile + j, kKeyTile);
