@@ -110,12 +110,13 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT q, const T* HWY_RESTRICT k, std::
 
 // Whether each tile prefetches the next tile's rows into L2, so that the
 // memory is not idle while it computes: its K during the scores, its V
-// during P V, both in address order (row after row, line after line; the
-// memory streams them at 19-20 GB/s on the Zen 1 EPYC, but at 15 when they
-// are requested a line of every row at a time, as P V reads them). On that
-// CPU this takes 20-30% off f32 decode at 64k; there bf16 and 8-bit decode
-// are bound by arithmetic, and the prefetches only cost instructions. On an
-// AVX-512 Xeon it made every dtype 10-18% slower (docs/PERFORMANCE.md).
+// during P V, a line at a time between the FMAs, in address order (row
+// after row, line after line: the Zen 1 EPYC's memory streams them at
+// 19-20 GB/s, but at 15 when they are requested a line of every row at a
+// time, as P V reads them). On that CPU this takes about a third off f32
+// decode at 64k; there bf16 and 8-bit decode are bound by arithmetic, and
+// the prefetches only cost instructions. On an AVX-512 Xeon it made every
+// dtype 10-18% slower (docs/PERFORMANCE.md).
 template <typename T>
 inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2 &&
                                           std::is_same_v<T, float>;
