@@ -99,7 +99,9 @@ void load_as_floats(const void* data, DType dtype, std::int64_t index, std::int6
       return load_run<std::uint16_t>(data, index, stride, count, out,
                                      [](std::uint16_t x) { return bf16_to_f32(x); });
     default:
-      for (std::int64_t i = 0; i < count; ++i) out[i] = load_as_float(data, dtype, index + i * stride);
+      for (std::int64_t i = 0; i < count; ++i) {
+        out[i] = load_as_float(data, dtype, index + i * stride);
+      }
       return;
   }
 }

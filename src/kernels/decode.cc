@@ -129,8 +129,9 @@ inline constexpr bool kPrefetchNextTile = HWY_ARCH_X86 && HWY_TARGET == HWY_AVX2
 template <typename T, std::size_t kRows>
 HWY_INLINE void AccumulateRows(float* HWY_RESTRICT acc, std::size_t acc_stride,
                                const float* HWY_RESTRICT alpha, const float* HWY_RESTRICT p,
-                               std::size_t p_stride, const T* const* HWY_RESTRICT v_rows, std::int64_t begin,
-                               std::int64_t end, std::size_t dim, std::int64_t next_count) {
+                               std::size_t p_stride, const T* const* HWY_RESTRICT v_rows,
+                               std::int64_t begin, std::int64_t end, std::size_t dim,
+                               std::int64_t next_count) {
   const hn::ScalableTag<float> d;
   using V = hn::Vec<decltype(d)>;
   const std::size_t lanes = hn::Lanes(d);

@@ -57,9 +57,9 @@ TEST(DType, LoadAsFloatsAgreesWithLoadAsFloatForEveryDtypeAndStride) {
     bf16[i] = f32_to_bf16(value);
     i32[i] = static_cast<std::int32_t>(i) - 20;
   }
-  const std::pair<const void*, DType> arrays[] = {{f32.data(), DType::kF32},   {f64.data(), DType::kF64},
-                                                  {f16.data(), DType::kF16},   {bf16.data(), DType::kBF16},
-                                                  {i32.data(), DType::kI32}};
+  const std::pair<const void*, DType> arrays[] = {
+      {f32.data(), DType::kF32}, {f64.data(), DType::kF64}, {f16.data(), DType::kF16},
+      {bf16.data(), DType::kBF16}, {i32.data(), DType::kI32}};
   for (const auto& [data, dtype] : arrays) {
     for (const std::int64_t stride : {1, 3}) {
       const std::int64_t index = 2, count = 12;
