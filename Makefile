@@ -17,6 +17,9 @@ ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
+# libFuzzer's seed: empty for a new one each run; CI fixes it, so that a
+# submission's result does not depend on which inputs a random run happened on.
+FUZZ_SEED ?=
 CMAKE_FLAGS ?=
 
 .PHONY: all deps configure build demo test test-portable test-asan test-tsan fuzz bench python clean train train-deps
@@ -74,8 +77,9 @@ fuzz: deps
 	  cp fuzz/corpus/$$target/* $$work/corpus/; \
 	  if [ -d fuzz/regressions/$$target ]; then cp fuzz/regressions/$$target/* $$work/corpus/; fi; \
 	  dict=; if [ -f fuzz/$$target.dict ]; then dict=-dict=fuzz/$$target.dict; fi; \
-	  echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
-	  $(FUZZ_BUILD)/bin/$$target $$dict -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  seed=; if [ -n "$(FUZZ_SEED)" ]; then seed=-seed=$(FUZZ_SEED); fi; \
+	  echo "fuzz: $$target for $(FUZZ_SECONDS) s $$seed"; \
+	  $(FUZZ_BUILD)/bin/$$target $$dict $$seed -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    -artifact_prefix=$$work/artifacts/ $$work/corpus > $$work/log 2>&1 \
 	    || { tail -n 60 $$work/log; echo "fuzz: $$target FAILED, input in $$work/artifacts/"; exit 1; }; \
 	  grep -E "^stat::number_of_executed_units|^Done" $$work/log; \
