@@ -12,6 +12,7 @@
 namespace lookback {
 namespace {
 
+using testing::ProblemShape;
 using testing::ProblemSpec;
 
 struct ModeCase {
@@ -26,27 +27,16 @@ void PrintTo(const ModeCase& c, std::ostream* os) {
 }
 
 std::vector<ModeCase> cases() {
-  struct Shape {
-    std::int64_t seqlen_q, seqlen_k, head_dim, heads, kv_heads;
-  };
-  const Shape shapes[] = {{1, 1, 8, 1, 1},      {7, 7, 40, 2, 1},     {113, 203, 59, 4, 2},
-                          {128, 217, 64, 8, 2}, {239, 239, 80, 2, 2}, {1, 1024, 96, 8, 1},
-                          {33, 300, 111, 4, 4}, {20, 20, 128, 4, 2},  {5, 90, 256, 2, 1}};
+  const ProblemShape shapes[] = {{1, 1, 8, 1, 1}, {7, 7, 40, 2, 1}, {113, 203, 59, 4, 2},
+                                 {128, 217, 64, 8, 2}, {239, 239, 80, 2, 2}, {1, 1024, 96, 8, 1},
+                                 {33, 300, 111, 4, 4}, {20, 20, 128, 4, 2}, {5, 90, 256, 2, 1}};
   const std::optional<std::int64_t> windows[] = {std::nullopt, 0, 37, 64};
-  const auto with_shape = [](const Shape& s) {
-    ModeCase c;
-    c.spec.seqlen_q = s.seqlen_q;
-    c.spec.seqlen_k = s.seqlen_k;
-    c.spec.head_dim = s.head_dim;
-    c.spec.heads = s.heads;
-    c.spec.kv_heads = s.kv_heads;
-    return c;
-  };
   std::vector<ModeCase> all;
   int n = 0;
-  for (const Shape& s : shapes) {
+  for (const ProblemShape& s : shapes) {
     for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
-      ModeCase c = with_shape(s);
+      ModeCase c;
+      c.spec.set_shape(s);
       c.spec.mask.window_left = windows[n % 4];
       c.spec.softcap = n % 3 == 1 ? 4.0f : 0.0f;
       c.spec.alibi = n % 5 == 2;
@@ -77,11 +67,12 @@ std::vector<ModeCase> cases() {
   // bf16 and f16 storage through every cache path, at a head dim of whole
   // 16-dim groups and at one padded to them (AVX2 decode reads bf16 rows in
   // pairs of dims, 16 at a time).
-  const Shape storage_shapes[] = {{40, 100, 64, 4, 2}, {7, 239, 111, 8, 2}};
-  for (const Shape& s : storage_shapes) {
+  const ProblemShape storage_shapes[] = {{40, 100, 64, 4, 2}, {7, 239, 111, 8, 2}};
+  for (const ProblemShape& s : storage_shapes) {
     for (DType storage : {DType::kBF16, DType::kF16}) {
       for (Mode mode : {Mode::kDecode, Mode::kChunked, Mode::kPaged, Mode::kSplit}) {
-        ModeCase c = with_shape(s);
+        ModeCase c;
+      c.spec.set_shape(s);
         c.spec.storage = storage;
         c.options.mode = mode;
         c.options.chunk = 7;

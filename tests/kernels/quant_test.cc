@@ -241,24 +241,17 @@ void PrintTo(const QuantCase& c, std::ostream* os) {
 }
 
 std::vector<QuantCase> quant_cases() {
-  struct Shape {
-    std::int64_t seqlen_q, seqlen_k, head_dim, heads, kv_heads;
-  };
-  const Shape shapes[] = {{1, 1, 8, 1, 1}, {7, 7, 40, 2, 1}, {113, 203, 59, 4, 2},
-                          {1, 239, 96, 8, 2}, {33, 130, 111, 4, 4}};
+  const testing::ProblemShape shapes[] = {{1, 1, 8, 1, 1}, {7, 7, 40, 2, 1}, {113, 203, 59, 4, 2},
+                                          {1, 239, 96, 8, 2}, {33, 130, 111, 4, 4}};
   const std::optional<std::int64_t> windows[] = {std::nullopt, 0, 37};
   std::vector<QuantCase> all;
   int n = 0;
   for (DType dtype : kQuantized) {
-    for (const Shape& s : shapes) {
+    for (const testing::ProblemShape& s : shapes) {
       for (Mode mode : all_modes()) {
         QuantCase c;
         c.spec.storage = dtype;
-        c.spec.seqlen_q = s.seqlen_q;
-        c.spec.seqlen_k = s.seqlen_k;
-        c.spec.head_dim = s.head_dim;
-        c.spec.heads = s.heads;
-        c.spec.kv_heads = s.kv_heads;
+        c.spec.set_shape(s);
         c.spec.mask.window_left = windows[n % 3];
         c.spec.softcap = n % 4 == 1 ? 4.0f : 0.0f;
         c.spec.alibi = n % 5 == 2;

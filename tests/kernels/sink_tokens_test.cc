@@ -28,23 +28,17 @@ void PrintTo(const SinkTokenCase& c, std::ostream* os) {
 }
 
 std::vector<SinkTokenCase> sink_token_cases() {
-  struct Shape {
-    std::int64_t seqlen_q, seqlen_k, head_dim, heads, kv_heads;
-  };
-  const Shape shapes[] = {{1, 1, 8, 2, 1},     {7, 7, 40, 2, 1},    {113, 113, 59, 4, 2},
-                          {113, 239, 33, 4, 2}, {1, 1500, 96, 8, 2}, {64, 130, 128, 4, 4}};
+  const testing::ProblemShape shapes[] = {{1, 1, 8, 2, 1}, {7, 7, 40, 2, 1}, {113, 113, 59, 4, 2},
+                                          {113, 239, 33, 4, 2}, {1, 1500, 96, 8, 2},
+                                          {64, 130, 128, 4, 4}};
   const std::int64_t windows[] = {0, 5, 37};
   const std::int64_t sinks[] = {1, 4, 3000};
   std::vector<SinkTokenCase> all;
   int n = 0;
-  for (const Shape& s : shapes) {
+  for (const testing::ProblemShape& s : shapes) {
     for (Mode mode : all_modes()) {
       SinkTokenCase c;
-      c.spec.seqlen_q = s.seqlen_q;
-      c.spec.seqlen_k = s.seqlen_k;
-      c.spec.head_dim = s.head_dim;
-      c.spec.heads = s.heads;
-      c.spec.kv_heads = s.kv_heads;
+      c.spec.set_shape(s);
       c.spec.mask.window_left = windows[n % 3];
       c.spec.mask.sink_tokens = sinks[(n / 3) % 3];
       c.spec.softcap = n % 4 == 1 ? 4.0f : 0.0f;

@@ -39,6 +39,11 @@ inline double tolerance_for(DType storage) {
                                  : kHalfTolerance;
 }
 
+// The sizes a parameterised sweep varies, in the order its tables list them.
+struct ProblemShape {
+  std::int64_t seqlen_q, seqlen_k, head_dim, heads, kv_heads;
+};
+
 struct ProblemSpec {
   std::int64_t batch = 1;
   std::int64_t seqlen_q = 7;
@@ -57,6 +62,13 @@ struct ProblemSpec {
   bool strided = false;
   float magnitude = 1.0f;  // inputs are magnitude * N(0, 1)
 
+  void set_shape(const ProblemShape& shape) {
+    seqlen_q = shape.seqlen_q;
+    seqlen_k = shape.seqlen_k;
+    head_dim = shape.head_dim;
+    heads = shape.heads;
+    kv_heads = shape.kv_heads;
+  }
   std::string describe() const;
 };
 
